@@ -1,0 +1,150 @@
+"""Building blocks of MSF-Mamba: bidirectional Mamba mixer, CFD state fusion (MCFM) with adaptive scale
+weighting (ASWM), and the residual block that chains them. Equations and our readings: ../shared/SPEC.md."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from msf_scale.ops import selective_scan, state_fusion
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, rescaling the kept ones."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class BiMamba(nn.Module):
+    """VideoMamba's "bimamba v2" mixer: one shared input projection, then a selective scan per direction with its
+    own conv1d / x_proj / dt_proj / A / D; the two outputs are averaged, gated by silu(z) and projected back."""
+
+    def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4, dt_rank: int | None = None,
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
+                 scan_backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.d_inner = expand * d_model
+        self.d_state = d_state
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.scan_backend = scan_backend
+        self.dt_init = (dt_min, dt_max, dt_init_floor)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False, **fk)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False, **fk)
+        self.out_proj.weight._residual_out = True           # re-initialised by depth in MSFMamba._init_weights
+        self.fwd = _Direction(self.d_inner, d_state, self.dt_rank, d_conv, fk)
+        self.bwd = _Direction(self.d_inner, d_state, self.dt_rank, d_conv, fk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:    # x [B, L, d]
+        xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)   # [B, E, L] each
+        y = self.fwd(xs, self.scan_backend) + self.bwd(xs.flip(-1), self.scan_backend).flip(-1)
+        y = 0.5 * y * F.silu(z)                                  # gate once: silu(z) is shared by both directions
+        return self.out_proj(y.transpose(1, 2))
+
+
+class _Direction(nn.Module):
+    """Per-direction parameters and the causal conv -> projections -> selective scan path."""
+
+    def __init__(self, d_inner: int, d_state: int, dt_rank: int, d_conv: int, fk: dict):
+        super().__init__()
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True, **fk)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **fk)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **fk)
+        self.dt_proj._mamba_dt = True
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state, device=fk["device"], dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(d_inner, device=fk["device"], dtype=torch.float32))
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self.dt_rank, self.d_state = dt_rank, d_state
+
+    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:   # x [B, E, L] -> y [B, E, L]
+        length = x.shape[-1]
+        x = F.silu(self.conv1d(x)[..., :length])                       # causal: drop the right padding
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)       # bias goes to the scan as delta_bias
+        A = -torch.exp(self.A_log.float())
+        return selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), None,
+                              self.dt_proj.bias.float(), delta_softplus=True, backend=backend)
+
+
+class StateFusion(nn.Module):
+    """MCFM + ASWM: CFD fusion of the SSM states over k x k x k windows (one depthwise kernel per scale), then a
+    softmax over scales of a 1x1x1 conv on the concatenated fused states weights them at every position."""
+
+    def __init__(self, dim: int, scales: tuple[int, ...], theta: float, theta_learnable: bool, use_aswm: bool,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        if use_aswm and len(scales) < 2:
+            raise ValueError(f"ASWM weights several scales; got fusion_scales={scales}")
+        self.scales = tuple(scales)
+        self.backend = backend
+        self.kernels = nn.ParameterList(
+            nn.Parameter(torch.empty(dim, 1, k, k, k, device=device, dtype=dtype)) for k in scales)
+        theta_t = torch.tensor(float(theta), device=device)
+        if theta_learnable:
+            self.theta = nn.Parameter(theta_t)
+            self.theta._no_weight_decay = True
+        else:
+            self.register_buffer("theta", theta_t, persistent=False)
+        self.aswm = nn.Conv3d(dim * len(scales), len(scales), 1, device=device, dtype=dtype) if use_aswm else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in self.kernels:   # nn.Conv3d's default: uniform in +-1/sqrt(fan_in)
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        if self.aswm is not None:   # near-uniform scale weights at init
+            nn.init.trunc_normal_(self.aswm.weight, std=0.02)
+            nn.init.zeros_(self.aswm.bias)
+
+    def scale_weights(self, fused: list[torch.Tensor]) -> torch.Tensor:
+        """alpha [B, M, T, H, W]: positive, summing to one over the M scales at every position."""
+        return torch.softmax(self.aswm(torch.cat(fused, dim=1)).float(), dim=1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:      # h [B, C, T, H, W] -> fused [B, C, T, H, W]
+        fused = state_fusion(h, list(self.kernels), self.theta, backend=self.backend)
+        if self.aswm is None:
+            return fused[0]
+        alpha = self.scale_weights(fused).to(h.dtype)
+        return sum(alpha[:, m:m + 1] * f for m, f in enumerate(fused))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + drop_path(fuse(mixer(norm(x)))). The fusion (if any) adds the CFD-fused
+    states to the SSM's output H on the video grid (class token bypasses it); `fusion_norm="branch"` then
+    normalises the fused stream before it joins the residual ([ours]: SPEC's "followed by a norm")."""
+
+    def __init__(self, dim: int, mixer: BiMamba, fusion: StateFusion | None, fusion_norm: str, norm_eps: float,
+                 drop_path: float, num_prefix: int = 1, device=None, dtype=None):
+        super().__init__()
+        self.norm = nn.RMSNorm(dim, eps=norm_eps, device=device, dtype=dtype)
+        self.mixer = mixer
+        self.fusion = fusion
+        self.fusion_norm = (nn.RMSNorm(dim, eps=norm_eps, device=device, dtype=dtype)
+                            if fusion is not None and fusion_norm == "branch" else None)
+        self.drop_path = DropPath(drop_path)
+        self.num_prefix = num_prefix
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        h = self.mixer(self.norm(x))                                # H: [B, L, d]
+        if self.fusion is not None:
+            prefix, tokens = h[:, :self.num_prefix], h[:, self.num_prefix:]
+            b, n, d = tokens.shape
+            states = tokens.transpose(1, 2).reshape(b, d, *grid)      # spatial-first order -> [B, d, T, H', W']
+            fused = self.fusion(states).reshape(b, d, n).transpose(1, 2)
+            h = torch.cat([prefix, tokens + fused], dim=1)
+            if self.fusion_norm is not None:
+                h = self.fusion_norm(h)
+        return x + self.drop_path(h)

@@ -1,0 +1,141 @@
+"""The selective scan (Mamba's S6 recurrence) as one function with interchangeable backends.
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t          (per channel d, state n)
+    y_t = <C_t, h_t> + D * u_t ;   out_t = y_t * silu(z_t)
+
+Shapes (mamba-ssm's convention, so the CUDA kernel is a drop-in):
+    u, delta, z: [batch, D, L]    A: [D, N]    B, C: [batch, N, L]    D, delta_bias: [D]
+
+Backends, chosen by ``backend=`` or ``$MSF_SCALE_SCAN_BACKEND`` (``auto`` picks the fastest that works):
+    ``cuda``  mamba-ssm's fused CUDA kernel (GPU tensors, ``pip install msf_scale[cuda]``)
+    ``torch`` a chunked, log-depth parallel scan in plain PyTorch with a hand-written backward (any device)
+    ``ref``   :func:`selective_scan_ref`, a per-step loop in the input dtype: the float64 reference for tests
+
+The bidirectional flip lives in the model block, not here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from msf_scale.ops import _scan_torch
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "cuda", "torch", "ref")
+ENV_VAR = "MSF_SCALE_SCAN_BACKEND"
+
+
+@lru_cache(maxsize=None)
+def _mamba_ssm_scan():
+    """mamba-ssm's selective_scan_fn, or None when its CUDA extension does not import (e.g. on CPU)."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as err:  # ImportError, or OSError from a mismatched CUDA build
+        log.debug("mamba-ssm unavailable: %s", err)
+        return None
+    return selective_scan_fn
+
+
+def available_backends() -> list[str]:
+    names = ["torch", "ref"]
+    if torch.cuda.is_available() and _mamba_ssm_scan() is not None:
+        names.insert(0, "cuda")
+    return names
+
+
+@lru_cache(maxsize=None)
+def _resolve_auto(device_type: str) -> str:
+    choice = "cuda" if device_type == "cuda" and _mamba_ssm_scan() is not None else "torch"
+    log.info("selective_scan backend for %s tensors: %s", device_type, choice)
+    return choice
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Turn ``auto``/None (or the environment variable) into a concrete backend, failing loudly if missing."""
+    backend = (backend or os.environ.get(ENV_VAR) or "auto").lower()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown selective-scan backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        return _resolve_auto(device.type)
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise RuntimeError("selective_scan backend 'cuda' needs CUDA tensors; use backend='torch' on CPU")
+        if _mamba_ssm_scan() is None:
+            raise RuntimeError("selective_scan backend 'cuda' needs mamba-ssm: pip install 'msf_scale[cuda]' "
+                               "(or mamba-ssm built for your torch/CUDA)")
+    return backend
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, backend: str | None = "auto"):
+    """Selective scan with optional skip ``D``, gate ``z``, ``delta_bias`` and softplus on delta.
+
+    Returns ``out`` [batch, D, L] in u's dtype, or ``(out, last_state [batch, D, N])`` with return_last_state.
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve_backend(backend, u.device)
+    if name == "cuda":
+        return _mamba_ssm_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "ref":
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    dtype_in = u.dtype
+    compute = torch.float64 if dtype_in == torch.float64 else torch.float32  # bf16/fp16 scan in fp32, as mamba
+    u_c, delta_c = u.to(compute), delta.to(compute)
+    if delta_bias is not None:
+        delta_c = delta_c + delta_bias.to(compute)[:, None]
+    if delta_softplus:
+        delta_c = F.softplus(delta_c)
+    y, last = _scan_torch.scan(u_c, delta_c, A.to(compute), B.to(compute), C.to(compute))
+    if D is not None:
+        y = y + u_c * D.to(compute)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(compute))
+    y = y.to(dtype_in)
+    return (y, last) if return_last_state else y
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, backend=None):
+    """Naive per-step recurrence in the input dtype (float64 in tests). Same signature as :func:`selective_scan`."""
+    dtype = u.dtype
+    delta = delta + delta_bias[:, None] if delta_bias is not None else delta
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, length = u.shape
+    h = u.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for t in range(length):
+        dt = delta[:, :, t, None]                                        # [b, d, 1]
+        h = torch.exp(dt * A) * h + dt * B[:, None, :, t] * u[:, :, t, None]   # [b, d, n]
+        ys.append((h * C[:, None, :, t]).sum(-1))                         # [b, d]
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + u * D[:, None]
+    if z is not None:
+        y = y * F.silu(z)
+    y = y.to(dtype)
+    return (y, h) if return_last_state else y
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
+    if u.dim() != 3:
+        raise ValueError(f"u must be [batch, D, L], got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be [D={dim}, N], got {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if tuple(t.shape) != (batch, n, length):
+            raise ValueError(f"{name} must be [batch={batch}, N={n}, L={length}] (input-dependent), got {tuple(t.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (dim,):
+            raise ValueError(f"{name} must be [D={dim}], got {tuple(t.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")

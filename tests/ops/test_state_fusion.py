@@ -1,0 +1,95 @@
+"""CFD state fusion against a direct transcription of SPEC.md's equation, and ASWM's weights."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from msf_scale.models.blocks import StateFusion
+from msf_scale.ops import state_fusion, state_fusion_ref
+
+
+def naive_cfd(h, w, theta):
+    """F(p0) = sum_{p in W} w(p) H(p0+p) - theta H(p0) sum_{p in W, p_t != 0} w(p), zero outside the grid:
+    a loop over window offsets, no convolution."""
+    k = w.shape[-1]
+    r = k // 2
+    hp = F.pad(h, (r, r, r, r, r, r))
+    _, _, t, hh, ww = h.shape
+    out = torch.zeros_like(h)
+    off_centre = torch.zeros(h.shape[1], dtype=h.dtype)
+    for dt in range(-r, r + 1):
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                tap = w[:, 0, dt + r, dy + r, dx + r]
+                shifted = hp[:, :, r + dt:r + dt + t, r + dy:r + dy + hh, r + dx:r + dx + ww]
+                out += tap.view(1, -1, 1, 1, 1) * shifted
+                if dt != 0:
+                    off_centre += tap
+    return out - theta * h * off_centre.view(1, -1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ref"])
+@pytest.mark.parametrize("theta", [0.0, 0.7, 1.0])
+def test_matches_naive_equation(backend, theta):
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 5, 4, 6, 7, generator=g, dtype=torch.float64)
+    kernels = [torch.randn(5, 1, k, k, k, generator=g, dtype=torch.float64) for k in (3, 5, 7)]
+    got = state_fusion(h, kernels, theta, backend=backend)
+    for k, w, f in zip((3, 5, 7), kernels, got):
+        want = naive_cfd(h, w, theta)
+        assert torch.allclose(f, want, atol=1e-12, rtol=1e-12), f"k={k}: max diff {(f - want).abs().max():.2e}"
+
+
+def test_cfd_cancels_static_states():
+    """theta = 1: where the states are the same in every frame (here: constant), the off-centre frames cancel
+    and only the centre frame's taps remain, so what the time taps add is change. With theta = 0 they add it back."""
+    g = torch.Generator().manual_seed(2)
+    value = torch.randn(1, 3, 1, 1, 1, generator=g, dtype=torch.float64)
+    h = value.expand(1, 3, 5, 7, 7).contiguous()
+    w = torch.randn(3, 1, 3, 3, 3, generator=g, dtype=torch.float64)
+    interior = (slice(None), slice(None), slice(1, -1), slice(1, -1), slice(1, -1))
+    (fused,) = state_fusion(h, [w], 1.0)
+    centre_taps = w[:, 0, 1].sum(dim=(-1, -2)).view(1, 3, 1, 1, 1)
+    assert torch.allclose(fused[interior], (value * centre_taps).expand_as(fused[interior]), atol=1e-12)
+    (plain,) = state_fusion(h, [w], 0.0)
+    all_taps = w.sum(dim=(1, 2, 3, 4)).view(1, 3, 1, 1, 1)
+    assert torch.allclose(plain[interior], (value * all_taps).expand_as(plain[interior]), atol=1e-12)
+    assert not torch.allclose(fused[interior], plain[interior])
+
+
+def test_gradients_match_reference_including_theta():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(1, 4, 5, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 1, 5, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    theta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    gout = torch.randn(1, 4, 5, 5, 5, generator=g, dtype=torch.float64)
+    a = torch.autograd.grad(state_fusion(h, [w], theta, backend="torch")[0], [h, w, theta], gout)
+    b = torch.autograd.grad(naive_cfd(h, w, theta), [h, w, theta], gout)
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, atol=1e-10)
+
+
+def test_aswm_weights_sum_to_one_over_scales():
+    fusion = StateFusion(8, (3, 5, 7), theta=0.7, theta_learnable=True, use_aswm=True).double()
+    torch.nn.init.normal_(fusion.aswm.weight, std=1.0)     # far from the near-uniform init
+    h = torch.randn(2, 8, 4, 5, 5, dtype=torch.float64)
+    fused = state_fusion(h, list(fusion.kernels), fusion.theta)
+    alpha = fusion.scale_weights(fused)
+    assert alpha.shape == (2, 3, 4, 5, 5)
+    assert (alpha > 0).all()
+    assert torch.allclose(alpha.sum(dim=1), torch.ones(2, 4, 5, 5, dtype=alpha.dtype), atol=1e-6)
+    assert alpha.std(dim=1).mean() > 0.05                    # the weights really vary by position and scale
+    out = fusion(h)
+    want = sum(alpha[:, m:m + 1] * f for m, f in enumerate(fused))
+    assert torch.allclose(out, want)
+
+
+def test_errors():
+    h = torch.randn(1, 4, 3, 3, 3)
+    with pytest.raises(ValueError, match="k odd"):
+        state_fusion(h, [torch.randn(4, 1, 2, 2, 2)], 0.7)
+    with pytest.raises(ValueError, match=r"\[batch, C, T, H, W\]"):
+        state_fusion(h[0], [torch.randn(4, 1, 3, 3, 3)], 0.7)
+    with pytest.raises(ValueError, match="unknown state-fusion backend"):
+        state_fusion(h, [torch.randn(4, 1, 3, 3, 3)], 0.7, backend="nope")
+    with pytest.raises(ValueError, match="ASWM"):
+        StateFusion(4, (3,), 0.7, False, use_aswm=True)
