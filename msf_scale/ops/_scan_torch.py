@@ -18,11 +18,12 @@ import torch
 
 
 def _chunked(x: torch.Tensor, chunks: int, size: int) -> torch.Tensor:
-    """[..., L] -> [..., chunks, size], zero-padded (a zero delta means a = 1, b = 0: padding is a no-op)."""
+    """[b, C, L] -> step-major [size, b, C, chunks], zero-padded (a zero delta means a = 1, b = 0: padding is a
+    no-op). Step-major makes every per-step slice contiguous, which is what keeps the steps fast."""
     pad = chunks * size - x.shape[-1]
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
-    return x.reshape(*x.shape[:-1], chunks, size)
+    return x.reshape(*x.shape[:-1], chunks, size).permute(3, 0, 1, 2).contiguous()
 
 
 def fused_scan(delta, du, Bm, A, C=None):
@@ -39,14 +40,14 @@ def fused_scan(delta, du, Bm, A, C=None):
     A4 = A[None, :, :, None]                                                   # [1, D, N, 1]
 
     def step(h, j):
-        a = torch.exp(dl[..., j][:, :, None, :] * A4)                          # [b, D, N, chunks]
-        return torch.addcmul(a * h, dul[..., j][:, :, None, :], bl[..., j][:, None, :, :])
+        a = torch.exp(dl[j][:, :, None, :] * A4)                               # [b, D, N, chunks]
+        return torch.addcmul(a * h, dul[j][:, :, None, :], bl[j][:, None, :, :])
 
     state = delta.new_zeros(batch, dim, n, chunks)
     if chunks > 1:   # pass 1: chunk-end states from zero, then the true state entering each chunk
         for j in range(size):
             state = step(state, j)
-        decay = torch.exp(dl.sum(-1)[:, :, None, :] * A4)                     # whole-chunk decay
+        decay = torch.exp(dl.sum(0)[:, :, None, :] * A4)                      # whole-chunk decay
         carry = torch.zeros_like(state[..., 0])
         incoming = torch.empty_like(state)
         for c in range(chunks):
@@ -55,19 +56,19 @@ def fused_scan(delta, du, Bm, A, C=None):
         state = incoming
     if C is not None:
         cl = _chunked(C, chunks, size)
-        y = delta.new_empty(batch, dim, chunks, size)
+        y = delta.new_empty(size, batch, dim, chunks)
     else:
-        h_all = delta.new_empty(batch, dim, n, chunks, size)
+        h_all = delta.new_empty(size, batch, dim, n, chunks)
     for j in range(size):   # pass 2: true states, consumed as they are made
         state = step(state, j)
         if C is not None:
-            y[..., j] = torch.einsum("bdnc,bnc->bdc", state, cl[..., j])
+            torch.sum(state * cl[j][:, None], dim=2, out=y[j])
         else:
-            h_all[..., j] = state
+            h_all[j] = state
     last = state[..., -1]   # padding steps keep the state, so this is h at L-1
     if C is not None:
-        return y.reshape(batch, dim, -1)[..., :length], last
-    return h_all.reshape(batch, dim, n, -1)[..., :length], last
+        return y.permute(1, 2, 3, 0).reshape(batch, dim, -1)[..., :length], last
+    return h_all.permute(1, 2, 3, 4, 0).reshape(batch, dim, n, -1)[..., :length], last
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -91,15 +92,15 @@ class _SelectiveScan(torch.autograd.Function):
             delta_next = torch.nn.functional.pad(delta[..., 1:], (0, 1))
             gh, _ = fused_scan(delta_next.flip(-1), gy.flip(-1), C.flip(-1), A)
             gh = gh.flip(-1)
-            gC = torch.einsum("bdnl,bdl->bnl", h, gy)
-            s = torch.einsum("bdnl,bnl->bdl", gh, B)
-            gB = torch.einsum("bdnl,bdl->bnl", gh, du)
+            gC = (h * gy[:, :, None]).sum(1)
+            s = (gh * B[:, None]).sum(2)
+            gB = (gh * du[:, :, None]).sum(1)
             # d loss / d(delta_t A) = gh_t * a_t h_{t-1} = gh_t * (h_t - du_t B_t): no exp, no shift needed
             h -= du[:, :, None, :] * B[:, None, :, :]
             h *= gh
             del gh
-            gdelta = s * u + torch.einsum("bdnl,dn->bdl", h, A)
-            gA = torch.einsum("bdnl,bdl->dn", h, delta)
+            gdelta = s * u + (h * A[None, :, :, None]).sum(2)
+            gA = (h * delta[:, :, None]).sum((0, 3))
             gu = s * delta
         return gu, gdelta, gA, gB, gC
 
