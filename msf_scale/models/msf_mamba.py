@@ -202,6 +202,14 @@ class MSFMamba(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def set_backends(self, scan: str | None = None, fusion: str | None = None) -> None:
+        """Switch the op backends of every block in place (e.g. to compare kernels on the same weights)."""
+        for blk in self.blocks:
+            if scan is not None:
+                blk.mixer.scan_backend = scan
+            if fusion is not None and blk.fusion is not None:
+                blk.fusion.backend = fusion
+
     def no_weight_decay(self) -> set[str]:
         names = {"pos_embed", "cls_token", "cls_pos", "temporal_pos_embedding"}
         names |= {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}

@@ -126,3 +126,26 @@ def test_errors_name_the_expected_value():
     model = create_model("msf_mamba", size="tiny", **SMALL_CLIP)
     with pytest.raises(ValueError, match=r"\(C, T, H, W\) = \(3, 4, 32, 32\)"):
         model(torch.randn(1, 3, 8, 32, 32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["videomamba", "msf_mamba_plus"])
+def test_cuda_scan_and_torch_scan_give_the_same_model(variant):
+    """Video-shaped (8 x 224 x 224, L = 1569): logits and gradients agree between mamba-ssm and the torch scan."""
+    pytest.importorskip("mamba_ssm")
+    torch.manual_seed(0)
+    model = create_model(variant, size="tiny", num_classes=32, drop_path_rate=0.0).cuda()
+    x = torch.randn(2, 3, 8, 224, 224, device="cuda")
+    results = {}
+    for backend in ("cuda", "torch"):
+        model.set_backends(scan=backend)
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(x)
+        logits.float().logsumexp(-1).sum().backward()
+        results[backend] = (logits.float(), {n: p.grad.float().clone() for n, p in model.named_parameters()})
+    (la, ga), (lb, gb) = results["cuda"], results["torch"]
+    assert (la - lb).abs().max() < 5e-2 * lb.abs().max()
+    for n in ga:
+        err = (ga[n] - gb[n]).norm() / gb[n].norm().clamp_min(1e-12)
+        assert err < 5e-2, f"{n}: relative gradient difference {err:.3g}"

@@ -1,0 +1,65 @@
+"""`msf-scale`: one command for the data, training, evaluation and model-inspection tools.
+
+    msf-scale data synth --out data/synth        msf-scale data pack --videos DIR --annotations ann.csv --out DIR
+    msf-scale train --size tiny --config cpu_demo (one process; several: accelerate launch msf_scale/train.py ...)
+    msf-scale eval --ckpt runs/<run>             msf-scale models [--num-frames 8 --img-size 224]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _models(args: argparse.Namespace) -> int:
+    """Parameter and FLOP table of every registered model (counted by the code, markdown)."""
+    from msf_scale.models import MODEL_SIZES, VARIANTS, create_model
+
+    paper = {"tiny": "~7M (VideoMamba-Ti)", "small": "~26M (VideoMamba-S)", "base": "~74M (VideoMamba-M)"}
+    print(f"Input {args.num_frames} x {args.img_size} x {args.img_size}, {args.num_classes} classes; "
+          "GFLOPs = forward multiply-adds per clip (MAC = 1 FLOP, fvcore's convention).\n")
+    print("| variant | size | params (M) | GFLOPs | VideoMamba counterpart |")
+    print("|---|---|---:|---:|---|")
+    for variant in VARIANTS:
+        for size in MODEL_SIZES:
+            m = create_model(variant, size=size, num_classes=args.num_classes, num_frames=args.num_frames,
+                             img_size=args.img_size, device="meta")
+            print(f"| {variant} | {size} | {m.num_params() / 1e6:.2f} | {m.flops_per_clip() / 1e9:.1f} | {paper[size]} |")
+    return 0
+
+
+def _passthrough(module: str):
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        result = importlib.import_module(module).main(args.rest)
+        return result if isinstance(result, int) else 0
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from msf_scale.data.commands import add_data_parser
+
+    parser = argparse.ArgumentParser(prog="msf-scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_data_parser(sub)
+    for name, module, text in (("train", "msf_scale.train", "train in this process (see train.py --help)"),
+                               ("eval", "msf_scale.evaluate", "top-1/top-5 of a run or model file")):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_passthrough(module))
+    models = sub.add_parser("models", help="parameter / FLOP table of every variant x size")
+    models.add_argument("--num-frames", type=int, default=8)
+    models.add_argument("--img-size", type=int, default=224)
+    models.add_argument("--num-classes", type=int, default=32)
+    models.set_defaults(func=_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
