@@ -130,22 +130,26 @@ def test_errors_name_the_expected_value():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["videomamba", "msf_mamba_plus"])
-def test_cuda_scan_and_torch_scan_give_the_same_model(variant):
-    """Video-shaped (8 x 224 x 224, L = 1569): logits and gradients agree between mamba-ssm and the torch scan."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_scan_and_torch_scan_give_the_same_model(variant, precision):
+    """Video-shaped (8 x 224 x 224, L = 1569): logits and gradients agree between mamba-ssm and the torch scan.
+    In fp32 they must agree closely; bf16 autocast through 24 blocks differs by rounding alone (looser bound)."""
     pytest.importorskip("mamba_ssm")
     torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     model = create_model(variant, size="tiny", num_classes=32, drop_path_rate=0.0).cuda()
     x = torch.randn(2, 3, 8, 224, 224, device="cuda")
     results = {}
     for backend in ("cuda", "torch"):
         model.set_backends(scan=backend)
         model.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(x)
         logits.float().logsumexp(-1).sum().backward()
         results[backend] = (logits.float(), {n: p.grad.float().clone() for n, p in model.named_parameters()})
     (la, ga), (lb, gb) = results["cuda"], results["torch"]
-    assert (la - lb).abs().max() < 5e-2 * lb.abs().max()
-    for n in ga:
-        err = (ga[n] - gb[n]).norm() / gb[n].norm().clamp_min(1e-12)
-        assert err < 5e-2, f"{n}: relative gradient difference {err:.3g}"
+    tol = 1e-3 if precision == "fp32" else 1.5e-1
+    assert (la - lb).abs().max() < tol * lb.abs().max()
+    worst = max(((ga[n] - gb[n]).norm() / gb[n].norm().clamp_min(1e-12)).item() for n in ga)
+    assert worst < tol, f"largest relative gradient difference {worst:.3g}"

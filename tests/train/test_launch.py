@@ -1,0 +1,201 @@
+"""End to end through `accelerate launch --num_processes 2` on CPU with DeepSpeed ZeRO (gloo): training,
+checkpoints, export after ZeRO-3, SIGKILL + `--resume auto`, and a dead rank. Each launch takes ~20 s
+(plus ~1 min once on a fresh machine while DeepSpeed JIT-builds its shared-memory op)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from msf_scale.checkpoint import latest_checkpoint, load_model
+from msf_scale.metrics import read_jsonl
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+CPU_ZERO = REPO / "cluster" / "accelerate_cpu_zero.yaml"
+# 2 ranks x 4 clips: 4 steps per epoch on the 32 training clips; lr high enough that the weights move
+RUN = ["--data.num_workers", "0", "--data.num_clips", "1", "--data.num_crops", "1", "--train.batch_size", "4",
+       "--train.precision", "fp32", "--log.log_every", "1", "--log.progress", "false", "--train.eval_every", "0",
+       "--epochs", "4", "--schedule.warmup_epochs", "1", "--optim.lr", "0.1", "--train.ckpt_every", "2",
+       "--train.keep_last", "3"]
+
+
+def _start(argv: list[str], log: Path) -> subprocess.Popen:
+    """`accelerate launch` of train.py on 2 CPU ranks with DeepSpeed, one thread each."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed off
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_ZERO),
+           "--num_processes", "2", "--main_process_port", "0", str(REPO / "msf_scale" / "train.py"), *argv]
+    with open(log, "w") as f:  # own process group: the test can SIGKILL launcher and ranks together
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _run(argv: list[str], log: Path, timeout: float = 400) -> None:
+    p = _start(argv, log)
+    try:
+        rc = p.wait(timeout=timeout)
+    finally:
+        _kill_group(p)
+    assert rc == 0, f"launch failed (rc {rc}):\n{log.read_text()[-4000:]}"
+
+
+def _children() -> dict[int, list[int]]:
+    """ppid -> pids, from /proc."""
+    out: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            out.setdefault(ppid, []).append(int(d.name))
+    return out
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every descendant: torchrun starts each rank in a session of its own, so
+    killing the launcher's process group alone would leave the ranks running."""
+    kids, tree, todo = _children(), [], [p.pid]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += kids.get(pid, [])
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    p.wait()
+
+
+def _wait_for(path: Path, p: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert p.poll() is None, f"the run ended (rc {p.returncode}) before {path} appeared"
+        assert time.time() < end, f"{path} did not appear in {timeout} s"
+        time.sleep(0.05)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
+
+
+def _workers(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the launcher's worker processes (from /proc)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = dict(kv.split("=", 1) for kv in (d / "environ").read_text().split("\0") if "=" in kv)
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher_pid and "RANK" in env:
+            out[int(env["RANK"])] = int(d.name)
+    return out
+
+
+@pytest.fixture
+def argv(tiny_common):
+    return lambda out, *extra: [*tiny_common, *RUN, "--output-dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """An uninterrupted ZeRO-2 run of 8 steps (the schedule spans 16), made by the first test that needs it."""
+    return {"dir": tmp_path_factory.mktemp("ref") / "run"}
+
+
+def _reference(reference: dict, argv) -> Path:
+    out = reference["dir"]
+    if not (out / "final_metrics.json").exists():
+        _run(argv(out, "--dist.zero_stage", "2", "--max-steps", "8"), out.parent / "log.txt")
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3, 1])
+def test_zero_trains_checkpoints_and_exports(stage, reference, argv, tmp_path):
+    ref = _reference(reference, argv)
+    run = ref
+    if stage != 2:
+        run = tmp_path / "run"
+        _run(argv(run, "--dist.zero_stage", str(stage), "--max-steps", "8"), tmp_path / "log.txt")
+    meta = json.loads((run / "run_meta.json").read_text())
+    assert (meta["engine"], meta["zero_stage"], meta["world_size"], meta["global_batch"]) == (
+        "DeepSpeedEngine", stage, 2, 8)
+    ckpt = latest_checkpoint(run)
+    assert ckpt.name == "step_0000008" and (ckpt / "pytorch_model").is_dir()   # DeepSpeed's own layout
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, 9))
+    assert all(math.isfinite(v) for v in losses.values())
+    # Sharding changes where the numbers live, not the maths: every stage follows ZeRO-2's trajectory.
+    assert losses == pytest.approx(_losses(ref), rel=1e-4), (losses, _losses(ref))
+    # The export equals the fp32 weights DeepSpeed consolidates from its (sharded) checkpoint.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from msf_scale.models import create_model
+    ref_state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model")
+    exported = load_model(run)
+    assert set(ref_state) == set(exported.state_dict())
+    for k, v in exported.state_dict().items():
+        assert torch.equal(v, ref_state[k].float()), k
+    cfg = json.loads((run / "model_config.json").read_text())["config"]
+    fresh = create_model("msf_mamba", size="tiny", **{**{k: v for k, v in cfg.items() if k != "variant"},
+                                                      "fusion_scales": tuple(cfg["fusion_scales"])})
+    fresh.load_state_dict(ref_state)
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(exported(x), fresh.eval()(x))
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["test_samples"] == 16   # every test clip counted once across the two ranks
+
+
+def test_sigkill_then_resume_auto_matches_uninterrupted(reference, argv, tmp_path):
+    ref_dir = _reference(reference, argv)
+    run = tmp_path / "run"
+    # Same schedule as the reference, but it would run 16 steps: it is killed long before the end.
+    p = _start(argv(run, "--dist.zero_stage", "2", "--max-steps", "16"), tmp_path / "killed.txt")
+    try:
+        _wait_for(run / "ckpt" / "step_0000002" / "COMPLETE", p)
+    finally:
+        _kill_group(p)   # SIGKILL: launcher and both ranks, no chance to clean up
+    newest = latest_checkpoint(run)
+    assert newest is not None and int(newest.name[5:]) < 8
+    # What a crash during a save leaves behind: never picked by --resume auto.
+    shutil.copytree(newest, run / "ckpt" / "step_0000009.tmp")
+    (run / "ckpt" / "step_0000009.tmp" / "COMPLETE").unlink()
+    shutil.copytree(newest, run / "ckpt" / "step_0000010")
+    (run / "ckpt" / "step_0000010" / "COMPLETE").unlink()
+    _run(argv(run, "--dist.zero_stage", "2", "--max-steps", "8", "--resume", "auto"), tmp_path / "resumed.txt")
+    meta = json.loads((run / "run_meta.json").read_text())
+    assert meta["resumed_from"] == str(newest)
+    start = int(newest.name[5:])
+    ref, got = _losses(ref_dir), _losses(run)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(start + 1, 9):
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), (step, got, ref)
+
+
+def test_a_dead_rank_fails_the_launch(argv, tmp_path):
+    run = tmp_path / "run"
+    p = _start(argv(run, "--dist.zero_stage", "2", "--epochs", "50"), tmp_path / "log.txt")
+    try:
+        _wait_for(run / "ckpt" / "step_0000002" / "COMPLETE", p)
+        workers = _workers(p.pid)
+        assert set(workers) == {0, 1}, workers
+        os.kill(workers[1], signal.SIGKILL)
+        rc = p.wait(timeout=120)   # no hang: the launcher notices and stops rank 0
+    finally:
+        _kill_group(p)
+    assert rc != 0
