@@ -1,0 +1,97 @@
+"""The ``msf-scale data`` command: ``synth`` (synthetic shards) and ``pack`` (real clips from a CSV).
+
+``add_data_parser(subparsers)`` is wired by ``msf_scale/cli.py``; each subcommand sets ``func(args) -> int``.
+Synthetic defaults are not repeated here: a flag left out keeps ``SynthConfig``'s default.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import fields
+
+from .synthetic import SynthConfig
+
+# flag -> (SynthConfig field, type, help). Defaults come from SynthConfig.
+_SYNTH_FLAGS = {
+    "--classes": ("num_classes", int, "number of classes (motion patterns, at most 12)"),
+    "--train-per-class": ("train_per_class", int, "train clips per class"),
+    "--test-per-class": ("test_per_class", int, "test clips per class (held-out subjects)"),
+    "--frames": ("num_frames", int, "frames per clip"),
+    "--size": ("size", int, "frame height and width, px (even)"),
+    "--seed": ("seed", int, "random seed (same seed, same bytes)"),
+    "--subjects": ("subjects", int, "distinct subjects (appearances)"),
+    "--test-subjects": ("test_subjects", int, "subjects held out for the test split"),
+    "--motion-px": ("motion_px", float, "class signal: object displacement per frame, px"),
+    "--object-px": ("object_px", float, "object diameter, px"),
+    "--drift-px": ("drift_px", float, "distractor: max global camera drift per frame, px"),
+    "--distractors": ("distractors", int, "distractor objects moving at random"),
+    "--noise-std": ("noise_std", float, "Gaussian pixel noise std (0-255 scale)"),
+    "--texture": ("texture", float, "background texture contrast (0-255 scale)"),
+    "--format": ("format", str, "clip storage: npy (exact) or mp4 (H.264)"),
+    "--shard-size": ("shard_size", int, "clips per shard"),
+}
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .schema import read_dataset_info
+    from .synthetic import synthesize
+
+    overrides = {field: getattr(args, field) for field, _, _ in _SYNTH_FLAGS.values()
+                 if getattr(args, field) is not None}
+    t0 = time.perf_counter()
+    try:
+        root = synthesize(args.out, **overrides)
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
+    info = read_dataset_info(root)
+    counts = ", ".join(f"{s} {v.num_samples}" for s, v in info.splits.items())
+    print(f"wrote {info.name} ({counts} clips, {info.num_classes} classes, {info.num_frames} x {info.height} x "
+          f"{info.width}, {info.format}) to {root} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from .packer import pack
+
+    try:
+        pack(args.videos, args.annotations, args.out, frames=args.frames, size=args.size,
+             shard_size=args.shard_size, workers=args.workers, fmt=args.format, seed=args.seed,
+             flip_ok=not args.no_flip, name=args.name)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}")
+        return 2
+    return 0
+
+
+def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``data {synth,pack}`` to a CLI's subparsers; returns the ``data`` parser."""
+    data = subparsers.add_parser("data", help="make shard datasets (synthetic, or packed from real clips)")
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    defaults = {f.name: f.default for f in fields(SynthConfig)}
+    synth = sub.add_parser("synth", help="generate the synthetic micro-gesture dataset",
+                           description="Synthetic micro-gestures: the class is the motion of a small object.")
+    synth.add_argument("--out", required=True, help="output directory")
+    for flag, (field, typ, text) in _SYNTH_FLAGS.items():
+        kw = {"choices": ["npy", "mp4"]} if field == "format" else {}
+        synth.add_argument(flag, dest=field, type=typ, default=None, help=f"{text} (default {defaults[field]})",
+                           **kw)
+    synth.set_defaults(func=_synth)
+
+    pk = sub.add_parser("pack", help="pack real clips listed in a CSV into shards",
+                        description="CSV columns: path (relative to --videos), label (name or 0-based index), "
+                                    "optional subject and split (train/val/test).")
+    pk.add_argument("--videos", required=True, help="directory holding the clips")
+    pk.add_argument("--annotations", required=True, help="CSV: path,label[,subject][,split]")
+    pk.add_argument("--out", required=True, help="output directory (must not hold a dataset)")
+    pk.add_argument("--frames", type=int, default=None, help="sample T evenly spaced frames (default: keep all)")
+    pk.add_argument("--size", type=int, default=None, help="resize the short side to S px (default: keep)")
+    pk.add_argument("--shard-size", type=int, default=256, help="clips per shard (default 256)")
+    pk.add_argument("--workers", type=int, default=1, help="decode/encode processes (default 1)")
+    pk.add_argument("--format", choices=["mp4", "npy"], default="mp4", help="clip storage (default mp4)")
+    pk.add_argument("--seed", type=int, default=0, help="seed of the subject split and shard order (default 0)")
+    pk.add_argument("--no-flip", action="store_true", help="mark classes as left/right-specific (no flip)")
+    pk.add_argument("--name", default=None, help="dataset name (default: the --out directory name)")
+    pk.set_defaults(func=_pack)
+    return data
