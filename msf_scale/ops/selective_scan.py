@@ -8,7 +8,8 @@ Shapes (mamba-ssm's convention, so the CUDA kernel is a drop-in):
 
 Backends, chosen by ``backend=`` or ``$MSF_SCALE_SCAN_BACKEND`` (``auto`` picks the fastest that works):
     ``cuda``  mamba-ssm's fused CUDA kernel (GPU tensors, ``pip install msf_scale[cuda]``)
-    ``torch`` a chunked, log-depth parallel scan in plain PyTorch with a hand-written backward (any device)
+    ``numba`` a compiled one-pass CPU kernel (forward and backward), the fastest on CPU
+    ``torch`` a chunked parallel scan in plain PyTorch with a hand-written backward (any device)
     ``ref``   :func:`selective_scan_ref`, a per-step loop in the input dtype: the float64 reference for tests
 
 The bidirectional flip lives in the model block, not here.
@@ -26,7 +27,7 @@ from msf_scale.ops import _scan_torch
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "cuda", "torch", "ref")
+BACKENDS = ("auto", "cuda", "numba", "torch", "ref")
 ENV_VAR = "MSF_SCALE_SCAN_BACKEND"
 
 
@@ -41,8 +42,21 @@ def _mamba_ssm_scan():
     return selective_scan_fn
 
 
+@lru_cache(maxsize=None)
+def _numba_scan():
+    """The numba CPU kernel module, or None when numba is not installed."""
+    try:
+        from msf_scale.ops import _scan_numba
+    except ImportError as err:
+        log.debug("numba unavailable: %s", err)
+        return None
+    return _scan_numba
+
+
 def available_backends() -> list[str]:
     names = ["torch", "ref"]
+    if _numba_scan() is not None:
+        names.insert(0, "numba")
     if torch.cuda.is_available() and _mamba_ssm_scan() is not None:
         names.insert(0, "cuda")
     return names
@@ -50,7 +64,10 @@ def available_backends() -> list[str]:
 
 @lru_cache(maxsize=None)
 def _resolve_auto(device_type: str) -> str:
-    choice = "cuda" if device_type == "cuda" and _mamba_ssm_scan() is not None else "torch"
+    if device_type == "cuda":
+        choice = "cuda" if _mamba_ssm_scan() is not None else "torch"
+    else:
+        choice = "numba" if device_type == "cpu" and _numba_scan() is not None else "torch"
     log.info("selective_scan backend for %s tensors: %s", device_type, choice)
     return choice
 
@@ -68,6 +85,11 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         if _mamba_ssm_scan() is None:
             raise RuntimeError("selective_scan backend 'cuda' needs mamba-ssm: pip install 'msf_scale[cuda]' "
                                "(or mamba-ssm built for your torch/CUDA)")
+    if backend == "numba":
+        if device.type != "cpu":
+            raise RuntimeError("selective_scan backend 'numba' runs on CPU tensors; use 'cuda' or 'torch' on GPU")
+        if _numba_scan() is None:
+            raise RuntimeError("selective_scan backend 'numba' needs numba: pip install numba")
     return backend
 
 
@@ -90,7 +112,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta_c = delta_c + delta_bias.to(compute)[:, None]
     if delta_softplus:
         delta_c = F.softplus(delta_c)
-    y, last = _scan_torch.scan(u_c, delta_c, A.to(compute), B.to(compute), C.to(compute))
+    kernel = _numba_scan().scan if name == "numba" else _scan_torch.scan
+    y, last = kernel(u_c, delta_c, A.to(compute), B.to(compute), C.to(compute))
     if D is not None:
         y = y + u_c * D.to(compute)[:, None]
     if z is not None:

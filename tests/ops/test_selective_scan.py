@@ -27,15 +27,16 @@ def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("backend", ["torch", "numba"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("length", [1, 2, 7, 130, 1568, 2048 + 16])
 @pytest.mark.parametrize("optional", ["none", "all"])
-def test_torch_matches_float64_reference(dtype, length, optional):
+def test_matches_float64_reference(backend, dtype, length, optional):
     x = make_inputs(2, 6, 4, length, dtype)
     kw = dict(delta_softplus=True) if optional == "all" else {}
     args = [x["u"], x["delta"], x["A"], x["B"], x["C"]]
     opt = [x["D"], x["z"], x["delta_bias"]] if optional == "all" else [None, None, None]
-    out, last = selective_scan(*args, *opt, return_last_state=True, backend="torch", **kw)
+    out, last = selective_scan(*args, *opt, return_last_state=True, backend=backend, **kw)
     ref_in = {k: v.detach().double().requires_grad_() for k, v in x.items()}
     ref_args = [ref_in[k] for k in ("u", "delta", "A", "B", "C")]
     ref_opt = [ref_in[k] for k in ("D", "z", "delta_bias")] if optional == "all" else [None] * 3
@@ -66,10 +67,11 @@ def test_reverse_direction_matches_reference():
     assert rel(fwd, ref) > 1e-3
 
 
-def test_gradcheck_torch_backend():
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_gradcheck(backend):
     x = make_inputs(1, 3, 2, 9, torch.float64)
     args = tuple(x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
-    assert torch.autograd.gradcheck(lambda *a: selective_scan(*a, delta_softplus=True, backend="torch"), args)
+    assert torch.autograd.gradcheck(lambda *a: selective_scan(*a, delta_softplus=True, backend=backend), args)
 
 
 def test_bf16_inputs_scan_in_fp32():
@@ -88,8 +90,10 @@ def test_backend_selection(monkeypatch):
         selective_scan(*args, backend="cuda")
     monkeypatch.setenv(scan_mod.ENV_VAR, "ref")
     assert scan_mod.resolve_backend(None, torch.device("cpu")) == "ref"
-    assert scan_mod.resolve_backend("auto", torch.device("cpu")) == "torch"   # an explicit argument wins
-    assert "torch" in scan_mod.available_backends()
+    assert scan_mod.resolve_backend("auto", torch.device("cpu")) == "numba"   # an explicit argument wins
+    assert {"numba", "torch", "ref"} <= set(scan_mod.available_backends())
+    with pytest.raises(RuntimeError, match="numba' runs on CPU"):
+        scan_mod.resolve_backend("numba", torch.device("cuda"))
 
 
 def test_shape_errors_name_the_expected_shape():

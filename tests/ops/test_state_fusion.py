@@ -27,7 +27,7 @@ def naive_cfd(h, w, theta):
     return out - theta * h * off_centre.view(1, -1, 1, 1, 1)
 
 
-@pytest.mark.parametrize("backend", ["torch", "ref"])
+@pytest.mark.parametrize("backend", ["conv", "shift", "ref"])
 @pytest.mark.parametrize("theta", [0.0, 0.7, 1.0])
 def test_matches_naive_equation(backend, theta):
     g = torch.Generator().manual_seed(1)
@@ -56,13 +56,14 @@ def test_cfd_cancels_static_states():
     assert not torch.allclose(fused[interior], plain[interior])
 
 
-def test_gradients_match_reference_including_theta():
+@pytest.mark.parametrize("backend", ["conv", "shift"])
+def test_gradients_match_reference_including_theta(backend):
     g = torch.Generator().manual_seed(3)
     h = torch.randn(1, 4, 5, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 1, 5, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
     theta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     gout = torch.randn(1, 4, 5, 5, 5, generator=g, dtype=torch.float64)
-    a = torch.autograd.grad(state_fusion(h, [w], theta, backend="torch")[0], [h, w, theta], gout)
+    a = torch.autograd.grad(state_fusion(h, [w], theta, backend=backend)[0], [h, w, theta], gout)
     b = torch.autograd.grad(naive_cfd(h, w, theta), [h, w, theta], gout)
     for x, y in zip(a, b):
         assert torch.allclose(x, y, atol=1e-10)
