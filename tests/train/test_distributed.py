@@ -28,7 +28,7 @@ def test_run_config_fills_the_deepspeed_config():
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True   # export after ZeRO-3
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (6, 4, 0.5)
-    assert ds["bf16"] == {"enabled": True}
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and ds["bf16"] == {"enabled": False}
 
 
 def test_launcher_config_enables_deepspeed_and_flag_overrides_stage(monkeypatch):
@@ -44,8 +44,12 @@ def test_cluster_jsons(name, stage):
     path = CONFIG_DIR.parent / "cluster" / name
     cfg = load_config(["--dist.deepspeed_config", str(path), "--train.precision", "fp32"])
     ds = deepspeed_dict(cfg, 1)
-    assert ds["zero_optimization"]["stage"] == stage and ds["bf16"] == {"enabled": False}
-    assert "auto" not in json.dumps({k: v for k, v in ds.items() if k != "train_batch_size"})
+    assert ds["zero_optimization"]["stage"] == stage and not ds["torch_autocast"]["enabled"]
+    def values(d):
+        for v in d.values():
+            yield from values(v) if isinstance(v, dict) else [v]
+    autos = [k for k, v in ds.items() if "auto" in list(values(v) if isinstance(v, dict) else [v])]
+    assert autos == ["train_batch_size"]   # Accelerate fills it from the micro-batch x accumulation x ranks
 
 
 def test_deepspeed_json_with_its_own_optimizer_is_refused(tmp_path):

@@ -30,19 +30,20 @@ RUN = ["--data.num_workers", "0", "--data.num_clips", "1", "--data.num_crops", "
        "--train.keep_last", "3"]
 
 
-def _start(argv: list[str], log: Path) -> subprocess.Popen:
-    """`accelerate launch` of train.py on 2 CPU ranks with DeepSpeed, one thread each."""
+def _start(argv: list[str], log: Path, deepspeed: bool = True) -> subprocess.Popen:
+    """`accelerate launch` of train.py on 2 CPU ranks (DeepSpeed's config, or plain DDP), one thread each."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed off
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_ZERO),
-           "--num_processes", "2", "--main_process_port", "0", str(REPO / "msf_scale" / "train.py"), *argv]
+    launcher = ["--config_file", str(CPU_ZERO)] if deepspeed else ["--multi_gpu", "--mixed_precision", "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2",
+           "--main_process_port", "0", str(REPO / "msf_scale" / "train.py"), *argv]
     with open(log, "w") as f:  # own process group: the test can SIGKILL launcher and ranks together
         return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _run(argv: list[str], log: Path, timeout: float = 400) -> None:
-    p = _start(argv, log)
+def _run(argv: list[str], log: Path, timeout: float = 400, deepspeed: bool = True) -> None:
+    p = _start(argv, log, deepspeed)
     try:
         rc = p.wait(timeout=timeout)
     finally:
@@ -159,6 +160,19 @@ def test_zero_trains_checkpoints_and_exports(stage, reference, argv, tmp_path):
         assert torch.equal(exported(x), fresh.eval()(x))
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["test_samples"] == 16   # every test clip counted once across the two ranks
+
+
+def test_ddp_two_processes_with_ema(argv, tmp_path):
+    """Without DeepSpeed: DistributedDataParallel over gloo (Accelerate's MULTI_CPU), EMA on."""
+    run = tmp_path / "run"
+    _run(argv(run, "--max-steps", "4", "--train.ema", "true", "--train.ema_decay", "0.5"), tmp_path / "log.txt",
+         deepspeed=False)
+    meta = json.loads((run / "run_meta.json").read_text())
+    assert (meta["engine"], meta["zero_stage"], meta["world_size"]) == ("DistributedDataParallel", 0, 2)
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["bad_steps"] == 0 and final["step"] == 4
+    assert final["test_samples"] == 16 and "ema_test_top1" in final
+    assert (run / "model_ema.safetensors").is_file()
 
 
 def test_sigkill_then_resume_auto_matches_uninterrupted(reference, argv, tmp_path):

@@ -1,0 +1,138 @@
+"""Build the `Accelerator` (and the DeepSpeed plugin) from the run config; the only module that touches DeepSpeed.
+
+DeepSpeed is engaged when `dist.zero_stage > 0`, when `dist.deepspeed_config` names a JSON, or when the
+launcher's accelerate config enables it (`accelerate launch --config_file cluster/accelerate_*.yaml`).
+`dist.zero_stage > 0` overrides the stage of any file. The per-device batch, gradient accumulation,
+clipping and precision always come from the run config, so the printed global batch is the one trained.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msf_scale.config import RunConfig
+
+
+def _env_uses_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def deepspeed_dict(cfg: RunConfig, grad_accum: int) -> dict[str, Any] | None:
+    """The DeepSpeed config this run uses, or None for plain DDP / one process."""
+    path = cfg.dist.deepspeed_config or (os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if _env_uses_deepspeed() else None)
+    if cfg.dist.zero_stage == 0 and not path and not _env_uses_deepspeed():
+        return None
+    if path and path != "none":
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"dist.deepspeed_config: {path} does not exist (see cluster/ds_zero*.json)")
+        ds = json.loads(Path(path).read_text())
+    else:
+        ds = {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))}}
+    zero = ds.setdefault("zero_optimization", {})
+    if cfg.dist.zero_stage > 0:
+        zero["stage"] = cfg.dist.zero_stage
+    for kind in ("optimizer", "param"):  # inline `offload_*_device` of an accelerate config
+        dev = os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{kind.upper()}_DEVICE", "none")
+        if dev != "none" and f"offload_{kind}" not in zero:
+            zero[f"offload_{kind}"] = {"device": dev}
+    for key in ("optimizer", "scheduler"):  # ours are built in code (optim.py)
+        if key in ds:
+            raise ValueError(f"{path}: remove the {key!r} section; msf_scale builds AdamW and the schedule itself")
+    if zero.get("stage") == 3:  # export (`get_state_dict`) gathers the partitioned weights
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["train_batch_size"] = "auto"
+    ds["gradient_clipping"] = cfg.optim.clip_grad
+    # bf16 through DeepSpeed's torch autocast, like DDP's: fp32 weights, bf16 matmuls and gradient
+    # communication. (Its "bf16" mode casts the weights to bf16 but not the activations, and the model keeps
+    # its residual stream in fp32; DeepSpeed also switches off any autocast set around the engine.)
+    ds["bf16"] = {"enabled": False}
+    ds["torch_autocast"] = {"enabled": cfg.train.precision == "bf16", "dtype": "bfloat16"}
+    ds.pop("fp16", None)
+    return ds
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_grad_accum(cfg: RunConfig, world_size: int) -> int:
+    """train.global_batch (if set) fixes grad_accum; it must divide evenly, as nanoGPT's global batch does."""
+    if cfg.train.global_batch is None:
+        return cfg.train.grad_accum
+    per_step = cfg.train.batch_size * world_size
+    if cfg.train.global_batch % per_step:
+        raise ValueError(f"train.global_batch={cfg.train.global_batch} is not a multiple of train.batch_size x "
+                         f"world size = {cfg.train.batch_size} x {world_size}; change one of them")
+    return cfg.train.global_batch // per_step
+
+
+def build_accelerator(cfg: RunConfig):
+    """Accelerator with gloo on CPU, our precision and gradient accumulation, DeepSpeed when configured."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    grad_accum = resolve_grad_accum(cfg, world_size_from_env())
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
+    pg = InitProcessGroupKwargs(backend="gloo" if cpu else "nccl",
+                                timeout=datetime.timedelta(minutes=cfg.dist.timeout_min))
+    ds = deepspeed_dict(cfg, grad_accum)
+    plugin = None
+    if ds is not None:
+        # The launcher's inline DeepSpeed fields were read above; Accelerate would reject them beside a full dict.
+        os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = ""
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # Accelerate initialises deepspeed.comm only with it
+        if "LOCAL_RANK" not in os.environ:  # plain `python train.py`: DeepSpeed still needs a (1-process) group
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                              MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
+    return Accelerator(
+        cpu=cpu and ds is None,  # CPU DDP needs it (MULTI_CPU, gloo); with DeepSpeed it would turn DeepSpeed off
+        mixed_precision="bf16" if cfg.train.precision == "bf16" and ds is None else "no",  # DeepSpeed: its config
+        gradient_accumulation_steps=grad_accum,
+        deepspeed_plugin=plugin,
+        step_scheduler_with_optimizer=False,  # train.py steps the schedule once per real optimizer update
+        kwargs_handlers=[pg] if world_size_from_env() > 1 or ds is not None else [],
+    )
+
+
+def uses_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator) -> int:
+    return int(accelerator.state.deepspeed_plugin.zero_stage) if uses_deepspeed(accelerator) else 0
+
+
+def engine_name(model) -> str:
+    """Class of the prepared model (`DeepSpeedEngine`, `DistributedDataParallel` or the bare module)."""
+    return type(model).__name__
+
+
+def all_ranks_true(accelerator, flag: torch.Tensor) -> torch.Tensor:
+    """Logical AND of a 0-d bool tensor across ranks (one tiny all-reduce), so every rank takes the same branch."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(flag.float().reshape(1), reduction="sum")[0] == accelerator.num_processes
+
+
+def reset_state() -> None:
+    """Forget the Accelerate singletons so that `main()` can run twice in one process (tests)."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

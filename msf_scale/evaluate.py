@@ -1,0 +1,140 @@
+"""Top-1 / top-5 on a split, multi-view, gathered across ranks; and `msf-scale eval --ckpt RUN`.
+
+    msf-scale eval --ckpt runs/msf_mamba_tiny [--data DIR] [--split test] [--num-clips 2 --num-crops 3]
+    accelerate launch -m msf_scale.evaluate --ckpt RUN          # the same, split over several processes
+
+Softmax probabilities are averaged over the V = clips x crops views of a video. Every rank steps in
+lockstep (a rank whose shard ran out runs a dummy batch) because under ZeRO-3 each forward is a
+collective; results are gathered by sample key and de-duplicated exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from msf_scale.metrics import topk_correct
+
+
+def data_root(root: str | None, synth: dict[str, Any]) -> str:
+    """The dataset directory: the given one, or the synthetic default (generated once into the cache)."""
+    from msf_scale.data import ensure_synthetic, read_dataset_info
+
+    if root is None:
+        return str(ensure_synthetic(**synth))
+    read_dataset_info(root)  # a missing directory or dataset.json raises FileNotFoundError naming it
+    return str(root)
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader, accelerator, view_shape: tuple[int, ...],
+                   autocast_bf16: bool = False) -> dict[str, Any]:
+    """view_shape = (V, 3, T, S, S) of one video, for the dummy batches of ranks that finished early."""
+    was_training = model.training
+    model.eval()
+    dev = accelerator.device
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if autocast_bf16 else nullcontext()
+    local: dict[str, tuple[int, bool, bool]] = {}
+    it = iter(loader)
+    while True:
+        batch = next(it, None)
+        if not _any_rank(accelerator, batch is not None):
+            break
+        video = batch[0] if batch is not None else torch.zeros(1, *view_shape)
+        b, v = video.shape[:2]
+        with amp:
+            logits = model(video.flatten(0, 1).to(dev, non_blocking=True))   # [B*V, classes]
+        probs = logits.float().softmax(-1).view(b, v, -1).mean(1)                      # [B, classes]
+        if batch is not None:
+            label, keys = batch[1].to(dev), batch[2]
+            c1, c5 = topk_correct(probs, label, (1, 5))
+            for key, y, hit1, hit5 in zip(keys, label.tolist(), c1.tolist(), c5.tolist()):
+                local[key] = (y, hit1, hit5)
+    merged: dict[str, tuple[int, bool, bool]] = {}
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+        parts = gather_object([local])
+    else:
+        parts = [local]
+    for part in parts:
+        for key, res in part.items():
+            merged.setdefault(key, res)
+    model.train(was_training)
+    n = len(merged)
+    return {"top1": sum(r[1] for r in merged.values()) / max(n, 1),
+            "top5": sum(r[2] for r in merged.values()) / max(n, 1),
+            "num_samples": n, "views": int(view_shape[0])}
+
+
+def build_loader(root: str, split: str, batch_clips: int, num_frames: int, img_size: int, num_workers: int,
+                 rank: int, world_size: int, num_clips: int, num_crops: int):
+    """An eval loader whose forward holds about `batch_clips` clips (views included)."""
+    from msf_scale.data import build_eval_loader, read_dataset_info
+
+    info = read_dataset_info(root)
+    if split not in info.splits:
+        raise ValueError(f"split {split!r} not in {root} (has {sorted(info.splits)}); pass --split")
+    views = num_clips * num_crops
+    return build_eval_loader(root, split=split, batch_size=max(1, batch_clips // views), num_frames=num_frames,
+                             img_size=img_size, num_workers=num_workers, rank=rank, world_size=world_size,
+                             num_clips=num_clips, num_crops=num_crops)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="msf-scale eval", description="Top-1/top-5 of an exported run.")
+    p.add_argument("--ckpt", required=True, help="run directory (with model.safetensors) or a .safetensors file")
+    p.add_argument("--data", default=None, help="dataset dir (default: the run's data.root, else synthetic)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--num-clips", type=int, default=None, help="default: the run's data.num_clips")
+    p.add_argument("--num-crops", type=int, default=None, help="default: the run's data.num_crops")
+    p.add_argument("--batch-size", type=int, default=32, help="clips per forward, views included")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--ema", action="store_true", help="evaluate model_ema.safetensors")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--out", default=None, help="JSON output (default: RUN/eval_<split>.json)")
+    args = p.parse_args(argv)
+
+    from accelerate import Accelerator
+
+    from msf_scale.checkpoint import load_model, read_model_config
+    from msf_scale.config import read_config
+
+    ckpt = Path(args.ckpt)
+    run_dir = ckpt.parent if ckpt.suffix == ".safetensors" else ckpt
+    run_cfg = read_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    meta = read_model_config(ckpt)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    precision = args.precision or ("bf16" if acc.device.type == "cuda" else "fp32")
+    model = load_model(ckpt, ema=args.ema, device=acc.device)
+    with acc.main_process_first():
+        root = data_root(args.data if args.data or run_cfg is None else run_cfg.data.root,
+                         {} if run_cfg is None else run_cfg.data.synth)
+    clips = args.num_clips or (run_cfg.data.num_clips if run_cfg else 1)
+    crops = args.num_crops or (run_cfg.data.num_crops if run_cfg else 1)
+    t, s = meta["config"]["num_frames"], meta["config"]["img_size"]
+    loader = build_loader(root, args.split, args.batch_size, t, s, args.num_workers, acc.process_index,
+                          acc.num_processes, clips, crops)
+    res = evaluate_model(model, loader, acc, (clips * crops, 3, t, s, s), autocast_bf16=precision == "bf16")
+    res.update(split=args.split, data=root, weights="ema" if args.ema else "model")
+    if acc.is_main_process:
+        out = Path(args.out) if args.out else run_dir / f"eval_{args.split}.json"
+        out.write_text(json.dumps(res, indent=1))
+        print(f"{args.split}: top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
+              f"({res['num_samples']} videos x {res['views']} views) -> {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
