@@ -51,6 +51,8 @@ def run(variant, data, args, overrides):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if args.verbose and (step + 1) % 25 == 0:
+            print(f"  step {step + 1}: loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
     train_s = time.time() - t0
     model.eval()
     with torch.no_grad():
@@ -76,6 +78,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=float, default=0.1, help="fraction of steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--verbose", action="store_true", help="print the loss every 25 steps")
     args, rest = ap.parse_known_args(argv)
     overrides = {}   # --model.FIELD VALUE pairs go to the model config
     for k, v in zip(rest[::2], rest[1::2]):
