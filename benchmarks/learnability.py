@@ -28,11 +28,19 @@ def to_input(videos: np.ndarray) -> torch.Tensor:
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1, 1)
 
 
+def test_top1(model, xte, yte) -> float:
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(xte[i:i + 64]).argmax(-1) for i in range(0, len(yte), 64)])
+    model.train()
+    return round((pred == yte).float().mean().item() * 100, 1)
+
+
 def run(variant, data, args, overrides):
-    (xtr, ytr), (xte, yte) = data
+    (xtr, ytr), (xte, yte) = ((x.to(args.device), y.to(args.device)) for x, y in data)
     torch.manual_seed(args.seed)
     model = create_model(variant, size=args.size, num_classes=int(ytr.max()) + 1, num_frames=xtr.shape[2],
-                         img_size=xtr.shape[-1], **overrides)
+                         img_size=xtr.shape[-1], **overrides).to(args.device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n not in model.no_weight_decay()]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n not in model.no_weight_decay())]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
@@ -41,11 +49,13 @@ def run(variant, data, args, overrides):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, max(0, s - warm) / max(1, args.steps - warm)))))
     g = torch.Generator().manual_seed(args.seed)
+    curve = []
     t0 = time.time()
     model.train()
     for step in range(args.steps):
-        idx = torch.randint(0, len(ytr), (args.batch,), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx], label_smoothing=0.1)
+        idx = torch.randint(0, len(ytr), (args.batch,), generator=g).to(args.device)
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+            loss = torch.nn.functional.cross_entropy(model(xtr[idx]).float(), ytr[idx], label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -53,12 +63,13 @@ def run(variant, data, args, overrides):
         sched.step()
         if args.verbose and (step + 1) % 25 == 0:
             print(f"  step {step + 1}: loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            curve.append((step + 1, test_top1(model, xte, yte)))
     train_s = time.time() - t0
-    model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model(xte[i:i + 64]).argmax(-1) for i in range(0, len(yte), 64)])
-    return {"variant": variant, "top1": round((pred == yte).float().mean().item() * 100, 1),
-            "final_loss": round(loss.item(), 3), "train_s": round(train_s, 1)}
+    top1 = test_top1(model, xte, yte)
+    curve.append((args.steps, top1))
+    return {"variant": variant, "top1": top1, "curve": curve, "final_loss": round(loss.item(), 3),
+            "train_s": round(train_s, 1)}
 
 
 def main(argv=None):
@@ -79,6 +90,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--verbose", action="store_true", help="print the loss every 25 steps")
+    ap.add_argument("--eval-every", type=int, default=0, help="also record test top-1 every N steps")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--object-px-list", default=None, help="comma list paired with --motion-px")
     args, rest = ap.parse_known_args(argv)
     overrides = {}   # --model.FIELD VALUE pairs go to the model config
     for k, v in zip(rest[::2], rest[1::2]):
@@ -86,10 +100,13 @@ def main(argv=None):
             ap.error(f"unknown argument {k}")
         overrides[k[len("--model."):]] = json.loads(v) if v[:1] in "0123456789-[{tf" and v not in ("tiny",) else v
     rows = []
-    print("| motion px | variant | test top-1 (%) | final train loss | train time (s) |")
-    print("|---:|---|---:|---:|---:|")
-    for motion in map(float, args.motion_px.split(",")):
-        cfg = SynthConfig(size=args.img, num_frames=args.frames, motion_px=motion, object_px=args.object_px,
+    print("| motion px | object px | variant | test top-1 (%) | top-1 by step | final train loss | train time (s) |")
+    print("|---:|---:|---|---:|---|---:|---:|")
+    motions = list(map(float, args.motion_px.split(",")))
+    objects = (list(map(float, args.object_px_list.split(","))) if args.object_px_list
+               else [args.object_px] * len(motions))
+    for motion, obj in zip(motions, objects):
+        cfg = SynthConfig(size=args.img, num_frames=args.frames, motion_px=motion, object_px=obj,
                           noise_std=args.noise_std, train_per_class=args.train_per_class,
                           test_per_class=args.test_per_class, seed=args.seed)
         splits = []
@@ -97,9 +114,11 @@ def main(argv=None):
             v, y, _ = generate_split(cfg, split)
             splits.append((to_input(v), torch.from_numpy(y)))
         for variant in args.variants.split(","):
-            r = {"motion_px": motion, **run(variant, splits, args, overrides)}
+            r = {"motion_px": motion, "object_px": obj, **run(variant, splits, args, overrides)}
             rows.append(r)
-            print(f"| {motion} | {variant} | {r['top1']} | {r['final_loss']} | {r['train_s']} |", flush=True)
+            curve = " ".join(f"{s}:{a}" for s, a in r["curve"])
+            print(f"| {motion} | {obj} | {variant} | {r['top1']} | {curve} | {r['final_loss']} | {r['train_s']} |",
+                  flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "overrides": overrides, "rows": rows}, f, indent=1)
