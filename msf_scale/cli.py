@@ -43,11 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_data_parser(sub)
-    for name, module, text in (("train", "msf_scale.train", "train in this process (see train.py --help)"),
-                               ("eval", "msf_scale.evaluate", "top-1/top-5 of a run or model file")):
-        p = sub.add_parser(name, help=text, add_help=False)
+    for name, text in (("train", "train in this process (msf-scale train --help)"),
+                       ("eval", "top-1/top-5 of a run or model file (msf-scale eval --help)")):
+        p = sub.add_parser(name, help=text, add_help=False)   # listed for --help; main() hands them over
         p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_passthrough(module))
+        p.set_defaults(func=_passthrough(PASSTHROUGH[name]))
     models = sub.add_parser("models", help="parameter / FLOP table of every variant x size")
     models.add_argument("--num-frames", type=int, default=8)
     models.add_argument("--img-size", type=int, default=224)
@@ -56,7 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASSTHROUGH = {"train": "msf_scale.train", "eval": "msf_scale.evaluate"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:   # their own parsers own every flag (argparse's REMAINDER drops --flags)
+        return _passthrough(PASSTHROUGH[argv[0]])(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 
