@@ -30,12 +30,8 @@ from msf_scale.ema import ModelEma
 from msf_scale.evaluate import build_loader, data_root, evaluate_model
 from msf_scale.metrics import (MetricLogger, device_peak_tflops, mfu, peak_memory_gb, train_flops_per_clip,
                                truncate_jsonl)
+from msf_scale.models import create_model
 from msf_scale.optim import build_optimizer, build_scheduler
-
-
-def create_model(variant: str, **kwargs) -> nn.Module:
-    from msf_scale.models import create_model as create
-    return create(variant, **kwargs)
 
 
 def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:

@@ -28,12 +28,15 @@ BACKENDS = ("auto", "conv", "shift", "ref")
 ENV_VAR = "MSF_SCALE_FUSION_BACKEND"
 
 
-def resolve_backend(backend: str | None, device: torch.device | None = None) -> str:
+def resolve_backend(backend: str | None, device: torch.device | None = None, k: int = 3) -> str:
+    """The concrete backend for one kernel of window k. ``auto``: conv on GPU; on CPU shifts for 3 x 3 x 3 only
+    (autograd through 125 or 343 shifted slices costs more than PyTorch's slow depthwise conv3d)."""
     backend = (backend or os.environ.get(ENV_VAR) or "auto").lower()
     if backend not in BACKENDS:
         raise ValueError(f"unknown state-fusion backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        return "conv" if device is not None and device.type == "cuda" else "shift"
+        on_gpu = device is not None and device.type == "cuda"
+        return "conv" if on_gpu or k > 3 else "shift"
     return backend
 
 
@@ -50,18 +53,15 @@ def cfd_kernel(weight: torch.Tensor, theta) -> torch.Tensor:
 def state_fusion(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backend: str | None = "auto"
                  ) -> list[torch.Tensor]:
     _check(h, kernels)
-    requested = (backend or os.environ.get(ENV_VAR) or "auto").lower()
-    name = resolve_backend(backend, h.device)
-    if name == "ref":
-        return state_fusion_ref(h, kernels, theta)
     out = []
     for w in kernels:
-        k_eff = cfd_kernel(w, theta).to(h.dtype)
-        # auto on CPU: shifts only for 3 x 3 x 3 (27 taps); autograd through 125 or 343 slices costs more than conv
-        if name == "shift" and (requested == "shift" or w.shape[-1] <= 3):
-            out.append(_shift_conv(h, k_eff))
+        name = resolve_backend(backend, h.device, w.shape[-1])
+        if name == "ref":
+            out.extend(state_fusion_ref(h, [w], theta))
+        elif name == "shift":
+            out.append(_shift_conv(h, cfd_kernel(w, theta).to(h.dtype)))
         else:
-            out.append(F.conv3d(h, k_eff, padding=w.shape[-1] // 2, groups=h.shape[1]))
+            out.append(F.conv3d(h, cfd_kernel(w, theta).to(h.dtype), padding=w.shape[-1] // 2, groups=h.shape[1]))
     return out
 
 
