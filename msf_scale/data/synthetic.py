@@ -52,8 +52,8 @@ class SynthConfig:
     size: int = 32  # square frames, px
     subjects: int = 16  # distinct appearances (background, object colour and size)...
     test_subjects: int = 4  # ...of which these many are held out for the test split
-    motion_px: float = 2.0  # the class signal: object displacement per frame, px (per-clip jitter +-20%)
-    object_px: float = 6.0  # object diameter, px (per-subject jitter +-15%)
+    motion_px: float = 4.0  # the class signal: object displacement per frame, px (per-clip jitter +-20%)
+    object_px: float = 14.0  # object diameter, px (per-subject jitter +-15%)
     drift_px: float = 0.5  # distractor: max global camera drift per frame, px (random direction per clip)
     distractors: int = 0  # distractor objects with random, class-independent straight motion at motion_px
     noise_std: float = 3.0  # Gaussian pixel noise, on the 0-255 scale

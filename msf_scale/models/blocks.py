@@ -99,8 +99,11 @@ class StateFusion(nn.Module):
     softmax over scales of a 1x1x1 conv on the concatenated fused states weights them at every position."""
 
     def __init__(self, dim: int, scales: tuple[int, ...], theta: float, theta_learnable: bool, use_aswm: bool,
-                 backend: str = "auto", device=None, dtype=None):
+                 backend: str = "auto", init: str = "zero", device=None, dtype=None):
         super().__init__()
+        if init not in ("zero", "uniform"):
+            raise ValueError(f"fusion init must be 'zero' or 'uniform', got {init!r}")
+        self.init = init
         if use_aswm and len(scales) < 2:
             raise ValueError(f"ASWM weights several scales; got fusion_scales={scales}")
         self.scales = tuple(scales)
@@ -117,8 +120,14 @@ class StateFusion(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for w in self.kernels:   # nn.Conv3d's default: uniform in +-1/sqrt(fan_in)
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        """``zero``: F = 0 at init, so the block starts as the plain backbone's and learns how much to fuse (the
+        gradient of a kernel tap is the correlation of the output gradient with the shifted states: non-zero).
+        ``uniform``: nn.Conv3d's default, +-1/sqrt(k^3); measured to learn slower (docs/BENCHMARKS.md)."""
+        for w in self.kernels:
+            if self.init == "zero":
+                nn.init.zeros_(w)
+            else:
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         if self.aswm is not None:   # near-uniform scale weights at init
             nn.init.trunc_normal_(self.aswm.weight, std=0.02)
             nn.init.zeros_(self.aswm.bias)

@@ -11,9 +11,9 @@ SMALL_CLIP = dict(num_classes=5, num_frames=4, img_size=32, patch_size=16)
 @pytest.mark.parametrize("name", list_models())
 def test_forward_backward_every_model(name):
     torch.manual_seed(0)
-    # drop path could skip a whole block; with cls pooling the last block's fusion and forward-direction A
-    # legitimately cannot reach the logits (the class token comes first and bypasses fusion), so pool the tokens
-    model = create_model(name, drop_path_rate=0.0, pool="mean", **SMALL_CLIP)
+    # drop path could skip a whole block (off here); mean pooling (the default) lets every block reach the logits;
+    # zero-initialised fusion kernels would leave ASWM without a gradient until the first step (tests/ops)
+    model = create_model(name, drop_path_rate=0.0, fusion_init="uniform", **SMALL_CLIP)
     x = torch.randn(2, 3, 4, 32, 32)
     logits = model(x)
     assert logits.shape == (2, 5) and torch.isfinite(logits).all()
@@ -95,7 +95,8 @@ def test_deepest_model_has_sane_gradients_at_init():
 
 
 def test_no_weight_decay_names_exist():
-    model = create_model("msf_mamba", size="tiny", fusion_theta_learnable=True, **SMALL_CLIP)
+    model = create_model("msf_mamba", size="tiny", fusion_theta_learnable=True, class_token=True, pool="cls",
+                         **SMALL_CLIP)
     names = model.no_weight_decay()
     params = dict(model.named_parameters())
     assert {"pos_embed", "cls_token", "temporal_pos_embedding"} <= names <= set(params)

@@ -70,7 +70,7 @@ def test_gradients_match_reference_including_theta(backend):
 
 
 def test_aswm_weights_sum_to_one_over_scales():
-    fusion = StateFusion(8, (3, 5, 7), theta=0.7, theta_learnable=True, use_aswm=True).double()
+    fusion = StateFusion(8, (3, 5, 7), theta=0.7, theta_learnable=True, use_aswm=True, init="uniform").double()
     torch.nn.init.normal_(fusion.aswm.weight, std=1.0)     # far from the near-uniform init
     h = torch.randn(2, 8, 4, 5, 5, dtype=torch.float64)
     fused = state_fusion(h, list(fusion.kernels), fusion.theta)
@@ -94,3 +94,22 @@ def test_errors():
         state_fusion(h, [torch.randn(4, 1, 3, 3, 3)], 0.7, backend="nope")
     with pytest.raises(ValueError, match="ASWM"):
         StateFusion(4, (3,), 0.7, False, use_aswm=True)
+    with pytest.raises(ValueError, match="fusion init"):
+        StateFusion(4, (3,), 0.7, False, use_aswm=False, init="ones")
+
+
+def test_zero_init_starts_as_the_backbone_and_still_learns():
+    """fusion_init="zero": the fused states are 0 at init (the block is the backbone's), yet every kernel and
+    the ASWM get a non-zero gradient at the first step, so the fusion is learned rather than stuck at zero."""
+    fusion = StateFusion(8, (3, 5), theta=0.7, theta_learnable=False, use_aswm=True).double()
+    h = torch.randn(2, 8, 4, 5, 5, dtype=torch.float64)
+    out = fusion(h)
+    assert torch.count_nonzero(out) == 0
+    out.mul(torch.randn_like(out)).sum().backward()
+    assert all(w.grad.abs().max() > 0 for w in fusion.kernels)
+    with torch.no_grad():                     # one SGD step: the kernels leave zero, ASWM's input is now non-zero
+        for w in fusion.kernels:
+            w -= 0.1 * w.grad
+    fusion.zero_grad()
+    fusion(h).mul(torch.randn_like(h)).sum().backward()
+    assert fusion.aswm.weight.grad.abs().max() > 0

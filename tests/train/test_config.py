@@ -34,7 +34,7 @@ def test_default_presets_follow_spec_recipe(size):
 def test_cpu_demo_is_small_and_cpu_friendly():
     cfg = load_config(["--config", "cpu_demo"])
     assert (cfg.model.size, cfg.model.variant, cfg.model.img_size) == ("tiny", "msf_mamba", 32)
-    assert cfg.model.arch["patch_size"] == 16 and cfg.train.precision == "fp32"   # 33 tokens per clip
+    assert cfg.model.arch["patch_size"] == 16 and cfg.train.precision == "fp32"   # 32 tokens per clip
 
 
 def test_precedence_cli_over_config_over_default(tmp_path):
