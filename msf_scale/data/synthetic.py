@@ -52,8 +52,9 @@ class SynthConfig:
     size: int = 32  # square frames, px
     subjects: int = 16  # distinct appearances (background, object colour and size)...
     test_subjects: int = 4  # ...of which these many are held out for the test split
-    motion_px: float = 4.0  # the class signal: object displacement per frame, px (per-clip jitter +-20%)
-    object_px: float = 14.0  # object diameter, px (per-subject jitter +-15%)
+    # None: scaled from the defaults at 32 px, 4 px motion of a 14 px disk (size / 8 and 7 size / 16)
+    motion_px: float | None = None  # the class signal: object displacement per frame, px (per-clip jitter +-20%)
+    object_px: float | None = None  # object diameter, px (per-subject jitter +-15%)
     drift_px: float = 0.5  # distractor: max global camera drift per frame, px (random direction per clip)
     distractors: int = 0  # distractor objects with random, class-independent straight motion at motion_px
     noise_std: float = 3.0  # Gaussian pixel noise, on the 0-255 scale
@@ -64,6 +65,10 @@ class SynthConfig:
     fps: float = 8.0  # written to the metadata and the mp4 container
 
     def __post_init__(self) -> None:
+        if self.motion_px is None:   # frozen: fill the size-relative defaults in place
+            object.__setattr__(self, "motion_px", self.size / 8)
+        if self.object_px is None:
+            object.__setattr__(self, "object_px", self.size * 7 / 16)
         checks = [
             (1 <= self.num_classes <= len(MOTIONS), f"num_classes must be in 1..{len(MOTIONS)}"),
             (self.train_per_class >= 0 and self.test_per_class >= 0, "clips per class must be >= 0"),
@@ -200,9 +205,10 @@ def synthesize(out: str | os.PathLike, config: SynthConfig | None = None, **over
     ``config`` and/or keyword overrides of SynthConfig fields. Deterministic for a config: the same seed gives
     byte-identical shards.
     """
-    cfg = config if config is not None else SynthConfig()
-    if overrides:
-        cfg = synth_config(**(asdict(cfg) | overrides))
+    if config is None:
+        cfg = synth_config(**overrides)   # size-relative defaults follow an overridden size
+    else:
+        cfg = synth_config(**(asdict(config) | overrides)) if overrides else config
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     splits = {}
