@@ -1,22 +1,21 @@
-"""Pure-PyTorch selective scan: a chunked linear scan laid out for streaming, with a hand-written backward.
+"""Pure-PyTorch selective scan: a chunked linear scan with a hand-written backward, blocked for the CPU cache.
 
-The recurrence h_t = a_t h_{t-1} + b_t (a_t = exp(delta_t A), b_t = delta_t u_t B_t) is cut into K ~ sqrt(L) chunks
-of Q ~ sqrt(L) steps, and step j of every chunk is advanced at once, so the scan is ~Q vectorised Python steps
-instead of L. A pass from zero gives each chunk's end state, a K-step loop carries those across chunks, and a
-second pass re-runs the steps from the true chunk-entry states. Only real products of the a_t are ever formed
-(no exp(-cumsum) as in a log-space scan), so nothing can overflow or lose precision for large delta * |A|.
+The recurrence h_t = a_t h_{t-1} + b_t (a_t = exp(delta_t A), b_t = delta_t u_t B_t) is cut into K chunks of
+Q ~ sqrt(L) steps; one or two in-place ops advance step j of every chunk, so a pass is Q Python steps, not L.
+A pass from zero gives each chunk's end state, a K-step loop carries it across chunks, a second pass redoes the
+steps from the true entry states. Only products of real decays are formed (no exp(-cumsum(delta A)) as in a
+log-space scan), so large delta * |A| can underflow to 0 but never overflow.
 
-Why it is fast on CPU (measured on 2 cores; the work is memory-bound, exp excepted):
-* a_t is computed once per direction (one exp per element in the forward, one in the backward), in bulk.
-* Everything per (batch, channel, state, step) lives in a few reused buffers of ~8 MB (fp32), one block of
-  channels at a time: the working set stays in L3 and no large tensor is freshly allocated per call (page
-  faults on new 40-150 MB tensors were a large part of the old cost). Each block is independent.
-* Inputs are transposed once to time-major [batch, L, channels], so channels are the contiguous inner dimension
-  of every op and the per-step slices are contiguous; every per-step update is one in-place op.
-* The backward needs no [batch, D, N, L] tensor beyond the block buffers: it recomputes the states from the
-  chunk-entry states saved by the forward, gets each chunk's adjoint from zero with a Horner pass, carries it
-  across chunks, then runs the adjoint recurrence gh_t = C_t gy_t + a_{t+1} gh_{t+1} in place of a_{t+1}, and
-  reduces the gradients of B, C, delta and A in bulk (gdu with one batched matmul).
+Why it is fast on CPU, where this is memory-bound (exp aside):
+* a_t is computed once per direction, in bulk: one exp per element in the forward and one in the backward.
+* Work goes one block of channels (or batch rows x channels) at a time through a few ~8 MB buffers that are
+  reused across blocks and calls (a thread-local workspace), so the working set stays in L3 and no big tensor
+  is freshly allocated; page faults on new 40-150 MB temporaries were much of the old cost.
+* Inputs are transposed once to time-major [batch, L, channels]: channels are the contiguous inner dimension
+  and every per-step slice is contiguous.
+* The backward keeps nothing of size [batch, D, N, L] beyond the block buffers: it recomputes the states from
+  the chunk-entry states saved by the forward, gets each chunk's adjoint from zero (Horner), carries it across
+  chunks, runs gh_t = C_t gy_t + a_{t+1} gh_{t+1} into a_{t+1}'s slot, and reduces the gradients in bulk.
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ import threading
 import torch
 
 # CPU block size in elements (batch x channels x d_state x padded length); three such fp32 buffers (~8 MB each)
-# are live in the backward. Measured flat between 2M and 4M elements on a 2-core, 32 MB-L3 machine.
+# are live in the backward. Best around 2M-3M on a 2-core, 32 MB-L3 machine (1M and 4M measured slower).
 BLOCK_ELEMS = 1 << 21
 _MIN_BLOCK_WIDTH = 64   # narrower channel blocks vectorise poorly: block over the batch first
 _tls = threading.local()
@@ -48,8 +47,11 @@ def _workspace(slot: int, numel: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def _geometry(length: int) -> tuple[int, int]:
-    size = max(1, math.isqrt(length))        # Q steps per chunk
-    return size, -(-length // size)          # K chunks
+    """(Q steps per chunk, K chunks): Q near sqrt(L) (time was flat for Q in 20..49 at L = 1568), least padding."""
+    root = max(1, math.isqrt(length))
+    size = min(range(max(1, (2 * root) // 3), (3 * root) // 2 + 1),
+               key=lambda q: (q * -(-length // q), abs(q - root)))
+    return size, -(-length // size)
 
 
 def _blocks(batch: int, dim: int, n: int, padded: int, device: torch.device):
@@ -195,7 +197,7 @@ def _backward(dt, ut, Bt, Ct, A, h_in_all, gy, length):
         gC[:, b0:b1] += T.mul_(gyb).sum(-1)                                     # sum_d h gy
         gdus[:, b0:b1, :, d0:d1] = torch.bmm(Bb.view(m, 1, n), gh.view(m, n, db)).view(size, bb, chunks, db)
         gB[:, b0:b1] += torch.mul(gh, dub, out=T).sum(-1)                       # sum_d gh du
-        H.mul_(gh)                                                              # X_t = gh_t a_t h_{t-1} = dL/d(delta_t A)
+        H.mul_(gh)                                                   # X_t = gh_t a_t h_{t-1}: dL/d(delta_t A)
         torch.sum(torch.mul(H, Ab, out=T), dim=3, out=gdAs[:, b0:b1, :, d0:d1])
         gAt[:, d0:d1] += H.mul_(dlb).sum((0, 1, 2))
     gdelta = _channel_major(gdAt.addcmul_(gdut, ut), length)                   # + gdu * u
@@ -214,19 +216,21 @@ class _SelectiveScan(torch.autograd.Function):
         size, chunks = _geometry(length)
         padded = size * chunks
         with torch.no_grad():
-            dt, ut = _time_major(delta, padded), _time_major(u, padded)
-            Bt, Ct = _time_major(B, padded), _time_major(C, padded)
-            y, last, h_in = _forward(dt, ut, Bt, Ct, A, length)
-        ctx.save_for_backward(dt, ut, A, Bt, Ct, h_in)   # time-major copies instead of u, delta, B, C
-        ctx.length = length
+            dt = _time_major(delta, padded)
+            y, last, h_in = _forward(dt, _time_major(u, padded), _time_major(B, padded), _time_major(C, padded),
+                                     A, length)
+        # dt replaces delta (same size); h_in (the chunk-entry states, [b, K, N, D]) spares the backward a pass
+        ctx.save_for_backward(u, dt, A, B, C, h_in)
         ctx.mark_non_differentiable(last)
         return y, last
 
     @staticmethod
     def backward(ctx, gy, _glast):
-        dt, ut, A, Bt, Ct, h_in = ctx.saved_tensors
+        u, dt, A, B, C, h_in = ctx.saved_tensors
+        padded = dt.shape[1]
         with torch.no_grad():
-            return _backward(dt, ut, Bt, Ct, A, h_in, gy, ctx.length)
+            return _backward(dt, _time_major(u, padded), _time_major(B, padded), _time_major(C, padded), A, h_in,
+                             gy, u.shape[-1])
 
 
 def scan(u, delta, A, B, C):

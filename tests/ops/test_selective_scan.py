@@ -52,6 +52,75 @@ def test_matches_float64_reference(backend, dtype, length, optional):
         assert rel(got, want) < GRAD_RTOL[dtype], f"grad {name}: rel err {rel(got, want):.2e}"
 
 
+def _check_against_float64(x, backend, names=("u", "delta", "A", "B", "C")):
+    """Forward, last state and every gradient of selective_scan (no D/z/bias) against the float64 loop."""
+    args = [x[k] for k in names]
+    out, last = selective_scan(*args, return_last_state=True, backend=backend)
+    ref_in = [v.detach().double().requires_grad_() for v in args]
+    ref, ref_last = selective_scan_ref(*ref_in, return_last_state=True)
+    dtype = out.dtype
+    assert rel(out, ref) < RTOL[dtype], f"output rel err {rel(out, ref):.2e}"
+    assert rel(last, ref_last) < RTOL[dtype], f"state rel err {rel(last, ref_last):.2e}"
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, args, g.to(dtype))
+    ref_grads = torch.autograd.grad(ref, ref_in, g)
+    for name, got, want in zip(names, grads, ref_grads):
+        assert rel(got, want) < GRAD_RTOL[dtype], f"grad {name}: rel err {rel(got, want):.2e}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("length", [130, 1568])
+def test_large_delta_matches_float64_reference(backend, length):
+    """delta up to 5 with A down to -16: a step decays by up to e^-80 and whole chunks underflow to 0. The torch
+    scan only multiplies real decays (never exp(-cumsum delta A), which would overflow here), so it must stay
+    exact in this range, not only at init-like values."""
+    g = torch.Generator().manual_seed(5)
+    batch, dim, n = 2, 8, 16
+    delta = 5 * torch.rand(batch, dim, length, generator=g, dtype=torch.float64)
+    delta[..., ::7] = 5.0                                                       # the top of the range, often
+    A = -torch.linspace(1, 16, n, dtype=torch.float64).repeat(dim, 1) * torch.rand(dim, 1, generator=g).add(0.5)
+    A[0] = -16.0
+    x = {"u": torch.randn(batch, dim, length, generator=g, dtype=torch.float64), "delta": delta, "A": A,
+         "B": torch.randn(batch, n, length, generator=g, dtype=torch.float64),
+         "C": torch.randn(batch, n, length, generator=g, dtype=torch.float64)}
+    x = {k: v.float().requires_grad_() for k, v in x.items()}
+    assert (x["delta"].detach()[0, 0] * x["A"].detach()[0, -1]).min() <= -80   # the range the test is about
+    _check_against_float64(x, backend)
+
+
+def test_torch_scan_blocks_match_reference(monkeypatch):
+    """On CPU the torch scan works on blocks of channels (or of batch rows x channels) with reused buffers;
+    force each blocking path at test sizes, with a length that needs padding, and compare with float64."""
+    from msf_scale.ops import _scan_torch
+    batch, dim, n, length = 2, 130, 4, 57
+    size, chunks = _scan_torch._geometry(length)
+    assert size * chunks > length                                              # padded
+    cpu = torch.device("cpu")
+    for block_elems, expect in ((200, "one channel of one row"), (5000, "channels of one row"),
+                                (36000, "channels of all rows")):
+        monkeypatch.setattr(_scan_torch, "BLOCK_ELEMS", block_elems)
+        blocks = _scan_torch._blocks(batch, dim, n, size * chunks, cpu)
+        rows = {b1 - b0 for b0, b1, _, _ in blocks}
+        widths = {d1 - d0 for _, _, d0, d1 in blocks}
+        assert len(blocks) > 1 and max(widths) < dim
+        assert rows == ({batch} if expect == "channels of all rows" else {1})
+        assert (max(widths) == 1) == (expect == "one channel of one row")
+        x = make_inputs(batch, dim, n, length, torch.float32, seed=block_elems)
+        _check_against_float64(x, "torch")
+
+
+def test_torch_scan_reused_buffers_do_not_leak_between_calls():
+    """The CPU workspace is reused across calls, shapes and dtypes: results must not depend on what ran before."""
+    small = make_inputs(1, 4, 3, 20, torch.float32, seed=1)
+    args = [small[k] for k in ("u", "delta", "A", "B", "C")]
+    first = selective_scan(*args, backend="torch").detach().clone()
+    big = make_inputs(2, 16, 8, 300, torch.float32, seed=2)
+    selective_scan(*(big[k] for k in ("u", "delta", "A", "B", "C")), backend="torch").sum().backward()
+    wide = make_inputs(1, 4, 3, 20, torch.float64, seed=1)
+    selective_scan(*(wide[k] for k in ("u", "delta", "A", "B", "C")), backend="torch")
+    assert torch.equal(selective_scan(*args, backend="torch"), first)
+
+
 def test_reverse_direction_matches_reference():
     """The block scans the flipped sequence for its backward direction: check that path end to end."""
     x = make_inputs(1, 4, 3, 50, torch.float64)
