@@ -91,6 +91,8 @@ class MSFMambaConfig:
             raise ValueError(f"fusion_scales must be odd window sizes, got {self.fusion_scales}")
         if self.dt_init not in ("mamba", "videomamba"):
             raise ValueError(f"dt_init must be 'mamba' or 'videomamba', got {self.dt_init!r}")
+        if self.fusion_init not in ("zero", "uniform"):
+            raise ValueError(f"fusion_init must be 'zero' or 'uniform', got {self.fusion_init!r}")
         if self.fusion_norm not in ("branch", "none"):
             raise ValueError(f"fusion_norm must be 'branch' or 'none', got {self.fusion_norm!r}")
         if self.pool not in ("cls", "mean") or (self.pool == "cls" and not self.class_token):

@@ -122,6 +122,8 @@ def test_errors_name_the_expected_value():
         create_model("msf_mamba", size="tiny", num_frames=7, tubelet_size=2)
     with pytest.raises(ValueError, match="did you mean fusion_theta"):
         create_model("msf_mamba", size="tiny", fusion_thetta=0.5)
+    with pytest.raises(ValueError, match="fusion_init must be 'zero' or 'uniform'"):
+        create_model("videomamba", size="tiny", fusion_init="ones")
     with pytest.raises(ValueError, match="fusion_blocks"):
         create_model("msf_mamba", size="tiny", fusion_blocks="some")
     model = create_model("msf_mamba", size="tiny", **SMALL_CLIP)
