@@ -90,10 +90,6 @@ def _channel_major(xt: torch.Tensor, length: int) -> torch.Tensor:
     return xt[:, :length].transpose(1, 2).contiguous()
 
 
-def _contig_rows(x: torch.Tensor) -> torch.Tensor:
-    return x if x.is_contiguous() else x.contiguous()
-
-
 def _forward(dt, ut, Bt, Ct, A, length):
     """Time-major inputs [b, K*Q, .]; returns y [b, D, L], last state [b, D, N], chunk-entry states [b, K, N, D]."""
     batch, padded, dim = dt.shape
@@ -133,7 +129,7 @@ def _forward(dt, ut, Bt, Ct, A, length):
         for j in range(size):                                                  # pass 2: true states, over a_t
             prev = ws[j].mul_(prev).addcmul_(dus[j], bss[j])
         last[b0:b1, d0:d1] = prev[:, -1].transpose(1, 2)                       # padding keeps the state
-        cb = _contig_rows(cl[:, b0:b1])
+        cb = cl[:, b0:b1].contiguous()
         yb = torch.bmm(cb.view(m, 1, n), W.view(m, n, db))                     # y_t = <C_t, h_t>
         ys[:, b0:b1, :, d0:d1] = yb.view(size, bb, chunks, db)
     return _channel_major(yt, length), last, h_in_all
@@ -168,7 +164,7 @@ def _backward(dt, ut, Bt, Ct, A, h_in_all, gy, length):
         H = h_all[:numel].view(size, bb, chunks, n, db)                         # C_t gy_t, then a_t h_{t-1}
         Ab = At[:, d0:d1]
         dlb, dub = dl[:, b0:b1, :, None, d0:d1], dul[:, b0:b1, :, None, d0:d1]
-        gyb, cb, Bb = gyl[:, b0:b1, :, None, d0:d1], cl[:, b0:b1], _contig_rows(bl[:, b0:b1])
+        gyb, cb, Bb = gyl[:, b0:b1, :, None, d0:d1], cl[:, b0:b1], bl[:, b0:b1].contiguous()
         torch.mul(dlb, Ab, out=W[:size]).exp_()                                 # a_t
         torch.mul(dub, Bb.unsqueeze(-1), out=T)                                # b_t = du_t B_t
         ws, ts, hs = W.unbind(0), T.unbind(0), H.unbind(0)
