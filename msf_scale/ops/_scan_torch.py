@@ -1,18 +1,21 @@
 """Pure-PyTorch selective scan: a chunked linear scan with a hand-written backward, blocked for the CPU cache.
 
 The recurrence h_t = a_t h_{t-1} + b_t (a_t = exp(delta_t A), b_t = delta_t u_t B_t) is cut into K chunks of
-Q ~ sqrt(L) steps; one or two in-place ops advance step j of every chunk, so a pass is Q Python steps, not L.
+Q ~ sqrt(L) steps; one in-place op advances step j of every chunk, so a pass is Q Python steps, not L.
 A pass from zero gives each chunk's end state, a K-step loop carries it across chunks, a second pass redoes the
 steps from the true entry states. Only products of real decays are formed (no exp(-cumsum(delta A)) as in a
 log-space scan), so large delta * |A| can underflow to 0 but never overflow.
 
 Why it is fast on CPU, where this is memory-bound (exp aside):
 * a_t is computed once per direction, in bulk: one exp per element in the forward and one in the backward.
-* Work goes one block of channels (or batch rows x channels) at a time through a few ~8 MB buffers that are
-  reused across blocks and calls (a thread-local workspace), so the working set stays in L3 and no big tensor
-  is freshly allocated; page faults on new 40-150 MB temporaries were much of the old cost.
-* Inputs are transposed once to time-major [batch, L, channels]: channels are the contiguous inner dimension
-  and every per-step slice is contiguous.
+* Work goes one block of (batch rows x chunks, every channel) at a time through a few ~6 MB buffers reused across
+  blocks and calls (a thread-local workspace): the working set stays in L3 and no big tensor is freshly
+  allocated (first-touch page faults on new temporaries were much of the old cost). Blocks follow time, carrying
+  the state forwards (and the adjoint backwards) from one block to the next.
+* Inputs are transposed once to time-major [batch, L, channels]: channels, all of them, are the contiguous inner
+  dimension of every op, and every per-step slice is contiguous.
+* Delta bias, softplus, the D skip and the z gate are fused into the autograd function, through the same
+  workspace; results are returned as [b, D, L] views of time-major tensors (no transpose back).
 * The backward keeps nothing of size [batch, D, N, L] beyond the block buffers: it recomputes the states from
   the chunk-entry states saved by the forward, gets each chunk's adjoint from zero (Horner), carries it across
   chunks, runs gh_t = C_t gy_t + a_{t+1} gh_{t+1} into a_{t+1}'s slot, and reduces the gradients in bulk.
@@ -24,11 +27,12 @@ import threading
 
 import torch
 
-# CPU block size in elements (batch x channels x d_state x padded length); three such fp32 buffers (~8 MB each)
-# are live in the backward. Best around 2M-3M on a 2-core, 32 MB-L3 machine (1M and 4M measured slower).
-BLOCK_ELEMS = 1 << 21
-_MIN_BLOCK_WIDTH = 64   # narrower channel blocks vectorise poorly: block over the batch first
+# CPU block size in elements (rows x chunk steps x d_state x channels); three such fp32 buffers (~6 MB each) are
+# live in the backward. 1.5M was best on a 2-core, 32 MB-L3 machine (0.5M, 1M, 2M slightly and 4M clearly slower).
+BLOCK_ELEMS = 3 << 19
 _tls = threading.local()
+# workspace slots: 0-2 the block buffers, then [b, padded, D] time-major transients
+_U, _Y, _DU, _GDU, _GDA, _TMP, _DT = 3, 4, 5, 6, 7, 8, 9
 
 
 def _workspace(slot: int, numel: int, like: torch.Tensor) -> torch.Tensor:
@@ -54,25 +58,27 @@ def _geometry(length: int) -> tuple[int, int]:
     return size, -(-length // size)
 
 
-def _blocks(batch: int, dim: int, n: int, padded: int, device: torch.device):
-    """(b0, b1, d0, d1) blocks of batch x channels: one block off CPU (fewer kernel launches)."""
-    per_channel = n * padded
-    if device.type != "cpu" or batch * dim * per_channel <= BLOCK_ELEMS:
-        return [(0, batch, 0, dim)]
-    bsz, width = batch, BLOCK_ELEMS // (batch * per_channel)
-    if width < min(dim, _MIN_BLOCK_WIDTH):
-        bsz, width = 1, BLOCK_ELEMS // per_channel
-    width = max(1, min(dim, width))
-    nblk = -(-dim // width)
-    width = -(-dim // nblk)
-    return [(b0, min(batch, b0 + bsz), d0, min(dim, d0 + width))
-            for b0 in range(0, batch, bsz) for d0 in range(0, dim, width)]
+def _blocks(batch: int, n: int, dim: int, size: int, chunks: int, device: torch.device):
+    """(r0, r1, k0, k1) blocks of batch rows x chunks, each with every channel, in time order within a row range.
+
+    Channels stay whole so the contiguous inner dimension of every op is D (vectorises well); time is cut at chunk
+    boundaries and the scan state (or, backwards, the adjoint) is carried from one block to the next."""
+    per_chunk = size * n * dim
+    if device.type != "cpu" or batch * chunks * per_chunk <= BLOCK_ELEMS:
+        return [(0, batch, 0, chunks)]
+    rows = max(1, min(batch, BLOCK_ELEMS // (chunks * per_chunk)))           # whole rows, when several fit
+    span = chunks if rows > 1 else max(1, BLOCK_ELEMS // per_chunk)
+    nblk = -(-chunks // span)
+    span = -(-chunks // nblk)                                                  # even spans
+    return [(r0, min(batch, r0 + rows), k0, min(chunks, k0 + span))
+            for r0 in range(0, batch, rows) for k0 in range(0, chunks, span)]
 
 
-def _time_major(x: torch.Tensor, padded: int) -> torch.Tensor:
-    """[b, C, L] -> [b, padded, C] contiguous, zero beyond L (delta = 0 there: a = 1 and b = 0, a no-op)."""
+def _time_major(x: torch.Tensor, padded: int, slot: int | None = None) -> torch.Tensor:
+    """[b, C, L] -> [b, padded, C] contiguous, zero beyond L (delta = 0 there: a = 1 and b = 0, a no-op).
+    With a ``slot`` the result lives in that workspace buffer: transient, never returned or saved."""
     b, c, length = x.shape
-    out = x.new_empty(b, padded, c)
+    out = x.new_empty(b, padded, c) if slot is None else _workspace(slot, b * padded * c, x).view(b, padded, c)
     out[:, :length].copy_(x.transpose(1, 2))
     if padded > length:
         out[:, length:].zero_()
@@ -86,103 +92,112 @@ def _steps(xt: torch.Tensor, size: int, chunks: int) -> torch.Tensor:
 
 
 def _channel_major(xt: torch.Tensor, length: int) -> torch.Tensor:
-    """[b, K*Q, C] -> [b, C, L] contiguous."""
-    return xt[:, :length].transpose(1, 2).contiguous()
+    """[b, K*Q, C] -> a new [b, C, L] tensor (always a copy: xt may be a workspace buffer)."""
+    b, _, c = xt.shape
+    out = xt.new_empty(b, c, length)
+    out.copy_(xt[:, :length].transpose(1, 2))
+    return out
 
 
 def _forward(dt, ut, Bt, Ct, A, length):
-    """Time-major inputs [b, K*Q, .]; returns y [b, D, L], last state [b, D, N], chunk-entry states [b, K, N, D]."""
+    """Time-major inputs [b, K*Q, .]; returns y (time-major, a workspace), last state [b, D, N], chunk-entry
+    states [b, K, N, D]."""
     batch, padded, dim = dt.shape
     n = A.shape[1]
     size, chunks = _geometry(length)
-    dl = _steps(dt, size, chunks)                                              # [Q, b, K, D]
-    dul = _steps(dt * ut, size, chunks)
+    dl = _steps(dt, size, chunks).unsqueeze(-2)                                # [Q, b, K, 1, D]
+    dul = _steps(torch.mul(dt, ut, out=_workspace(_DU, dt.numel(), dt).view_as(dt)), size, chunks).unsqueeze(-2)
     bl = _steps(Bt, size, chunks).unsqueeze(-1)                                # [Q, b, K, N, 1]
     cl = _steps(Ct, size, chunks)                                              # [Q, b, K, N]
-    At = A.t()                                                                 # [N, D]
-    dsum = dl.sum(0)                                                           # [b, K, D]: delta summed per chunk
-    yt = torch.empty_like(dt)
+    At = A.t().contiguous()                                                    # [N, D]
+    decay = torch.mul(dl.sum(0), At).exp_()                                    # whole-chunk decay [b, K, N, D]
+    yt = _workspace(_Y, dt.numel(), dt).view_as(dt)
     ys = _steps(yt, size, chunks)
     h_in_all = dt.new_empty(batch, chunks, n, dim)
     last = dt.new_empty(batch, dim, n)
-    blocks = _blocks(batch, dim, n, padded, dt.device)
-    most = max((b1 - b0) * (d1 - d0) for b0, b1, d0, d1 in blocks) * n * padded
-    w_all = _workspace(0, most, dt)
-    for b0, b1, d0, d1 in blocks:
-        bb, db = b1 - b0, d1 - d0
-        m = size * bb * chunks
-        W = w_all[: m * n * db].view(size, bb, chunks, n, db)
-        Ab = At[:, d0:d1]
-        torch.mul(dl[:, b0:b1, :, None, d0:d1], Ab, out=W).exp_()             # a_t, all steps of the block
-        ws = W.unbind(0)
-        dus, bss = dul[:, b0:b1, :, None, d0:d1].unbind(0), bl[:, b0:b1].unbind(0)
-        h = torch.mul(dus[0], bss[0])                                          # pass 1: chunk ends from zero
+    blocks = _blocks(batch, n, dim, size, chunks, dt.device)
+    most = max((r1 - r0) * (k1 - k0) for r0, r1, k0, k1 in blocks) * size * n * dim
+    w_all, s_all = _workspace(0, most, dt), _workspace(1, most, dt)
+    for r0, r1, k0, k1 in blocks:
+        bb, kb = r1 - r0, k1 - k0
+        m = size * bb * kb
+        W = w_all[: m * n * dim].view(size, bb, kb, n, dim)
+        S = s_all[: m * n * dim].view(size, bb, kb, n, dim)
+        torch.mul(dl[:, r0:r1, k0:k1], At, out=W).exp_()                       # a_t, every step of the block
+        torch.mul(dul[:, r0:r1, k0:k1], bl[:, r0:r1, k0:k1], out=S)            # b_t = delta_t u_t B_t
+        ws, ss = W.unbind(0), S.unbind(0)
+        h = ss[0].clone()                                                      # pass 1: chunk ends from zero
         for j in range(1, size):
-            h.mul_(ws[j]).addcmul_(dus[j], bss[j])
-        decay = torch.mul(dsum[b0:b1, :, None, d0:d1], Ab).exp_()             # whole-chunk decay [bb, K, N, db]
-        h_in = h_in_all[b0:b1, ..., d0:d1]
-        h_in[:, 0] = 0
-        hk, dk, ink = h.unbind(1), decay.unbind(1), h_in.unbind(1)
-        for k in range(chunks - 1):                                            # carry across chunks
-            torch.addcmul(hk[k], dk[k], ink[k], out=ink[k + 1])
+            torch.addcmul(ss[j], h, ws[j], out=h)
+        h_in = h_in_all[r0:r1, k0:k1]                                          # carry across chunks
+        if k0 == 0:
+            h_in[:, 0] = 0
+        else:
+            torch.addcmul(carry_h, decay[r0:r1, k0 - 1], h_in_all[r0:r1, k0 - 1], out=h_in[:, 0])
+        for k in range(kb - 1):
+            torch.addcmul(h[:, k], decay[r0:r1, k0 + k], h_in[:, k], out=h_in[:, k + 1])
+        carry_h = h[:, -1]                                                     # chunk k1 - 1's end from zero
         prev = h_in
-        for j in range(size):                                                  # pass 2: true states, over a_t
-            prev = ws[j].mul_(prev).addcmul_(dus[j], bss[j])
-        last[b0:b1, d0:d1] = prev[:, -1].transpose(1, 2)                       # padding keeps the state
-        cb = cl[:, b0:b1].contiguous()
-        yb = torch.bmm(cb.view(m, 1, n), W.view(m, n, db))                     # y_t = <C_t, h_t>
-        ys[:, b0:b1, :, d0:d1] = yb.view(size, bb, chunks, db)
-    return _channel_major(yt, length), last, h_in_all
+        for j in range(size):                                                  # pass 2: true states, into S
+            prev = torch.addcmul(ss[j], ws[j], prev, out=ss[j])
+        if k1 == chunks:
+            last[r0:r1] = prev[:, -1].transpose(1, 2)                          # padding keeps the state
+        cb = cl[:, r0:r1, k0:k1].contiguous()
+        ys[:, r0:r1, k0:k1] = torch.bmm(cb.view(m, 1, n), S.view(m, n, dim)).view(size, bb, kb, dim)  # <C_t, h_t>
+    return yt, last, h_in_all
 
 
-def _backward(dt, ut, Bt, Ct, A, h_in_all, gy, length):
+def _backward(dt, ut, Bt, Ct, A, h_in_all, gyt, length):
+    """Time-major gy; returns time-major (dL/d(delta u), dL/d(delta) through exp(delta A)) and gA^T, gB, gC."""
     batch, padded, dim = dt.shape
     n = A.shape[1]
     size, chunks = _geometry(length)
-    gyt = _time_major(gy.to(dt.dtype), padded)
-    dut = dt * ut
-    dl, dul, gyl = (_steps(x, size, chunks) for x in (dt, dut, gyt))
+    dut = torch.mul(dt, ut, out=_workspace(_DU, dt.numel(), dt).view_as(dt))
+    dl, dul, gyl = (_steps(x, size, chunks).unsqueeze(-2) for x in (dt, dut, gyt))   # [Q, b, K, 1, D]
     bl = _steps(Bt, size, chunks)                                              # [Q, b, K, N]
     cl = _steps(Ct, size, chunks).unsqueeze(-1)                                # [Q, b, K, N, 1]
-    At = A.t()
-    dsum = dl.sum(0)
-    gdut, gdAt = torch.empty_like(dt), torch.empty_like(dt)
-    gdus, gdAs = _steps(gdut, size, chunks), _steps(gdAt, size, chunks)
-    gB = dt.new_zeros(size, batch, chunks, n)
-    gC = dt.new_zeros(size, batch, chunks, n)
+    At = A.t().contiguous()
+    decay = torch.mul(dl.sum(0), At).exp_()                                    # [b, K, N, D]
+    gdut = _workspace(_GDU, dt.numel(), dt).view_as(dt)
+    gdAt = _workspace(_GDA, dt.numel(), dt).view_as(dt)
+    gdus, gdAs = _steps(gdut, size, chunks), _steps(gdAt, size, chunks)       # [Q, b, K, D]
+    gB = dt.new_empty(size, batch, chunks, n)
+    gC = dt.new_empty(size, batch, chunks, n)
     gAt = dt.new_zeros(n, dim)
-    blocks = _blocks(batch, dim, n, padded, dt.device)
-    most = max((b1 - b0) * (d1 - d0) for b0, b1, d0, d1 in blocks) * n * padded
+    blocks = _blocks(batch, n, dim, size, chunks, dt.device)
+    most = max((r1 - r0) * (k1 - k0) for r0, r1, k0, k1 in blocks) * size * n * dim
     w_all = _workspace(0, most + most // size, dt)
     t_all, h_all = _workspace(1, most, dt), _workspace(2, most, dt)
-    for b0, b1, d0, d1 in blocks:
-        bb, db = b1 - b0, d1 - d0
-        m = size * bb * chunks
-        numel = m * n * db
-        W = w_all[: numel + numel // size].view(size + 1, bb, chunks, n, db)   # a_t, then gh_{t-1} in slot t
-        T = t_all[:numel].view(size, bb, chunks, n, db)                         # h_t
-        H = h_all[:numel].view(size, bb, chunks, n, db)                         # C_t gy_t, then a_t h_{t-1}
-        Ab = At[:, d0:d1]
-        dlb, dub = dl[:, b0:b1, :, None, d0:d1], dul[:, b0:b1, :, None, d0:d1]
-        gyb, cb, Bb = gyl[:, b0:b1, :, None, d0:d1], cl[:, b0:b1], bl[:, b0:b1].contiguous()
-        torch.mul(dlb, Ab, out=W[:size]).exp_()                                 # a_t
-        torch.mul(dub, Bb.unsqueeze(-1), out=T)                                # b_t = du_t B_t
+    for r0, r1, k0, k1 in reversed(blocks):                                    # adjoints run backwards in time
+        bb, kb = r1 - r0, k1 - k0
+        m = size * bb * kb
+        numel = m * n * dim
+        W = w_all[: numel + numel // size].view(size + 1, bb, kb, n, dim)      # a_t, then gh_{t-1} in slot t
+        T = t_all[:numel].view(size, bb, kb, n, dim)                           # h_t
+        H = h_all[:numel].view(size, bb, kb, n, dim)                           # C_t gy_t, then a_t h_{t-1}
+        blk = (slice(None), slice(r0, r1), slice(k0, k1))
+        dlb, dub, gyb = dl[blk], dul[blk], gyl[blk]
+        torch.mul(dlb, At, out=W[:size]).exp_()                                # a_t
+        torch.mul(dub, bl[blk].unsqueeze(-1), out=T)                           # b_t = du_t B_t
         ws, ts, hs = W.unbind(0), T.unbind(0), H.unbind(0)
-        h_in = h_in_all[b0:b1, ..., d0:d1]
+        h_in = h_in_all[r0:r1, k0:k1]
         prev = h_in
-        for j in range(size):                                                   # states again, from the saved entries
+        for j in range(size):                                                  # states again, from the saved entries
             prev = torch.addcmul(ts[j], prev, ws[j], out=ts[j])
-        torch.mul(cb, gyb, out=H)                                               # C_t gy_t
-        g0 = hs[-1].clone()                                                     # adjoint at each chunk's first step,
-        for j in range(size - 2, -1, -1):                                       # from zero inside the chunk (Horner)
+        torch.mul(cl[blk], gyb, out=H)                                         # C_t gy_t
+        g0 = hs[-1].clone()                                                    # adjoint at each chunk's first step,
+        for j in range(size - 2, -1, -1):                                      # from zero inside the chunk (Horner)
             torch.addcmul(hs[j], g0, ws[j + 1], out=g0)
-        e = g0.mul_(ws[0])
-        decay = torch.mul(dsum[b0:b1, :, None, d0:d1], Ab).exp_()              # whole-chunk decay
-        G = torch.empty_like(e)                                                 # adjoint entering each chunk's last
-        G[:, -1] = 0                                                            # step from the chunk after it
-        ek, pk, gk = e.unbind(1), decay.unbind(1), G.unbind(1)
-        for k in range(chunks - 2, -1, -1):
-            torch.addcmul(ek[k + 1], pk[k + 1], gk[k + 1], out=gk[k])
+        e = g0.mul_(ws[0])                                                     # what each chunk sends to the one before
+        G = torch.empty_like(e)                                                # adjoint entering each chunk's last step
+        if k1 == chunks:                                                       # from the chunks after it
+            G[:, -1] = 0
+        else:
+            torch.addcmul(carry_e, decay[r0:r1, k1], carry_g, out=G[:, -1])
+        dk = decay[r0:r1, k0:k1]
+        for k in range(kb - 2, -1, -1):
+            torch.addcmul(e[:, k + 1], dk[:, k + 1], G[:, k + 1], out=G[:, k])
+        carry_e, carry_g = e[:, 0], G[:, 0]                                    # for the block before this one
         # gh_j into W[j + 1] (a_{j+1}'s slot, free once used); H_j <- a_j h_{j-1} (C_j gy_j's slot, just used)
         torch.add(G, hs[-1], out=ws[size])
         torch.mul(ws[size - 1], ts[size - 2] if size > 1 else h_in, out=hs[size - 1])
@@ -190,45 +205,114 @@ def _backward(dt, ut, Bt, Ct, A, h_in_all, gy, length):
             torch.addcmul(hs[j], ws[j + 1], ws[j + 2], out=ws[j + 1])
             torch.mul(ws[j], ts[j - 1] if j > 0 else h_in, out=hs[j])
         gh = W[1:]
-        gC[:, b0:b1] += T.mul_(gyb).sum(-1)                                     # sum_d h gy
-        gdus[:, b0:b1, :, d0:d1] = torch.bmm(Bb.view(m, 1, n), gh.view(m, n, db)).view(size, bb, chunks, db)
-        gB[:, b0:b1] += torch.mul(gh, dub, out=T).sum(-1)                       # sum_d gh du
+        torch.sum(T.mul_(gyb), -1, out=gC[blk])                                # sum_d h gy
+        gdus[blk] = torch.bmm(bl[blk].contiguous().view(m, 1, n), gh.view(m, n, dim)).view(size, bb, kb, dim)
+        torch.sum(torch.mul(gh, dub, out=T), -1, out=gB[blk])                  # sum_d gh du
         H.mul_(gh)                                                   # X_t = gh_t a_t h_{t-1}: dL/d(delta_t A)
-        torch.sum(torch.mul(H, Ab, out=T), dim=3, out=gdAs[:, b0:b1, :, d0:d1])
-        gAt[:, d0:d1] += H.mul_(dlb).sum((0, 1, 2))
-    gdelta = _channel_major(gdAt.addcmul_(gdut, ut), length)                   # + gdu * u
-    gu = _channel_major(gdut.mul_(dt), length)                                  # gdu * delta
+        torch.sum(torch.mul(H, At, out=T), dim=3, out=gdAs[blk])
+        gAt += H.mul_(dlb).sum((0, 1, 2))
     gBt = gB.permute(1, 2, 0, 3).reshape(batch, padded, n)
     gCt = gC.permute(1, 2, 0, 3).reshape(batch, padded, n)
-    return gu, gdelta, gAt.t().contiguous(), _channel_major(gBt, length), _channel_major(gCt, length)
+    return gdut, gdAt, gAt.t().contiguous(), _channel_major(gBt, length), _channel_major(gCt, length)
+
+
+def _final_delta(delta, bias, softplus: bool, padded: int) -> torch.Tensor:
+    """softplus(delta + bias), time-major [b, padded, D] in the _DT workspace, zero on the padding steps."""
+    b, dim, length = delta.shape
+    dt = _workspace(_DT, b * padded * dim, delta).view(b, padded, dim)
+    live = dt[:, :length]
+    if bias is not None:
+        torch.add(delta.transpose(1, 2), bias, out=live)                      # transpose and bias in one pass
+    else:
+        live.copy_(delta.transpose(1, 2))
+    if softplus:
+        torch.logaddexp(live, live.new_zeros(()), out=live)                    # = softplus, in place
+    dt[:, length:] = 0
+    return dt
+
+
+def _silu(z: torch.Tensor) -> torch.Tensor:
+    """silu(z) in the _TMP workspace (transient)."""
+    sz = _workspace(_TMP, z.numel(), z).view(z.shape)
+    return torch.sigmoid(z, out=sz).mul_(z)
+
+
+def _output(like: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A new time-major [b, L, D] tensor and its [b, D, L] view, returned as is: a transpose back to channel-major
+    costs a full strided pass, and the model transposes these results to time-major again anyway."""
+    b, _, dim = like.shape
+    out_t = like.new_empty(b, length, dim)
+    return out_t.transpose(1, 2), out_t
 
 
 class _SelectiveScan(torch.autograd.Function):
-    """y[b,d,l] = sum_n C[b,n,l] h[b,d,n,l]; delta here is final (bias and softplus applied by the caller)."""
+    """out = (y + D u) * silu(z), y[b,d,l] = sum_n C[b,n,l] h[b,d,n,l], delta = softplus(delta + bias).
+
+    The bias, softplus, skip and gate are fused here, not left to autograd, because on CPU each of them as a
+    separate op costs a pass and a freshly allocated (page-faulted) [b, D, L] tensor, forward and backward."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         length = u.shape[-1]
         size, chunks = _geometry(length)
         padded = size * chunks
         with torch.no_grad():
-            dt = _time_major(delta, padded)
-            y, last, h_in = _forward(dt, _time_major(u, padded), _time_major(B, padded), _time_major(C, padded),
-                                     A, length)
-        # dt replaces delta (same size); h_in (the chunk-entry states, [b, K, N, D]) spares the backward a pass
-        ctx.save_for_backward(u, dt, A, B, C, h_in)
+            dt = _final_delta(delta, delta_bias, delta_softplus, padded)
+            ut = _time_major(u, padded, slot=_U)
+            yt, last, h_in = _forward(dt, ut, _time_major(B, padded), _time_major(C, padded), A, length)
+            y, y_t = _output(yt, length)
+            if D is not None:
+                torch.addcmul(yt[:, :length], ut[:, :length], D, out=y_t)          # + D u
+            else:
+                y_t.copy_(yt[:, :length])
+            out = y if z is None else y.mul(_silu(z))
+        # the backward recomputes the final delta (cheaper than a fresh [b, L, D] tensor kept alive between the
+        # two); h_in (the chunk-entry states, [b, K, N, D]) spares it a pass
+        ctx.save_for_backward(u, delta, A, B, C, h_in, D, z, y if z is not None else None, delta_bias)
+        ctx.delta_softplus = delta_softplus
         ctx.mark_non_differentiable(last)
-        return y, last
+        return out, last
 
     @staticmethod
-    def backward(ctx, gy, _glast):
-        u, dt, A, B, C, h_in = ctx.saved_tensors
-        padded = dt.shape[1]
+    def backward(ctx, gout, _glast):
+        u, delta, A, B, C, h_in, D, z, y, delta_bias = ctx.saved_tensors
+        length = u.shape[-1]
+        size, chunks = _geometry(length)
+        padded = size * chunks
+        gD = gz = gbias = None
         with torch.no_grad():
-            return _backward(dt, _time_major(u, padded), _time_major(B, padded), _time_major(C, padded), A, h_in,
-                             gy, u.shape[-1])
+            dt = _final_delta(delta, delta_bias, ctx.delta_softplus, padded)
+            gout = gout.to(dt.dtype)
+            gyt = _workspace(_Y, dt.numel(), dt).view_as(dt)
+            if z is not None:
+                if ctx.needs_input_grad[6]:
+                    gz = torch.ops.aten.silu_backward(torch.mul(gout, y, out=_workspace(_TMP, y.numel(), y).view_as(y)), z)
+                torch.mul(gout.transpose(1, 2), _silu(z).transpose(1, 2), out=gyt[:, :length])
+            else:
+                gyt[:, :length].copy_(gout.transpose(1, 2))
+            gyt[:, length:] = 0
+            ut = _time_major(u, padded, slot=_U)
+            gdut, gdAt, gA, gB, gC = _backward(dt, ut, _time_major(B, padded), _time_major(C, padded), A, h_in,
+                                               gyt, length)
+            if D is not None and ctx.needs_input_grad[5]:
+                gD = torch.mul(gyt, ut, out=_workspace(_TMP, dt.numel(), dt).view_as(dt)).sum((0, 1))
+            gdAt.addcmul_(gdut, ut)                                             # dL/d(final delta): + gdu * u
+            gu, gu_t = _output(gdut, length)
+            if D is not None:
+                torch.addcmul(gdut.mul_(dt)[:, :length], gyt[:, :length], D, out=gu_t)   # gdu * delta + gy * D
+            else:
+                torch.mul(gdut[:, :length], dt[:, :length], out=gu_t)
+            gdelta, gdelta_t = _output(gdAt, length)
+            if ctx.delta_softplus:                                              # d softplus(x)/dx = sigmoid(x)
+                sig = torch.mul(dt, -1, out=_workspace(_TMP, dt.numel(), dt).view_as(dt)).expm1_().neg_()
+                torch.mul(gdAt[:, :length], sig[:, :length], out=gdelta_t)
+            else:
+                gdelta_t.copy_(gdAt[:, :length])
+            if delta_bias is not None and ctx.needs_input_grad[7]:
+                gbias = gdelta.sum((0, 2))
+        return gu, gdelta, gA, gB, gC, gD, gz, gbias, None
 
 
-def scan(u, delta, A, B, C):
-    """Returns (y [batch, D, L], last state [batch, D, N]) with gradients for u, delta, A, B, C."""
-    return _SelectiveScan.apply(u, delta, A, B, C)
+def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Returns (out [batch, D, L], last state [batch, D, N]); gradients for every tensor argument."""
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -89,22 +89,25 @@ def test_large_delta_matches_float64_reference(backend, length):
 
 
 def test_torch_scan_blocks_match_reference(monkeypatch):
-    """On CPU the torch scan works on blocks of channels (or of batch rows x channels) with reused buffers;
-    force each blocking path at test sizes, with a length that needs padding, and compare with float64."""
+    """On CPU the torch scan works on blocks of batch rows x chunks (every channel) with reused buffers, carrying
+    the state forwards and the adjoint backwards between blocks; force each blocking path at test sizes, with a
+    length that needs padding, and compare with float64."""
     from msf_scale.ops import _scan_torch
-    batch, dim, n, length = 2, 130, 4, 57
+    batch, dim, n, length = 3, 10, 4, 57
     size, chunks = _scan_torch._geometry(length)
-    assert size * chunks > length                                              # padded
+    assert size * chunks > length and chunks >= 3                              # padded, several chunks
+    per_chunk = size * n * dim
     cpu = torch.device("cpu")
-    for block_elems, expect in ((200, "one channel of one row"), (5000, "channels of one row"),
-                                (36000, "channels of all rows")):
+    for block_elems, expect in ((per_chunk, "one chunk of one row"), (2 * per_chunk, "chunks of one row"),
+                                (2 * chunks * per_chunk, "whole rows")):
         monkeypatch.setattr(_scan_torch, "BLOCK_ELEMS", block_elems)
-        blocks = _scan_torch._blocks(batch, dim, n, size * chunks, cpu)
-        rows = {b1 - b0 for b0, b1, _, _ in blocks}
-        widths = {d1 - d0 for _, _, d0, d1 in blocks}
-        assert len(blocks) > 1 and max(widths) < dim
-        assert rows == ({batch} if expect == "channels of all rows" else {1})
-        assert (max(widths) == 1) == (expect == "one channel of one row")
+        blocks = _scan_torch._blocks(batch, n, dim, size, chunks, cpu)
+        rows = {r1 - r0 for r0, r1, _, _ in blocks}
+        spans = {k1 - k0 for _, _, k0, k1 in blocks}
+        assert len(blocks) > 1
+        assert rows == ({2, 1} if expect == "whole rows" else {1})
+        assert spans == ({chunks} if expect == "whole rows" else {1} if expect == "one chunk of one row"
+                         else {2, 1} if chunks % 2 else {2})
         x = make_inputs(batch, dim, n, length, torch.float32, seed=block_elems)
         _check_against_float64(x, "torch")
 
