@@ -101,5 +101,6 @@ class _SelectiveScanNumba(torch.autograd.Function):
 
 
 def scan(u, delta, A, B, C):
-    """Same contract as ``_scan_torch.scan``; CPU tensors of one float dtype."""
+    """(y [batch, D, L], last state [batch, D, N]) for a final delta (bias and softplus applied by the caller);
+    CPU tensors of one float dtype."""
     return _SelectiveScanNumba.apply(u, delta, A, B, C)
