@@ -8,8 +8,9 @@ Shapes (mamba-ssm's convention, so the CUDA kernel is a drop-in):
 
 Backends, chosen by ``backend=`` or ``$MSF_SCALE_SCAN_BACKEND`` (``auto`` picks the fastest that works):
     ``cuda``  mamba-ssm's fused CUDA kernel (GPU tensors, ``pip install msf_scale[cuda]``)
-    ``numba`` a compiled one-pass CPU kernel (forward and backward), the fastest on CPU
-    ``torch`` a chunked parallel scan in plain PyTorch with a hand-written backward (any device)
+    ``numba`` a compiled one-pass CPU kernel (forward and backward), parallel over batch rows
+    ``torch`` a chunked parallel scan in plain PyTorch with a hand-written backward (any device; on CPU the
+              faster one when the batch has fewer rows than threads)
     ``ref``   :func:`selective_scan_ref`, a per-step loop in the input dtype: the float64 reference for tests
 
 The bidirectional flip lives in the model block, not here.
@@ -63,22 +64,29 @@ def available_backends() -> list[str]:
 
 
 @lru_cache(maxsize=None)
-def _resolve_auto(device_type: str) -> str:
+def _resolve_auto(device_type: str, rows_fill_threads: bool = True) -> str:
     if device_type == "cuda":
         choice = "cuda" if _mamba_ssm_scan() is not None else "torch"
+    elif device_type == "cpu" and rows_fill_threads and _numba_scan() is not None:
+        choice = "numba"
     else:
-        choice = "numba" if device_type == "cpu" and _numba_scan() is not None else "torch"
-    log.info("selective_scan backend for %s tensors: %s", device_type, choice)
+        choice = "torch"
+    log.info("selective_scan backend for %s tensors%s: %s", device_type,
+             "" if rows_fill_threads else " (fewer batch rows than threads)", choice)
     return choice
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """Turn ``auto``/None (or the environment variable) into a concrete backend, failing loudly if missing."""
+def resolve_backend(backend: str | None, device: torch.device, batch: int | None = None) -> str:
+    """Turn ``auto``/None (or the environment variable) into a concrete backend, failing loudly if missing.
+
+    On CPU, numba parallelises over batch rows: with at least as many rows as threads it is as fast as the torch
+    scan or faster (1.3x at the main job's shape); with fewer (batch-1 latency) the torch scan, which spreads one
+    row over the threads, is ~2x faster (docs/BENCHMARKS.md)."""
     backend = (backend or os.environ.get(ENV_VAR) or "auto").lower()
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective-scan backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        return _resolve_auto(device.type)
+        return _resolve_auto(device.type, batch is None or batch >= torch.get_num_threads())
     if backend == "cuda":
         if device.type != "cuda":
             raise RuntimeError("selective_scan backend 'cuda' needs CUDA tensors; use backend='torch' on CPU")
@@ -100,7 +108,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns ``out`` [batch, D, L] in u's dtype, or ``(out, last_state [batch, D, N])`` with return_last_state.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    name = resolve_backend(backend, u.device)
+    name = resolve_backend(backend, u.device, batch=u.shape[0])
     if name == "cuda":
         return _mamba_ssm_scan()(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "ref":

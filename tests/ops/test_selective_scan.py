@@ -164,6 +164,12 @@ def test_backend_selection(monkeypatch):
     assert scan_mod.resolve_backend(None, torch.device("cpu")) == "ref"
     assert scan_mod.resolve_backend("auto", torch.device("cpu")) == "numba"   # an explicit argument wins
     assert {"numba", "torch", "ref"} <= set(scan_mod.available_backends())
+    # auto on CPU: numba (parallel over rows) once the rows fill the threads, else the torch scan
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    cpu = torch.device("cpu")
+    assert [scan_mod.resolve_backend("auto", cpu, batch=b) for b in (1, 3, 4, 16)] == ["torch"] * 2 + ["numba"] * 2
+    assert scan_mod.resolve_backend("auto", cpu) == "numba"
+    assert scan_mod.resolve_backend("ref", cpu, batch=1) == "ref"
     with pytest.raises(RuntimeError, match="numba' runs on CPU"):
         scan_mod.resolve_backend("numba", torch.device("cuda"))
 
