@@ -9,13 +9,15 @@ log-space scan), so large delta * |A| can underflow to 0 but never overflow.
 Why it is fast on CPU, where this is memory-bound (exp aside):
 * a_t is computed once per direction, in bulk: one exp2 per element in the forward and one in the backward.
 * Work goes one block of (batch rows x chunks, every channel) at a time through a few ~6 MB buffers reused across
-  blocks and calls (a thread-local workspace): the working set stays in L3 and no big tensor is freshly
+  blocks and calls (a thread-local workspace): the working set stays in L3 and the big transients are not freshly
   allocated (first-touch page faults on new temporaries were much of the old cost). Blocks follow time, carrying
-  the state forwards (and the adjoint backwards) from one block to the next.
+  the state forwards (and the adjoint backwards) from one block to the next. The workspace lives as long as the
+  thread: 3 block buffers plus up to 9 time-major [b, L, D] buffers, each capped at 4 x BLOCK_ELEMS (larger ones
+  are allocated per call), so at most ~25 MB + 9 x [b, L, D] floats (e.g. 22 MB at tiny's width, batch 1).
 * Inputs are transposed once to time-major [batch, L, channels]: channels, all of them, are the contiguous inner
   dimension of every op, and every per-step slice is contiguous.
 * Delta bias, softplus, the D skip and the z gate are fused into the autograd function, through the same
-  workspace; results are returned as [b, D, L] views of time-major tensors (no transpose back).
+  workspace; results and gradients are returned as [b, D, L] views of time-major tensors (no transpose back).
 * The backward keeps nothing of size [batch, D, N, L] beyond the block buffers: it recomputes the states from
   the chunk-entry states saved by the forward, gets each chunk's adjoint from zero (Horner), carries it across
   chunks, runs gh_t = C_t gy_t + a_{t+1} gh_{t+1} into a_{t+1}'s slot, and reduces the gradients in bulk.
@@ -33,7 +35,7 @@ BLOCK_ELEMS = 3 << 19
 LOG2E = 1.0 / math.log(2.0)   # exp2 is ~3x faster than exp on CPU (AVX-512, torch 2.13), within ~2 ulp of it
 _tls = threading.local()
 # workspace slots: 0-2 the block buffers, _DU a block's delta * u, the others [b, padded, D] time-major transients
-_U, _Y, _DU, _GDU, _GDA, _TMP, _DT, _Z = 3, 4, 5, 6, 7, 8, 9, 10
+_U, _Y, _DU, _GDU, _GDA, _TMP, _DT, _Z, _RAW = 3, 4, 5, 6, 7, 8, 9, 10, 11
 
 
 def _workspace(slot: int, numel: int, like: torch.Tensor) -> torch.Tensor:
@@ -110,7 +112,7 @@ def _forward(dt, ut, Bt, Ct, A, length):
     ul = _steps(ut, size, chunks).unsqueeze(-2)
     bl = _steps(Bt, size, chunks).unsqueeze(-1)                                # [Q, b, K, N, 1]
     cl = _steps(Ct, size, chunks)                                              # [Q, b, K, N]
-    A2 = A.t().contiguous().mul_(LOG2E)                                        # [N, D]: exp(x A) = exp2(x A log2 e)
+    A2 = A.t().contiguous() * LOG2E       # [N, D], a new tensor (A.t() may be contiguous): exp(x A) = exp2(x A log2 e)
     decay = torch.mul(dl.sum(0), A2).exp2_()                                   # whole-chunk decay [b, K, N, D]
     yt = _workspace(_Y, dt.numel(), dt).view_as(dt)
     ys = _steps(yt, size, chunks)
@@ -151,7 +153,8 @@ def _forward(dt, ut, Bt, Ct, A, length):
 
 
 def _backward(dt, ut, Bt, Ct, A, h_in_all, gyt, length):
-    """Time-major gy; returns time-major (dL/d(delta u), dL/d(delta) through exp(delta A)) and gA^T, gB, gC."""
+    """Time-major gy; returns time-major (dL/d(delta u), dL/d(delta) through exp(delta A)) (workspaces), gA [D, N]
+    and channel-major gB, gC [b, N, L]."""
     batch, padded, dim = dt.shape
     n = A.shape[1]
     size, chunks = _geometry(length)
@@ -221,19 +224,20 @@ def _backward(dt, ut, Bt, Ct, A, h_in_all, gyt, length):
     return gdut, gdAt, gAt.t().contiguous(), _channel_major(gBt, length), _channel_major(gCt, length)
 
 
-def _final_delta(delta, bias, softplus: bool, padded: int) -> torch.Tensor:
-    """softplus(delta + bias), time-major [b, padded, D] in the _DT workspace, zero on the padding steps."""
+def _final_delta(delta, bias, softplus: bool, padded: int, keep_raw: bool = False):
+    """softplus(delta + bias) (F.softplus's threshold 20, as mamba's kernel), time-major [b, padded, D] in the
+    _DT workspace, zero on the padding steps. With keep_raw, also returns delta + bias (the _RAW workspace)."""
     b, dim, length = delta.shape
     dt = _workspace(_DT, b * padded * dim, delta).view(b, padded, dim)
-    live = dt[:, :length]
-    if bias is not None:
-        torch.add(delta.transpose(1, 2), bias, out=live)                      # transpose and bias in one pass
-    else:
-        live.copy_(delta.transpose(1, 2))
-    if softplus:
-        torch.logaddexp(live, live.new_zeros(()), out=live)                    # = softplus, in place
     dt[:, length:] = 0
-    return dt
+    raw = _workspace(_RAW, b * length * dim, delta).view(b, length, dim) if keep_raw and softplus else dt[:, :length]
+    if bias is not None:
+        torch.add(delta.transpose(1, 2), bias, out=raw)                       # transpose and bias in one pass
+    else:
+        raw.copy_(delta.transpose(1, 2))
+    if softplus:
+        torch.ops.aten.softplus.out(raw, 1, 20, out=dt[:, :length])           # in place unless raw is kept
+    return (dt, raw) if keep_raw else dt
 
 
 def _silu_time_major(z: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,15 +247,16 @@ def _silu_time_major(z: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.
 
 
 def _output(like: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A new time-major [b, L, D] tensor and its [b, D, L] view, returned as is: a transpose back to channel-major
-    costs a full strided pass, and the model transposes these results to time-major again anyway."""
+    """A new time-major [b, L, D] gradient and its [b, D, L] view, returned as is: a transpose back to
+    channel-major costs a full strided pass, and the model's next op transposes it to time-major again."""
     b, _, dim = like.shape
     out_t = like.new_empty(b, length, dim)
     return out_t.transpose(1, 2), out_t
 
 
 class _SelectiveScan(torch.autograd.Function):
-    """out = (y + D u) * silu(z), y[b,d,l] = sum_n C[b,n,l] h[b,d,n,l], delta = softplus(delta + bias).
+    """out = (y + D u) * silu(z), y[b,d,l] = sum_n C[b,n,l] h[b,d,n,l], delta = softplus(delta + bias) (the
+    softplus only with delta_softplus; D, z and bias optional). Returns out time-major, [b, L, D].
 
     The bias, softplus, skip and gate are fused here, not left to autograd, because on CPU each of them as a
     separate op costs a pass and a freshly allocated (page-faulted) [b, D, L] tensor, forward and backward."""
@@ -265,43 +270,38 @@ class _SelectiveScan(torch.autograd.Function):
             dt = _final_delta(delta, delta_bias, delta_softplus, padded)
             ut = _time_major(u, padded, slot=_U)
             yt, last, h_in = _forward(dt, ut, _time_major(B, padded), _time_major(C, padded), A, length)
-            y, y_t = _output(yt, length)
+            y_t = yt.new_empty(yt.shape[0], length, yt.shape[2])                 # time-major results: see scan()
             if D is not None:
                 torch.addcmul(yt[:, :length], ut[:, :length], D, out=y_t)          # + D u
             else:
                 y_t.copy_(yt[:, :length])
-            if z is None:
-                out = y
-            else:
-                out, out_t = _output(yt, length)
-                torch.mul(y_t, _silu_time_major(z, padded)[1][:, :length], out=out_t)
+            out_t = y_t if z is None else torch.mul(y_t, _silu_time_major(z, padded)[1][:, :length])
         # the backward recomputes the final delta (cheaper than a fresh [b, L, D] tensor kept alive between the
         # two); h_in (the chunk-entry states, [b, K, N, D]) spares it a pass
-        ctx.save_for_backward(u, delta, A, B, C, h_in, D, z, y if z is not None else None, delta_bias)
+        ctx.save_for_backward(u, delta, A, B, C, h_in, D, z, y_t if z is not None else None, delta_bias)
         ctx.delta_softplus = delta_softplus
         ctx.mark_non_differentiable(last)
-        return out, last
+        return out_t, last
 
     @staticmethod
-    def backward(ctx, gout, _glast):
-        u, delta, A, B, C, h_in, D, z, y, delta_bias = ctx.saved_tensors
+    def backward(ctx, gout, _glast):                                           # gout: time-major [b, L, D]
+        u, delta, A, B, C, h_in, D, z, y_t, delta_bias = ctx.saved_tensors
         length = u.shape[-1]
         size, chunks = _geometry(length)
         padded = size * chunks
         gD = gz = gbias = None
         with torch.no_grad():
-            dt = _final_delta(delta, delta_bias, ctx.delta_softplus, padded)
+            dt, raw = _final_delta(delta, delta_bias, ctx.delta_softplus, padded, keep_raw=True)
             gout = gout.to(dt.dtype)
             gyt = _workspace(_Y, dt.numel(), dt).view_as(dt)
             if z is not None:
                 zt, st = _silu_time_major(z, padded)
-                gout_t = gout.transpose(1, 2)
-                torch.mul(gout_t, st[:, :length], out=gyt[:, :length])
+                torch.mul(gout, st[:, :length], out=gyt[:, :length])
                 if ctx.needs_input_grad[6]:                                     # gout * y * silu'(z)
-                    gy_pre = torch.mul(gout_t, y.transpose(1, 2), out=st[:, :length])
+                    gy_pre = torch.mul(gout, y_t, out=st[:, :length])
                     gz = torch.ops.aten.silu_backward(gy_pre, zt[:, :length]).transpose(1, 2)
             else:
-                gyt[:, :length].copy_(gout.transpose(1, 2))
+                gyt[:, :length].copy_(gout)
             gyt[:, length:] = 0
             ut = _time_major(u, padded, slot=_U)
             gdut, gdAt, gA, gB, gC = _backward(dt, ut, _time_major(B, padded), _time_major(C, padded), A, h_in,
@@ -315,9 +315,8 @@ class _SelectiveScan(torch.autograd.Function):
             else:
                 torch.mul(gdut[:, :length], dt[:, :length], out=gu_t)
             gdelta, gdelta_t = _output(gdAt, length)
-            if ctx.delta_softplus:                                              # d softplus(x)/dx = sigmoid(x)
-                sig = torch.mul(dt, -1, out=_workspace(_TMP, dt.numel(), dt).view_as(dt)).expm1_().neg_()
-                torch.mul(gdAt[:, :length], sig[:, :length], out=gdelta_t)
+            if ctx.delta_softplus:                                              # sigmoid(raw), 1 above 20
+                torch.ops.aten.softplus_backward.grad_input(gdAt[:, :length], raw, 1, 20, grad_input=gdelta_t)
             else:
                 gdelta_t.copy_(gdAt[:, :length])
             if delta_bias is not None and ctx.needs_input_grad[7]:
@@ -326,5 +325,10 @@ class _SelectiveScan(torch.autograd.Function):
 
 
 def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """Returns (out [batch, D, L], last state [batch, D, N]); gradients for every tensor argument."""
-    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    """Returns (out [batch, D, L], last state [batch, D, N]); gradients for every tensor argument.
+
+    ``out`` is a transposed view of a time-major [batch, L, D] tensor, not contiguous: the model's next op
+    transposes it back to time-major, so a copy to channel-major would be a wasted pass. The transpose happens
+    here, outside the autograd function, so in-place ops on ``out`` work as on any tensor."""
+    out_t, last = _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return out_t.transpose(1, 2), last

@@ -201,3 +201,43 @@ def test_cuda_kernel_matches_torch_backend(dtype, length):
     ref_grads = torch.autograd.grad(ref, [ref_in[k] for k in names], g)
     for name, got, want in zip(names, grads, ref_grads):
         assert rel(got, want) < 5 * tol, f"grad {name}: rel err {rel(got, want):.2e}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_inputs_are_left_alone_and_output_takes_inplace_ops(backend):
+    """A as a transposed view (A.t() contiguous: a tempting in-place target) must be read, never written; the
+    output, a view for the torch backend, must take in-place ops like any tensor, gradients included."""
+    x = make_inputs(2, 6, 4, 40, torch.float64)
+    A = x["A"].detach().t().contiguous().t().requires_grad_()                   # [D, N] with A.t() contiguous
+    before = A.detach().clone()
+    names = ("u", "delta", "B", "C", "D", "z", "delta_bias")
+    call = lambda fn, t, a: fn(t["u"], t["delta"], a, t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True)
+    selective_scan(*(x[k] for k in ("u", "delta")), A, x["B"], x["C"], backend=backend)
+    y = call(lambda *a: selective_scan(*a, backend=backend), x, A)
+    assert torch.equal(A.detach(), before)
+    y.mul_(2)                                                                  # in place on the result
+    y.sum().backward()
+    ref_in = {k: x[k].detach().clone().requires_grad_() for k in names}
+    ref_A = before.clone().requires_grad_()
+    ref = call(selective_scan_ref, ref_in, ref_A)
+    assert rel(y, 2 * ref) < 1e-12
+    (2 * ref).sum().backward()
+    for name in names:
+        assert rel(x[name].grad, ref_in[name].grad) < 1e-10, name
+    assert rel(A.grad, ref_A.grad) < 1e-10
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_softplus_threshold_matches_reference(backend):
+    """delta + bias around and above 20, where F.softplus (and mamba's kernel) return x with gradient 1."""
+    x = make_inputs(1, 8, 4, 30, torch.float64)
+    x["delta"] = (19.0 + 3 * torch.rand(1, 8, 30, dtype=torch.float64)).requires_grad_()
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    out = selective_scan(*(x[k] for k in names), True, backend=backend)
+    ref_in = {k: x[k].detach().clone().requires_grad_() for k in names}
+    ref = selective_scan_ref(*(ref_in[k] for k in names), True)
+    assert rel(out, ref) < 1e-12
+    g = torch.randn_like(ref)
+    for name, got, want in zip(names, torch.autograd.grad(out, [x[k] for k in names], g),
+                               torch.autograd.grad(ref, [ref_in[k] for k in names], g)):
+        assert rel(got, want) < 1e-12, f"grad {name}: rel err {rel(got, want):.2e}"
