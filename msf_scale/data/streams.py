@@ -8,8 +8,10 @@ the DataLoader's round-robin order when resuming mid-epoch, or the stream's fina
 Training (``TrainStream``): stream g reads positions g, g+G, g+2G... of an endless sequence of shard
 permutations drawn from (seed, epoch), shuffles samples in a seeded buffer, and cuts the raw samples into
 batches. Worker w owns the rank's batches b = w, w+W, w+2W... (the order in which the DataLoader hands them
-out), so batch b's samples depend only on (seed, epoch, rank, world_size, num_workers), and its augmentation
-on (seed, epoch, rank, world_size, b, position). Resuming at batch k skips earlier batches before decoding.
+out), so batch b's samples depend only on (seed, epoch, rank, world_size, num_workers), and each clip's
+augmentation on (seed, epoch, rank, world_size, its position b x batch_size + i in the rank's epoch): with one
+worker, batch 4 and batch 2 x 2 accumulation steps see the same clips augmented alike. Resuming at batch k skips
+earlier batches before decoding.
 
 Evaluation (``EvalStream``): shards are dealt to streams (shard s -> stream s mod G); when there are fewer
 shards than streams, the streams that share a shard take every m-th sample of it. Every sample of the split
@@ -185,7 +187,8 @@ class TrainStream(IterableDataset):
         while not labels:  # a batch with no decodable sample at all is replaced by the next raw batch
             for i in range(self.batch_size):
                 sample = next(raw)
-                rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.world_size, b, i])
+                position = b * self.batch_size + i   # in the rank's epoch: the same clip, the same view, at any batch size
+                rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.world_size, position])
                 try:
                     labels.append(self._decode_into(sample, rng, video[len(labels)]))
                 except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt sample

@@ -162,6 +162,27 @@ def test_zero_trains_checkpoints_and_exports(stage, reference, argv, tmp_path):
     assert final["test_samples"] == 16   # every test clip counted once across the two ranks
 
 
+def test_zero2_gradient_accumulation_follows_the_full_batch(argv, tmp_path):
+    """DeepSpeed accumulates inside its engine (Accelerate hands it the micro-batches): 2 clips x 2 micro-batches
+    per rank must take the same steps as 4 clips x 1 (global batch 8 both; no drop path, whose masks are drawn
+    per micro-batch)."""
+    runs = {}
+    for name, batch, accum in (("full", "4", "1"), ("accum", "2", "2")):
+        runs[name] = tmp_path / name
+        _run(argv(runs[name], "--dist.zero_stage", "2", "--max-steps", "6", "--model.drop_path_rate", "0",
+                  "--train.batch_size", batch, "--train.grad_accum", accum), tmp_path / f"{name}.txt")
+    meta = json.loads((runs["accum"] / "run_meta.json").read_text())
+    assert (meta["engine"], meta["grad_accum"], meta["global_batch"], meta["steps_per_epoch"]) == (
+        "DeepSpeedEngine", 2, 8, 4)
+    full, accum = _losses(runs["full"]), _losses(runs["accum"])
+    assert sorted(accum) == list(range(1, 7))
+    assert accum == pytest.approx(full, rel=1e-4), (accum, full)
+    assert len(set(full.values())) > 1                                         # the weights did move
+    a, b = load_model(runs["full"]).state_dict(), load_model(runs["accum"]).state_dict()
+    for k in a:
+        assert torch.allclose(b[k], a[k], rtol=1e-3, atol=1e-5), k
+
+
 def test_ddp_two_processes_with_ema(argv, tmp_path):
     """Without DeepSpeed: DistributedDataParallel over gloo (Accelerate's MULTI_CPU), EMA on."""
     run = tmp_path / "run"
