@@ -5,6 +5,7 @@ Layout of a run directory:
                          meta.json (model config, data position) and COMPLETE, written last
     ckpt/step_0000600.tmp/   a save in progress: never picked by `--resume auto`
     model.safetensors + model_config.json   consolidated weights for inference (`load_model`)
+    best/model.safetensors + model_config.json   the same, at the evaluation with the best test top-1 so far
 A save writes into `step_N.tmp`, then the main process writes `COMPLETE` and renames the directory
 (an atomic rename on one filesystem; multi-node runs need the run dir on a shared filesystem).
 """
@@ -35,13 +36,14 @@ class TrainState:
     clips_seen: int = 0          # training clips consumed, all ranks
     bad_steps: int = 0           # non-finite losses so far (in total)
     clips_per_batch: int = 0     # batch_size x world size when saved, to map the position if it changes
+    best_top1: float = -1.0      # the best test top-1 of an evaluation so far (what `best/` holds)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int | float]:
         return dataclasses.asdict(self)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int | float]) -> None:
         for k, v in state.items():
-            setattr(self, k, int(v))
+            setattr(self, k, type(getattr(self, k))(v))
 
 
 def model_meta(model: nn.Module, variant: str, size: str) -> dict[str, Any]:
@@ -141,6 +143,7 @@ def export_model(accelerator, model: nn.Module, run_dir: Path, meta: dict[str, A
     state = accelerator.get_state_dict(model)
     out = Path(run_dir) / "model.safetensors"
     if accelerator.is_main_process:
+        out.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
         save_file(tensors, str(out), metadata={"format": "pt"})
         dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
@@ -150,6 +153,21 @@ def export_model(accelerator, model: nn.Module, run_dir: Path, meta: dict[str, A
             save_file(ema, str(Path(run_dir) / "model_ema.safetensors"), metadata={"format": "pt"})
     accelerator.wait_for_everyone()
     return out
+
+
+def export_best(accelerator, model: nn.Module, run_dir: Path, meta: dict[str, Any],
+                ema_module: nn.Module | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """`export_model` into `best/`, through `best.tmp` and a rename, so a crash never leaves a half-written best."""
+    best, tmp = Path(run_dir) / "best", Path(run_dir) / "best.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    export_model(accelerator, model, tmp, meta, ema_module, extra)
+    if accelerator.is_main_process:
+        shutil.rmtree(best, ignore_errors=True)
+        os.replace(tmp, best)
+    accelerator.wait_for_everyone()
+    return best
 
 
 def load_model(path: str | Path, ema: bool = False, device: str | torch.device = "cpu",

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from msf_scale import distributed as dist
-from msf_scale.checkpoint import (TrainState, check_resume_compatible, export_model, model_meta, resolve_resume,
-                                  save_checkpoint)
+from msf_scale.checkpoint import (TrainState, check_resume_compatible, export_best, export_model, model_meta,
+                                  resolve_resume, save_checkpoint)
 from msf_scale.config import RunConfig, help_text, load_config, save_config
 from msf_scale.ema import ModelEma
 from msf_scale.evaluate import build_loader, data_root, evaluate_model
@@ -129,6 +129,11 @@ def _train(cfg: RunConfig, acc) -> dict:
         logger.log({**out, "epoch": state.epoch}, state.step)
         if is_main:
             (run_dir / "eval.json").write_text(json.dumps({"step": state.step, "epoch": state.epoch, **out}, indent=1))
+        if out["test_top1"] > state.best_top1:  # every rank saw the same reduced metric: all export together
+            state.best_top1 = out["test_top1"]
+            export_best(acc, model, run_dir, meta, ema.module if ema else None,
+                        extra={"class_names": list(info.class_names), "dataset": info.name,
+                               "step": state.step, "epoch": state.epoch, **out})
         acc.print(f"step {state.step} epoch {state.epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in out.items()))
         return out
 

@@ -154,6 +154,36 @@ def test_eval_cli_matches_training_eval_and_does_multiview(tiny_argv, tmp_path, 
     assert (mv["views"], mv["num_samples"]) == (4, 16)
 
 
+def test_best_export_is_the_best_evaluation(tiny_argv, tmp_path):
+    train_mod.main(tiny_argv("--epochs", "3", "--schedule.warmup_epochs", "1", "--train.eval_every", "1",
+                             "--optim.lr", "0.05"))
+    run = tmp_path / "run"
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if "test_top1" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12]                            # epochs 1 and 2, then the end
+    best = max(evals, key=lambda r: r["test_top1"])                            # the first of equals, like the loop
+    conf = json.loads((run / "best" / "model_config.json").read_text())
+    assert (conf["step"], conf["test_top1"]) == (best["step"], best["test_top1"])
+    assert not (run / "best.tmp").exists()
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        same = torch.equal(load_model(run / "best")(x), load_model(run)(x))
+    assert same == (best["step"] == 12)                                        # the final export, iff best at the end
+    state = torch.load(latest_checkpoint(run) / "custom_checkpoint_0.pkl", weights_only=False)
+    assert state["best_top1"] == best["test_top1"]
+
+
+def test_train_state_round_trip_and_old_checkpoints():
+    from msf_scale.checkpoint import TrainState
+    s = TrainState(step=7, best_top1=0.25)
+    t = TrainState()
+    t.load_state_dict(s.state_dict())
+    assert t == s and isinstance(t.best_top1, float) and isinstance(t.step, int)
+    old = {k: v for k, v in s.state_dict().items() if k != "best_top1"}      # saved before best/ existed
+    u = TrainState()
+    u.load_state_dict(old)
+    assert u.best_top1 == -1.0 and u.step == 7
+
+
 def test_accumulation_checkpointing_layer_decay_bf16(tiny_argv, tmp_path):
     final = train_mod.main(tiny_argv("--epochs", "1", "--schedule.warmup_epochs", "0", "--train.grad_accum", "2",
                                      "--model.grad_checkpointing", "true", "--optim.layer_decay", "0.8",
