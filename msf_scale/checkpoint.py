@@ -36,14 +36,13 @@ class TrainState:
     clips_seen: int = 0          # training clips consumed, all ranks
     bad_steps: int = 0           # non-finite losses so far (in total)
     clips_per_batch: int = 0     # batch_size x world size when saved, to map the position if it changes
-    best_top1: float = -1.0      # the best test top-1 of an evaluation so far (what `best/` holds)
 
-    def state_dict(self) -> dict[str, int | float]:
+    def state_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
-    def load_state_dict(self, state: dict[str, int | float]) -> None:
+    def load_state_dict(self, state: dict[str, int]) -> None:
         for k, v in state.items():
-            setattr(self, k, type(getattr(self, k))(v))
+            setattr(self, k, int(v))
 
 
 def model_meta(model: nn.Module, variant: str, size: str) -> dict[str, Any]:
@@ -155,17 +154,38 @@ def export_model(accelerator, model: nn.Module, run_dir: Path, meta: dict[str, A
     return out
 
 
+def best_top1(run_dir: Path) -> float:
+    """The test top-1 that `best/` holds (-1 when there is none): what a resumed run must beat. Read from disk, so
+    it is right whichever checkpoint the run resumes from and wherever the last evaluation fell."""
+    conf = Path(run_dir) / "best" / "model_config.json"
+    return float(json.loads(conf.read_text())["test_top1"]) if conf.is_file() else -1.0
+
+
+def recover_best(run_dir: Path) -> None:
+    """After a crash between export_best's two renames `best/` is missing and `best.old/` still complete (main
+    process only, before a resumed run reads `best_top1`)."""
+    best, old = run_dir / "best", run_dir / "best.old"
+    if not best.exists() and old.is_dir():
+        os.replace(old, best)
+
+
 def export_best(accelerator, model: nn.Module, run_dir: Path, meta: dict[str, Any],
                 ema_module: nn.Module | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """`export_model` into `best/`, through `best.tmp` and a rename, so a crash never leaves a half-written best."""
-    best, tmp = Path(run_dir) / "best", Path(run_dir) / "best.tmp"
+    """`export_model` into `best/` (collective). Written to `best.tmp`, then `best` -> `best.old`, `best.tmp` ->
+    `best` and `best.old` removed: at every moment a complete best exists (`recover_best` finds it)."""
+    run_dir = Path(run_dir)
+    best, tmp, old = run_dir / "best", run_dir / "best.tmp", run_dir / "best.old"
     if accelerator.is_main_process:
+        recover_best(run_dir)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     export_model(accelerator, model, tmp, meta, ema_module, extra)
     if accelerator.is_main_process:
-        shutil.rmtree(best, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        if best.exists():
+            os.replace(best, old)
         os.replace(tmp, best)
+        shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return best
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from msf_scale import distributed as dist
-from msf_scale.checkpoint import (TrainState, check_resume_compatible, export_best, export_model, model_meta,
-                                  resolve_resume, save_checkpoint)
+from msf_scale.checkpoint import (TrainState, best_top1, check_resume_compatible, export_best, export_model,
+                                  model_meta, recover_best, resolve_resume, save_checkpoint)
 from msf_scale.config import RunConfig, help_text, load_config, save_config
 from msf_scale.ema import ModelEma
 from msf_scale.evaluate import build_loader, data_root, evaluate_model
@@ -100,6 +100,10 @@ def _train(cfg: RunConfig, acc) -> dict:
             state.batch_in_epoch = state.batch_in_epoch * state.clips_per_batch // per_batch
         acc.print(f"resumed from {resume} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     state.clips_per_batch = per_batch
+    if resume is not None and is_main:
+        recover_best(run_dir)
+    acc.wait_for_everyone()
+    best = [best_top1(run_dir) if resume is not None else -1.0]  # a fresh run replaces any best/ it finds
     run_info = {"engine": dist.engine_name(model), "zero_stage": dist.zero_stage(acc), "world_size": world,
                 "batch_size": tc.batch_size, "grad_accum": accum, "global_batch": global_batch,
                 "steps_per_epoch": steps_per_epoch, "total_steps": total, "stop_at": stop_at,
@@ -129,8 +133,8 @@ def _train(cfg: RunConfig, acc) -> dict:
         logger.log({**out, "epoch": state.epoch}, state.step)
         if is_main:
             (run_dir / "eval.json").write_text(json.dumps({"step": state.step, "epoch": state.epoch, **out}, indent=1))
-        if out["test_top1"] > state.best_top1:  # every rank saw the same reduced metric: all export together
-            state.best_top1 = out["test_top1"]
+        if out["test_top1"] > best[0]:  # every rank saw the same gathered metric: all export together
+            best[0] = out["test_top1"]
             export_best(acc, model, run_dir, meta, ema.module if ema else None,
                         extra={"class_names": list(info.class_names), "dataset": info.name,
                                "step": state.step, "epoch": state.epoch, **out})
