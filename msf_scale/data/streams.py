@@ -187,7 +187,7 @@ class TrainStream(IterableDataset):
         while not labels:  # a batch with no decodable sample at all is replaced by the next raw batch
             for i in range(self.batch_size):
                 sample = next(raw)
-                position = b * self.batch_size + i   # in the rank's epoch: the same clip, the same view, at any batch size
+                position = b * self.batch_size + i   # in the rank's epoch: same clip, same view at any batch size
                 rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.world_size, position])
                 try:
                     labels.append(self._decode_into(sample, rng, video[len(labels)]))
