@@ -115,22 +115,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     dtype_in = u.dtype
     compute = torch.float64 if dtype_in == torch.float64 else torch.float32  # bf16/fp16 scan in fp32, as mamba
-    u_c, delta_c = u.to(compute), delta.to(compute)
+    cast = lambda t: None if t is None else t.to(compute)
+    u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c = map(cast, (u, delta, A, B, C, D, z, delta_bias))
     if name == "torch":                                # bias, softplus, D and gate fused into the backend
-        cast = lambda t: None if t is None else t.to(compute)
-        y, last = _scan_torch.scan(u_c, delta_c, A.to(compute), B.to(compute), C.to(compute), cast(D), cast(z),
-                                   cast(delta_bias), delta_softplus)
-        y = y.to(dtype_in)
-        return (y, last) if return_last_state else y
-    if delta_bias is not None:
-        delta_c = delta_c + delta_bias.to(compute)[:, None]
-    if delta_softplus:
-        delta_c = F.softplus(delta_c)
-    y, last = _numba_scan().scan(u_c, delta_c, A.to(compute), B.to(compute), C.to(compute))
-    if D is not None:
-        y = y + u_c * D.to(compute)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(compute))
+        y, last = _scan_torch.scan(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, delta_softplus)
+    else:                                              # numba: the kernel scans a final delta; the rest here
+        if bias_c is not None:
+            delta_c = delta_c + bias_c[:, None]
+        if delta_softplus:
+            delta_c = F.softplus(delta_c)
+        y, last = _numba_scan().scan(u_c, delta_c, A_c, B_c, C_c)
+        if D_c is not None:
+            y = y + u_c * D_c[:, None]
+        if z_c is not None:
+            y = y * F.silu(z_c)
     y = y.to(dtype_in)
     return (y, last) if return_last_state else y
 
