@@ -19,7 +19,7 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SIZES = ("tiny", "small", "base")
-VARIANTS = ("videomamba", "msf_mamba", "msf_mamba_plus")
+VARIANTS = ("videomamba", "msf_mamba", "msf_mamba_plus", "cnn3d")
 # Short flags of the issue -> config paths (everything else is `--section.field`).
 SHORT_FLAGS = {"size": "model.size", "variant": "model.variant", "data": "data.root",
                "output-dir": "train.output_dir", "max-steps": "train.max_steps",
