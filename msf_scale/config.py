@@ -2,13 +2,19 @@
 
 Precedence (later wins): dataclass defaults < `configs/<size>/default.yaml` < `--config NAME|PATH`
 < command-line overrides. Every value is coerced to its field's annotation, an unknown key raises a
-`ValueError` naming the nearest valid key, and each section validates itself in `__post_init__`
+`ConfigError` naming the nearest valid key, and each section validates itself in `__post_init__`
 with messages that name the field path, so a typo never silently trains the wrong thing.
+
+The presets live in the package (`msf_scale/configs/`, `msf_scale/cluster/`; the repository's `configs/` and
+`cluster/` point there), so a wheel install resolves `--size base` exactly as a checkout does; a missing preset
+is an error, never a silent fall-back to the dataclass defaults. The comment after each field is its `--help` text.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +23,8 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"     # package data: ships in the wheel
+CLUSTER_DIR = Path(__file__).resolve().parent / "cluster"
 SIZES = ("tiny", "small", "base")
 VARIANTS = ("videomamba", "msf_mamba", "msf_mamba_plus", "cnn3d")
 # Short flags of the issue -> config paths (everything else is `--section.field`).
@@ -26,20 +33,34 @@ SHORT_FLAGS = {"size": "model.size", "variant": "model.variant", "data": "data.r
                "epochs": "schedule.epochs", "resume": "train.resume"}
 
 
+class UserError(Exception):
+    """A mistake in what the user asked for (a flag, a path, a preset): the command line prints one line and
+    exits 2. Everything else is a bug and keeps its traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad config value or key (a ValueError, so library callers can catch it as one)."""
+
+
+class UserPathError(UserError, FileNotFoundError):
+    """A path the user gave (data directory, config file, checkpoint) that does not exist."""
+
+
 def _check(ok: bool, path: str, msg: str) -> None:
     if not ok:
-        raise ValueError(f"{path}: {msg}")
+        raise ConfigError(f"{path}: {msg}")
 
 
 @dataclass
 class ModelConfig:
-    variant: str = "msf_mamba"          # videomamba | msf_mamba | msf_mamba_plus
+    variant: str = "msf_mamba"          # videomamba | msf_mamba | msf_mamba_plus | cnn3d
     size: str = "tiny"                  # tiny | small | base (widths live in the model registry)
     num_frames: int = 8                 # T frames per clip
     img_size: int = 224                 # square crop side
     drop_path_rate: float | None = None  # None = the size's default (SPEC: 0.1 / 0.2 / 0.4)
     grad_checkpointing: bool = False    # activation checkpointing per block
     arch: dict[str, Any] = field(default_factory=dict)  # extra MSFMambaConfig overrides (patch_size, theta...)
+    init: str | None = None             # start from these weights: a VideoMamba .pth or an msf-scale export (msf-scale import)
 
     def __post_init__(self) -> None:
         _check(self.variant in VARIANTS, "model.variant", f"unknown variant {self.variant!r}; choose one of {VARIANTS}")
@@ -75,11 +96,11 @@ class DataConfig:
 class OptimConfig:
     lr: float = 4e-4                    # peak lr per 256 clips; scaled linearly with the global batch
     weight_decay: float = 0.05          # not applied to 1-D params and model.no_weight_decay()
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas, comma-separated
+    eps: float = 1e-8                   # AdamW epsilon
     layer_decay: float = 1.0            # layer-wise lr decay; 1.0 = off (SPEC's recipe)
     clip_grad: float = 1.0              # max global grad norm; 0 = off
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1        # of the cross-entropy targets
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", "must be > 0")
@@ -92,7 +113,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    epochs: int = 50
+    epochs: int = 50                    # length of the schedule (max_steps may stop earlier)
     warmup_epochs: float = 5            # linear warm-up from 0, then cosine to min_lr
     min_lr: float = 1e-6                # absolute floor of the cosine
 
@@ -110,16 +131,17 @@ class TrainConfig:
     grad_accum: int = 1                 # micro-steps per optimizer step
     global_batch: int | None = None     # if set, grad_accum = global_batch / (batch_size * world_size)
     max_steps: int | None = None        # stop early (the schedule still spans schedule.epochs)
-    seed: int = 0
-    precision: str = "bf16"             # bf16 | fp32
+    seed: int = 0                       # model init, data order and augmentation
+    precision: str = "bf16"             # bf16 | fp32 (an accelerate/DeepSpeed config must agree, or the run is refused)
     eval_every: int = 5                 # epochs between test evaluations (0 = only at the end)
     ckpt_every: int = 0                 # optimizer steps between checkpoints (0 = end of epoch only)
     keep_last: int = 2                  # complete checkpoints kept
     ema: bool = False                   # keep an EMA of the weights (evaluated and exported separately)
-    ema_decay: float = 0.9998
+    ema_decay: float = 0.9998           # per optimizer step
     max_bad_steps: int = 5              # abort after this many non-finite losses in a row
     output_dir: str | None = None       # the run directory; None = runs/<variant>_<size>
     resume: str | None = None           # None | auto | PATH to a checkpoint or run dir
+    mem_check: bool = True              # on CPU, refuse a run whose estimated memory exceeds the free RAM (false: warn only)
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -149,13 +171,18 @@ class DistConfig:
 @dataclass
 class LogConfig:
     log_every: int = 10                 # optimizer steps between metric lines (the only host syncs besides the NaN check)
-    tensorboard: bool = True
+    tensorboard: bool = True            # false removes tensorboard from log_with
+    log_with: str = "tensorboard"       # Accelerate trackers, comma-separated: tensorboard, wandb, mlflow, ... or none
     peak_tflops: float | None = None    # per-device peak for MFU; None = look up known GPUs, else MFU is None
     progress: bool = True               # tqdm bar on the main process
 
     def __post_init__(self) -> None:
         _check(self.log_every >= 1, "log.log_every", "must be >= 1")
         _check(self.peak_tflops is None or self.peak_tflops > 0, "log.peak_tflops", "must be > 0")
+
+    def trackers(self) -> list[str]:
+        names = [t.strip() for t in self.log_with.split(",") if t.strip() and t.strip() != "none"]
+        return [t for t in names if self.tensorboard or t != "tensorboard"]
 
 
 @dataclass
@@ -209,7 +236,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{path}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
     if tp is int:
         _check(not isinstance(value, bool), path, f"expected an integer, got {value!r}")
         try:
@@ -218,7 +245,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             try:  # "1e3" on the command line
                 return int(_coerce_int_float(float(value)))
             except (TypeError, ValueError):
-                raise ValueError(f"{path}: expected an integer, got {value!r}") from None
+                raise ConfigError(f"{path}: expected an integer, got {value!r}") from None
     if tp is str:
         _check(isinstance(value, (str, int, float)), path, f"expected a string, got {value!r}")
         return str(value)
@@ -243,7 +270,7 @@ def valid_keys() -> list[str]:
 def _unknown(key: str) -> ValueError:
     near = difflib.get_close_matches(key, valid_keys() + list(_hints(RunConfig)), n=1, cutoff=0.5)
     hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(valid_keys())}"
-    return ValueError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"unknown config key {key!r}{hint}")
 
 
 def _apply(tree: dict[str, dict[str, Any]], key: str, value: Any) -> None:
@@ -270,7 +297,7 @@ def _merge_yaml(tree: dict, path: Path) -> None:
     _check(isinstance(doc, dict), str(path), "a config file must be a mapping of sections")
     for section, fields in doc.items():
         if not isinstance(fields, dict):
-            raise _unknown(str(section)) if section not in _hints(RunConfig) else ValueError(
+            raise _unknown(str(section)) if section not in _hints(RunConfig) else ConfigError(
                 f"{path}: section {section!r} must be a mapping")
         for name, value in fields.items():
             _apply(tree, f"{section}.{name}", value)
@@ -294,12 +321,12 @@ def resolve_config_file(name: str, size: str) -> Path:
     p = Path(name)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
+            raise UserPathError(f"config file {p} does not exist")
         return p
     cand = CONFIG_DIR / size / f"{name}.yaml"
     if not cand.is_file():
         names = sorted(q.stem for q in (CONFIG_DIR / size).glob("*.yaml"))
-        raise ValueError(f"unknown config {name!r} for size {size!r}; choose one of {names} or pass a YAML path")
+        raise ConfigError(f"unknown config {name!r} for size {size!r}; choose one of {names} or pass a YAML path")
     return cand
 
 
@@ -309,47 +336,86 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}; overrides look like --section.field value")
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.field value")
         key, eq, val = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(argv):
-                raise ValueError(f"{arg} needs a value")
+                raise ConfigError(f"{arg} needs a value")
             val, i = argv[i + 1], i + 1
         out.append((SHORT_FLAGS.get(key, key), val))
         i += 1
     return out
 
 
-def load_config(argv: list[str] | None = None) -> RunConfig:
-    """Command line -> RunConfig (defaults < configs/<size>/default.yaml < --config < overrides)."""
-    pairs = parse_overrides(list(argv or []))
+def _presets(pairs: list[tuple[str, str]]) -> tuple[str, list[Path]]:
+    """The size and the preset files (default.yaml, then --config) that a command line selects."""
     config_name = next((v for k, v in reversed(pairs) if k == "config"), None)
-    pairs = [(k, v) for k, v in pairs if k != "config"]
     size = next((v for k, v in reversed(pairs) if k == "model.size"), None)
     extra = resolve_config_file(config_name, size or "tiny") if config_name else None
     if size is None and extra is not None:  # a --config path may name its size
         size = ((yaml.safe_load(extra.read_text()) or {}).get("model") or {}).get("size")
     size = size or "tiny"
     if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    tree: dict[str, dict[str, Any]] = {}
+        raise ConfigError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     default = CONFIG_DIR / size / "default.yaml"
-    if default.is_file():
-        _merge_yaml(tree, default)
+    if not default.is_file():  # a broken install: never train on the dataclass defaults instead
+        raise UserPathError(f"preset {default} is missing: reinstall msf_scale (the presets ship in the package)")
+    files = [default]
     if extra is not None and extra.resolve() != default.resolve():
-        _merge_yaml(tree, extra)
+        files.append(extra)
+    return size, files
+
+
+def load_config(argv: list[str] | None = None) -> RunConfig:
+    """Command line -> RunConfig (defaults < configs/<size>/default.yaml < --config < overrides)."""
+    pairs = parse_overrides(list(argv or []))
+    size, files = _presets(pairs)
+    tree: dict[str, dict[str, Any]] = {}
+    for f in files:
+        _merge_yaml(tree, f)
     for key, val in pairs:
-        _apply(tree, key, val)
+        if key != "config":
+            _apply(tree, key, val)
     tree.setdefault("model", {})["size"] = size
     return build(tree)
 
 
-def help_text() -> str:
-    """Every overridable key with its default (presets may change them: see configs/<size>/)."""
-    base = RunConfig()
+def field_help() -> dict[str, str]:
+    """`section.field` -> its help text: the comment after the field in this file."""
+    out = {}
+    for section, cls in _hints(RunConfig).items():
+        for m in re.finditer(r"^    (\w+): [^=\n]+=[^\n#]*#\s*(.+)$", inspect.getsource(cls), re.M):
+            out[f"{section}.{m.group(1)}"] = m.group(2).strip()
+    return out
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, tuple):
+        return ",".join(str(x) for x in v)
+    text = yaml.safe_dump(v, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
+
+
+def help_text(argv: list[str] | None = None) -> str:
+    """Every overridable key with the value it takes under the presets and flags of `argv`, and its help."""
+    argv = [a for a in (argv or []) if a not in ("-h", "--help")]
+    try:
+        pairs = parse_overrides(argv)
+        _, files = _presets(pairs)
+        cfg = load_config(argv)
+        source = " < ".join([str(f) for f in files] + (["the command line"] if any(k != "config" for k, _ in pairs)
+                                                       else []))
+    except UserError as e:
+        cfg, source = RunConfig(), f"the dataclass defaults (the command line does not resolve: {e})"
+    helps = field_help()
+    rows = [(f"--{k}", _show(getattr(getattr(cfg, k.split('.')[0]), k.split('.')[1])), helps.get(k, ""))
+            for k in valid_keys()]
+    w0, w1 = max(len(r[0]) for r in rows), min(24, max(len(r[1]) for r in rows))
+    presets = ", ".join(f"{s}: {' '.join(sorted(q.stem for q in (CONFIG_DIR / s).glob('*.yaml')))}" for s in SIZES)
     lines = ["short flags: " + ", ".join(f"--{k} ({v})" for k, v in SHORT_FLAGS.items()),
-             "--config NAME|PATH: a YAML in configs/<size>/ or a path", "overrides (--section.field value):"]
-    lines += [f"  --{k} {getattr(getattr(base, k.split('.')[0]), k.split('.')[1])!r}" for k in valid_keys()]
+             f"--config NAME|PATH: a preset of configs/<size>/ ({presets}) or a YAML path",
+             f"overrides (--section.field value); values shown: {source}"]
+    lines += [f"  {a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
     return "\n".join(lines)
 
 
