@@ -205,7 +205,8 @@ def load_model(path: str | Path, ema: bool = False, device: str | torch.device =
                                 "(msf_scale/train.py); pass a run directory that finished")
     meta = json.loads(conf.read_text())
     cfg = {k: v for k, v in meta["config"].items() if k != "variant"}
-    cfg["fusion_scales"] = tuple(cfg["fusion_scales"])
+    if "fusion_scales" in cfg:   # JSON lists back to tuples (the 3-D CNN has none)
+        cfg["fusion_scales"] = tuple(cfg["fusion_scales"])
     model = create_model(meta["variant"], size=meta["size"], **cfg)
     model.load_state_dict({k: v.to(dtype) for k, v in load_file(str(weights)).items()}, strict=True)
     return model.to(device=device, dtype=dtype).eval()

@@ -9,7 +9,7 @@ import argparse
 import time
 from dataclasses import fields
 
-from .synthetic import SynthConfig
+from .synthetic import PRESETS, SynthConfig
 
 # flag -> (SynthConfig field, type, help). Defaults come from SynthConfig.
 _SYNTH_FLAGS = {
@@ -40,7 +40,7 @@ def _synth(args: argparse.Namespace) -> int:
                  if getattr(args, field) is not None}
     t0 = time.perf_counter()
     try:
-        root = synthesize(args.out, **overrides)
+        root = synthesize(args.out, preset=args.preset, **overrides)
     except ValueError as e:
         print(f"error: {e}")
         return 2
@@ -73,6 +73,9 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     synth = sub.add_parser("synth", help="generate the synthetic micro-gesture dataset",
                            description="Synthetic micro-gestures: the class is the motion of a small object.")
     synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="named dataset: demo (the default, easy) or micro (the fine-motion benchmark: a 10-15 px "
+                            "hand gesture, 32 x 112 x 112); the flags below override its values")
     for flag, (field, typ, text) in _SYNTH_FLAGS.items():
         kw = {"choices": ["npy", "mp4"]} if field == "format" else {}
         synth.add_argument(flag, dest=field, type=typ, default=None, help=f"{text} (default {defaults[field]})",

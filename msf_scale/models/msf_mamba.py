@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from msf_scale.models._registry import register_model
 from msf_scale.models.blocks import BiMamba, Block, StateFusion
+from msf_scale.models.stem import ConvStem
 
 VARIANTS = {   # variant -> (fusion scales, ASWM)
     "videomamba": ((), False),
@@ -41,6 +42,9 @@ class MSFMambaConfig:
     in_chans: int = 3
     patch_size: int = 16              # [ours] p
     tubelet_size: int = 1             # [ours] frames per token
+    stem: str = "patch"               # [ours] "patch": one linear map per patch (VideoMamba); "conv": log2(p) strided
+                                      # 3x3 convs + 1x1 (models/stem.py). Measured: docs/BENCHMARKS.md, "Fine motion"
+    stem_temporal_kernel: int = 1     # conv stem only: 3 = its filters span neighbouring frames
     # bidirectional SSM ([ours] VideoMamba bimamba v2)
     d_state: int = 16
     expand: int = 2
@@ -89,6 +93,10 @@ class MSFMambaConfig:
             raise ValueError(f"num_frames {self.num_frames} must be divisible by tubelet_size {self.tubelet_size}")
         if any(k % 2 == 0 or k < 1 for k in self.fusion_scales):
             raise ValueError(f"fusion_scales must be odd window sizes, got {self.fusion_scales}")
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
+        if self.stem == "conv" and self.tubelet_size != 1:
+            raise ValueError(f"the conv stem keeps every frame: tubelet_size must be 1, got {self.tubelet_size}")
         if self.dt_init not in ("mamba", "videomamba"):
             raise ValueError(f"dt_init must be 'mamba' or 'videomamba', got {self.dt_init!r}")
         if self.fusion_init not in ("zero", "uniform"):
@@ -129,8 +137,11 @@ class MSFMamba(nn.Module):
         d = cfg.embed_dim
         t, gh, gw = cfg.grid
         self.num_prefix = int(cfg.class_token)
-        self.patch_embed = nn.Conv3d(cfg.in_chans, d, (cfg.tubelet_size, cfg.patch_size, cfg.patch_size),
-                                     stride=(cfg.tubelet_size, cfg.patch_size, cfg.patch_size), **fk)
+        if cfg.stem == "conv":
+            self.patch_embed = ConvStem(cfg.in_chans, d, cfg.patch_size, cfg.stem_temporal_kernel, **fk)
+        else:
+            self.patch_embed = nn.Conv3d(cfg.in_chans, d, (cfg.tubelet_size, cfg.patch_size, cfg.patch_size),
+                                         stride=(cfg.tubelet_size, cfg.patch_size, cfg.patch_size), **fk)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d, **fk)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, gh * gw, d, **fk))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, d, **fk)) if cfg.class_token else None
@@ -235,7 +246,8 @@ class MSFMamba(nn.Module):
         t, gh, gw = cfg.grid
         tokens = t * gh * gw
         length = tokens + self.num_prefix
-        embed = tokens * cfg.in_chans * cfg.tubelet_size * cfg.patch_size ** 2 * d
+        embed = (self.patch_embed.flops(cfg.num_frames, cfg.img_size, cfg.img_size) if cfg.stem == "conv"
+                 else tokens * cfg.in_chans * cfg.tubelet_size * cfg.patch_size ** 2 * d)
         per_dir = length * (e * cfg.d_conv + e * (r + 2 * n) + r * e + 9 * e * n + e)
         mixer = length * (d * 2 * e + e * d + e) + 2 * per_dir            # in/out proj, gate, two directions
         fusion_one = tokens * d * sum(k ** 3 for k in cfg.fusion_scales)

@@ -1,0 +1,184 @@
+"""Fine motion: what each model learns on the micro preset, through the real train.py, several runs at once.
+
+    python benchmarks/fine_motion.py --study claims --seeds 0,1,2 --out reports/fine_motion   # the paper's claims
+    python benchmarks/fine_motion.py --conditions cnn3d,msf_conv3 --seeds 0 --parallel 4 --epochs 40
+
+Generates the micro dataset once (``msf-scale data synth --preset micro``, or ``--data DIR``), then trains every
+(condition, seed) as its own ``msf_scale/train.py`` process (``--parallel`` at a time: tiny models at 112 px leave a
+GPU mostly idle) with one shared recipe (``RECIPE``; a condition adds only its own flags), reads each run's
+``final_metrics.json`` / ``metrics.jsonl``, measures how much the CFD fusion contributes inside the trained model
+(``fusion_share``: ||F|| / ||H|| at the fused blocks on test clips), and writes ``results.json`` and a Markdown
+table of mean +- sd test top-1 over seeds. Test top-1 here is the final, unselected evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The shared recipe of every run (train.py flags). 40 epochs of 576 clips, batch 32, AdamW with warm-up + cosine,
+# no crop, no drop path, no label smoothing, one test view. lr is per 256 clips (train.py scales it by the batch).
+RECIPE = ["--epochs", "40", "--schedule.warmup_epochs", "2", "--train.batch_size", "32", "--optim.lr", "8e-3",
+          "--optim.label_smoothing", "0", "--model.drop_path_rate", "0", "--data.min_scale", "1.0",
+          "--model.img_size", "112", "--model.num_frames", "8", "--data.num_clips", "1", "--data.num_crops", "1",
+          "--train.eval_every", "10", "--log.tensorboard", "false", "--log.progress", "false",
+          "--log.log_every", "20", "--data.num_workers", "2"]
+
+# name -> (variant, extra flags)
+CONDITIONS: dict[str, tuple[str, list[str]]] = {
+    "cnn3d": ("cnn3d", ["--optim.lr", "1.6e-2"]),
+    "videomamba": ("videomamba", []),
+    "msf_mamba": ("msf_mamba", []),
+    "msf_mamba_theta0": ("msf_mamba", ["--model.arch.fusion_theta", "0"]),
+    "msf_mamba_plus": ("msf_mamba_plus", []),
+    "msf_patch8": ("msf_mamba", ["--model.arch.patch_size", "8"]),
+    "msf_tubelet2": ("msf_mamba", ["--model.arch.tubelet_size", "2"]),
+    "msf_conv1": ("msf_mamba", ["--model.arch.stem", "conv"]),
+    "msf_conv3": ("msf_mamba", ["--model.arch.stem", "conv", "--model.arch.stem_temporal_kernel", "3"]),
+    "vm_conv3": ("videomamba", ["--model.arch.stem", "conv", "--model.arch.stem_temporal_kernel", "3"]),
+    "msf_conv3_theta0": ("msf_mamba", ["--model.arch.stem", "conv", "--model.arch.stem_temporal_kernel", "3",
+                                       "--model.arch.fusion_theta", "0"]),
+    "plus_conv3": ("msf_mamba_plus", ["--model.arch.stem", "conv", "--model.arch.stem_temporal_kernel", "3"]),
+    "msf_uniform": ("msf_mamba", ["--model.arch.fusion_init", "uniform"]),
+    "msf_lr3e-2": ("msf_mamba", ["--optim.lr", "3e-2"]),
+    "msf_conv3_lr3e-2": ("msf_mamba", ["--model.arch.stem", "conv", "--model.arch.stem_temporal_kernel", "3",
+                                       "--optim.lr", "3e-2"]),
+}
+STUDIES = {
+    "why": ["cnn3d", "msf_mamba", "videomamba", "msf_patch8", "msf_tubelet2", "msf_conv1", "msf_conv3", "vm_conv3",
+            "msf_uniform", "msf_lr3e-2"],
+    "claims": ["cnn3d", "videomamba", "msf_mamba", "msf_mamba_theta0", "msf_mamba_plus"],
+}
+
+
+def fusion_share(run_dir: Path, data: str, batches: int = 2) -> float | None:
+    """Mean ||F|| / ||H|| over the fused blocks of a trained run on test clips: 0 means the fusion does nothing."""
+    import torch
+
+    from msf_scale.checkpoint import load_model
+    from msf_scale.data import build_eval_loader
+
+    model = load_model(run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    fusions = [b.fusion for b in getattr(model, "blocks", []) if getattr(b, "fusion", None) is not None]
+    if not fusions:
+        return None
+    ratios: list[float] = []
+    hooks = [f.register_forward_hook(lambda m, i, o: ratios.append((o.norm() / i[0].norm().clamp_min(1e-12)).item()))
+             for f in fusions]
+    cfg = model.cfg
+    loader = build_eval_loader(data, "test", batch_size=16, num_frames=cfg.num_frames, img_size=cfg.img_size,
+                               num_workers=0)
+    with torch.no_grad():
+        for i, (video, _, _) in enumerate(loader):   # video [B, views, 3, T, S, S]
+            if i >= batches:
+                break
+            model(video.flatten(0, 1).to(next(model.parameters()).device))
+    for h in hooks:
+        h.remove()
+    return round(statistics.fmean(ratios), 4) if ratios else None
+
+
+def summarise(run_dir: Path) -> dict:
+    final = json.loads((run_dir / "final_metrics.json").read_text()) if (run_dir / "final_metrics.json").is_file() else {}
+    curve = []
+    if (run_dir / "metrics.jsonl").is_file():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if "test_top1" in row:
+                curve.append((row.get("epoch"), round(row["test_top1"] * 100, 1)))
+    return {"test_top1": None if "test_top1" not in final else round(final["test_top1"] * 100, 1),
+            "train_top1": None if "train_top1" not in final else round(final["train_top1"] * 100, 1),
+            "loss": final.get("loss"), "wall_s": final.get("wall_s"), "eval_curve": curve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--study", choices=sorted(STUDIES), default=None, help="a named list of conditions")
+    ap.add_argument("--conditions", default=None, help=f"comma-separated, of: {', '.join(CONDITIONS)}")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--data", default=None, help="micro dataset dir (default: generate into OUT/data)")
+    ap.add_argument("--out", default="reports/fine_motion")
+    ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=None, help="override the recipe's 40 epochs")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is killed")
+    ap.add_argument("--extra", default="", help="flags added to every run, e.g. '--train.precision fp32'")
+    args = ap.parse_args(argv)
+    names = (STUDIES[args.study] if args.study else []) + (args.conditions.split(",") if args.conditions else [])
+    unknown = [n for n in names if n not in CONDITIONS]
+    if not names or unknown:
+        ap.error(f"unknown or no conditions {unknown}; choose from {', '.join(CONDITIONS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    data = args.data
+    if data is None:
+        data = str(out / "data")
+        if not (Path(data) / "dataset.json").is_file():
+            subprocess.run([sys.executable, "-m", "msf_scale.cli", "data", "synth", "--preset", "micro", "--out", data],
+                           check=True, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    jobs = [(n, s) for s in seeds for n in dict.fromkeys(names)]
+    pending, running, t0 = list(jobs), {}, time.time()
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            name, seed = pending.pop(0)
+            variant, flags = CONDITIONS[name]
+            run_dir = out / "runs" / f"{name}_s{seed}"
+            epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+            cmd = [sys.executable, str(ROOT / "msf_scale" / "train.py"), "--variant", variant, "--size", "tiny",
+                   "--data", data, "--output-dir", str(run_dir), "--train.seed", str(seed), *RECIPE, *flags, *epochs,
+                   *args.extra.split()]
+            log = open(out / "runs" / f"{name}_s{seed}.log", "w")
+            running[(name, seed)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+                                     time.time(), log)
+        for key, (proc, started, log) in list(running.items()):
+            if proc.poll() is None and time.time() - started > args.timeout:
+                proc.kill()
+            if proc.poll() is not None:
+                log.close()
+                del running[key]
+                print(f"[{time.time() - t0:6.0f} s] {key[0]} seed {key[1]}: exit {proc.returncode}", flush=True)
+        time.sleep(1)
+    results = {}
+    for name, seed in jobs:
+        run_dir = out / "runs" / f"{name}_s{seed}"
+        r = summarise(run_dir)
+        try:
+            r["fusion_share"] = fusion_share(run_dir, data) if r["test_top1"] is not None else None
+        except Exception as e:   # a measurement, not the result: report and go on
+            r["fusion_share"] = f"error: {e}"
+        results[f"{name}_s{seed}"] = {"condition": name, "seed": seed, **r}
+    (out / "results.json").write_text(json.dumps({"recipe": RECIPE, "conditions": {n: CONDITIONS[n] for n in names},
+                                                  "runs": results}, indent=1))
+    lines = ["| condition | variant | extra flags | test top-1 % (mean +- sd) | per seed | train top-1 % | "
+             "fusion ||F||/||H|| | wall s |", "|---|---|---|---|---|---|---|---|"]
+
+    def mean_of(values: list, fmt: str = "{:.1f}") -> str:
+        values = [v for v in values if isinstance(v, (int, float))]
+        return fmt.format(statistics.fmean(values)) if values else "-"
+
+    for name in dict.fromkeys(names):
+        rs = [results[f"{name}_s{s}"] for s in seeds]
+        acc = [r["test_top1"] for r in rs if r["test_top1"] is not None]
+        test = (f"{statistics.fmean(acc):.1f} +- {statistics.stdev(acc):.1f}" if len(acc) > 1
+                else f"{acc[0]:.1f}" if acc else "failed")
+        per_seed = ", ".join("failed" if r["test_top1"] is None else str(r["test_top1"]) for r in rs)
+        variant, flags = CONDITIONS[name]
+        lines.append(f"| {name} | {variant} | {' '.join(flags) or '-'} | {test} | {per_seed} | "
+                     f"{mean_of([r['train_top1'] for r in rs])} | {mean_of([r['fusion_share'] for r in rs], '{:.3f}')} "
+                     f"| {mean_of([r['wall_s'] for r in rs], '{:.0f}')} |")
+    table = "\n".join(lines)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Token stems: how a video becomes the token grid the bidirectional SSM scans.
+
+``patch`` is VideoMamba's (and SPEC.md's default): one linear projection of each p x p patch of each tubelet.
+``conv`` is a small convolutional stem in the manner of Xiao et al., "Early convolutions help transformers see
+better" (2021): log2(p) stride-2 3 x 3 convolutions (BatchNorm, ReLU) that double the width up to d, then a 1 x 1
+projection, so every token is built from overlapping local filters instead of one linear map of its own pixels.
+With ``temporal_kernel=3`` those filters also span neighbouring frames, so a token sees local motion directly.
+An [ours] option (the paper says "a 3-D convolution" for the embedding); measured in docs/BENCHMARKS.md, "Fine motion".
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+class ConvStem(nn.Module):
+    """[B, 3, T, H, W] -> [B, d, T, H/p, W/p] through log2(p) strided convolutions and a 1 x 1 projection."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int, temporal_kernel: int = 1, device=None, dtype=None):
+        super().__init__()
+        n = int(round(math.log2(patch_size)))
+        if 2 ** n != patch_size or n < 1:
+            raise ValueError(f"the conv stem needs a power-of-two patch_size >= 2, got {patch_size}")
+        if temporal_kernel not in (1, 3):
+            raise ValueError(f"stem_temporal_kernel must be 1 or 3, got {temporal_kernel}")
+        fk = {"device": device, "dtype": dtype}
+        widths = [max(dim // 2 ** (n - 1 - i), 8) for i in range(n)]
+        layers, c_in = [], in_chans
+        kt = temporal_kernel
+        for c_out in widths:
+            layers += [nn.Conv3d(c_in, c_out, (kt, 3, 3), stride=(1, 2, 2), padding=(kt // 2, 1, 1), bias=False, **fk),
+                       nn.BatchNorm3d(c_out, **fk), nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv3d(c_in, dim, 1, **fk)
+        self.widths, self.temporal_kernel, self.in_chans = widths, kt, in_chans
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.convs(x))
+
+    def flops(self, t: int, h: int, w: int) -> int:
+        """Forward multiply-accumulates at input (t, h, w) (BatchNorm folds into the conv; not counted)."""
+        macs, c_in = 0, self.in_chans
+        for c_out in self.widths:
+            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+            macs += t * h * w * c_out * c_in * self.temporal_kernel * 9
+            c_in = c_out
+        return macs + t * h * w * c_in * self.proj.out_channels
