@@ -9,3 +9,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def mamba_ssm_kernel():
+    """mamba-ssm's scan on a CUDA machine. Missing there is a failure, not a skip: a GPU run that silently skips
+    the kernel's tests would pass without checking the code path the GPU jobs use."""
+    from msf_scale.ops.selective_scan import _mamba_ssm_scan
+
+    fn = _mamba_ssm_scan()
+    if fn is None:
+        pytest.fail("mamba-ssm does not import on this CUDA machine: pip install 'msf_scale[cuda]' "
+                    "(or mamba-ssm built for this torch/CUDA)", pytrace=False)
+    return fn

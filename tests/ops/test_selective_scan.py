@@ -183,8 +183,7 @@ def test_shape_errors_name_the_expected_shape():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length", [1569, 3137])
-def test_cuda_kernel_matches_torch_backend(dtype, length):
-    pytest.importorskip("mamba_ssm")
+def test_cuda_kernel_matches_torch_backend(dtype, length, mamba_ssm_kernel):
     x = make_inputs(2, 384 * 2, 16, length, dtype, device="cuda")
     for k in ("A", "D", "delta_bias"):   # parameters stay fp32 in the model (mamba-ssm requires A in fp32)
         x[k] = x[k].detach().float().requires_grad_()

@@ -69,19 +69,19 @@ def reference(case: str, model):
     return _REF[case]
 
 
-def compare(case: str, model, device="cpu"):
+def compare(case: str, model, device="cpu", logit_rtol=LOGIT_RTOL, grad_rtol=GRAD_RTOL):
     ref_logits, weights, ref_grads = reference(case, build(case))
     model.zero_grad()
     logits = model(video(device))
     (logits.double() * weights.to(device)).sum().backward()
     err = ((logits.detach().cpu().double() - ref_logits).abs().max() / ref_logits.abs().max()).item()
-    assert err < LOGIT_RTOL, f"logits differ from the float64 reference by {err:.2e} (relative)"
+    assert err < logit_rtol, f"logits differ from the float64 reference by {err:.2e} (relative)"
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert set(grads) == set(ref_grads)
     worst = {n: ((grads[n].cpu().double() - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-30)).item()
              for n in ref_grads}
     name = max(worst, key=worst.get)
-    assert worst[name] < GRAD_RTOL, f"gradient of {name} differs by {worst[name]:.2e} (relative)"
+    assert worst[name] < grad_rtol, f"gradient of {name} differs by {worst[name]:.2e} (relative)"
 
 
 @pytest.mark.parametrize("scan", ["ref", "torch", "numba"])
@@ -117,14 +117,17 @@ def test_reference_is_sensitive_to_what_it_checks():
 @pytest.mark.gpu
 @pytest.mark.parametrize("scan", ["torch", "cuda"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_cuda_model_matches_reference(case, scan):
+def test_cuda_model_matches_reference(case, scan, request):
     """On the GPU: mamba-ssm's kernel and the torch scan, the fusion as cuDNN's conv3d and the cuDNN conv1d
-    branch of the causal conv, against the float64 reference computed on the CPU (TF32 off)."""
+    branch of the causal conv, against the float64 reference computed on the CPU (TF32 off). Tolerances 10x
+    the CPU's (not yet measured on the GPU; the planted errors move the logits by >= 1e-3)."""
+    if scan == "cuda":
+        request.getfixturevalue("mamba_ssm_kernel")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     model = build(case, "cuda")
     model.set_backends(scan=scan, fusion="conv")
-    compare(case, model, "cuda")
+    compare(case, model, "cuda", 10 * LOGIT_RTOL, 10 * GRAD_RTOL)
 
 
 @pytest.mark.gpu
