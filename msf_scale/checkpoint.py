@@ -4,7 +4,8 @@ Layout of a run directory:
     ckpt/step_0000500/   Accelerate/DeepSpeed state (model, optimizer, scheduler, RNG, TrainState, EMA),
                          meta.json (model config, data position) and COMPLETE, written last
     ckpt/step_0000600.tmp/   a save in progress: never picked by `--resume auto`
-    model.safetensors + model_config.json   consolidated weights for inference (`load_model`)
+    model.safetensors + model_config.json   consolidated weights for inference (`load_model`); the JSON also
+                         records the data and preprocessing (`data_record`), so eval and predict need no config
     best/model.safetensors + model_config.json   the same, at the evaluation with the best test top-1 so far
 A save writes into `step_N.tmp`, then the main process writes `COMPLETE` and renames the directory
 (an atomic rename on one filesystem; multi-node runs need the run dir on a shared filesystem).
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from msf_scale.config import ConfigError, UserPathError
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 # Fields of the model config that may differ on resume: how it executes, not what it computes.
@@ -51,6 +54,23 @@ def model_meta(model: nn.Module, variant: str, size: str) -> dict[str, Any]:
     return {"variant": variant, "size": size, "config": cfg}
 
 
+def data_record(cfg, info, root: str) -> dict[str, Any]:
+    """What an export must carry so that eval and predict see data as training did: the dataset (its root, or the
+    synthetic generator's parameters), its classes, and the preprocessing of `msf_scale.data` at this geometry."""
+    from msf_scale.data.schema import MEAN, STD
+
+    return {"dataset": info.name, "num_classes": info.num_classes, "class_names": list(info.class_names),
+            "data": {"root": str(Path(root).resolve()), "synthetic": cfg.data.root is None,
+                     "synth": dict(cfg.data.synth)},
+            "preprocessing": {"num_frames": cfg.model.num_frames, "img_size": cfg.model.img_size,
+                              "mean": list(MEAN), "std": list(STD), "input": "RGB scaled to [0, 1], then (x - mean) / std",
+                              "train_sampling": "one random frame in each of num_frames equal segments; random "
+                                                f"resized crop (area >= {cfg.data.min_scale}), resize to img_size",
+                              "test_sampling": "num_clips segment-centred clips x num_crops square crops of the "
+                                               "short side along the long side, resized to img_size; softmax averaged",
+                              "num_clips": cfg.data.num_clips, "num_crops": cfg.data.num_crops}}
+
+
 def _complete(path: Path) -> bool:
     return path.is_dir() and _STEP_DIR.match(path.name) is not None and (path / "COMPLETE").is_file()
 
@@ -73,7 +93,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     if resume is None:
         latest = latest_checkpoint(run_dir)
         if latest is not None:
-            raise ValueError(f"{run_dir} already holds checkpoints (newest {latest.name}); pass --resume auto "
+            raise ConfigError(f"{run_dir} already holds checkpoints (newest {latest.name}); pass --resume auto "
                              "to continue it, or choose another --output-dir")
         return None
     if resume == "auto":
@@ -82,10 +102,10 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     if (p / "ckpt").is_dir() and not _STEP_DIR.match(p.name):
         latest = latest_checkpoint(p)
         if latest is None:
-            raise ValueError(f"--resume {resume}: no complete checkpoint under {p / 'ckpt'}")
+            raise ConfigError(f"--resume {resume}: no complete checkpoint under {p / 'ckpt'}")
         return latest
     if not _complete(p):
-        raise ValueError(f"--resume {resume}: not a complete checkpoint directory (ckpt/step_NNNNNNN with a "
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (ckpt/step_NNNNNNN with a "
                          "COMPLETE marker); use --resume auto to pick the newest complete one")
     return p
 
@@ -101,7 +121,7 @@ def check_resume_compatible(ckpt: Path, meta: dict[str, Any]) -> None:
     if diffs:
         hint = (" (num_classes comes from the dataset: resume with the dataset the checkpoint was trained on)"
                 if any(d.startswith("num_classes") for d in diffs) else "")
-        raise ValueError(f"cannot resume from {ckpt}: the model differs{hint}:\n  " + "\n  ".join(diffs)
+        raise ConfigError(f"cannot resume from {ckpt}: the model differs{hint}:\n  " + "\n  ".join(diffs)
                          + "\nStart a new run with another --output-dir, or restore the original settings.")
 
 
@@ -201,7 +221,7 @@ def load_model(path: str | Path, ema: bool = False, device: str | torch.device =
     weights = p if p.suffix == ".safetensors" else p / ("model_ema.safetensors" if ema else "model.safetensors")
     conf = weights.parent / "model_config.json"
     if not weights.is_file() or not conf.is_file():
-        raise FileNotFoundError(f"{weights} or {conf} is missing: export happens at the end of training "
+        raise UserPathError(f"{weights} or {conf} is missing: export happens at the end of training "
                                 "(msf_scale/train.py); pass a run directory that finished")
     meta = json.loads(conf.read_text())
     cfg = {k: v for k, v in meta["config"].items() if k != "variant"}

@@ -2,8 +2,11 @@
 
 DeepSpeed is engaged when `dist.zero_stage > 0`, when `dist.deepspeed_config` names a JSON, or when the
 launcher's accelerate config enables it (`accelerate launch --config_file cluster/accelerate_*.yaml`).
-`dist.zero_stage > 0` overrides the stage of any file. The per-device batch, gradient accumulation,
-clipping and precision always come from the run config, so the printed global batch is the one trained.
+`dist.zero_stage > 0` overrides the stage of any file. The per-device batch, gradient accumulation and
+clipping always come from the run config, so the printed global batch is the one trained. Precision is
+`train.precision`, checked against what the launcher asked for (`accelerate launch --mixed_precision`,
+`mixed_precision:` in an accelerate config, a DeepSpeed JSON's `bf16`/`fp16`): they agree or the run is refused
+with the flag to change (`resolve_precision`), never silently overridden.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any
 
 import torch
 
-from msf_scale.config import RunConfig
+from msf_scale.config import CLUSTER_DIR, ConfigError, RunConfig, UserPathError
 
 
 def _env_uses_deepspeed() -> bool:
@@ -28,8 +31,10 @@ def deepspeed_dict(cfg: RunConfig, grad_accum: int) -> dict[str, Any] | None:
     if cfg.dist.zero_stage == 0 and not path and not _env_uses_deepspeed():
         return None
     if path and path != "none":
+        if not Path(path).is_file() and (CLUSTER_DIR / path).is_file():  # a name of the shipped cluster/ JSONs
+            path = str(CLUSTER_DIR / path)
         if not Path(path).is_file():
-            raise FileNotFoundError(f"dist.deepspeed_config: {path} does not exist (see cluster/ds_zero*.json)")
+            raise UserPathError(f"dist.deepspeed_config: {path} does not exist (see cluster/ds_zero*.json)")
         ds = json.loads(Path(path).read_text())
     else:
         ds = {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))}}
@@ -42,7 +47,7 @@ def deepspeed_dict(cfg: RunConfig, grad_accum: int) -> dict[str, Any] | None:
             zero[f"offload_{kind}"] = {"device": dev}
     for key in ("optimizer", "scheduler"):  # ours are built in code (optim.py)
         if key in ds:
-            raise ValueError(f"{path}: remove the {key!r} section; msf_scale builds AdamW and the schedule itself")
+            raise ConfigError(f"{path}: remove the {key!r} section; msf_scale builds AdamW and the schedule itself")
     if zero.get("stage") == 3:  # export (`get_state_dict`) gathers the partitioned weights
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
@@ -52,6 +57,7 @@ def deepspeed_dict(cfg: RunConfig, grad_accum: int) -> dict[str, Any] | None:
     # bf16 through DeepSpeed's torch autocast, like DDP's: fp32 weights, bf16 matmuls and gradient
     # communication. (Its "bf16" mode casts the weights to bf16 but not the activations, and the model keeps
     # its residual stream in fp32; DeepSpeed also switches off any autocast set around the engine.)
+    _check_ds_precision(ds, path or "the accelerate config's DeepSpeed section", cfg.train.precision)
     ds["bf16"] = {"enabled": False}
     ds["torch_autocast"] = {"enabled": cfg.train.precision == "bf16", "dtype": "bfloat16"}
     ds.pop("fp16", None)
@@ -75,16 +81,69 @@ def resolve_grad_accum(cfg: RunConfig, world_size: int) -> int:
         return cfg.train.grad_accum
     per_step = cfg.train.batch_size * world_size
     if cfg.train.global_batch % per_step:
-        raise ValueError(f"train.global_batch={cfg.train.global_batch} is not a multiple of train.batch_size x "
+        raise ConfigError(f"train.global_batch={cfg.train.global_batch} is not a multiple of train.batch_size x "
                          f"world size = {cfg.train.batch_size} x {world_size}; change one of them")
     return cfg.train.global_batch // per_step
 
 
+def _enabled(section: Any) -> bool | str:
+    value = section.get("enabled", False) if isinstance(section, dict) else bool(section)
+    return value if value == "auto" else bool(value)
+
+
+def _check_ds_precision(ds: dict[str, Any], where: str, precision: str) -> None:
+    """A DeepSpeed JSON's own precision must agree with train.precision ("auto" follows it)."""
+    if _enabled(ds.get("fp16", {})) is True:
+        raise ConfigError(f"{where} enables fp16, which msf_scale does not train in: remove its \"fp16\" section "
+                          "(train.precision bf16 or fp32 decides)")
+    if _enabled(ds.get("bf16", {})) is True and precision != "bf16":
+        raise ConfigError(f"{where} enables bf16 but train.precision is {precision}: pass --train.precision bf16, "
+                          "or set \"bf16\": {\"enabled\": false} in the JSON")
+
+
+def resolve_precision(cfg: RunConfig) -> str:
+    """Accelerate's mixed precision, which must agree with train.precision.
+
+    `accelerate launch --mixed_precision X` and `mixed_precision: X` in an accelerate config reach the script as
+    ACCELERATE_MIXED_PRECISION. fp16/fp8 are refused; bf16 with train.precision fp32 is refused. "no" is also
+    Accelerate's default when nothing was asked, so it cannot overrule train.precision: with bf16 a note says so."""
+    asked, precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower(), cfg.train.precision
+    if asked in ("fp16", "fp8"):
+        raise ConfigError(f"accelerate's mixed_precision is {asked} (accelerate launch --mixed_precision or the "
+                          "accelerate config's mixed_precision:), which msf_scale does not train in: use bf16 or no, "
+                          "and choose with --train.precision bf16|fp32")
+    if asked == "bf16" and precision != "bf16":
+        raise ConfigError(f"accelerate's mixed_precision is bf16 but train.precision is {precision}: pass "
+                          "--train.precision bf16, or launch with --mixed_precision no")
+    if asked == "no" and precision == "bf16" and os.environ.get("RANK", "0") == "0":
+        print("[msf_scale] accelerate's mixed_precision is 'no' (also its default); train.precision bf16 decides: "
+              "pass --train.precision fp32 to train in fp32", flush=True)
+    return precision
+
+
+def check_trackers(names: list[str]) -> list[str]:
+    """log.log_with names, each importable (wandb and mlflow are optional installs)."""
+    import importlib.util
+
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+               "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
+    for name in names:
+        if name not in modules:
+            raise ConfigError(f"log.log_with: unknown tracker {name!r}; use some of {', '.join(modules)} or none")
+        if importlib.util.find_spec(modules[name]) is None:
+            raise ConfigError(f"log.log_with: {name} is not installed (pip install {modules[name]}), "
+                              "or leave it out of --log.log_with")
+    return names
+
+
 def build_accelerator(cfg: RunConfig):
-    """Accelerator with gloo on CPU, our precision and gradient accumulation, DeepSpeed when configured."""
+    """Accelerator with gloo on CPU, our precision and gradient accumulation, DeepSpeed when configured, and the
+    trackers of log.log_with writing under the run directory."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+    precision = resolve_precision(cfg)
+    trackers = check_trackers(cfg.log.trackers())
     grad_accum = resolve_grad_accum(cfg, world_size_from_env())
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
     pg = InitProcessGroupKwargs(backend="gloo" if cpu else "nccl",
@@ -102,7 +161,9 @@ def build_accelerator(cfg: RunConfig):
         plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
     return Accelerator(
         cpu=cpu and ds is None,  # CPU DDP needs it (MULTI_CPU, gloo); with DeepSpeed it would turn DeepSpeed off
-        mixed_precision="bf16" if cfg.train.precision == "bf16" and ds is None else "no",  # DeepSpeed: its config
+        mixed_precision="bf16" if precision == "bf16" and ds is None else "no",  # DeepSpeed: torch_autocast above
+        log_with=trackers or None,
+        project_dir=str(cfg.run_dir()),
         gradient_accumulation_steps=grad_accum,
         deepspeed_plugin=plugin,
         step_scheduler_with_optimizer=False,  # train.py steps the schedule once per real optimizer update

@@ -1,7 +1,12 @@
 """Top-1 / top-5 on a split, multi-view, gathered across ranks; and `msf-scale eval --ckpt RUN`.
 
     msf-scale eval --ckpt runs/msf_mamba_tiny [--data DIR] [--split test] [--num-clips 2 --num-crops 3]
+    msf-scale eval --ckpt runs/msf_mamba_tiny/best             # the best evaluation's export
     accelerate launch -m msf_scale.evaluate --ckpt RUN          # the same, split over several processes
+
+The data and the test views default to what the export recorded (model_config.json: the dataset root, or the
+synthetic generator's parameters, and num_clips x num_crops); an export that recorded no data needs --data, and a
+dataset whose classes differ from the model's is refused.
 
 Softmax probabilities are averaged over the V = clips x crops views of a video. Every rank steps in
 lockstep (a rank whose shard ran out runs a dummy batch) because under ZeRO-3 each forward is a
@@ -18,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from msf_scale.config import ConfigError, UserError, UserPathError
 from msf_scale.metrics import topk_correct
 
 
@@ -27,8 +33,42 @@ def data_root(root: str | None, synth: dict[str, Any]) -> str:
 
     if root is None:
         return str(ensure_synthetic(**synth))
-    read_dataset_info(root)  # a missing directory or dataset.json raises FileNotFoundError naming it
+    try:
+        read_dataset_info(root)  # a missing directory or dataset.json raises FileNotFoundError naming it
+    except FileNotFoundError as e:
+        raise UserPathError(str(e)) from None
     return str(root)
+
+
+def check_classes(meta: dict[str, Any], info, root: str) -> None:
+    """The model must have been trained on this dataset's classes: same count and, where recorded, same names."""
+    n = meta["config"]["num_classes"]
+    if n != info.num_classes:
+        raise ConfigError(f"the model has {n} classes but {root} has {info.num_classes} ({info.name}): evaluate on "
+                          "the dataset it was trained on (--data DIR)")
+    names = meta.get("class_names")
+    if names and list(names) != list(info.class_names):
+        raise ConfigError(f"the model's classes differ from those of {root} ({info.name}), e.g. "
+                          f"{next((a, b) for a, b in zip(names, info.class_names) if a != b)}: pass the dataset it "
+                          "was trained on with --data")
+
+
+def recorded_root(meta: dict[str, Any], run_dir: Path) -> str:
+    """The dataset an export was trained on: its recorded root, or the synthetic data regenerated from its
+    recorded parameters (the same cache path); for older exports the run's config.yaml. Else --data is needed."""
+    rec = meta.get("data")
+    if rec is None and (Path(run_dir) / "config.yaml").is_file():
+        from msf_scale.config import read_config
+        run_cfg = read_config(Path(run_dir) / "config.yaml")
+        meta.setdefault("preprocessing", {"num_clips": run_cfg.data.num_clips, "num_crops": run_cfg.data.num_crops})
+        return data_root(run_cfg.data.root, run_cfg.data.synth)
+    if rec is None:
+        raise UserPathError(f"{run_dir} records no dataset (an export older than the data record): pass --data DIR")
+    if rec.get("synthetic"):
+        return data_root(None, rec.get("synth") or {})
+    if not Path(rec["root"]).is_dir():
+        raise UserPathError(f"the dataset recorded in the export, {rec['root']}, is not there: pass --data DIR")
+    return data_root(rec["root"], {})
 
 
 def _any_rank(accelerator, flag: bool) -> bool:
@@ -95,34 +135,44 @@ def build_loader(root: str, split: str, batch_clips: int, num_frames: int, img_s
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="msf-scale eval", description="Top-1/top-5 of an exported run.")
     p.add_argument("--ckpt", required=True, help="run directory (with model.safetensors) or a .safetensors file")
-    p.add_argument("--data", default=None, help="dataset dir (default: the run's data.root, else synthetic)")
+    p.add_argument("--data", default=None, help="dataset dir (default: the one the export recorded)")
     p.add_argument("--split", default="test")
-    p.add_argument("--num-clips", type=int, default=None, help="default: the run's data.num_clips")
-    p.add_argument("--num-crops", type=int, default=None, help="default: the run's data.num_crops")
+    p.add_argument("--num-clips", type=int, default=None, help="default: the export's test views")
+    p.add_argument("--num-crops", type=int, default=None, help="default: the export's test views")
     p.add_argument("--batch-size", type=int, default=32, help="clips per forward, views included")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--ema", action="store_true", help="evaluate model_ema.safetensors")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--out", default=None, help="JSON output (default: RUN/eval_<split>.json)")
     args = p.parse_args(argv)
+    try:
+        return _main(args)
+    except UserError as e:
+        print(f"msf-scale eval: error: {e}", flush=True)
+        return 2
 
+
+def _main(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     from msf_scale.checkpoint import load_model, read_model_config
-    from msf_scale.config import read_config
+    from msf_scale.data import read_dataset_info
 
     ckpt = Path(args.ckpt)
     run_dir = ckpt.parent if ckpt.suffix == ".safetensors" else ckpt
-    run_cfg = read_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    if not (run_dir / "model_config.json").is_file():
+        raise UserPathError(f"{run_dir / 'model_config.json'} is missing: pass a finished run directory, its best/, "
+                            "or a model.safetensors next to its model_config.json")
     meta = read_model_config(ckpt)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     precision = args.precision or ("bf16" if acc.device.type == "cuda" else "fp32")
-    model = load_model(ckpt, ema=args.ema, device=acc.device)
     with acc.main_process_first():
-        root = data_root(args.data if args.data or run_cfg is None else run_cfg.data.root,
-                         {} if run_cfg is None else run_cfg.data.synth)
-    clips = args.num_clips or (run_cfg.data.num_clips if run_cfg else 1)
-    crops = args.num_crops or (run_cfg.data.num_crops if run_cfg else 1)
+        root = data_root(args.data, {}) if args.data else recorded_root(meta, run_dir)
+    views = meta.get("preprocessing", {})
+    check_classes(meta, read_dataset_info(root), root)
+    model = load_model(ckpt, ema=args.ema, device=acc.device)
+    clips = args.num_clips or views.get("num_clips", 1)
+    crops = args.num_crops or views.get("num_crops", 1)
     t, s = meta["config"]["num_frames"], meta["config"]["img_size"]
     loader = build_loader(root, args.split, args.batch_size, t, s, args.num_workers, acc.process_index,
                           acc.num_processes, clips, crops)

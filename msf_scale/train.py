@@ -6,12 +6,15 @@
     python msf_scale/train.py --size tiny --resume auto --optim.lr 3e-4 --train.batch_size 16
 
 Flags: --size --variant --config --data --output-dir --max-steps --epochs --resume auto|PATH, and any
-config value as `--section.field value` (msf_scale/config.py, docs/TRAINING.md). `main(argv)` returns the
-final metrics. The train loader shards by rank itself, so it is not passed through `accelerator.prepare`.
+config value as `--section.field value` (msf_scale/config.py, docs/TRAINING.md); `--help` after them lists
+every value those presets and flags give. `main(argv)` returns the final metrics and raises on bad input;
+`cli(argv)`, the command line, prints a user's mistake as one line and exits 2 (tracebacks are for bugs).
+The train loader shards by rank itself, so it is not passed through `accelerator.prepare`.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,13 +26,13 @@ import torch
 from torch import nn
 
 from msf_scale import distributed as dist
-from msf_scale.checkpoint import (TrainState, best_top1, check_resume_compatible, export_best, export_model,
-                                  model_meta, recover_best, resolve_resume, save_checkpoint)
-from msf_scale.config import RunConfig, help_text, load_config, save_config
+from msf_scale.checkpoint import (TrainState, best_top1, check_resume_compatible, data_record, export_best,
+                                  export_model, model_meta, recover_best, resolve_resume, save_checkpoint)
+from msf_scale.config import ConfigError, RunConfig, UserError, help_text, load_config, save_config
 from msf_scale.ema import ModelEma
 from msf_scale.evaluate import build_loader, data_root, evaluate_model
-from msf_scale.metrics import (MetricLogger, device_peak_tflops, mfu, peak_memory_gb, train_flops_per_clip,
-                               truncate_jsonl)
+from msf_scale.metrics import (MetricLogger, available_memory_gb, device_peak_tflops, estimate_train_memory_gb,
+                               flat_config, mfu, peak_memory_gb, train_flops_per_clip, truncate_jsonl)
 from msf_scale.models import create_model
 from msf_scale.optim import build_optimizer, build_scheduler
 
@@ -39,10 +42,41 @@ def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
     return (((seed * 1_000_003 + epoch) * 10_000_019 + batch) * 65_537 + rank) % 2**63
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: `main`, with a user's mistake printed as one line and exit status 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"msf-scale train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def preflight_memory(cfg: RunConfig, model_cfg, device: torch.device, processes: int) -> None:
+    """On CPU, refuse (or warn about) a run whose estimated memory exceeds the free RAM: the kernel's OOM killer
+    would end it with SIGKILL and no message. The GPU recipe (224 px, batch 32) needs tens of GB per process."""
+    if device.type != "cpu" or not hasattr(model_cfg, "grid"):
+        return
+    tc, m = cfg.train, cfg.model
+    need = estimate_train_memory_gb(model_cfg, tc.batch_size, processes, tc.precision, m.grad_checkpointing)
+    free = available_memory_gb()
+    if free is None or need <= 0.7 * free:
+        return
+    fit = max(1, int(tc.batch_size * 0.7 * free / need))
+    t, gh, gw = model_cfg.grid
+    msg = (f"estimated training memory {need:.1f} GB ({processes} process(es) x batch {tc.batch_size} x "
+           f"{t * gh * gw} tokens: {m.num_frames} x {m.img_size} x {m.img_size} px, patch {model_cfg.patch_size}) "
+           f"{'exceeds' if need > free else 'is close to'} the {free:.1f} GB free: lower --train.batch_size "
+           f"(~{fit} fits), --model.img_size or the process count, or pass --model.grad_checkpointing true")
+    if need > free and tc.mem_check:
+        raise ConfigError(msg + "; --train.mem_check false runs it anyway")
+    print(f"[msf_scale] warning: {msg}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):
-        print(__doc__.split("Flags:")[0] + help_text())
+        print(__doc__.split("Flags:")[0] + help_text(argv))
         raise SystemExit(0)
     cfg = load_config(argv)
     dist.reset_state()
@@ -69,10 +103,16 @@ def _train(cfg: RunConfig, acc) -> dict:
     model = create_model(m.variant, size=m.size, num_classes=info.num_classes, num_frames=m.num_frames,
                          img_size=m.img_size, drop_path_rate=m.drop_path_rate, **m.arch)
     model.set_grad_checkpointing(m.grad_checkpointing)
+    preflight_memory(cfg, model.cfg, acc.device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     meta = model_meta(model, m.variant, m.size)
     resume = resolve_resume(tc.resume, run_dir)
     if resume is not None:
         check_resume_compatible(resume, meta)
+    elif m.init:  # released / exported weights; a resumed run has its own
+        from msf_scale.weights_import import load_init
+        report = load_init(model, m.init)
+        acc.print(report.summary(m.init))
+    record = data_record(cfg, info, root)
     accum = acc.gradient_accumulation_steps
     global_batch, per_batch = tc.batch_size * world * accum, tc.batch_size * world
     loader = build_train_loader(root, batch_size=tc.batch_size, num_frames=m.num_frames, img_size=m.img_size,
@@ -81,7 +121,7 @@ def _train(cfg: RunConfig, acc) -> dict:
                                 min_scale=cfg.data.min_scale)
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
-        raise ValueError(f"an epoch has {len(loader)} batches per rank, fewer than train.grad_accum={accum}; "
+        raise ConfigError(f"an epoch has {len(loader)} batches per rank, fewer than train.grad_accum={accum}; "
                          "lower train.batch_size / train.grad_accum or raise data.epoch_samples")
     total = cfg.schedule.epochs * steps_per_epoch
     stop_at = total if tc.max_steps is None else min(total, tc.max_steps)
@@ -114,9 +154,12 @@ def _train(cfg: RunConfig, acc) -> dict:
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "run_meta.json").write_text(json.dumps(run_info, indent=1))
         truncate_jsonl(run_dir / "metrics.jsonl", state.step)
+    if acc.log_with:
+        acc.init_trackers("msf_scale", config=flat_config(cfg.to_dict()),
+                          init_kwargs={"wandb": {"name": run_dir.name}, "mlflow": {"run_name": run_dir.name}})
     acc.print(f"{m.variant}_{m.size}: global batch {global_batch} = {tc.batch_size}/device x {world} devices x "
               f"{accum} accumulation; {steps_per_epoch} steps/epoch, {stop_at} steps; engine {run_info['engine']}")
-    logger = MetricLogger(run_dir, is_main, cfg.log.tensorboard)
+    logger = MetricLogger(run_dir, is_main, acc)
     eval_loader = build_loader(root, "test", cfg.data.eval_batch_size or tc.batch_size, m.num_frames, m.img_size,
                                cfg.data.num_workers, rank, world, cfg.data.num_clips, cfg.data.num_crops)
     views = (cfg.data.num_clips * cfg.data.num_crops, 3, m.num_frames, m.img_size, m.img_size)
@@ -124,9 +167,15 @@ def _train(cfg: RunConfig, acc) -> dict:
     peak = device_peak_tflops(cfg.log.peak_tflops, acc.device)
     flops = train_flops_per_clip(fwd_macs)
 
+    def corrupt(ld) -> list[int]:
+        """Corrupt samples and shard reads skipped so far, summed over ranks (collective)."""
+        counts = torch.tensor([ld.stats.corrupt, ld.stats.corrupt_shards], device=acc.device)
+        return [int(c) for c in (acc.reduce(counts, reduction="sum") if world > 1 else counts).tolist()]
+
     def evaluate() -> dict:
         res = evaluate_model(model, eval_loader, acc, views)  # prepared: autocast comes with it
-        out = {"test_top1": res["top1"], "test_top5": res["top5"], "test_samples": res["num_samples"]}
+        out = {"test_top1": res["top1"], "test_top5": res["top5"], "test_samples": res["num_samples"],
+               "test_corrupt_samples": corrupt(eval_loader)[0]}
         if ema is not None:
             e = evaluate_model(ema.module, eval_loader, acc, views, autocast_bf16=tc.precision == "bf16")
             out.update(ema_test_top1=e["top1"], ema_test_top5=e["top5"])
@@ -136,9 +185,9 @@ def _train(cfg: RunConfig, acc) -> dict:
         if out["test_top1"] > best[0]:  # every rank saw the same gathered metric: all export together
             best[0] = out["test_top1"]
             export_best(acc, model, run_dir, meta, ema.module if ema else None,
-                        extra={"class_names": list(info.class_names), "dataset": info.name,
-                               "step": state.step, "epoch": state.epoch, **out})
-        acc.print(f"step {state.step} epoch {state.epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in out.items()))
+                        extra={**record, "step": state.step, "epoch": state.epoch, **out})
+        acc.print(f"step {state.step} epoch {state.epoch}: " + "  ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
         return out
 
     def checkpoint() -> None:
@@ -150,7 +199,7 @@ def _train(cfg: RunConfig, acc) -> dict:
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     sums = torch.zeros(3, device=acc.device)  # loss sum, correct, clips over the log window (no host sync)
     bar = tqdm(total=stop_at, initial=state.step, disable=not (is_main and cfg.log.progress), dynamic_ncols=True)
-    bad_in_row, wait, t_win, micro_win, last = 0, 0.0, time.perf_counter(), 0, {}
+    bad_in_row, wait, t_win, micro_win, last, reported_corrupt = 0, 0.0, time.perf_counter(), 0, {}, 0
     model.train()
     epoch_batches = steps_per_epoch * accum
     while state.epoch < cfg.schedule.epochs and state.step < stop_at:  # skipped (bad) steps shorten an epoch
@@ -211,8 +260,14 @@ def _train(cfg: RunConfig, acc) -> dict:
                         "clips_per_s_per_device": cps / world, "data_wait_share": wait / dt,
                         "peak_mem_gb": peak_memory_gb(acc.device), "tflops_per_device": flops * cps / world / 1e12,
                         "mfu": mfu(flops, cps / world, peak), "bad_steps": state.bad_steps}
+                last["corrupt_samples"], last["corrupt_shards"] = corrupt(loader)
                 logger.log(last, state.step)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", refresh=False)
+                bad_data = {"corrupt": last["corrupt_samples"]} if last["corrupt_samples"] else {}
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", **bad_data, refresh=False)
+                if bar.disable and last["corrupt_samples"] > reported_corrupt:  # no bar: say it in a line
+                    reported_corrupt = last["corrupt_samples"]
+                    acc.print(f"step {state.step}: {reported_corrupt} corrupt training samples skipped so far "
+                              "(the msf_scale.data warnings name them)")
                 sums.zero_()
                 wait, t_win, micro_win = 0.0, time.perf_counter(), 0
             if tc.ckpt_every and state.step % tc.ckpt_every == 0:
@@ -224,16 +279,20 @@ def _train(cfg: RunConfig, acc) -> dict:
                 evaluate()
     bar.close()
     checkpoint()
+    train_corrupt = corrupt(loader)
     final = {"step": state.step, "epoch": state.epoch, "clips_seen": state.clips_seen, "bad_steps": state.bad_steps,
              **{k: last[k] for k in ("loss", "train_top1", "clips_per_s", "mfu") if k in last}, **evaluate(),
+             "corrupt_samples": train_corrupt[0], "corrupt_shards": train_corrupt[1],
              "wall_s": round(time.time() - t_start, 1), "run_dir": str(run_dir)}
-    export_model(acc, model, run_dir, meta, ema.module if ema else None,
-                 extra={"class_names": list(info.class_names), "dataset": info.name})
+    export_model(acc, model, run_dir, meta, ema.module if ema else None, extra=record)
     if is_main:
         (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=1))
+    if final["corrupt_samples"] or final["test_corrupt_samples"]:
+        acc.print(f"skipped {final['corrupt_samples']} corrupt training samples ({final['corrupt_shards']} shard "
+                  f"reads) and {final['test_corrupt_samples']} corrupt test samples: see final_metrics.json")
     logger.close()
     return final
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())
