@@ -140,7 +140,7 @@ def build_accelerator(cfg: RunConfig):
     """Accelerator with gloo on CPU, our precision and gradient accumulation, DeepSpeed when configured, and the
     trackers of log.log_with writing under the run directory."""
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
     precision = resolve_precision(cfg)
     trackers = check_trackers(cfg.log.trackers())
@@ -163,7 +163,7 @@ def build_accelerator(cfg: RunConfig):
         cpu=cpu and ds is None,  # CPU DDP needs it (MULTI_CPU, gloo); with DeepSpeed it would turn DeepSpeed off
         mixed_precision="bf16" if precision == "bf16" and ds is None else "no",  # DeepSpeed: torch_autocast above
         log_with=trackers or None,
-        project_dir=str(cfg.run_dir()),
+        project_config=ProjectConfiguration(project_dir=str(cfg.run_dir()), logging_dir=str(cfg.run_dir() / "tb")),
         gradient_accumulation_steps=grad_accum,
         deepspeed_plugin=plugin,
         step_scheduler_with_optimizer=False,  # train.py steps the schedule once per real optimizer update
