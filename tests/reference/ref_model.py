@@ -54,12 +54,11 @@ def causal_conv(x, weight, bias):
     """x [B, E, L], weight [E, 1, K]: y_t = bias + sum_j w_j x_{t-(K-1)+j}, x_s = 0 for s < 0 (Mamba's conv)."""
     b, e, length = x.shape
     k = weight.shape[-1]
-    y = bias.view(1, e, 1).expand(b, e, length).clone()
-    for t in range(length):
-        for j in range(k):
-            s = t - (k - 1) + j
-            if s >= 0:
-                y[:, :, t] = y[:, :, t] + weight[:, 0, j] * x[:, :, s]
+    y = bias.view(1, e, 1).expand(b, e, length)
+    for j in range(k):
+        lag = k - 1 - j                                  # tap j reads x_{t - lag}
+        shifted = torch.cat([x.new_zeros(b, e, lag), x[:, :, :length - lag]], dim=-1)
+        y = y + weight[:, 0, j].view(1, e, 1) * shifted
     return y
 
 
@@ -71,7 +70,7 @@ def scan(u, delta, A, B, C, D):
     for t in range(length):
         dA = torch.exp(delta[:, :, t, None] * A)
         h = dA * h + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]
-        ys.append(torch.einsum("ben,bn->be", h, C[:, :, t]) + D * u[:, :, t])
+        ys.append((h * C[:, None, :, t]).sum(-1) + D * u[:, :, t])
     return torch.stack(ys, dim=-1)
 
 

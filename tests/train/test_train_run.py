@@ -14,7 +14,12 @@ from msf_scale.metrics import read_jsonl
 
 
 def _losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+    """step -> logged loss; a step logged twice (a resume that did not truncate the log) is an error, not a
+    row that a dict would silently overwrite."""
+    rows = [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    steps = [s for s, _ in rows]
+    assert len(steps) == len(set(steps)), f"steps logged more than once: {sorted(s for s in set(steps) if steps.count(s) > 1)}"
+    return dict(rows)
 
 
 @pytest.fixture

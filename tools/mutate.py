@@ -1,0 +1,291 @@
+"""Mutation testing over named, hand-picked mutants: would the fast tests notice a plausible wrong model?
+
+    python tools/mutate.py                       # every mutant, on a snapshot of HEAD (committed files)
+    python tools/mutate.py --only model          # one group (model, ops, numerics, ema, resume, eval)
+    python tools/mutate.py --only gate_dropped   # one mutant
+    python tools/mutate.py --worktree            # the working tree instead of HEAD (uncommitted edits too)
+    python tools/mutate.py --list
+
+Each mutant is one small edit (file, old snippet, new snippet) of the kind a refactor could make by mistake.
+The repository is copied to a temporary directory once; each mutant is applied there, the fast tests that
+should catch it run (`pytest -x`, CPU), and the file is restored. A mutant is *caught* when those tests fail,
+*survived* when they pass, *stale* when its snippet is no longer in the file (update the list). Before the
+mutants, the union of the test selections runs on the unmutated copy and must pass.
+
+Why not mutmut: it mutates every operator of every line blindly and needs the whole suite per mutant; the
+suite's relevant fast tests take ~10-60 s per mutant here, so a few hundred blind mutants would take hours on
+2 cores, and most of them (log messages, error strings) say nothing about whether the model is right.
+Results and the survivors' explanations: docs/TESTING.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+REF = "tests/reference/test_reference_model.py"
+REF_TORCH = [REF, "-k", "every_scan and torch"]
+NUMERICS = "tests/train/test_numerics.py"
+
+
+@dataclass
+class Mutant:
+    name: str
+    group: str
+    path: str
+    old: str
+    new: str
+    tests: list[str]
+    why: str = ""
+
+
+M = Mutant
+MUTANTS = [
+    # --- the model -----------------------------------------------------------------------------------------
+    M("bwd_not_flipped_back", "model", "msf_scale/models/blocks.py",
+      "self.bwd(xs.flip(-1), self.scan_backend).flip(-1)", "self.bwd(xs.flip(-1), self.scan_backend)", REF_TORCH),
+    M("bwd_scans_forwards", "model", "msf_scale/models/blocks.py",
+      "self.bwd(xs.flip(-1), self.scan_backend).flip(-1)", "self.bwd(xs, self.scan_backend)", REF_TORCH),
+    M("gate_dropped", "model", "msf_scale/models/blocks.py",
+      "y = 0.5 * y * F.silu(z)", "y = 0.5 * y", REF_TORCH),
+    M("directions_summed", "model", "msf_scale/models/blocks.py",
+      "y = 0.5 * y * F.silu(z)", "y = y * F.silu(z)", REF_TORCH),
+    M("fusion_grid_T_W_swapped", "model", "msf_scale/models/blocks.py",
+      "states = tokens.transpose(1, 2).reshape(b, d, *grid)", "states = tokens.transpose(1, 2).reshape(b, d, *grid[::-1])",
+      REF_TORCH),
+    M("fusion_residual_dropped", "model", "msf_scale/models/blocks.py",
+      "h = torch.cat([prefix, tokens + fused], dim=1)", "h = torch.cat([prefix, fused], dim=1)", REF_TORCH),
+    M("cpu_conv1d_taps_reversed", "model", "msf_scale/models/blocks.py",
+      "w = weight[:, 0, :].to(x.dtype)", "w = weight[:, 0, :].flip(-1).to(x.dtype)", REF_TORCH),
+    M("x_proj_B_C_swapped", "model", "msf_scale/models/blocks.py",
+      "dt, B, C = self.x_proj(", "dt, C, B = self.x_proj(", REF_TORCH),
+    M("dt_bias_dropped", "model", "msf_scale/models/blocks.py",
+      "self.dt_proj.bias.float(), delta_softplus=True", "None, delta_softplus=True", REF_TORCH),
+    M("aswm_softmax_over_width", "model", "msf_scale/models/blocks.py",
+      "torch.softmax(self.aswm(torch.cat(fused, dim=1)).float(), dim=1)",
+      "torch.softmax(self.aswm(torch.cat(fused, dim=1)).float(), dim=-1)", REF_TORCH),
+    M("drop_path_no_rescale", "model", "msf_scale/models/blocks.py",
+      "return x * keep / (1 - self.p)", "return x * keep", [NUMERICS, "-k", "drop_path"]),
+    M("temporal_embedding_dropped", "model", "msf_scale/models/msf_mamba.py",
+      "x + self.pos_embed[:, None] + self.temporal_pos_embedding", "x + self.pos_embed[:, None]", REF_TORCH),
+    M("mean_pool_includes_cls", "model", "msf_scale/models/msf_mamba.py",
+      "x[:, self.num_prefix:].mean(dim=1)", "x.mean(dim=1)", REF_TORCH),
+    M("fusion_every_K_off_by_one", "model", "msf_scale/models/msf_mamba.py",
+      "list(range(n - 1, self.depth, n))", "list(range(n, self.depth, n))", [REF, "-k", "fusion_blocks"]),
+    M("flops_without_scan_factor", "model", "msf_scale/models/msf_mamba.py",
+      "9 * e * n + e)", "e * n + e)", [REF, "-k", "flops"]),
+    M("default_fusion_init_uniform", "model", "msf_scale/models/msf_mamba.py",
+      'fusion_init: str = "zero"', 'fusion_init: str = "uniform"', [REF, "-k", "defaults or init_follows"]),
+    M("default_theta_changed", "model", "msf_scale/models/msf_mamba.py",
+      "fusion_theta: float = 0.7", "fusion_theta: float = 0.5", [REF, "-k", "defaults or init_follows"]),
+    M("A_init_shifted", "model", "msf_scale/models/msf_mamba.py",
+      "torch.log(torch.arange(1, n + 1, dtype=torch.float32))", "torch.log(torch.arange(2, n + 2, dtype=torch.float32))",
+      [REF, "-k", "defaults or init_follows"]),
+    M("D_init_zero", "model", "msf_scale/models/msf_mamba.py",
+      "m.D.fill_(1.0)", "m.D.fill_(0.0)", [REF, "-k", "defaults or init_follows"]),
+    M("out_proj_not_scaled_by_depth", "model", "msf_scale/models/msf_mamba.py",
+      "p.div_(math.sqrt(cfg.depth))", "pass", [REF, "-k", "defaults or init_follows"]),
+    M("norm_eps_default_changed", "model", "msf_scale/models/msf_mamba.py",
+      "norm_eps: float = 1e-5", "norm_eps: float = 1e-6", [REF, "-k", "defaults or init_follows"]),
+    # --- the operators -------------------------------------------------------------------------------------
+    M("cfd_theta_sign", "ops", "msf_scale/ops/state_fusion.py",
+      "return weight - theta * off_centre[..., None, None, None] * centre",
+      "return weight + theta * off_centre[..., None, None, None] * centre", ["tests/ops/test_state_fusion.py"]),
+    M("cfd_centre_frame_in_sum", "ops", "msf_scale/ops/state_fusion.py",
+      "off_centre = weight.sum(dim=(-1, -2, -3)) - weight[..., c, :, :].sum(dim=(-1, -2))",
+      "off_centre = weight.sum(dim=(-1, -2, -3))", ["tests/ops/test_state_fusion.py"]),
+    M("shift_conv_mirrored_time", "ops", "msf_scale/ops/state_fusion.py",
+      "tap = w[:, 0, i, j, l].view(1, -1, 1, 1, 1)", "tap = w[:, 0, k - 1 - i, j, l].view(1, -1, 1, 1, 1)",
+      ["tests/ops/test_state_fusion.py"]),
+    M("fusion_ref_sign", "ops", "msf_scale/ops/state_fusion.py",
+      "out.append(agg - theta * h * off_centre.to(h.dtype))", "out.append(agg + theta * h * off_centre.to(h.dtype))",
+      ["tests/ops/test_state_fusion.py", REF, "-k", "every_fusion"]),
+    M("numba_path_D_skip_dropped", "ops", "msf_scale/ops/selective_scan.py",
+      "y = y + u_c * D_c[:, None]", "y = y", ["tests/ops/test_selective_scan.py", "-k", "numba"]),
+    M("numba_path_softplus_dropped", "ops", "msf_scale/ops/selective_scan.py",
+      "delta_c = F.softplus(delta_c)", "delta_c = delta_c", ["tests/ops/test_selective_scan.py", "-k", "numba"]),
+    M("scan_ref_input_not_scaled_by_delta", "ops", "msf_scale/ops/selective_scan.py",
+      "h = torch.exp(dt * A) * h + dt * B[:, None, :, t] * u[:, :, t, None]",
+      "h = torch.exp(dt * A) * h + B[:, None, :, t] * u[:, :, t, None]", [REF, "-k", "every_scan and ref"]),
+    M("torch_scan_log2e_off", "ops", "msf_scale/ops/_scan_torch.py",
+      "LOG2E = 1.0 / math.log(2.0)", "LOG2E = 1.0 / math.log(2.01)",
+      ["tests/ops/test_selective_scan.py", "-k", "torch and reference"]),
+    # --- training numerics ---------------------------------------------------------------------------------
+    M("label_smoothing_off", "numerics", "msf_scale/train.py",
+      "nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)", "nn.CrossEntropyLoss()",
+      [NUMERICS, "-k", "hand_computation"]),
+    M("grad_clipping_removed", "numerics", "msf_scale/train.py",
+      "acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)", "pass", [NUMERICS, "-k", "hand_computation"]),
+    M("scheduler_stepped_twice", "numerics", "msf_scale/train.py",
+      "            scheduler.step()\n", "            scheduler.step()\n            scheduler.step()\n",
+      [NUMERICS, "-k", "hand_computation"]),
+    M("loss_not_divided_by_accumulation", "numerics", "msf_scale/train.py",
+      "acc.backward(loss)", "acc.backward(loss * accum)", [NUMERICS, "-k", "hand_computation"]),
+    M("warmup_starts_at_zero", "numerics", "msf_scale/optim.py",
+      "return (step + 1) / warmup", "return step / warmup", ["tests/train/test_optim.py"]),
+    M("cosine_quarter_period", "numerics", "msf_scale/optim.py",
+      "0.5 * (1 + math.cos(math.pi * progress))", "0.5 * (1 + math.cos(0.5 * math.pi * progress))",
+      [NUMERICS, "-k", "hand_computation"]),
+    M("lr_not_scaled_by_batch", "numerics", "msf_scale/optim.py",
+      "return cfg.optim.lr * global_batch / 256", "return cfg.optim.lr", ["tests/train/test_optim.py"]),
+    M("weight_decay_on_1d_params", "numerics", "msf_scale/optim.py",
+      "decay = p.ndim > 1 and name not in skip", "decay = name not in skip", ["tests/train/test_optim.py"]),
+    # --- EMA -----------------------------------------------------------------------------------------------
+    M("ema_update_noop", "ema", "msf_scale/ema.py",
+      "p.lerp_(src[name].detach().to(p.dtype), 1 - d)", "p.lerp_(src[name].detach().to(p.dtype), 0.0)",
+      [NUMERICS, "-k", "ema_update"]),
+    M("ema_decay_inverted", "ema", "msf_scale/ema.py",
+      "p.lerp_(src[name].detach().to(p.dtype), 1 - d)", "p.lerp_(src[name].detach().to(p.dtype), d)",
+      [NUMERICS, "-k", "ema_update"]),
+    M("ema_no_warmup", "ema", "msf_scale/ema.py",
+      "d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))", "d = self.decay",
+      [NUMERICS, "-k", "ema_update"]),
+    M("ema_not_restored_on_resume", "ema", "msf_scale/train.py",
+      "        acc.register_for_checkpointing(ema)\n", "        pass\n", [NUMERICS, "-k", "ema_resumes"]),
+    # --- resume --------------------------------------------------------------------------------------------
+    M("truncate_jsonl_noop", "resume", "msf_scale/metrics.py",
+      'Path(path).write_text("".join(json.dumps(r) + "\\n" for r in rows if r.get("step", 0) <= max_step))', "pass",
+      [NUMERICS, "-k", "truncate", "tests/train/test_train_run.py", "-k", "truncate or resume_auto"]),
+    M("no_remap_when_batch_changes", "resume", "msf_scale/train.py",
+      "state.batch_in_epoch = state.batch_in_epoch * state.clips_per_batch // per_batch", "pass",
+      [NUMERICS, "-k", "remaps"]),
+    M("resolve_resume_path_like_auto", "resume", "msf_scale/checkpoint.py",
+      "    p = Path(resume)\n", "    p = Path(resume)\n    return latest_checkpoint(run_dir)\n",
+      [NUMERICS, "-k", "resolve_resume"]),
+    # --- what a run reports --------------------------------------------------------------------------------
+    M("topk_off_by_one", "eval", "msf_scale/metrics.py",
+      "return [hit[:, :k].any(dim=-1) for k in ks]", "return [hit[:, :k + 1].any(dim=-1) for k in ks]",
+      [NUMERICS, "-k", "topk", "tests/train/test_eval_values.py"]),
+    M("eval_first_view_only", "eval", "msf_scale/evaluate.py",
+      "probs = logits.float().softmax(-1).view(b, v, -1).mean(1)", "probs = logits.float().softmax(-1).view(b, v, -1)[:, 0]",
+      ["tests/train/test_eval_values.py"]),
+    M("eval_averages_logits", "eval", "msf_scale/evaluate.py",
+      "probs = logits.float().softmax(-1).view(b, v, -1).mean(1)", "probs = logits.float().view(b, v, -1).mean(1)",
+      ["tests/train/test_eval_values.py"]),
+    M("eval_crops_all_centre", "eval", "msf_scale/data/transforms.py",
+      "offs = [spare // 2] if num_crops == 1 else [round(spare * j / (num_crops - 1)) for j in range(num_crops)]",
+      "offs = [spare // 2] * num_crops", ["tests/data/test_views_values.py"]),
+    M("eval_crop_axes_swapped", "eval", "msf_scale/data/transforms.py",
+      "return [(o, 0, s, s) if h > w else (0, o, s, s) for o in offs]",
+      "return [(0, o, s, s) if h > w else (o, 0, s, s) for o in offs]", ["tests/data/test_views_values.py"]),
+    M("eval_clip_offset_at_segment_start", "eval", "msf_scale/data/transforms.py",
+      "[(clip + 0.5) / num_clips] * t", "[clip / num_clips] * t", ["tests/data/test_views_values.py"]),
+    M("mp4_decodes_bgr", "eval", "msf_scale/data/video.py",
+      'reformat(frame, width=width, height=height, format="rgb24"', 'reformat(frame, width=width, height=height, format="bgr24"',
+      ["tests/data/test_views_values.py"]),
+]
+
+
+def snapshot(dest: Path, worktree: bool) -> None:
+    """HEAD's committed files (default) or the working tree's tracked + untracked-not-ignored files."""
+    if worktree:
+        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                               capture_output=True).stdout.decode().split("\0")
+        for f in filter(None, files):
+            src = REPO / f
+            if src.is_file():
+                (dest / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest / f)
+    else:
+        archive = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+
+
+def run_tests(copy: Path, selection: list[str], timeout: float) -> tuple[str, float, str]:
+    """('pass' | 'fail' | 'timeout', seconds, last lines). A selection is paths and '-k EXPR' pairs, one pytest
+    invocation per path (so that each path has its own -k)."""
+    groups, cur = [], None
+    for a in selection:
+        if cur is not None and cur[-1] == "-k":
+            cur.append(a)
+        elif a == "-k":
+            cur.append(a)
+        else:
+            cur = [a]
+            groups.append(cur)
+    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+    t0, tail = time.time(), ""
+    for g in groups:
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow and not gpu", *g]
+        try:
+            p = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "timeout", time.time() - t0, ""
+        tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-3:])
+        if p.returncode == 5:
+            return "no tests", time.time() - t0, tail
+        if p.returncode != 0:
+            return "fail", time.time() - t0, tail
+    return "pass", time.time() - t0, tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="*", help="mutant names or groups")
+    ap.add_argument("--worktree", action="store_true", help="mutate a copy of the working tree, not of HEAD")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per pytest call (a timeout counts as caught)")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only or m.group in args.only]
+    if args.list or not chosen:
+        for m in MUTANTS:
+            print(f"{m.group:9s} {m.name:36s} {m.path}")
+        return 0 if chosen else 2
+    with tempfile.TemporaryDirectory(prefix="msf_mutate_") as tmp:
+        copy = Path(tmp)
+        snapshot(copy, args.worktree)
+        where = subprocess.run([sys.executable, "-c", "import msf_scale; print(msf_scale.__file__)"], cwd=copy,
+                               env=dict(os.environ, PYTHONPATH=str(copy)), capture_output=True, text=True).stdout
+        if not where.startswith(str(copy)):
+            print(f"msf_scale imports from {where.strip()!r}, not from the copy: aborting", file=sys.stderr)
+            return 2
+        union = []
+        for m in chosen:
+            if m.tests not in union:
+                union.append(m.tests)
+        print(f"baseline: {len(union)} test selections on the unmutated copy", flush=True)
+        for sel in union:
+            status, secs, tail = run_tests(copy, sel, args.timeout)
+            if status != "pass":
+                print(f"baseline {status} for {' '.join(sel)} ({secs:.0f} s):\n{tail}", file=sys.stderr)
+                return 2
+        results = []
+        t_all = time.time()
+        for m in chosen:
+            f = copy / m.path
+            text = f.read_text()
+            if text.count(m.old) != 1:
+                status, secs, tail = "stale", 0.0, f"snippet found {text.count(m.old)} times"
+            else:
+                f.write_text(text.replace(m.old, m.new))
+                try:
+                    status, secs, tail = run_tests(copy, m.tests, args.timeout)
+                finally:
+                    f.write_text(text)
+                status = {"fail": "caught", "timeout": "caught (timeout)", "pass": "SURVIVED"}.get(status, status)
+            results.append({"name": m.name, "group": m.group, "path": m.path, "status": status,
+                            "seconds": round(secs, 1), "tests": " ".join(m.tests)})
+            print(f"{status:16s} {secs:6.1f} s  {m.group:9s} {m.name}", flush=True)
+        caught = sum(r["status"].startswith("caught") for r in results)
+        scored = sum(r["status"] in ("SURVIVED",) or r["status"].startswith("caught") for r in results)
+        print(f"\nscore: {caught}/{scored} caught ({time.time() - t_all:.0f} s for {len(results)} mutants)")
+        for g in dict.fromkeys(r["group"] for r in results):
+            rs = [r for r in results if r["group"] == g]
+            print(f"  {g:9s} {sum(r['status'].startswith('caught') for r in rs)}/{len(rs)}")
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0 if all(r["status"].startswith("caught") for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
