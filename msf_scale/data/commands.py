@@ -1,4 +1,5 @@
-"""The ``msf-scale data`` command: ``synth`` (synthetic shards) and ``pack`` (real clips from a CSV).
+"""The ``msf-scale data`` command: ``synth`` (synthetic shards), ``pack`` (real clips from a CSV) and ``convert``
+(iMiGUE / SMG annotations -> the packer's CSV).
 
 ``add_data_parser(subparsers)`` is wired by ``msf_scale/cli.py``; each subcommand sets ``func(args) -> int``.
 Synthetic defaults are not repeated here: a flag left out keeps ``SynthConfig``'s default.
@@ -64,8 +65,24 @@ def _pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from msf_scale.config import UserError
+
+    from .convert import convert
+
+    try:
+        n = convert(args.dataset, args.annotations, args.out, video=args.video, class_names=args.class_names,
+                    test_subjects=args.test_subjects)
+    except UserError as e:
+        print(f"error: {e}")
+        return 2
+    print(f"wrote {n} segments to {args.out}: pack them with msf-scale data pack --videos DIR --annotations "
+          f"{args.out} --out data/{args.dataset} --frames 32 --size 224 --format mp4")
+    return 0
+
+
 def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``data {synth,pack}`` to a CLI's subparsers; returns the ``data`` parser."""
+    """Add ``data {synth,pack,convert}`` to a CLI's subparsers; returns the ``data`` parser."""
     data = subparsers.add_parser("data", help="make shard datasets (synthetic, or packed from real clips)")
     sub = data.add_subparsers(dest="data_command", required=True)
 
@@ -97,4 +114,21 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     pk.add_argument("--no-flip", action="store_true", help="mark classes as left/right-specific (no flip)")
     pk.add_argument("--name", default=None, help="dataset name (default: the --out directory name)")
     pk.set_defaults(func=_pack)
+
+    from .convert import SMG_TEST_SUBJECTS
+    cv = sub.add_parser("convert", help="iMiGUE / SMG annotations -> the CSV that `data pack` reads",
+                        description="One CSV row per annotated segment (path,label,subject,split,start,end), from "
+                                    "the releases' layouts: iMiGUE <id>/<id>_label.csv under train/validate folders, "
+                                    "SMG SampleNNNN/SampleNNNN_finelabels.csv. See docs/DATA.md.")
+    cv.add_argument("dataset", choices=["imigue", "smg"])
+    cv.add_argument("--annotations", required=True, help="the release's annotation root")
+    cv.add_argument("--out", required=True, help="CSV to write")
+    cv.add_argument("--video", default=None, help="video path template, {sample} = annotation folder name, relative "
+                                                  "to pack's --videos (imigue: {sample}.mp4; smg: "
+                                                  "{sample}/{sample}_color.mp4)")
+    cv.add_argument("--class-names", default=None, help="file of class names, one per line in id order "
+                                                        "(default: 0-based indices)")
+    cv.add_argument("--test-subjects", default=SMG_TEST_SUBJECTS,
+                    help=f"smg: participants of the test split (default {SMG_TEST_SUBJECTS}, their protocol)")
+    cv.set_defaults(func=_convert)
     return data
