@@ -108,6 +108,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns ``out`` [batch, D, L] in u's dtype, or ``(out, last_state [batch, D, N])`` with return_last_state.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if torch.jit.is_tracing():   # one named node for fvcore (msf_scale/flops.py counts it), whatever the backend
+        y, last = torch.ops.msf_scale.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                     backend or "auto")
+        return (y, last) if return_last_state else y
+    return _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend)
+
+
+def _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend):
     name = resolve_backend(backend, u.device, batch=u.shape[0])
     if name == "cuda":
         return _mamba_ssm_scan()(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus, return_last_state)
@@ -131,6 +139,25 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             y = y * F.silu(z_c)
     y = y.to(dtype_in)
     return (y, last) if return_last_state else y
+
+
+@torch.library.custom_op("msf_scale::selective_scan", mutates_args=())
+def _traced_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+                 delta_softplus: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scan as one opaque op, used only under torch.jit tracing: fvcore's tracer records it by name instead of
+    the backend's hundreds of primitive ops (or failing inside its autograd function). Forward only."""
+    y, last = _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, backend)
+    return y.clone(), last.to(_state_dtype(u), copy=True)   # a custom op's outputs may not be views
+
+
+@_traced_scan.register_fake   # shapes only: also what runs on meta tensors (FLOP counting without compute)
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
+    return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=_state_dtype(u))
+
+
+def _state_dtype(u: torch.Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -53,6 +53,13 @@ def cfd_kernel(weight: torch.Tensor, theta) -> torch.Tensor:
 def state_fusion(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backend: str | None = "auto"
                  ) -> list[torch.Tensor]:
     _check(h, kernels)
+    if torch.jit.is_tracing():   # one named node for fvcore (msf_scale/flops.py counts it), whatever the backend
+        theta = theta if isinstance(theta, torch.Tensor) else torch.tensor(float(theta))
+        return torch.ops.msf_scale.state_fusion(h, list(kernels), theta, backend or "auto")
+    return _dispatch(h, kernels, theta, backend)
+
+
+def _dispatch(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backend: str | None) -> list[torch.Tensor]:
     out = []
     for w in kernels:
         name = resolve_backend(backend, h.device, w.shape[-1])
@@ -63,6 +70,19 @@ def state_fusion(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backen
         else:
             out.append(F.conv3d(h, cfd_kernel(w, theta).to(h.dtype), padding=w.shape[-1] // 2, groups=h.shape[1]))
     return out
+
+
+@torch.library.custom_op("msf_scale::state_fusion", mutates_args=())
+def _traced_fusion(h: torch.Tensor, kernels: list[torch.Tensor], theta: torch.Tensor, backend: str
+                   ) -> list[torch.Tensor]:
+    """The CFD fusion as one opaque op, used only under torch.jit tracing: fvcore's tracer records it by name
+    (its handle counts one depthwise k^3 multiply-add per output element and kernel). Forward only."""
+    return [f.clone() for f in _dispatch(h, kernels, theta, backend)]   # a custom op's outputs may not be views
+
+
+@_traced_fusion.register_fake   # shapes only: also what runs on meta tensors (FLOP counting without compute)
+def _(h, kernels, theta, backend):
+    return [torch.empty_like(h) for _ in kernels]
 
 
 def _shift_conv(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
