@@ -16,6 +16,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from math import prod
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -157,6 +158,15 @@ def count_model(model: nn.Module, name: str = "", views: int = 1, max_depth: int
     with torch.no_grad(), (meta_convolution() if device == "meta" else _null()):
         total = int(fca.total())
     table = flop_count_table(fca, max_depth=max_depth, show_param_shapes=False)
+    by_module = fca.by_module()
+    if "blocks.0" in by_module:   # one block's inside: where a block's FLOPs go
+        params = dict(model.named_parameters())
+        rows = ["| module (first block) | #parameters | GFLOPs |", "|:---|---:|---:|"]
+        for name, v in by_module.items():
+            if (name == "blocks.0" or name.startswith("blocks.0.")) and name.count(".") <= 3:
+                n = sum(p.numel() for k, p in params.items() if k.startswith(name + "."))
+                rows.append(f"| {name} | {n / 1e3:.1f}K | {v / 1e9:.4f} |")
+        table += "\n\n" + "\n".join(rows)
     analytic = model.flops_per_clip() if hasattr(model, "flops_per_clip") else None
     return FlopReport(name, shape, views, total, sum(p.numel() for p in model.parameters()), analytic,
                       dict(fca.by_operator()), dict(fca.unsupported_ops()), table)
@@ -192,3 +202,38 @@ def format_report(r: FlopReport) -> str:
     lines += ["", "Per module (fvcore.nn.flop_count_table, one view; conv1d / dt_proj are counted in their "
               "direction module, which uses their weights):", "", r.table]
     return "\n".join(lines)
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    p.add_argument("--variant", required=True, help="videomamba, msf_mamba, msf_mamba_plus, cnn3d, ...")
+    p.add_argument("--size", required=True, help="tiny, small or base")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--views", type=int, default=6, help="test views per video (2 clips x 3 crops, the configs')")
+    p.add_argument("--num-classes", type=int, default=32)
+    p.add_argument("--max-depth", type=int, default=2, help="module depth of the per-module table")
+    p.add_argument("--device", choices=("meta", "cpu"), default="meta",
+                   help="meta: shapes only (default, instant); cpu: real tensors (same count, slower)")
+    p.add_argument("--json", default=None, help="also write the counts to this JSON file")
+
+
+def run_command(args) -> int:
+    import json
+
+    from msf_scale.config import UserError
+
+    if args.views < 1:
+        raise UserError("--views must be >= 1")
+    try:
+        model = build(args.variant, args.size, args.frames, args.img_size, args.num_classes, args.device)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    report = count_model(model, f"{args.variant}_{args.size}", args.views, args.max_depth, args.device)
+    print(format_report(report))
+    if report.unsupported:
+        print(f"\nwarning: operators without a FLOP handle (counted as 0): {report.unsupported}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report.as_dict(), indent=1))
+    return 0
