@@ -3,6 +3,9 @@
     msf-scale data synth --out data/synth        msf-scale data pack --videos DIR --annotations ann.csv --out DIR
     msf-scale train --size tiny --config cpu_demo (one process; several: accelerate launch msf_scale/train.py ...)
     msf-scale eval --ckpt runs/<run>             msf-scale models [--num-frames 8 --img-size 224]
+    msf-scale flops --variant msf_mamba --size base          msf-scale latency --device cuda --out lat/
+    msf-scale curve --runs runs/ --latency lat/latency.json --out curve/
+    msf-scale report --runs runs/ --latency lat/latency.json --out report/
 """
 from __future__ import annotations
 
@@ -25,6 +28,26 @@ def _models(args: argparse.Namespace) -> int:
                              img_size=args.img_size, device="meta")
             print(f"| {variant} | {size} | {m.num_params() / 1e6:.2f} | {m.flops_per_clip() / 1e9:.1f} | {paper[size]} |")
     return 0
+
+
+MEASURE = {"flops": ("msf_scale.flops", "fvcore FLOP count: per-module table, GFLOPs per view and per video"),
+           "latency": ("msf_scale.latency", "batch-1 / per-video latency and throughput, eager / CUDA graph / compile"),
+           "curve": ("msf_scale.curve", "accuracy vs inference time plot (PNG, SVG, CSV) from runs + latency"),
+           "report": ("msf_scale.report", "HTML scaling report (and Markdown summary) of run directories")}
+
+
+def _measure(module: str):
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        from msf_scale.config import UserError
+
+        try:
+            return importlib.import_module(module).run_command(args)
+        except UserError as e:   # a user mistake: one line, exit 2 (anything else keeps its traceback)
+            print(f"msf-scale {args.command}: error: {e}", file=sys.stderr)
+            return 2
+    return run
 
 
 def _passthrough(module: str):
@@ -53,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--img-size", type=int, default=224)
     models.add_argument("--num-classes", type=int, default=32)
     models.set_defaults(func=_models)
+    import importlib
+
+    for name, (module, text) in MEASURE.items():
+        p = sub.add_parser(name, help=text, description=importlib.import_module(module).__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(func=_measure(module))
     return parser
 
 

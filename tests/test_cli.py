@@ -29,3 +29,31 @@ def test_passthrough_keeps_leading_flags(monkeypatch):
 def test_unknown_command_fails():
     with pytest.raises(SystemExit):
         cli.main(["nope"])
+
+
+def test_flops_prints_convention_totals_and_per_module_table(capsys):
+    assert cli.main(["flops", "--variant", "msf_mamba_plus", "--size", "tiny", "--frames", "4", "--img-size", "64",
+                     "--views", "3"]) == 0
+    out = capsys.readouterr().out
+    from msf_scale.models import create_model
+    analytic = create_model("msf_mamba_plus", size="tiny", num_frames=4, img_size=64, device="meta").flops_per_clip()
+    assert "1 multiply-add = 1 FLOP" in out and "unsupported operators: none" in out
+    assert f"GFLOPs per view: {analytic / 1e9:.3f}" in out and f"GFLOPs per video (3 views): {3 * analytic / 1e9:.3f}" in out
+    for row in ("| patch_embed ", "| blocks.0.mixer.fwd |", "| blocks.0.fusion.aswm |", "| selective_scan |",
+                "| state_fusion |"):
+        assert row in out
+
+
+@pytest.mark.parametrize("argv", [["flops", "--variant", "msf_mamba", "--size", "huge"],
+                                  ["flops", "--variant", "mamba2", "--size", "tiny"]])
+def test_flops_bad_model_is_one_line_exit_2(argv, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("msf-scale flops: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("command", ["flops", "latency", "curve", "report"])
+def test_measurement_commands_have_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0 and "usage: msf-scale " + command in capsys.readouterr().out

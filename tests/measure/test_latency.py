@@ -1,0 +1,99 @@
+"""The latency harness on CPU with tiny models: well-formed CSV/JSON, the statistics, the modes; GPU-marked:
+CUDA-graph replay and torch.compile give the eager forward's logits. No timing is asserted (that is benchmarks/)."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from msf_scale import cli, latency
+from msf_scale.inference import build_runner
+from msf_scale.models import create_model
+
+TINY = dict(num_classes=8, num_frames=4, img_size=32, depth=2, patch_size=16)
+
+
+@pytest.mark.parametrize("q", [0, 10, 50, 90, 100])
+def test_percentile_is_numpys_linear_one(q):
+    xs = list(np.random.default_rng(0).exponential(size=53))
+    assert latency.percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+
+
+def test_measure_model_rows_for_clip_video_and_throughput():
+    model = create_model("msf_mamba_plus", size="tiny", **TINY)
+    rows = latency.measure_model(model, "msf_mamba_plus_tiny", "msf_mamba_plus", "tiny", "registry",
+                                 torch.device("cpu"), ["eager"], views=3, throughput_batch=4, runs=7, warmup=1,
+                                 dtype=None)
+    assert [(r.measure, r.batch) for r in rows] == [("clip", 1), ("video", 3), ("throughput", 4)]
+    for r in rows:
+        assert r.runs == 7 and r.input == "3 x 4 x 32 x 32" and r.dtype == "fp32" and r.device == "cpu"
+        assert 0 < r.min_ms <= r.median_ms <= r.p90_ms
+        assert r.clips_per_s == pytest.approx(r.batch / (r.median_ms / 1e3))
+        assert r.peak_mem_gb > 0
+
+
+def test_cli_writes_well_formed_csv_and_json(tmp_path, capsys):
+    out = tmp_path / "lat"
+    argv = ["latency", "--models", "cnn3d_tiny,msf_mamba_tiny", "--device", "cpu", "--frames", "4", "--img-size", "32",
+            "--views", "2", "--batch", "3", "--runs-per", "3", "--warmup", "1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert "launch-bound" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out / "latency.csv")))
+    assert tuple(rows[0]) == latency.CSV_FIELDS
+    assert [(r["model"], r["measure"]) for r in rows] == [(m, k) for m in ("cnn3d_tiny", "msf_mamba_tiny")
+                                                           for k in ("clip", "video", "throughput")]
+    data = json.loads((out / "latency.json").read_text())
+    assert {"torch", "cuda", "mamba_ssm", "gpu", "driver", "device"} <= set(data["environment"])
+    assert data["environment"]["torch"] == torch.__version__
+    assert "launch-bound" in data["note"] and data["settings"]["runs_per"] == 3
+    for r, c in zip(data["results"], rows):
+        assert r["median_ms"] == pytest.approx(float(c["median_ms"])) and r["runs"] == 3 and r["error"] == ""
+    assert latency.preferred_latency(data["results"])[("cnn3d", "tiny")]["mode"] == "eager"
+
+
+def test_cli_times_a_run_directory_at_its_own_shape(tmp_path):
+    from safetensors.torch import save_file
+
+    model = create_model("msf_mamba", size="tiny", **TINY)
+    run = tmp_path / "runs" / "msf_mamba_tiny"
+    run.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
+    from msf_scale.checkpoint import model_meta
+    (run / "model_config.json").write_text(json.dumps(model_meta(model, "msf_mamba", "tiny")))
+    out = tmp_path / "lat"
+    assert cli.main(["latency", "--runs", str(tmp_path / "runs"), "--device", "cpu", "--measures", "clip",
+                     "--runs-per", "2", "--warmup", "0", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "latency.json").read_text())["results"]
+    assert (row["model"], row["source"], row["input"]) == ("msf_mamba_tiny", str(run), "3 x 4 x 32 x 32")
+
+
+@pytest.mark.parametrize("argv", [["--modes", "graph", "--device", "cpu"], ["--modes", "fast", "--device", "cpu"],
+                                  ["--models", "msf_mamba_huge", "--device", "cpu"], ["--runs", "/nonexistent"],
+                                  ["--measures", "latency", "--device", "cpu"]])
+def test_cli_bad_input_is_one_line_exit_2(argv, tmp_path, capsys):
+    assert cli.main(["latency", *argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("msf-scale latency: error:") and "\n" not in err
+
+
+def test_graph_mode_refuses_cpu():
+    with pytest.raises(ValueError, match="CUDA"):
+        build_runner(create_model("cnn3d", size="tiny", **{k: TINY[k] for k in ("num_classes", "num_frames", "img_size")}),
+                     torch.zeros(1, 3, 4, 32, 32), "graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+@pytest.mark.parametrize("variant", ["videomamba", "msf_mamba_plus"])
+def test_fast_modes_give_the_eager_logits_on_gpu(mode, variant):
+    torch.manual_seed(0)
+    model = create_model(variant, size="tiny", fusion_init="uniform", **TINY).cuda().eval()
+    x = torch.randn(2, 3, 4, 32, 32, device="cuda")
+    eager = build_runner(model, x, "eager", torch.bfloat16)(x).float()
+    run = build_runner(model, x, mode, torch.bfloat16)
+    for _ in range(2):   # replays read the new input each time
+        x2 = torch.randn_like(x)
+        torch.testing.assert_close(run(x2).float(), build_runner(model, x2, "eager", torch.bfloat16)(x2).float(),
+                                   rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(run(x).float(), eager, rtol=3e-2, atol=3e-2)
