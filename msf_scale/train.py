@@ -173,6 +173,7 @@ def _train(cfg: RunConfig, acc) -> dict:
         return [int(c) for c in (acc.reduce(counts, reduction="sum") if world > 1 else counts).tolist()]
 
     def evaluate() -> dict:
+        eval_loader.stats.reset()  # its corrupt count is this evaluation's
         res = evaluate_model(model, eval_loader, acc, views)  # prepared: autocast comes with it
         out = {"test_top1": res["top1"], "test_top5": res["top5"], "test_samples": res["num_samples"],
                "test_corrupt_samples": corrupt(eval_loader)[0]}

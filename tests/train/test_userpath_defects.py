@@ -119,13 +119,16 @@ def test_deepspeed_json_precision_agrees_or_is_refused(tmp_path, section, precis
 def test_corrupt_counts_reach_metrics_progress_and_summary(tiny_argv, tmp_path, capsys):
     data = tmp_path / "data"
     _synth_dataset(data, num_classes=4, n={"train": 16, "test": 8}, corrupt={"train": 1, "test": 1})
-    final = train_mod.main(tiny_argv("--data", str(data), "--epochs", "2", "--schedule.warmup_epochs", "0"))
+    final = train_mod.main(tiny_argv("--data", str(data), "--epochs", "2", "--schedule.warmup_epochs", "0",
+                                     "--train.eval_every", "1"))
     run = tmp_path / "run"
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert rows[-1]["corrupt_samples"] == 2 and rows[0]["corrupt_samples"] <= 1   # met once an epoch
     summary = json.loads((run / "final_metrics.json").read_text())
     assert (summary["corrupt_samples"], summary["test_corrupt_samples"]) == (2, 1) == (
         final["corrupt_samples"], final["test_corrupt_samples"])
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if "test_top1" in r]
+    assert [r["test_corrupt_samples"] for r in evals] == [1, 1]   # per evaluation (after epoch 1, at the end)
     out = capsys.readouterr().out
     assert "corrupt training samples skipped so far" in out and "skipped 2 corrupt training samples" in out
 
