@@ -46,6 +46,9 @@ def build_runner(model: nn.Module, example: torch.Tensor, mode: str = "eager", d
         return run
 
     if mode == "compile":
+        # A fresh dynamo cache per runner: timing model after model through one forward() would otherwise hit
+        # dynamo's recompile limit and silently fall back to eager.
+        torch._dynamo.reset()
         compiled = torch.compile(model, mode=compile_mode, dynamic=False)
 
         def run(x: torch.Tensor) -> torch.Tensor:

@@ -161,6 +161,13 @@ def measure_model(model: nn.Module, name: str, variant: str, size: str, source: 
                 rows.append(Row(**base, median_ms=None, p90_ms=None, mean_ms=None, min_ms=None, runs=0,
                                 clips_per_s=None, peak_mem_gb=None, error=f"out of memory: {str(e)[:80]}"))
                 continue
+            except Exception as e:   # noqa: BLE001 - a mode that cannot run this model is a row, not a crash
+                if mode == "eager":
+                    raise
+                first = (str(e).strip().splitlines() or [""])[0][:160]
+                rows.append(Row(**base, median_ms=None, p90_ms=None, mean_ms=None, min_ms=None, runs=0,
+                                clips_per_s=None, peak_mem_gb=None, error=f"{mode} failed: {type(e).__name__}: {first}"))
+                continue
             st = _stats(ms)
             rows.append(Row(**base, **st, clips_per_s=batch / (st["median_ms"] / 1e3), peak_mem_gb=_peak_gb(device)))
             del run

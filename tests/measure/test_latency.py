@@ -97,3 +97,35 @@ def test_fast_modes_give_the_eager_logits_on_gpu(mode, variant):
         torch.testing.assert_close(run(x2).float(), build_runner(model, x2, "eager", torch.bfloat16)(x2).float(),
                                    rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(run(x).float(), eager, rtol=3e-2, atol=3e-2)
+
+
+def test_whole_path_from_a_video_file(tmp_path):
+    """--video-file: decode + test views + forward, one row (eager) with the video's views as its batch."""
+    from msf_scale.data.video import encode_mp4
+
+    clip = np.random.default_rng(0).integers(0, 255, size=(12, 40, 48, 3), dtype=np.uint8)
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(encode_mp4(clip))
+    out = tmp_path / "lat"
+    assert cli.main(["latency", "--models", "cnn3d_tiny", "--device", "cpu", "--frames", "4", "--img-size", "32",
+                     "--views", "2", "--measures", "clip", "--runs-per", "2", "--warmup", "0", "--video-file",
+                     str(path), "--out", str(out)]) == 0
+    rows = json.loads((out / "latency.json").read_text())["results"]
+    (row,) = [r for r in rows if r["measure"] == "file"]
+    assert row["batch"] == 2 and row["mode"] == "eager" and str(path) in row["source"]
+    assert 0 < row["min_ms"] <= row["median_ms"] <= row["p90_ms"]
+
+
+def test_a_mode_that_fails_is_a_row_with_its_error(monkeypatch):
+    import msf_scale.latency as L
+
+    def broken(model, x, mode, dtype):
+        if mode == "compile":
+            raise RuntimeError("inductor: cannot compile this\nsecond line")
+        return build_runner(model, x, mode, dtype)
+    monkeypatch.setattr(L, "build_runner", broken)
+    model = create_model("cnn3d", size="tiny", **{k: TINY[k] for k in ("num_classes", "num_frames", "img_size")})
+    rows = L.measure_model(model, "cnn3d_tiny", "cnn3d", "tiny", "registry", torch.device("cpu"),
+                           ["eager", "compile"], 1, 0, 2, 0, None)
+    assert [(r.mode, r.median_ms is None) for r in rows] == [("eager", False), ("compile", True)]
+    assert rows[1].error == "compile failed: RuntimeError: inductor: cannot compile this"
