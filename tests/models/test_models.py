@@ -6,9 +6,10 @@ from msf_scale.models import MODEL_SIZES, create_model, list_models
 from msf_scale.models.blocks import StateFusion
 
 SMALL_CLIP = dict(num_classes=5, num_frames=4, img_size=32, patch_size=16)
+MAMBA_MODELS = list_models("*mamba*")    # the 3-D CNN baseline has its own tests (test_cnn3d.py)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", MAMBA_MODELS)
 def test_forward_backward_every_model(name):
     torch.manual_seed(0)
     # drop path could skip a whole block (off here); mean pooling (the default) lets every block reach the logits;
@@ -25,8 +26,9 @@ def test_forward_backward_every_model(name):
 
 
 def test_registry_covers_every_variant_and_size():
-    assert list_models() == sorted(f"{v}_{s}" for v in ("videomamba", "msf_mamba", "msf_mamba_plus")
-                                   for s in MODEL_SIZES)
+    assert MAMBA_MODELS == sorted(f"{v}_{s}" for v in ("videomamba", "msf_mamba", "msf_mamba_plus")
+                                  for s in MODEL_SIZES)
+    assert list_models() == sorted(MAMBA_MODELS + [f"cnn3d_{s}" for s in ("tiny", "small", "base")])
 
 
 @pytest.mark.parametrize("variant", ["videomamba", "msf_mamba", "msf_mamba_plus"])

@@ -46,6 +46,17 @@ class Recorder:
             opt.register_step_pre_hook(recorded)
             return opt
 
+        import accelerate
+        real_clip = accelerate.Accelerator.clip_grad_norm_
+
+        def clip(acc, parameters, *a, **kw):   # the gradients before clipping: their scale is what clipping hides
+            parameters = list(parameters)
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            self.unclipped.append({names[id(p)]: p.grad.detach().clone() for p in parameters})
+            return real_clip(acc, parameters, *a, **kw)
+
+        self.unclipped = []
+        monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", clip)
         monkeypatch.setattr(train_mod, "create_model", create)
         monkeypatch.setattr(data_mod, "build_train_loader", loader)
         monkeypatch.setattr(train_mod, "build_optimizer", optimizer)
@@ -95,6 +106,7 @@ def test_two_updates_match_a_hand_computation(tiny_argv, monkeypatch):
     rec = Recorder(monkeypatch)
     train_mod.main(tiny_argv(*STEP_ARGS))
     assert len(rec.steps) == 2 and len(rec.batches) == 4                      # one optimizer.step per 2 batches
+    assert len(rec.unclipped) == 2                                             # clipped once before each step
     replica = copy.deepcopy(rec.model)
     replica.load_state_dict(rec.initial)
     replica.train()
@@ -110,6 +122,8 @@ def test_two_updates_match_a_hand_computation(tiny_argv, monkeypatch):
         micro = rec.batches[2 * k:2 * k + 2]
         loss = sum(smoothed_ce(replica(v), y, 0.1) for v, y in micro) / len(micro)   # the mean over micro-batches
         loss.backward()
+        for name, p in params.items():                                         # the mean, not the sum
+            assert torch.allclose(rec.unclipped[k][name], p.grad, rtol=1e-4, atol=1e-9 + 1e-4 * p.grad.abs().max())
         norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params.values()))
         assert norm > 0.05 * 1.5, "the test needs clipping to bind"
         for p in params.values():
