@@ -22,6 +22,7 @@ CASES = {
     "plus_every_2": ("msf_mamba_plus", dict(depth=4, fusion_blocks="every_2")),
     "cls_token": ("msf_mamba", dict(depth=2, class_token=True, pool="cls", fusion_theta_learnable=True)),
     "cls_token_mean_pool": ("msf_mamba_plus", dict(depth=2, class_token=True, pool="mean")),
+    "fusion_norm_branch": ("msf_mamba", dict(depth=2, fusion_norm="branch")),
 }
 # fp32 model vs float64 reference: measured <= 3.5e-7 (logits) and 1.6e-6 (gradients) on CPU; swapping the two
 # directions' weights moves the logits by 4e-3 (test_reference_is_sensitive_to_what_it_checks)

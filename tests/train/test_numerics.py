@@ -15,7 +15,7 @@ import msf_scale.data as data_mod
 import msf_scale.train as train_mod
 from msf_scale.checkpoint import load_model, resolve_resume
 from msf_scale.ema import ModelEma
-from msf_scale.metrics import read_jsonl, topk_correct, truncate_jsonl
+from msf_scale.metrics import device_peak_tflops, mfu, read_jsonl, topk_correct, train_flops_per_clip, truncate_jsonl
 from msf_scale.models.blocks import DropPath
 
 
@@ -261,3 +261,11 @@ def test_topk_correct_on_hand_made_logits():
     assert top10.all()
     first = topk_correct(logits[:, :5], torch.tensor([4, 0, 0]), (5,))[0]
     assert first.all()
+
+
+def test_training_flops_and_mfu_by_value():
+    """2 FLOPs per MAC, backward twice the forward: 6 x MACs; MFU = achieved / peak FLOP/s (None without a peak)."""
+    assert train_flops_per_clip(1000) == 6000
+    assert mfu(6e12, 10.0, 120.0) == pytest.approx(0.5)
+    assert mfu(6e12, 10.0, None) is None
+    assert device_peak_tflops(None, torch.device("cpu")) is None and device_peak_tflops(50.0, torch.device("cpu")) == 50.0
