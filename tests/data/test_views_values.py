@@ -59,6 +59,27 @@ def test_random_crops_cover_a_non_square_frame():
     assert torch.allclose(out.double(), _normalise(resized), atol=1e-5)
 
 
+def test_train_flip_mirrors_left_and_right():
+    """A flipped training view is the unflipped one mirrored along the width (not the height)."""
+    rng = np.random.default_rng(3)
+    clip = rng.integers(0, 256, (2, 30, 40, 3), dtype=np.uint8)
+    found = set()
+    for seed in range(40):
+        draw = np.random.default_rng(seed)
+        box = random_crop_box(30, 40, draw, 0.5)
+        flipped = draw.random() < 0.5                 # train_view draws the box, then the coin
+        out = train_view(clip, 16, np.random.default_rng(seed), 0.5, flip=True)
+        crop = torch.from_numpy(clip[:, box[0]:box[0] + box[2], box[1]:box[1] + box[3]]).permute(0, 3, 1, 2)
+        want = torch.nn.functional.interpolate(crop, size=(16, 16), mode="bilinear", align_corners=False,
+                                               antialias=True)
+        want = want.flip(-1) if flipped else want
+        assert torch.allclose(out.double(), _normalise(want.permute(0, 2, 3, 1).numpy()), atol=1e-5), seed
+        found.add(flipped)
+        assert torch.equal(train_view(clip, 16, np.random.default_rng(seed), 0.5, flip=False),
+                           out if not flipped else out.flip(-1))
+    assert found == {True, False}
+
+
 def _moving_clip(frames=10, h=32, w=48):
     """Smooth frames whose content moves and brightens with time, so that frames differ from one another."""
     t, y, x = np.meshgrid(np.arange(frames), np.arange(h), np.arange(w), indexing="ij")

@@ -186,6 +186,17 @@ def test_init_follows_spec():
     assert k.abs().max() <= 1 / math.sqrt(27) and k.std() > 0.05
 
 
+def test_residual_stream_is_fp32_under_bf16_autocast():
+    """SPEC: residual stream in fp32. Under bf16 autocast every block must still receive and return fp32."""
+    model = create_model("msf_mamba", size="tiny", depth=2, num_classes=5, num_frames=4, img_size=32).eval()
+    seen = []
+    for blk in model.blocks:
+        blk.register_forward_hook(lambda m, inp, out: seen.append((inp[0].dtype, out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        model(torch.randn(1, 3, 4, 32, 32))
+    assert seen == [(torch.float32, torch.float32)] * 2
+
+
 @pytest.mark.parametrize("spec, want", [("every_3", [2, 5]), ("every_1", list(range(7))), ("last_2", [5, 6]),
                                         ("every_7", [6]), ("all", list(range(7)))])
 def test_fusion_blocks_selection(spec, want):
