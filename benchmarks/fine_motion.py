@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--study", choices=sorted(STUDIES), default=None, help="a named list of conditions")
     ap.add_argument("--conditions", default=None, help=f"comma-separated, of: {', '.join(CONDITIONS)}")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--runs", default=None, help="explicit condition:seed pairs, e.g. cnn3d:0,cnn3d:1,msf_conv3:0")
     ap.add_argument("--data", default=None, help="micro dataset dir (default: generate into OUT/data)")
     ap.add_argument("--out", default="reports/fine_motion")
     ap.add_argument("--parallel", type=int, default=4)
@@ -110,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is killed")
     ap.add_argument("--extra", default="", help="flags added to every run, e.g. '--train.precision fp32'")
     args = ap.parse_args(argv)
-    names = (STUDIES[args.study] if args.study else []) + (args.conditions.split(",") if args.conditions else [])
+    pairs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")] if args.runs else []
+    names = ((STUDIES[args.study] if args.study else []) + (args.conditions.split(",") if args.conditions else [])
+             + [n for n, _ in pairs])
     unknown = [n for n in names if n not in CONDITIONS]
     if not names or unknown:
         ap.error(f"unknown or no conditions {unknown}; choose from {', '.join(CONDITIONS)}")
@@ -123,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(data) / "dataset.json").is_file():
             subprocess.run([sys.executable, "-m", "msf_scale.cli", "data", "synth", "--preset", "micro", "--out", data],
                            check=True, cwd=ROOT)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    jobs = [(n, s) for s in seeds for n in dict.fromkeys(names)]
+    # one intra-op thread per run: several runs share the host's cores, and each only launches GPU kernels
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    jobs = list(dict.fromkeys([(n, s) for s in seeds for n in dict.fromkeys(names) if (n, s) not in pairs
+                               and not any(p[0] == n for p in pairs)] + pairs))
     pending, running, t0 = list(jobs), {}, time.time()
     while pending or running:
         while pending and len(running) < args.parallel:
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         return fmt.format(statistics.fmean(values)) if values else "-"
 
     for name in dict.fromkeys(names):
-        rs = [results[f"{name}_s{s}"] for s in seeds]
+        rs = [r for r in results.values() if r["condition"] == name]
         acc = [r["test_top1"] for r in rs if r["test_top1"] is not None]
         test = (f"{statistics.fmean(acc):.1f} +- {statistics.stdev(acc):.1f}" if len(acc) > 1
                 else f"{acc[0]:.1f}" if acc else "failed")
