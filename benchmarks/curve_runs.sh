@@ -7,9 +7,9 @@
 #   4. the 9-model latency table at 8 x 224 x 224 (eager, CUDA graph, torch.compile within BUDGET_S seconds).
 # Usage (repository root; python with torch + CUDA + mamba-ssm, the package on PYTHONPATH):
 #   bash benchmarks/curve_runs.sh OUT
-# Knobs (environment): EPOCHS=3 BUDGET_S=200 RUNS_PER=50 VARIANTS="videomamba msf_mamba msf_mamba_plus"
+# Knobs (environment): PARTS="curve table" (either alone splits the work in two commands) EPOCHS=3 BUDGET_S=200 RUNS_PER=50 VARIANTS="videomamba msf_mamba msf_mamba_plus"
 #   SIZES="tiny small base" WORK=/tmp/msf_curve; for a CPU smoke test also TRAIN_ARGS="--max-steps 2"
-#   SYNTH_ARGS="--train-per-class 4 --test-per-class 2" BENCH_ARGS="--frames 4 --img-size 32 --modes eager"
+#   SYNTH_ARGS="--train-per-class 4 --test-per-class 2" RUN_MODES=eager BENCH_ARGS="--frames 4 --img-size 32 --modes eager"
 # OUT receives 8 files: latency.csv/.json (the 224 table), curve.png/.svg/.csv, report.html, summary.md and
 # extras.tar.gz (the runs' logs, metrics and evals, and their own latency.json).
 set -euo pipefail
@@ -26,6 +26,8 @@ t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
 $PY -c "import matplotlib, fvcore, tabulate" || { echo "needs matplotlib, fvcore and tabulate" >&2; exit 1; }
+PARTS=${PARTS:-"curve table"}
+if [[ " $PARTS " == *" curve "* ]]; then
 stamp "data"
 $PY -m msf_scale.cli data synth --out "$WORK/data" ${SYNTH_ARGS:-} > "$WORK/logs/data.log" 2>&1   # once, before the parallel runs
 
@@ -41,21 +43,24 @@ for v in $VARIANTS; do
 done
 failed=0
 for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
-stamp "training done ($failed failed; their logs are in extras.tar.gz, the report shows them as missing)"
+stamp "training done: $failed failed (logs in extras.tar.gz)"
 
 stamp "latency of the runs at their own shape"
-$PY -m msf_scale.cli latency --runs "$WORK/runs" --modes eager,graph --measures clip --runs-per "$RUNS_PER" \
+$PY -m msf_scale.cli latency --runs "$WORK/runs" --modes "${RUN_MODES:-eager,graph}" --measures clip --runs-per "$RUNS_PER" \
   --out "$WORK/lat_runs" > "$WORK/logs/lat_runs.log" 2>&1 || tail -5 "$WORK/logs/lat_runs.log"
 $PY -m msf_scale.cli curve --runs "$WORK/runs" --latency "$WORK/lat_runs/latency.json" --out "$WORK/curve"
 $PY -m msf_scale.cli report --runs "$WORK/runs" --latency "$WORK/lat_runs/latency.json" --out "$WORK/report"
 cp "$WORK/curve/curve."{png,svg,csv} "$WORK/report/report.html" "$WORK/report/summary.md" "$OUT/"
+fi
 
-stamp "9-model latency table at 8 x 224 x 224 (torch.compile within ${BUDGET_S} s)"
+if [[ " $PARTS " == *" table "* ]]; then
+stamp "9-model latency table (8 x 224 x 224 unless BENCH_ARGS says otherwise; compile starts until ${BUDGET_S} s)"
 $PY benchmarks/bench_latency.py --out "$WORK/lat224" --runs-per "$RUNS_PER" --budget-s "$BUDGET_S" ${BENCH_ARGS:-} \
   | tee "$WORK/logs/lat224.log" | tail -8
 cp "$WORK/lat224/latency."{csv,json} "$OUT/"
+fi
 
-tar czf "$OUT/extras.tar.gz" -C "$WORK" logs lat_runs \
-  $(cd "$WORK" && ls -d runs/*/{config.yaml,run_meta.json,metrics.jsonl,eval.json,final_metrics.json} 2>/dev/null)
-cat "$WORK/report/summary.md"
+tar czf "$OUT/extras.tar.gz" -C "$WORK" logs $(cd "$WORK" && ls -d lat_runs \
+  runs/*/{config.yaml,run_meta.json,metrics.jsonl,eval.json,final_metrics.json} 2>/dev/null)
+[[ -f "$WORK/report/summary.md" ]] && cat "$WORK/report/summary.md"
 stamp "done -> $OUT"

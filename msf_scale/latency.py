@@ -133,11 +133,11 @@ def _stats(ms: list[float]) -> dict:
 def measure_model(model: nn.Module, name: str, variant: str, size: str, source: str, device: torch.device,
                   modes: Iterable[str], views: int, throughput_batch: int, runs: int, warmup: int,
                   dtype: torch.dtype | None, video_file: str | None = None, num_clips: int = 1, num_crops: int = 1,
-                  measures: Iterable[str] = ("clip", "video", "throughput"),
+                  measures: Iterable[str] = ("clip", "video", "throughput"), throughput_runs: int | None = None,
                   progress: Callable[[str], None] | None = None) -> list[Row]:
     """Every row for one model: per mode, clip (batch 1), video (batch = views; skipped for one view),
     throughput (batch ``throughput_batch``), those named in ``measures``; plus one eager row for the whole file
-    path when ``video_file``."""
+    path when ``video_file``. ``throughput_runs`` (default ``runs``): timed calls of the large-batch row."""
     cfg = model.cfg
     shape = (cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size)
     model = model.to(device).eval()
@@ -155,7 +155,8 @@ def measure_model(model: nn.Module, name: str, variant: str, size: str, source: 
                         batch=batch, input=" x ".join(map(str, shape)), dtype=dname, device=str(device))
             try:
                 run = build_runner(model, x, mode, dtype)
-                ms = time_calls(lambda: run(x), runs, warmup, device)
+                n = (throughput_runs or runs) if measure == "throughput" else runs
+                ms = time_calls(lambda: run(x), n, warmup, device)
             except torch.cuda.OutOfMemoryError as e:
                 torch.cuda.empty_cache()
                 rows.append(Row(**base, median_ms=None, p90_ms=None, mean_ms=None, min_ms=None, runs=0,
@@ -164,9 +165,11 @@ def measure_model(model: nn.Module, name: str, variant: str, size: str, source: 
             except Exception as e:   # noqa: BLE001 - a mode that cannot run this model is a row, not a crash
                 if mode == "eager":
                     raise
-                first = (str(e).strip().splitlines() or [""])[0][:160]
+                inner = getattr(e, "inner_exception", None) or e   # dynamo wraps the backend's own error
+                first = (str(inner).strip().splitlines() or [""])[0][:160]
                 rows.append(Row(**base, median_ms=None, p90_ms=None, mean_ms=None, min_ms=None, runs=0,
-                                clips_per_s=None, peak_mem_gb=None, error=f"{mode} failed: {type(e).__name__}: {first}"))
+                                clips_per_s=None, peak_mem_gb=None,
+                                error=f"{mode} failed: {type(inner).__name__}: {first}"))
                 continue
             st = _stats(ms)
             rows.append(Row(**base, **st, clips_per_s=batch / (st["median_ms"] / 1e3), peak_mem_gb=_peak_gb(device)))
@@ -300,6 +303,8 @@ def add_arguments(p) -> None:
     p.add_argument("--views", type=int, default=6, help="test views per video (2 clips x 3 crops, the configs')")
     p.add_argument("--batch", type=int, default=64, help="batch for the throughput row (0: skip)")
     p.add_argument("--runs-per", type=int, default=50, help="timed runs per row (>= 50 for the quoted figures)")
+    p.add_argument("--throughput-runs", type=int, default=None, help="timed runs of the throughput row (default: "
+                   "--runs-per)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--video-file", default=None, help="also time the whole path from this file (decode + views + "
@@ -352,7 +357,7 @@ def run_command(args) -> int:
                     clips, crops = _run_views(src, args.views)
                     rows += measure_model(model, name, variant, size, src, device, modes, clips * crops, args.batch,
                                           args.runs_per, args.warmup, dtype, args.video_file, clips, crops,
-                                          measures, progress=lambda s: (bar.set_postfix_str(s), bar.update(1)))
+                                          measures, args.throughput_runs, progress=lambda s: (bar.set_postfix_str(s), bar.update(1)))
                     del model
             except ValueError as e:   # a shape the models refuse (e.g. --img-size not divisible by the patch)
                 raise UserError(str(e)) from e

@@ -106,3 +106,23 @@ def test_bad_input_is_one_line_exit_2(case, command, tmp_path, capsys, run_root,
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"msf-scale {command}: error:") and "\n" not in err and "Traceback" not in err
+
+
+def test_a_real_tiny_run_goes_through_latency_curve_and_report(tmp_path, capsys):
+    """train.py's own run directory (a 2-block model, 2 steps, one evaluation), not a fixture's imitation."""
+    from msf_scale import train
+    from tests.train.conftest import TINY_MODEL, TINY_RUN, TINY_SYNTH
+
+    run = tmp_path / "runs" / "msf_mamba_tiny"
+    train.main([*TINY_MODEL, *TINY_RUN, *TINY_SYNTH, "--data.synth.cache_dir", str(tmp_path / "cache"),
+                "--output-dir", str(run), "--max-steps", "2"])
+    lat = tmp_path / "lat"
+    assert cli.main(["latency", "--runs", str(tmp_path / "runs"), "--device", "cpu", "--measures", "clip",
+                     "--runs-per", "2", "--warmup", "0", "--out", str(lat)]) == 0
+    assert cli.main(["curve", "--runs", str(tmp_path / "runs"), "--latency", str(lat), "--out", str(tmp_path / "c")]) == 0
+    (row,) = _csv(tmp_path / "c" / "curve.csv").values()
+    final = __import__("json").loads((run / "final_metrics.json").read_text())
+    assert row["status"] == "ok" and float(row["test_top1_pct"]) == pytest.approx(100 * final["test_top1"])
+    assert row["latency_mode"] == "eager" and row["run_input"] == row["latency_input"] == "3 x 4 x 32 x 32"
+    assert cli.main(["report", "--runs", str(tmp_path / "runs"), "--latency", str(lat), "--out", str(tmp_path / "r")]) == 0
+    assert "| msf_mamba_tiny | msf_mamba | tiny |" in (tmp_path / "r" / "summary.md").read_text()

@@ -24,10 +24,10 @@ def test_measure_model_rows_for_clip_video_and_throughput():
     model = create_model("msf_mamba_plus", size="tiny", **TINY)
     rows = latency.measure_model(model, "msf_mamba_plus_tiny", "msf_mamba_plus", "tiny", "registry",
                                  torch.device("cpu"), ["eager"], views=3, throughput_batch=4, runs=7, warmup=1,
-                                 dtype=None)
-    assert [(r.measure, r.batch) for r in rows] == [("clip", 1), ("video", 3), ("throughput", 4)]
+                                 dtype=None, throughput_runs=3)
+    assert [(r.measure, r.batch, r.runs) for r in rows] == [("clip", 1, 7), ("video", 3, 7), ("throughput", 4, 3)]
     for r in rows:
-        assert r.runs == 7 and r.input == "3 x 4 x 32 x 32" and r.dtype == "fp32" and r.device == "cpu"
+        assert r.input == "3 x 4 x 32 x 32" and r.dtype == "fp32" and r.device == "cpu"
         assert 0 < r.min_ms <= r.median_ms <= r.p90_ms
         assert r.clips_per_s == pytest.approx(r.batch / (r.median_ms / 1e3))
         assert r.peak_mem_gb > 0
