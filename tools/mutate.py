@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                     f.write_text(text)
                 status = {"fail": "caught", "timeout": "caught (timeout)", "pass": "SURVIVED"}.get(status, status)
             results.append({"name": m.name, "group": m.group, "path": m.path, "status": status,
-                            "seconds": round(secs, 1), "tests": " ".join(m.tests)})
+                            "seconds": round(secs, 1), "tests": " ".join(m.tests), "note": m.why})
             print(f"{status:16s} {secs:6.1f} s  {m.group:9s} {m.name}", flush=True)
         caught = sum(r["status"].startswith("caught") for r in results)
         scored = sum(r["status"] in ("SURVIVED",) or r["status"].startswith("caught") for r in results)
