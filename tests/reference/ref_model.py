@@ -105,7 +105,7 @@ def cfd(h, w, theta):
     k = w.shape[-1]
     r = k // 2
     out = torch.zeros_like(h)
-    off = torch.zeros(c, dtype=h.dtype)
+    off = torch.zeros(c, dtype=h.dtype, device=h.device)
     for dt in range(-r, r + 1):
         for dy in range(-r, r + 1):
             for dx in range(-r, r + 1):
