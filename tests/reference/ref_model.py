@@ -92,7 +92,7 @@ def bimamba(x, p, pre, d_state):
     e = xz.shape[1] // 2
     xs, z = xz[:, :e], xz[:, e:]
     y_f = direction(xs, p, pre + "fwd.", d_state)
-    rev = torch.arange(xs.shape[-1] - 1, -1, -1)
+    rev = torch.arange(xs.shape[-1] - 1, -1, -1, device=xs.device)
     y_b = direction(xs[:, :, rev], p, pre + "bwd.", d_state)[:, :, rev]
     y = (y_f + y_b) / 2 * silu(z)
     return torch.einsum("bel,de->bld", y, p[pre + "out_proj.weight"])
