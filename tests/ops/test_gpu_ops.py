@@ -55,7 +55,7 @@ def test_torch_scan_on_cuda_matches_float64(length):
 
 @pytest.mark.parametrize("length", [7, 1569])
 def test_cuda_kernel_matches_float64(length, mamba_ssm_kernel):
-    _scan_vs_float64("cuda", torch.float32, length, 1e-4, 1e-3)
+    _scan_vs_float64("cuda", torch.float32, length, 1e-3, 5e-3)   # the bounds of the kernel-vs-torch test
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
