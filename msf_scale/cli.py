@@ -54,7 +54,8 @@ def _passthrough(module: str):
     def run(args: argparse.Namespace) -> int:
         import importlib
 
-        result = importlib.import_module(module).main(args.rest)
+        mod = importlib.import_module(module)
+        result = getattr(mod, "cli", mod.main)(args.rest)   # cli(): a user error prints one line and returns 2
         return result if isinstance(result, int) else 0
     return run
 
@@ -67,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_data_parser(sub)
     for name, text in (("train", "train in this process (msf-scale train --help)"),
-                       ("eval", "top-1/top-5 of a run or model file (msf-scale eval --help)")):
+                       ("eval", "top-1/top-5 of a run or model file (msf-scale eval --help)"),
+                       ("predict", "top-k classes of video files with a run's own preprocessing (msf-scale predict --help)"),
+                       ("import", "a VideoMamba .pth -> an msf-scale export for --model.init (msf-scale import --help)")):
         p = sub.add_parser(name, help=text, add_help=False)   # listed for --help; main() hands them over
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_passthrough(PASSTHROUGH[name]))
@@ -86,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASSTHROUGH = {"train": "msf_scale.train", "eval": "msf_scale.evaluate"}
+PASSTHROUGH = {"train": "msf_scale.train", "eval": "msf_scale.evaluate",
+               "predict": "msf_scale.predict", "import": "msf_scale.weights_import"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ class CNN3DConfig:
     in_chans: int = 3
     drop_path_rate: float = 0.0   # accepted for train.py's uniform call; a plain CNN has no residual branch to drop
     head_drop: float = 0.0
+    grad_checkpointing: bool = False   # accepted like drop_path_rate: nothing to checkpoint in four convolutions
 
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)
