@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from msf_scale.data.schema import MEAN, STD
-from msf_scale.data.synthetic import generate_split, synth_config
+from dataclasses import fields
+
+from msf_scale.data.synthetic import SynthConfig, generate_split, synth_config
 from msf_scale.data.transforms import eval_indices, random_indices
 from msf_scale.models import create_model
 
@@ -36,8 +38,9 @@ def main() -> None:
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    over = {k: float(v) if v.replace(".", "").replace("-", "").isdigit() else v
-            for k, v in (s.split("=", 1) for s in args.set)}
+    types = {f.name: f.type for f in fields(SynthConfig)}   # "int", "float", "str", "float | None" (annotations)
+    cast = {"int": int, "float": float, "float | None": float, "str": str}
+    over = {k: cast.get(types.get(k, "str"), str)(v) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = synth_config("micro", **over)
     t0 = time.time()
     (vtr, ytr, _), (vte, yte, _) = generate_split(cfg, "train", 8), generate_split(cfg, "test", 8)
