@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from msf_scale.models._registry import register_model
+from msf_scale.models.msf_mamba import MSFMamba
 
 CNN3D_SIZES = {   # size -> channels of the four conv layers (tiny ~0.12M parameters, small ~0.49M, base ~1.17M)
     "tiny": (12, 24, 48, 64),
@@ -57,11 +58,7 @@ class CNN3D(nn.Module):
         self.head_drop = nn.Dropout(cfg.head_drop)
         self.head = nn.Linear(c_in, cfg.num_classes, **fk)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        cfg = self.cfg
-        expected = (cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size)
-        if x.dim() != 5 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"expected video [B, C, T, H, W] with (C, T, H, W) = {expected}, got {tuple(x.shape)}")
+    check_input = MSFMamba.check_input   # the same contract: [B, in_chans, num_frames, img_size, img_size]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
