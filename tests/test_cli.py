@@ -7,7 +7,7 @@ from msf_scale import cli
 def test_models_table_lists_every_variant_and_size(capsys):
     assert cli.main(["models", "--img-size", "32", "--num-frames", "4"]) == 0
     out = capsys.readouterr().out
-    for variant in ("videomamba", "msf_mamba", "msf_mamba_plus"):
+    for variant in ("videomamba", "msf_mamba", "msf_mamba_plus", "cnn3d"):
         for size in ("tiny", "small", "base"):
             assert f"| {variant} | {size} |" in out
 
