@@ -4,7 +4,8 @@
 
 Renders the micro preset (with ``--set field=value`` overrides), then trains cnn3d with the loader's augmentation
 (T frames by random segment offsets, no crop) and AdamW + cosine, and prints held-out test top-1 per few epochs. The
-preset's values were chosen with this so that cnn3d lands at 75-90% (issue 14); train.py gives the figure of record.
+aim is a preset at which cnn3d lands at 75-90% (issue 14; not reached yet). Not train.py's recipe in every detail
+(weight decay on every parameter, warm-up over 5% of the steps): train.py gives the figure of record.
 """
 from __future__ import annotations
 

@@ -111,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is killed")
     ap.add_argument("--extra", default="", help="flags added to every run, e.g. '--train.precision fp32'")
     args = ap.parse_args(argv)
-    pairs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")] if args.runs else []
+    pairs = []
+    for item in (args.runs.split(",") if args.runs else []):
+        name, _, seed = item.partition(":")
+        if not seed.isdigit():
+            ap.error(f"--runs wants condition:seed pairs, got {item!r}")
+        pairs.append((name, int(seed)))   # a condition named here runs only its listed seeds
     names = ((STUDIES[args.study] if args.study else []) + (args.conditions.split(",") if args.conditions else [])
              + [n for n, _ in pairs])
     unknown = [n for n in names if n not in CONDITIONS]
@@ -132,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = list(dict.fromkeys([(n, s) for s in seeds for n in dict.fromkeys(names) if (n, s) not in pairs
                                and not any(p[0] == n for p in pairs)] + pairs))
     pending, running, t0 = list(jobs), {}, time.time()
+    commands: dict[tuple[str, int], list[str]] = {}
+    exits: dict[tuple[str, int], str] = {}
     while pending or running:
         while pending and len(running) < args.parallel:
             name, seed = pending.pop(0)
@@ -141,15 +148,18 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, str(ROOT / "msf_scale" / "train.py"), "--variant", variant, "--size", "tiny",
                    "--data", data, "--output-dir", str(run_dir), "--train.seed", str(seed), *RECIPE, *flags, *epochs,
                    *args.extra.split()]
+            commands[(name, seed)] = cmd[1:]
             log = open(out / "runs" / f"{name}_s{seed}.log", "w")
             running[(name, seed)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
                                      time.time(), log)
         for key, (proc, started, log) in list(running.items()):
             if proc.poll() is None and time.time() - started > args.timeout:
                 proc.kill()
+                exits[key] = f"killed after {args.timeout:.0f} s (--timeout)"
             if proc.poll() is not None:
                 log.close()
                 del running[key]
+                exits.setdefault(key, f"exit {proc.returncode}")
                 print(f"[{time.time() - t0:6.0f} s] {key[0]} seed {key[1]}: exit {proc.returncode}", flush=True)
         time.sleep(1)
     results = {}
@@ -160,8 +170,13 @@ def main(argv: list[str] | None = None) -> int:
             r["fusion_share"] = fusion_share(run_dir, data) if r["test_top1"] is not None else None
         except Exception as e:   # a measurement, not the result: report and go on
             r["fusion_share"] = f"error: {e}"
-        results[f"{name}_s{seed}"] = {"condition": name, "seed": seed, **r}
-    (out / "results.json").write_text(json.dumps({"recipe": RECIPE, "conditions": {n: CONDITIONS[n] for n in names},
+        results[f"{name}_s{seed}"] = {"condition": name, "seed": seed, "status": exits.get((name, seed)),
+                                      "command": commands.get((name, seed)), **r}
+    info = json.loads((Path(data) / "dataset.json").read_text())
+    (out / "results.json").write_text(json.dumps({"recipe": RECIPE, "extra": args.extra, "epochs": args.epochs,
+                                                  "data": {"root": data, "name": info.get("name"),
+                                                           "source": info.get("source")},
+                                                  "conditions": {n: CONDITIONS[n] for n in names},
                                                   "runs": results}, indent=1))
     lines = ["| condition | variant | extra flags | test top-1 % (mean +- sd) | per seed | train top-1 % | "
              "fusion ||F||/||H|| | wall s |", "|---|---|---|---|---|---|---|---|"]
@@ -175,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         acc = [r["test_top1"] for r in rs if r["test_top1"] is not None]
         test = (f"{statistics.fmean(acc):.1f} +- {statistics.stdev(acc):.1f}" if len(acc) > 1
                 else f"{acc[0]:.1f}" if acc else "failed")
-        per_seed = ", ".join("failed" if r["test_top1"] is None else str(r["test_top1"]) for r in rs)
+        per_seed = ", ".join(("killed" if "killed" in str(r["status"]) else "failed") if r["test_top1"] is None
+                             else str(r["test_top1"]) for r in rs)
         variant, flags = CONDITIONS[name]
-        lines.append(f"| {name} | {variant} | {' '.join(flags) or '-'} | {test} | {per_seed} | "
+        lines.append(f"| {name} | {variant} | {' '.join(flags + args.extra.split()) or '-'} | {test} | {per_seed} | "
                      f"{mean_of([r['train_top1'] for r in rs])} | {mean_of([r['fusion_share'] for r in rs], '{:.3f}')} "
                      f"| {mean_of([r['wall_s'] for r in rs], '{:.0f}')} |")
     table = "\n".join(lines)

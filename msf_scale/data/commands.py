@@ -28,6 +28,11 @@ _SYNTH_FLAGS = {
     "--distractors": ("distractors", int, "distractor objects moving at random"),
     "--noise-std": ("noise_std", float, "Gaussian pixel noise std (0-255 scale)"),
     "--texture": ("texture", float, "background texture contrast (0-255 scale)"),
+    "--gesture-px": ("gesture_px", float, "body scene (micro): the hand's gesture amplitude over the clip, px"),
+    "--gesture-min-frac": ("gesture_min_frac", float, "body scene: the gesture fills at least this part of the clip"),
+    "--body-px": ("body_px", float, "body scene: the body's height, px"),
+    "--sway-px": ("sway_px", float, "body scene: the body's (and hand's) sway amplitude, px"),
+    "--hand-contrast": ("hand_contrast", float, "body scene: the hand's contrast, 0 (body colour) to 1"),
     "--format": ("format", str, "clip storage: npy (exact) or mp4 (H.264)"),
     "--shard-size": ("shard_size", int, "clips per shard"),
 }
@@ -95,7 +100,7 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                             "hand gesture, 32 x 112 x 112); the flags below override its values")
     for flag, (field, typ, text) in _SYNTH_FLAGS.items():
         kw = {"choices": ["npy", "mp4"]} if field == "format" else {}
-        synth.add_argument(flag, dest=field, type=typ, default=None, help=f"{text} (default {defaults[field]})",
+        synth.add_argument(flag, dest=field, type=typ, default=None, help=f"{text} (default {defaults[field]}; a --preset may set it)",
                            **kw)
     synth.set_defaults(func=_synth)
 

@@ -35,6 +35,7 @@ def test_micro_preset_trains_exports_and_reevaluates(model, tmp_path):
     from msf_scale.data import read_dataset_info
     ds = read_dataset_info(meta["data"])
     assert ds.num_frames == 8 and ds.height == 32 and ds.splits["train"].num_samples == 32
+    assert ds.source["scene"] == "body"                            # the micro scene, not the demo's
     m = load_model(run)
     stats = [b for n, b in m.named_buffers() if n.endswith("running_mean")]
     assert stats and all(b.abs().sum() > 0 for b in stats)         # BatchNorm statistics were trained and exported
