@@ -5,7 +5,7 @@ import torch
 
 from msf_scale.data import synthesize, read_dataset_info
 from msf_scale.data.synthetic import MOTIONS, PRESETS, _gesture, generate_split, synth_config
-from test_data_synthetic import FrameNet   # tests/data is on sys.path (pytest rootdir import mode)
+from test_data_synthetic import _frame_cnn_accuracy   # tests/data is on sys.path (pytest rootdir import mode)
 
 # The micro scene at half size (every length halved), so that one-frame checks stay fast on CPU.
 HALF = dict(size=56, num_frames=16, gesture_px=6.0, object_px=5.0, body_px=24.0, sway_px=0.5,
@@ -64,31 +64,12 @@ def half_micro():
     return generate_split(cfg, "train", workers=2), generate_split(cfg, "test", workers=2), 1.0 / cfg.num_classes
 
 
-def _frame_accuracy(vtr, ytr, vte, yte, frame: int, epochs: int = 15, batch: int = 128) -> float:
-    """Held-out accuracy of FrameNet trained on one frame index of each clip."""
-    def pick(v):
-        return torch.tensor(v[:, frame]).permute(0, 3, 1, 2).float() / 255.0
-
-    torch.manual_seed(0)
-    xtr, xte, ytr_t = pick(vtr), pick(vte), torch.tensor(ytr)
-    model = FrameNet(int(ytr.max()) + 1, xtr.shape[-1])
-    opt = torch.optim.AdamW(model.parameters(), 3e-3, weight_decay=1e-3)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xtr)).split(batch):
-            loss = torch.nn.functional.cross_entropy(model(xtr[idx]), ytr_t[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        return (model(xte).argmax(1).numpy() == yte).mean()
-
-
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 def test_micro_one_frame_is_at_chance(half_micro, where):
     """Any one frame, including the first and last (where a gesture's displacement from its rest is largest)."""
     (vtr, ytr, _), (vte, yte, _), chance = half_micro
     frame = {"first": 0, "middle": vtr.shape[1] // 2, "last": vtr.shape[1] - 1}[where]
     torch.set_num_threads(1)
-    acc = _frame_accuracy(vtr, ytr, vte, yte, frame)
+    acc = _frame_cnn_accuracy(vtr, ytr, vte, yte, frame=frame)
     # 160 test clips: chance +- 2.6 points (one std); 9 points is well outside noise
     assert acc < chance + 0.09, f"frame {frame} predicts the class: {acc:.3f} on held-out subjects vs chance {chance:.3f}"
