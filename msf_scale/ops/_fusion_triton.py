@@ -1,0 +1,479 @@
+"""Fused multiscale CFD state fusion (+ ASWM) in Triton: the ``triton`` backend of :func:`state_fusion`.
+
+What it computes (SPEC.md, MCFM and ASWM), for up to three odd windows k_m at once:
+
+    F_m = depthwise_conv3d_same(h, w'_m),   w'_m = cfd_kernel(w_m, theta)   (the CFD term folded into the centre tap)
+    ASWM (optional): alpha = softmax_m(sum_{m, c} A[j, m*C + c] F_m[c] + a[j]),   out = sum_m alpha_m F_m
+
+The fold is done in torch on the tiny kernels (differentiable, so theta's and the raw kernels' gradients come from
+autograd through :func:`cfd_kernel`); the kernels below see plain depthwise weights and return their gradients.
+
+Kernel design ("band" / Toeplitz form, tensor cores). For one channel, the rows of a tile are the (t, y) pairs of
+BT frames x BH rows (H padded to a power of two) and the columns are x (W padded to >= 16). For a window offset
+(o_t, o_y) the x-part of the convolution is a [W, W] band matrix  B[x', x] = w'[o_t, o_y, x' - x + r], so
+
+    F[(t, y), :] += h[(t + o_t, y + o_y), :] @ B_{o_t, o_y}           (forward: one tl.dot per (o_t, o_y, scale))
+    dh[(t, y), :] += dF[(t - o_t, y - o_y), :] @ B_{o_t, o_y}^T         (input gradient)
+    dB_{o_t, o_y} = h[(t + o_t, y + o_y), :]^T @ dF                     (weight gradient; its diagonals are dw')
+
+All scales share the loaded shifted h tile of each offset of the largest window (a 7^3 neighbourhood is 49 row
+shifts of one [rows, 16] tile); the band matrices are gathered from the weights in registers. Accumulation is in
+fp32 (fp64 for fp64 inputs); bf16/fp16 operands go to the tensor cores as they are (the band is rounded to the
+input dtype, as the ``conv`` backend rounds its kernel), fp32 operands use IEEE fp32 dots (tf32 only when
+``torch.backends.cuda.matmul.allow_tf32`` is set).
+
+Launches. Forward: ``_fwd`` (program = batch x channel group x frame block: every scale of every channel in the
+group, F_m stored, the ASWM logits accumulated over the group in registers and atomically added across groups),
+then softmax on the [B, M, T, H, W] logits (torch, tiny) and ``_combine`` (out = sum alpha_m F_m).
+Backward: with ASWM ``_aswm_dot`` (s_m = sum_c dout F_m, atomics across channel groups), the softmax backward
+on [B, M, T, H, W] (torch, tiny), ``_aswm_grad`` (dF_m, and per-(batch, block) partial sums for the 1x1 conv's
+weight); then ``_bwd`` (program = batch x channel x frame block: dh, and the weight gradient of every tap as
+per-(batch, frame block) partials [B * n_tb, C, sum k^3], summed over the first axis in torch: a two-stage,
+deterministic reduction, no weight atomics).
+
+Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter; how the tests run it).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SCALES = 3
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# ----------------------------------------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _band(wc_ptr, K: tl.constexpr, DT: tl.constexpr, DY: tl.constexpr, xi, xj, TRANS: tl.constexpr):
+    """[BW, BW] band matrix of window row (DT, DY) of a k^3 kernel (wc_ptr: this channel's taps).
+    TRANS=False: B[x', x] = w[DT, DY, x' - x + K//2] (rows x', cols x); True: its transpose."""
+    if TRANS:
+        e = xj[None, :] - xi[:, None] + K // 2
+    else:
+        e = xi[:, None] - xj[None, :] + K // 2
+    return tl.load(wc_ptr + (DT * K + DY) * K + e, mask=(e >= 0) & (e < K), other=0.0)
+
+
+@triton.jit
+def _diag_sums(d, xi, xj, ev, K: tl.constexpr):
+    """s[e] = sum over x' - x + K//2 == e of d[x', x] (d [BW, BW]) -> [KP]: the depthwise taps' gradient."""
+    onehot = (xi[:, None, None] - xj[None, :, None] + K // 2) == ev[None, None, :]
+    return tl.sum(tl.sum(tl.where(onehot, d[:, :, None], 0.0), axis=1), axis=0)
+
+
+@triton.jit
+def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_cg,
+         NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+         OFF1: tl.constexpr, OFF2: tl.constexpr, KTOT: tl.constexpr, KM: tl.constexpr,
+         CG: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+         ASWM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    tb = tl.program_id(1)
+    b = pid // n_cg
+    cg = pid % n_cg
+    RM: tl.constexpr = KM // 2
+    rows = tl.arange(0, BT * BH)
+    t = tb * BT + rows // BH
+    y = rows % BH
+    x = tl.arange(0, BW)
+    xi = tl.arange(0, BW)
+    xj = tl.arange(0, BW)
+    hw = H * W
+    thw = T * hw
+    xm = x < W
+    own_m = ((t < T) & (y < H))[:, None] & xm[None, :]
+    own = (t * hw + y * W)[:, None] + x[None, :]
+    lg0 = tl.zeros((BT * BH, BW), dtype=ACC)
+    lg1 = tl.zeros((BT * BH, BW), dtype=ACC)
+    lg2 = tl.zeros((BT * BH, BW), dtype=ACC)
+    for ci in range(CG):
+        c = cg * CG + ci
+        base = (b * C + c).to(tl.int64) * thw
+        wc = w_ptr + c * KTOT
+        acc0 = tl.zeros((BT * BH, BW), dtype=ACC)
+        acc1 = tl.zeros((BT * BH, BW), dtype=ACC)
+        acc2 = tl.zeros((BT * BH, BW), dtype=ACC)
+        for dt in tl.static_range(KM):
+            for dy in tl.static_range(KM):
+                tt = t + (dt - RM)
+                yy = y + (dy - RM)
+                m = (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H)
+                a = tl.load(h_ptr + base + (tt * hw + yy * W)[:, None] + x[None, :],
+                            mask=m[:, None] & xm[None, :], other=0.0)
+                if (dt - RM) * (dt - RM) <= (K0 // 2) * (K0 // 2):
+                    if (dy - RM) * (dy - RM) <= (K0 // 2) * (K0 // 2):
+                        bd = _band(wc, K0, dt - RM + K0 // 2, dy - RM + K0 // 2, xi, xj, False).to(a.dtype)
+                        acc0 += tl.dot(a, bd, input_precision=PREC, out_dtype=ACC)
+                if NS >= 2:
+                    if (dt - RM) * (dt - RM) <= (K1 // 2) * (K1 // 2):
+                        if (dy - RM) * (dy - RM) <= (K1 // 2) * (K1 // 2):
+                            bd = _band(wc + OFF1, K1, dt - RM + K1 // 2, dy - RM + K1 // 2, xi, xj,
+                                       False).to(a.dtype)
+                            acc1 += tl.dot(a, bd, input_precision=PREC, out_dtype=ACC)
+                if NS >= 3:
+                    if (dt - RM) * (dt - RM) <= (K2 // 2) * (K2 // 2):
+                        if (dy - RM) * (dy - RM) <= (K2 // 2) * (K2 // 2):
+                            bd = _band(wc + OFF2, K2, dt - RM + K2 // 2, dy - RM + K2 // 2, xi, xj,
+                                       False).to(a.dtype)
+                            acc2 += tl.dot(a, bd, input_precision=PREC, out_dtype=ACC)
+        tl.store(f0_ptr + base + own, acc0.to(f0_ptr.dtype.element_ty), mask=own_m)
+        if NS >= 2:
+            tl.store(f1_ptr + base + own, acc1.to(f1_ptr.dtype.element_ty), mask=own_m)
+        if NS >= 3:
+            tl.store(f2_ptr + base + own, acc2.to(f2_ptr.dtype.element_ty), mask=own_m)
+        if ASWM:   # logits_j += A[j, m*C + c] * F_m[c], summed over this group's channels in registers
+            for j in tl.static_range(NS):
+                lj = tl.load(aw_ptr + j * NS * C + c).to(ACC) * acc0
+                if NS >= 2:
+                    lj += tl.load(aw_ptr + j * NS * C + C + c).to(ACC) * acc1
+                if NS >= 3:
+                    lj += tl.load(aw_ptr + j * NS * C + 2 * C + c).to(ACC) * acc2
+                if j == 0:
+                    lg0 += lj
+                elif j == 1:
+                    lg1 += lj
+                else:
+                    lg2 += lj
+    if ASWM:
+        lbase = (b * NS).to(tl.int64) * thw
+        tl.atomic_add(logit_ptr + lbase + own, lg0, mask=own_m)
+        if NS >= 2:
+            tl.atomic_add(logit_ptr + lbase + thw + own, lg1, mask=own_m)
+        if NS >= 3:
+            tl.atomic_add(logit_ptr + lbase + 2 * thw + own, lg2, mask=own_m)
+
+
+@triton.jit
+def _combine(f0_ptr, f1_ptr, f2_ptr, alpha_ptr, out_ptr, C, THW, NS: tl.constexpr, BLOCK: tl.constexpr,
+             ACC: tl.constexpr):
+    """out[b, c] = sum_m alpha[b, m] * F_m[b, c]; program = (b * C + c, block of positions)."""
+    pid = tl.program_id(0)
+    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = p < THW
+    b = pid // C
+    base = pid.to(tl.int64) * THW + p
+    abase = (b * NS).to(tl.int64) * THW + p
+    out = tl.load(alpha_ptr + abase, mask=m, other=0.0).to(ACC) * tl.load(f0_ptr + base, mask=m, other=0.0).to(ACC)
+    if NS >= 2:
+        out += (tl.load(alpha_ptr + abase + THW, mask=m, other=0.0).to(ACC)
+                * tl.load(f1_ptr + base, mask=m, other=0.0).to(ACC))
+    if NS >= 3:
+        out += (tl.load(alpha_ptr + abase + 2 * THW, mask=m, other=0.0).to(ACC)
+                * tl.load(f2_ptr + base, mask=m, other=0.0).to(ACC))
+    tl.store(out_ptr + base, out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _aswm_dot(g_ptr, f0_ptr, f1_ptr, f2_ptr, s_ptr, C, THW, n_cg, NS: tl.constexpr, CG: tl.constexpr,
+              BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """s[b, m] += sum_{c in group} dout[b, c] * F_m[b, c]; program = (b * n_cg + group, block of positions)."""
+    pid = tl.program_id(0)
+    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = p < THW
+    b = pid // n_cg
+    cg = pid % n_cg
+    s0 = tl.zeros((BLOCK,), dtype=ACC)
+    s1 = tl.zeros((BLOCK,), dtype=ACC)
+    s2 = tl.zeros((BLOCK,), dtype=ACC)
+    for ci in range(CG):
+        base = (b * C + cg * CG + ci).to(tl.int64) * THW + p
+        g = tl.load(g_ptr + base, mask=m, other=0.0).to(ACC)
+        s0 += g * tl.load(f0_ptr + base, mask=m, other=0.0).to(ACC)
+        if NS >= 2:
+            s1 += g * tl.load(f1_ptr + base, mask=m, other=0.0).to(ACC)
+        if NS >= 3:
+            s2 += g * tl.load(f2_ptr + base, mask=m, other=0.0).to(ACC)
+    sbase = (b * NS).to(tl.int64) * THW + p
+    tl.atomic_add(s_ptr + sbase, s0, mask=m)
+    if NS >= 2:
+        tl.atomic_add(s_ptr + sbase + THW, s1, mask=m)
+    if NS >= 3:
+        tl.atomic_add(s_ptr + sbase + 2 * THW, s2, mask=m)
+
+
+@triton.jit
+def _aswm_grad(g_ptr, f0_ptr, f1_ptr, f2_ptr, alpha_ptr, gl_ptr, aw_ptr, gf0_ptr, gf1_ptr, gf2_ptr, gaw_ptr,
+               C, THW, n_pb, NS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """dF_m[b, c] = alpha_m dout[b, c] + sum_j A[j, m*C + c] dlogit_j, and the 1x1 conv's weight gradient
+    sum_pos dlogit_j F_m[c] as partials gaw[b * n_pb + block, j, m*C + c]; program = (b * C + c, block)."""
+    pid = tl.program_id(0)
+    pb = tl.program_id(1)
+    p = pb * BLOCK + tl.arange(0, BLOCK)
+    m = p < THW
+    b = pid // C
+    c = pid % C
+    base = pid.to(tl.int64) * THW + p
+    abase = (b * NS).to(tl.int64) * THW + p
+    g = tl.load(g_ptr + base, mask=m, other=0.0).to(ACC)
+    gl0 = tl.load(gl_ptr + abase, mask=m, other=0.0).to(ACC)
+    gl1 = gl0
+    gl2 = gl0
+    if NS >= 2:
+        gl1 = tl.load(gl_ptr + abase + THW, mask=m, other=0.0).to(ACC)
+    if NS >= 3:
+        gl2 = tl.load(gl_ptr + abase + 2 * THW, mask=m, other=0.0).to(ACC)
+    gbase = gaw_ptr + (b * n_pb + pb).to(tl.int64) * (NS * NS * C)
+    for ms in tl.static_range(NS):
+        if ms == 0:
+            f_ptr = f0_ptr
+            gf_ptr = gf0_ptr
+        elif ms == 1:
+            f_ptr = f1_ptr
+            gf_ptr = gf1_ptr
+        else:
+            f_ptr = f2_ptr
+            gf_ptr = gf2_ptr
+        f = tl.load(f_ptr + base, mask=m, other=0.0).to(ACC)
+        gf = tl.load(alpha_ptr + abase + ms * THW, mask=m, other=0.0).to(ACC) * g
+        gf += tl.load(aw_ptr + ms * C + c).to(ACC) * gl0
+        tl.store(gbase + ms * C + c, tl.sum(gl0 * f, axis=0))
+        if NS >= 2:
+            gf += tl.load(aw_ptr + NS * C + ms * C + c).to(ACC) * gl1
+            tl.store(gbase + NS * C + ms * C + c, tl.sum(gl1 * f, axis=0))
+        if NS >= 3:
+            gf += tl.load(aw_ptr + 2 * NS * C + ms * C + c).to(ACC) * gl2
+            tl.store(gbase + 2 * NS * C + ms * C + c, tl.sum(gl2 * f, axis=0))
+        tl.store(gf_ptr + base, gf.to(gf_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bwd(h_ptr, w_ptr, g0_ptr, g1_ptr, g2_ptr, gh_ptr, gw_ptr, C, T, H, W, n_tb,
+         NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+         OFF1: tl.constexpr, OFF2: tl.constexpr, KTOT: tl.constexpr, KM: tl.constexpr, KP: tl.constexpr,
+         BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """dh and the per-(batch, frame block) partial weight gradients; program = (b * C + c, frame block)."""
+    pid = tl.program_id(0)
+    tb = tl.program_id(1)
+    b = pid // C
+    c = pid % C
+    RM: tl.constexpr = KM // 2
+    rows = tl.arange(0, BT * BH)
+    t = tb * BT + rows // BH
+    y = rows % BH
+    x = tl.arange(0, BW)
+    xi = tl.arange(0, BW)
+    xj = tl.arange(0, BW)
+    ev = tl.arange(0, KP)
+    hw = H * W
+    thw = T * hw
+    xm = x < W
+    base = pid.to(tl.int64) * thw
+    own_m = ((t < T) & (y < H))[:, None] & xm[None, :]
+    own = base + (t * hw + y * W)[:, None] + x[None, :]
+    wc = w_ptr + c * KTOT
+    pw = gw_ptr + ((b * n_tb + tb) * C + c).to(tl.int64) * KTOT
+    g0 = tl.load(g0_ptr + own, mask=own_m, other=0.0)
+    g1 = g0
+    g2 = g0
+    if NS >= 2:
+        g1 = tl.load(g1_ptr + own, mask=own_m, other=0.0)
+    if NS >= 3:
+        g2 = tl.load(g2_ptr + own, mask=own_m, other=0.0)
+    gh = tl.zeros((BT * BH, BW), dtype=ACC)
+    for dt in tl.static_range(KM):
+        for dy in tl.static_range(KM):
+            tt = t + (dt - RM)
+            yy = y + (dy - RM)
+            m = (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H)
+            ah = tl.load(h_ptr + base + (tt * hw + yy * W)[:, None] + x[None, :],
+                         mask=m[:, None] & xm[None, :], other=0.0)
+            aht = tl.trans(ah)
+            ts = t - (dt - RM)
+            ys = y - (dy - RM)
+            ms = ((ts >= 0) & (ts < T) & (ys >= 0) & (ys < H))[:, None] & xm[None, :]
+            sh = base + (ts * hw + ys * W)[:, None] + x[None, :]
+            if (dt - RM) * (dt - RM) <= (K0 // 2) * (K0 // 2):
+                if (dy - RM) * (dy - RM) <= (K0 // 2) * (K0 // 2):
+                    ag = tl.load(g0_ptr + sh, mask=ms, other=0.0)
+                    bd = _band(wc, K0, dt - RM + K0 // 2, dy - RM + K0 // 2, xi, xj, True).to(ag.dtype)
+                    gh += tl.dot(ag, bd, input_precision=PREC, out_dtype=ACC)
+                    d = tl.dot(aht, g0, input_precision=PREC, out_dtype=ACC)
+                    tl.store(pw + ((dt - RM + K0 // 2) * K0 + dy - RM + K0 // 2) * K0 + ev,
+                             _diag_sums(d, xi, xj, ev, K0), mask=ev < K0)
+            if NS >= 2:
+                if (dt - RM) * (dt - RM) <= (K1 // 2) * (K1 // 2):
+                    if (dy - RM) * (dy - RM) <= (K1 // 2) * (K1 // 2):
+                        ag = tl.load(g1_ptr + sh, mask=ms, other=0.0)
+                        bd = _band(wc + OFF1, K1, dt - RM + K1 // 2, dy - RM + K1 // 2, xi, xj, True).to(ag.dtype)
+                        gh += tl.dot(ag, bd, input_precision=PREC, out_dtype=ACC)
+                        d = tl.dot(aht, g1, input_precision=PREC, out_dtype=ACC)
+                        tl.store(pw + OFF1 + ((dt - RM + K1 // 2) * K1 + dy - RM + K1 // 2) * K1 + ev,
+                                 _diag_sums(d, xi, xj, ev, K1), mask=ev < K1)
+            if NS >= 3:
+                if (dt - RM) * (dt - RM) <= (K2 // 2) * (K2 // 2):
+                    if (dy - RM) * (dy - RM) <= (K2 // 2) * (K2 // 2):
+                        ag = tl.load(g2_ptr + sh, mask=ms, other=0.0)
+                        bd = _band(wc + OFF2, K2, dt - RM + K2 // 2, dy - RM + K2 // 2, xi, xj, True).to(ag.dtype)
+                        gh += tl.dot(ag, bd, input_precision=PREC, out_dtype=ACC)
+                        d = tl.dot(aht, g2, input_precision=PREC, out_dtype=ACC)
+                        tl.store(pw + OFF2 + ((dt - RM + K2 // 2) * K2 + dy - RM + K2 // 2) * K2 + ev,
+                                 _diag_sums(d, xi, xj, ev, K2), mask=ev < K2)
+    tl.store(gh_ptr + own, gh.to(gh_ptr.dtype.element_ty), mask=own_m)
+
+
+# ------------------------------------------------------------------------------------------------- launch glue
+
+class _Geom:
+    """Tile geometry and constexprs shared by the launches."""
+
+    def __init__(self, h: torch.Tensor, ks: tuple[int, ...]):
+        b, c, t, hh, ww = h.shape
+        self.B, self.C, self.T, self.H, self.W = b, c, t, hh, ww
+        self.ks = ks
+        self.NS = len(ks)
+        kk = list(ks) + [0] * (MAX_SCALES - len(ks))
+        self.K0, self.K1, self.K2 = kk
+        offs = [0]
+        for k in ks:
+            offs.append(offs[-1] + k ** 3)
+        self.OFF1 = offs[1] if len(ks) > 1 else 0
+        self.OFF2 = offs[2] if len(ks) > 2 else 0
+        self.KTOT = offs[len(ks)]
+        self.KM = max(ks)
+        self.KP = _pow2(self.KM)
+        self.BW = max(16, _pow2(ww))
+        self.BH = _pow2(hh)
+        # frames per program: rows = BT * BH between 16 (tl.dot's minimum) and 128 where the grid allows
+        bt = max(1, 128 // self.BH)
+        bt = min(bt, _pow2(t))
+        while bt * self.BH < 16:
+            bt *= 2
+        self.BT = bt
+        self.n_tb = triton.cdiv(t, bt)
+        self.THW = t * hh * ww
+        if h.dtype == torch.float64:
+            self.ACC, self.PREC = tl.float64, "ieee"
+        elif h.dtype == torch.float32:
+            self.ACC = tl.float32
+            self.PREC = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        else:
+            self.ACC, self.PREC = tl.float32, "tf32"
+        self.acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+        self.warps = 4 if self.BT * self.BH * self.BW <= 2048 else 8
+
+    def scale_kw(self):
+        return dict(NS=self.NS, K0=self.K0, K1=self.K1, K2=self.K2, OFF1=self.OFF1, OFF2=self.OFF2,
+                    KTOT=self.KTOT, KM=self.KM)
+
+
+def supported(h: torch.Tensor, kernels) -> bool:
+    """Shapes the kernels handle: 1..3 windows, an H x W grid up to 128 x 64 (one channel's rows in registers)."""
+    return (h.dim() == 5 and 1 <= len(kernels) <= MAX_SCALES and h.shape[3] <= 128 and h.shape[4] <= 64
+            and h.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and h.numel() > 0)
+
+
+def _three(ts):
+    return list(ts) + [ts[0]] * (MAX_SCALES - len(ts))   # absent scales: any valid pointer, never touched
+
+
+def _channel_group(c: int) -> int:
+    for g in (16, 8, 4, 2):
+        if c % g == 0:
+            return g
+    return 1
+
+
+def _pos_block(thw: int) -> int:
+    return min(1024, _pow2(thw))
+
+
+class _FusedCFD(torch.autograd.Function):
+    """(h, packed plain depthwise kernels [C, sum k^3], ASWM weight [M, M*C] or None, bias [M] or None)
+    -> out (ASWM) or one F per scale."""
+
+    @staticmethod
+    def forward(ctx, h, wpack, aw, ab, ks):
+        g = _Geom(h, ks)
+        fs = [torch.empty_like(h) for _ in ks]
+        aswm = aw is not None
+        logits = torch.zeros((g.B, g.NS, g.T, g.H, g.W), device=h.device, dtype=g.acc_dtype) if aswm else fs[0]
+        awc = aw.detach().reshape(g.NS, g.NS * g.C).contiguous() if aswm else wpack
+        cg = _channel_group(g.C) if aswm else 1
+        n_cg = g.C // cg
+        f3 = _three(fs)
+        _fwd[(g.B * n_cg, g.n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **g.scale_kw(),
+                                   CG=cg, BT=g.BT, BH=g.BH, BW=g.BW, ASWM=aswm, ACC=g.ACC, PREC=g.PREC,
+                                   num_warps=g.warps)
+        ctx.ks = ks
+        ctx.aswm = aswm
+        if not aswm:
+            ctx.save_for_backward(h, wpack)
+            return tuple(fs)
+        alpha = torch.softmax(logits + ab.detach().to(logits.dtype).view(1, -1, 1, 1, 1), dim=1).contiguous()
+        out = torch.empty_like(h)
+        blk = _pos_block(g.THW)
+        _combine[(g.B * g.C, triton.cdiv(g.THW, blk))](*f3, alpha, out, g.C, g.THW, NS=g.NS, BLOCK=blk, ACC=g.ACC)
+        ctx.save_for_backward(h, wpack, awc, alpha, *fs)
+        ctx.aw_meta = (aw.shape, aw.dtype, ab.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ks = ctx.ks
+        h, wpack = ctx.saved_tensors[:2]
+        g = _Geom(h, ks)
+        gaw = gab = None
+        if ctx.aswm:
+            awc, alpha, *fs = ctx.saved_tensors[2:]
+            gout = grads[0].contiguous().to(h.dtype)
+            cg = _channel_group(g.C)
+            n_cg = g.C // cg
+            blk = _pos_block(g.THW)
+            n_pb = triton.cdiv(g.THW, blk)
+            f3 = _three(fs)
+            s = torch.zeros_like(alpha)
+            _aswm_dot[(g.B * n_cg, n_pb)](gout, *f3, s, g.C, g.THW, n_cg, NS=g.NS, CG=cg, BLOCK=blk, ACC=g.ACC)
+            glog = (alpha * (s - (alpha * s).sum(dim=1, keepdim=True))).contiguous()   # softmax backward
+            gfs = [torch.empty_like(h) for _ in ks]
+            part = torch.empty((g.B * n_pb, g.NS, g.NS * g.C), device=h.device, dtype=g.acc_dtype)
+            _aswm_grad[(g.B * g.C, n_pb)](gout, *f3, alpha, glog, awc, *_three(gfs), part, g.C, g.THW, n_pb,
+                                          NS=g.NS, BLOCK=blk, ACC=g.ACC)
+            shape, aw_dtype, ab_dtype = ctx.aw_meta
+            gaw = part.sum(dim=0).reshape(shape).to(aw_dtype)
+            gab = glog.sum(dim=(0, 2, 3, 4)).to(ab_dtype)
+        else:
+            gfs = [torch.zeros_like(h) if gr is None else gr.contiguous().to(h.dtype) for gr in grads]
+        gh = torch.empty_like(h)
+        part = torch.empty((g.B * g.n_tb, g.C, g.KTOT), device=h.device, dtype=g.acc_dtype)
+        _bwd[(g.B * g.C, g.n_tb)](h, wpack, *_three(gfs), gh, part, g.C, g.T, g.H, g.W, g.n_tb, **g.scale_kw(),
+                                  KP=g.KP, BT=g.BT, BH=g.BH, BW=g.BW, ACC=g.ACC, PREC=g.PREC, num_warps=g.warps)
+        gw = part.sum(dim=0).to(wpack.dtype)
+        return gh, gw, gaw, gab, None
+
+
+def _packed(h, kernels, theta):
+    from msf_scale.ops.state_fusion import cfd_kernel   # lazy: state_fusion imports this module lazily too
+    c = h.shape[1]
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32   # taps are rounded to h's dtype in-kernel
+    return torch.cat([cfd_kernel(w, theta).reshape(c, -1) for w in kernels], dim=1).to(dtype).contiguous()
+
+
+def _check_device(h):
+    import os
+    if h.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the triton fusion backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+
+
+def state_fusion_triton(h: torch.Tensor, kernels, theta) -> list[torch.Tensor]:
+    """The ``triton`` backend of state_fusion: every scale in one launch, one fused tensor per kernel."""
+    _check_device(h)
+    ks = tuple(int(w.shape[-1]) for w in kernels)
+    h = h.contiguous()
+    return list(_FusedCFD.apply(h, _packed(h, kernels, theta), None, None, ks))
+
+
+def multiscale_fusion_triton(h: torch.Tensor, kernels, theta, aswm_weight: torch.Tensor,
+                             aswm_bias: torch.Tensor) -> torch.Tensor:
+    """MCFM + ASWM fused: out = sum_m softmax_m(aswm(cat F))_m * F_m, as StateFusion.forward computes it
+    (aswm_weight: the nn.Conv3d(M*C, M, 1) weight [M, M*C, 1, 1, 1], aswm_bias [M])."""
+    _check_device(h)
+    ks = tuple(int(w.shape[-1]) for w in kernels)
+    if len(ks) < 2 or len(ks) > MAX_SCALES:
+        raise ValueError(f"ASWM fusion takes 2..{MAX_SCALES} scales, got {ks}")
+    h = h.contiguous()
+    return _FusedCFD.apply(h, _packed(h, kernels, theta), aswm_weight, aswm_bias, ks)
