@@ -22,6 +22,8 @@ _SYNTH_FLAGS = {
     "--seed": ("seed", int, "random seed (same seed, same bytes)"),
     "--subjects": ("subjects", int, "distinct subjects (appearances)"),
     "--test-subjects": ("test_subjects", int, "subjects held out for the test split"),
+    "--val-subjects": ("val_subjects", int, "subjects held out for a val split (0 = no val split)"),
+    "--val-per-class": ("val_per_class", int, "val clips per class (default: as --test-per-class)"),
     "--motion-px": ("motion_px", float, "class signal: object displacement per frame, px"),
     "--object-px": ("object_px", float, "object diameter, px"),
     "--drift-px": ("drift_px", float, "distractor: max global camera drift per frame, px"),
