@@ -461,6 +461,9 @@ def _check_device(h):
 
 def state_fusion_triton(h: torch.Tensor, kernels, theta) -> list[torch.Tensor]:
     """The ``triton`` backend of state_fusion: every scale in one launch, one fused tensor per kernel."""
+    if not supported(h, kernels):   # more than three windows, or a grid too wide for one tile: the conv path
+        from msf_scale.ops.state_fusion import _dispatch
+        return _dispatch(h, kernels, theta, "conv")
     _check_device(h)
     ks = tuple(int(w.shape[-1]) for w in kernels)
     h = h.contiguous()
@@ -473,7 +476,8 @@ def multiscale_fusion_triton(h: torch.Tensor, kernels, theta, aswm_weight: torch
     (aswm_weight: the nn.Conv3d(M*C, M, 1) weight [M, M*C, 1, 1, 1], aswm_bias [M])."""
     _check_device(h)
     ks = tuple(int(w.shape[-1]) for w in kernels)
-    if len(ks) < 2 or len(ks) > MAX_SCALES:
-        raise ValueError(f"ASWM fusion takes 2..{MAX_SCALES} scales, got {ks}")
+    if len(ks) < 2 or not supported(h, kernels):
+        raise ValueError(f"the fused ASWM op takes 2..{MAX_SCALES} scales on an H x W grid up to 128 x 64, "
+                         f"got scales {ks} on {tuple(h.shape)}")
     h = h.contiguous()
     return _FusedCFD.apply(h, _packed(h, kernels, theta), aswm_weight, aswm_bias, ks)

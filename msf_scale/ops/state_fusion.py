@@ -18,13 +18,14 @@ A fused kernel joins these later; on an H100 cuDNN's depthwise conv3d is far off
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "conv", "shift", "ref")
+BACKENDS = ("auto", "conv", "shift", "ref", "triton")   # triton: ops/_fusion_triton.py, every scale in one launch
 ENV_VAR = "MSF_SCALE_FUSION_BACKEND"
 
 
@@ -36,6 +37,8 @@ def resolve_backend(backend: str | None, device: torch.device | None = None, k: 
         raise ValueError(f"unknown state-fusion backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         on_gpu = device is not None and device.type == "cuda"
+        if on_gpu and importlib.util.find_spec("triton") is not None:   # the fused Triton backend (issue 19)
+            return "triton"
         return "conv" if on_gpu or k > 3 else "shift"
     return backend
 
@@ -60,6 +63,9 @@ def state_fusion(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backen
 
 
 def _dispatch(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backend: str | None) -> list[torch.Tensor]:
+    if kernels and resolve_backend(backend, h.device, kernels[0].shape[-1]) == "triton":   # all scales at once
+        from msf_scale.ops._fusion_triton import state_fusion_triton   # lazy: triton is optional
+        return state_fusion_triton(h, kernels, theta)
     out = []
     for w in kernels:
         name = resolve_backend(backend, h.device, w.shape[-1])
