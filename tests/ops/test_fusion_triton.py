@@ -1,0 +1,244 @@
+"""The fused Triton fusion backend (ops/_fusion_triton.py) against the ``ref`` backend.
+
+Two halves:
+- interpreter tests (CPU machines with triton installed): the kernels run under Triton's interpreter
+  (TRITON_INTERPRET=1, numpy) in float64 against the reference's autograd, to 1e-12 relative: forward and every
+  gradient (input, each kernel, theta, the ASWM 1x1 conv's weight and bias), several scale sets, ASWM on/off,
+  theta 0 and non-zero, grids that are not powers of two and that span several frame blocks. Skipped when
+  triton is not installed (CI) and on CUDA machines (there the second half runs the compiled kernels).
+- GPU tests (marked gpu): the compiled kernels in bf16 and fp32 at realistic shapes against float64 ref.
+
+This module sets TRITON_INTERPRET=1 for the process on a machine without CUDA (Triton reads it when a kernel is
+decorated and again when it is launched); nothing else in the repository uses Triton on CPU.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from msf_scale.models.blocks import StateFusion
+from msf_scale.ops import state_fusion, state_fusion_ref
+
+fusion_mod = importlib.import_module("msf_scale.ops.state_fusion")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+CUDA = torch.cuda.is_available()
+
+if HAS_TRITON and not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "msf_scale.ops._fusion_triton" in sys.modules:      # imported before without the interpreter: redo it
+        importlib.reload(sys.modules["msf_scale.ops._fusion_triton"])
+
+interp = pytest.mark.skipif(not HAS_TRITON or CUDA, reason="interpreter tests: need triton, run on CPU machines "
+                                                           "(on CUDA the gpu tests below run the compiled kernels)")
+
+
+def rel(a, b):
+    """max |a - b| / max |b|."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def make(shape, scales, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    h = torch.randn(shape, generator=g, dtype=torch.float64)
+    ks = [torch.randn(c, 1, k, k, k, generator=g, dtype=torch.float64) / k ** 1.5 for k in scales]
+    to = dict(device=device, dtype=dtype)
+    return h.to(**to).requires_grad_(), [w.to(**to).requires_grad_() for w in ks]
+
+
+def aswm_ref(fused, weight, bias):
+    """StateFusion.forward's ASWM on already fused states (softmax over scales of a 1x1x1 conv, weighted sum), with
+    the softmax in float64 for float64 states (the module's runs in float32)."""
+    logits = F.conv3d(torch.cat(fused, dim=1), weight, bias)
+    alpha = torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=1).to(fused[0].dtype)
+    return sum(alpha[:, m:m + 1] * f for m, f in enumerate(fused))
+
+
+# ---------------------------------------------------------------------------------------- interpreter, float64
+
+SHAPES = [(2, 3, 4, 5, 6),        # one frame block, H and W padded (8 rows, 16 columns)
+          (1, 2, 6, 17, 3)]       # H = 17 -> 32-row blocks of 4 frames: two frame blocks, a partial one
+
+
+@interp
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scales", [(3,), (5,), (3, 5), (3, 5, 7), (7, 3)])
+@pytest.mark.parametrize("theta", [0.0, 0.7])
+def test_interpreter_matches_ref_float64(shape, scales, theta):
+    if shape == SHAPES[1] and 7 in scales and len(scales) == 3:
+        pytest.skip("the interpreter is slow; (3, 5, 7) runs on the first shape")
+    h, ks = make(shape, scales, torch.float64)
+    th = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
+    got = state_fusion(h, ks, th, backend="triton")
+    want = state_fusion_ref(h, ks, th)
+    assert len(got) == len(scales)
+    for k, a, b in zip(scales, got, want):
+        assert a.shape == b.shape and a.dtype == torch.float64
+        assert rel(a, b) < 1e-12, f"k={k}: forward rel err {rel(a, b):.2e}"
+    gouts = [torch.randn_like(b) for b in want]
+    names = ["h"] + [f"w{k}" for k in scales] + ["theta"]
+    ga = torch.autograd.grad(got, [h, *ks, th], gouts)
+    gb = torch.autograd.grad(want, [h, *ks, th], gouts)
+    for name, a, b in zip(names, ga, gb):
+        assert rel(a, b) < 1e-12, f"grad {name}: rel err {rel(a, b):.2e}"
+
+
+@interp
+def test_interpreter_unused_outputs_get_no_gradient():
+    """Only one scale's output feeds the loss: the others' gradients arrive as None (zeros in the kernel)."""
+    h, ks = make((1, 2, 3, 4, 5), (3, 5), torch.float64, seed=1)
+    th = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    got = state_fusion(h, ks, th, backend="triton")[1]
+    want = state_fusion_ref(h, ks, th)[1]
+    g = torch.randn_like(want)
+    ga = torch.autograd.grad(got, [h, ks[1], th], g)
+    gb = torch.autograd.grad(want, [h, ks[1], th], g)
+    for a, b in zip(ga, gb):
+        assert rel(a, b) < 1e-12
+
+
+@interp
+@pytest.mark.parametrize("scales", [(3, 5), (3, 5, 7)])
+@pytest.mark.parametrize("theta", [0.0, 0.7])
+def test_interpreter_aswm_matches_ref_float64(scales, theta):
+    from msf_scale.ops._fusion_triton import multiscale_fusion_triton
+
+    c = 3
+    fusion = StateFusion(c, scales, theta=theta, theta_learnable=True, use_aswm=True, backend="ref",
+                         init="uniform").double()
+    torch.nn.init.normal_(fusion.aswm.weight, std=1.0)       # far from uniform weights: alpha varies
+    torch.nn.init.normal_(fusion.aswm.bias, std=1.0)
+    h = torch.randn(2, c, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    params = [*fusion.kernels, fusion.theta, fusion.aswm.weight, fusion.aswm.bias]
+    got = multiscale_fusion_triton(h, list(fusion.kernels), fusion.theta, fusion.aswm.weight, fusion.aswm.bias)
+    module = fusion(h)                                       # the module's own path (ref backend, fp32 softmax)
+    assert rel(got, module) < 1e-6, f"vs StateFusion: rel err {rel(got, module):.2e}"
+    want = aswm_ref(state_fusion_ref(h, list(fusion.kernels), fusion.theta), fusion.aswm.weight, fusion.aswm.bias)
+    assert rel(got, want) < 1e-12, f"forward rel err {rel(got, want):.2e}"
+    alpha = fusion.scale_weights(state_fusion_ref(h, list(fusion.kernels), fusion.theta))
+    assert alpha.std(dim=1).mean() > 0.05                   # the test would see a wrong softmax/logit
+    g = torch.randn_like(want)
+    ga = torch.autograd.grad(got, [h, *params], g)
+    gb = torch.autograd.grad(want, [h, *params], g)
+    names = ["h"] + [f"w{k}" for k in scales] + ["theta", "aswm.weight", "aswm.bias"]
+    for name, a, b in zip(names, ga, gb):
+        assert a.shape == b.shape
+        assert rel(a, b) < 1e-12, f"grad {name}: rel err {rel(a, b):.2e}"
+
+
+@interp
+def test_interpreter_float32():
+    """fp32 inputs: fp32 accumulators and IEEE fp32 dots; against float64 ref to 1e-5 relative (fp32's epsilon is
+    1.2e-7; a sum of up to 343 taps, and weight gradients reduced over every position)."""
+    h, ks = make((2, 3, 4, 5, 6), (3, 5, 7), torch.float32, seed=2)
+    th = torch.tensor(0.7, requires_grad=True)
+    got = state_fusion(h, ks, th, backend="triton")
+    h64 = h.detach().double().requires_grad_()
+    ks64 = [w.detach().double().requires_grad_() for w in ks]
+    th64 = th.detach().double().requires_grad_()
+    want = state_fusion_ref(h64, ks64, th64)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and rel(a, b) < 1e-5
+    gouts = [torch.randn_like(b) for b in want]
+    ga = torch.autograd.grad(got, [h, *ks, th], [g.float() for g in gouts])
+    gb = torch.autograd.grad(want, [h64, *ks64, th64], gouts)
+    for a, b in zip(ga, gb):
+        assert rel(a, b) < 1e-5, f"rel err {rel(a, b):.2e}"
+
+
+@interp
+def test_interpreter_falls_back_beyond_three_scales():
+    h, ks = make((1, 2, 3, 4, 5), (3, 5, 7, 3), torch.float64)
+    for a, b in zip(state_fusion(h, ks, 0.7, backend="triton"), state_fusion_ref(h, ks, 0.7)):
+        assert rel(a, b) < 1e-12
+    from msf_scale.ops._fusion_triton import multiscale_fusion_triton
+    with pytest.raises(ValueError, match="2..3 scales"):
+        multiscale_fusion_triton(h, ks[:1], 0.7, torch.zeros(1, 2, 1, 1, 1), torch.zeros(1))
+
+
+# ------------------------------------------------------------------------------------------------ dispatcher
+
+def test_auto_picks_triton_on_cuda_only_when_importable(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert "triton" in fusion_mod.BACKENDS
+    assert fusion_mod.resolve_backend("auto", cpu, 3) == "shift"
+    assert fusion_mod.resolve_backend("auto", cpu, 7) == "conv"
+    assert fusion_mod.resolve_backend("auto", cuda, 7) == ("triton" if HAS_TRITON else "conv")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    assert fusion_mod.resolve_backend("auto", cuda, 7) == "conv"     # no triton: the cuDNN path, as before
+
+
+# ------------------------------------------------------------------------------------------------ GPU, compiled
+
+@pytest.fixture
+def triton_on_gpu():
+    if not HAS_TRITON:
+        pytest.fail("triton does not import on this CUDA machine (PyTorch's CUDA wheels ship it)", pytrace=False)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 2e-2)}   # (forward, gradients), relative to max |ref|
+
+
+def _gpu_vs_float64(shape, scales, dtype, use_aswm, theta=0.7):
+    """The triton backend on CUDA in `dtype` against ref in float64 (on CUDA) from the same rounded inputs. bf16
+    bounds: the taps are rounded to bf16 (as the conv backend rounds its kernel) and F / dF are stored in bf16,
+    each ~2^-9 relative; accumulation is fp32."""
+    from msf_scale.ops._fusion_triton import multiscale_fusion_triton
+
+    h, ks = make(shape, scales, dtype, device="cuda")
+    th = torch.tensor(theta, device="cuda", requires_grad=True)
+    c, m = shape[1], len(scales)
+    aw = (torch.randn(m, m * c, 1, 1, 1, device="cuda") / c ** 0.5).to(dtype).requires_grad_()
+    ab = torch.randn(m, device="cuda").to(dtype).requires_grad_()
+    h64 = h.detach().double().requires_grad_()
+    ks64 = [w.detach().double().requires_grad_() for w in ks]
+    th64 = th.detach().double().requires_grad_()
+    aw64, ab64 = aw.detach().double().requires_grad_(), ab.detach().double().requires_grad_()
+    if use_aswm:
+        got = [multiscale_fusion_triton(h, ks, th, aw, ab)]
+        want = [aswm_ref(state_fusion_ref(h64, ks64, th64), aw64, ab64)]
+        inputs, inputs64 = [h, *ks, th, aw, ab], [h64, *ks64, th64, aw64, ab64]
+    else:
+        got = state_fusion(h, ks, th, backend="triton")
+        want = state_fusion_ref(h64, ks64, th64)
+        inputs, inputs64 = [h, *ks, th], [h64, *ks64, th64]
+    tol, gtol = TOL[dtype]
+    for a, b in zip(got, want):
+        assert a.dtype == dtype and rel(a, b) < tol, f"forward rel err {rel(a, b):.2e}"
+    gouts = [torch.randn_like(b) for b in want]
+    ga = torch.autograd.grad(got, inputs, [g.to(dtype) for g in gouts])
+    gb = torch.autograd.grad(want, inputs64, gouts)
+    for i, (a, b) in enumerate(zip(ga, gb)):
+        assert rel(a, b) < gtol, f"grad of input {i}: rel err {rel(a, b):.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_aswm", [False, True])
+def test_gpu_matches_float64_realistic(triton_on_gpu, dtype, use_aswm):
+    _gpu_vs_float64((2, 384, 8, 14, 14), (3, 5, 7), dtype, use_aswm)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_sixteen_frames_two_scales(triton_on_gpu, dtype):
+    _gpu_vs_float64((2, 192, 16, 14, 14), (3, 5), dtype, True, theta=0.0)
+    _gpu_vs_float64((3, 64, 16, 7, 9), (3,), dtype, False)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_is_triton_and_the_model_runs(triton_on_gpu):
+    assert fusion_mod.resolve_backend("auto", torch.device("cuda"), 7) == "triton"
+    fusion = StateFusion(64, (3, 5, 7), 0.7, True, use_aswm=True, init="uniform").cuda()
+    h = torch.randn(2, 64, 8, 14, 14, device="cuda", requires_grad=True)
+    fusion(h).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fusion.parameters())
