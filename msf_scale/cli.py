@@ -6,6 +6,7 @@
     msf-scale flops --variant msf_mamba --size base          msf-scale latency --device cuda --out lat/
     msf-scale curve --runs runs/ --latency lat/latency.json --out curve/
     msf-scale report --runs runs/ --latency lat/latency.json --out report/
+    msf-scale tune --size tiny --num-samples 16 [--scheduler asha|fifo] [--resume] [--address auto]
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def _models(args: argparse.Namespace) -> int:
 MEASURE = {"flops": ("msf_scale.flops", "fvcore FLOP count: per-module table, GFLOPs per view and per video"),
            "latency": ("msf_scale.latency", "batch-1 / per-video latency and throughput, eager / CUDA graph / compile"),
            "curve": ("msf_scale.curve", "accuracy vs inference time plot (PNG, SVG, CSV) from runs + latency"),
-           "report": ("msf_scale.report", "HTML scaling report (and Markdown summary) of run directories")}
+           "report": ("msf_scale.report", "HTML scaling report (and Markdown summary) of run directories"),
+           "tune": ("msf_scale.tune", "Ray Tune search over the training loop, selecting on the val split (ASHA)")}
 
 
 def _measure(module: str):
