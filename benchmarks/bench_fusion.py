@@ -1,0 +1,172 @@
+"""The MCFM + ASWM fusion, backends side by side in one run: forward and forward + backward on CUDA (issue 19).
+
+    python benchmarks/bench_fusion.py --out DIR          # (32, 384, 8, 14, 14) bf16, scales 3,5,7 + ASWM
+
+What each row times is the whole StateFusion (every scale, the ASWM's 1x1 conv, softmax and weighted sum) and,
+for forward + backward, every gradient (input, kernels, theta, ASWM weight and bias) via torch.autograd.grad:
+    conv            StateFusion(backend="conv"): cuDNN / PyTorch depthwise conv3d per scale, ASWM in torch
+    ref             StateFusion(backend="ref"): the equation term by term (conv3d minus theta * H * sum)
+    triton+torch    the triton backend for the scales (one launch), ASWM in torch (what StateFusion runs today
+                    with backend="triton")
+    triton          ops/_fusion_triton.multiscale_fusion_triton: scales and ASWM fused
+CUDA events around each call, the backends taking turns within every rep (a slow spell hits all alike); the
+median of --reps (>= 50) after --warmup. Prints a Markdown table with each row's ratio to `conv` and writes
+DIR/bench_fusion.json and DIR/bench_fusion.md. The first (compiling) call of the Triton kernels is timed apart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from msf_scale.models.blocks import StateFusion  # noqa: E402
+
+
+class _Timer:
+    """CUDA events on a GPU; perf_counter on CPU (only for smoke runs: --device cpu with TRITON_INTERPRET=1)."""
+
+    def __init__(self, dev):
+        self.cuda = dev.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if not self.cuda:
+            t0 = time.perf_counter()
+            fn()
+            return 1e3 * (time.perf_counter() - t0)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="directory for bench_fusion.json / .md")
+    ap.add_argument("--shape", default="32,384,8,14,14", help="B,C,T,H,W")
+    ap.add_argument("--scales", default="3,5,7")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--backends", default="conv,ref,triton+torch,triton")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script itself")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_fusion.py needs a CUDA GPU")
+    if args.reps < 50 and args.device == "cuda":
+        raise SystemExit("--reps must be >= 50")
+    torch.backends.cudnn.benchmark = False
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    timer = _Timer(dev)
+    b, c, t, hh, ww = map(int, args.shape.split(","))
+    scales = tuple(map(int, args.scales.split(",")))
+    backends = args.backends.split(",")
+    t_start = time.perf_counter()
+
+    torch.manual_seed(0)
+    fusion = StateFusion(c, scales, theta=0.7, theta_learnable=True, use_aswm=True, init="uniform",
+                         device=dev, dtype=dtype)
+    torch.nn.init.normal_(fusion.aswm.weight, std=c ** -0.5)
+    h = torch.randn(b, c, t, hh, ww, device=dev, dtype=dtype, requires_grad=True)
+    gout = torch.randn_like(h)
+    params = [h, *fusion.kernels, fusion.theta, fusion.aswm.weight, fusion.aswm.bias]
+
+    def forward(name):
+        if name == "triton":
+            from msf_scale.ops._fusion_triton import multiscale_fusion_triton
+            return multiscale_fusion_triton(h, list(fusion.kernels), fusion.theta, fusion.aswm.weight,
+                                            fusion.aswm.bias)
+        fusion.backend = "triton" if name == "triton+torch" else name
+        return fusion(h)
+
+    def fwd(name):
+        with torch.no_grad():
+            forward(name)
+
+    def fwd_bwd(name):
+        torch.autograd.grad(forward(name), params, gout)
+
+    # first calls (Triton compiles here), and agreement with conv in this run
+    compile_s, outs = {}, {}
+    for name in backends:
+        sync()
+        t0 = time.perf_counter()
+        out = forward(name)
+        grads = torch.autograd.grad(out, params, gout)
+        sync()
+        compile_s[name] = time.perf_counter() - t0
+        outs[name] = (out.detach().float(), [g.float() for g in grads])
+    base_out, base_grads = outs[backends[0]]
+
+    def rel(a, b_):
+        return ((a - b_).abs().max() / b_.abs().max().clamp_min(1e-30)).item()
+
+    agree = {name: {"out": rel(o, base_out), "grads_max": max(rel(g, gb) for g, gb in zip(gs, base_grads))}
+             for name, (o, gs) in outs.items()}
+    del outs
+
+    results = {}
+    for mode, step in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        for name in backends:
+            for _ in range(args.warmup):
+                step(name)
+        sync()
+        times = {name: [] for name in backends}
+        for _ in range(args.reps):
+            for name in backends:
+                times[name].append(timer(lambda: step(name)))
+        for name in backends:
+            results.setdefault(name, {})[mode] = statistics.median(times[name])
+
+    ref_name = "conv" if "conv" in backends else backends[0]
+    rows = []
+    for name in backends:
+        r = results[name]
+        rows.append({"backend": name, "fwd_ms": round(r["fwd"], 4), "fwd_bwd_ms": round(r["fwd_bwd"], 4),
+                     f"speedup_vs_{ref_name}_fwd": round(results[ref_name]["fwd"] / r["fwd"], 2),
+                     f"speedup_vs_{ref_name}_fwd_bwd": round(results[ref_name]["fwd_bwd"] / r["fwd_bwd"], 2),
+                     "first_call_s": round(compile_s[name], 2),
+                     f"rel_diff_vs_{backends[0]}_out": agree[name]["out"],
+                     f"rel_diff_vs_{backends[0]}_grads_max": agree[name]["grads_max"]})
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": triton_version, "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "shape": [b, c, t, hh, ww], "scales": list(scales), "dtype": args.dtype, "aswm": True,
+            "reps": args.reps, "warmup": args.warmup, "statistic": "median of CUDA-event times, ms",
+            "wall_s": round(time.perf_counter() - t_start, 1)}
+    lines = [f"MCFM + ASWM (scales {','.join(map(str, scales))}) at {tuple(meta['shape'])} {args.dtype}, "
+             f"{meta['device']}, median of {args.reps} (CUDA events)", "",
+             f"| backend | fwd ms | fwd+bwd ms | x {ref_name} (fwd) | x {ref_name} (fwd+bwd) | rel diff vs "
+             f"{backends[0]} (out / grads) |", "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['backend']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+                     f"{r[f'speedup_vs_{ref_name}_fwd']:.1f}x | {r[f'speedup_vs_{ref_name}_fwd_bwd']:.1f}x | "
+                     f"{r[f'rel_diff_vs_{backends[0]}_out']:.1e} / {r[f'rel_diff_vs_{backends[0]}_grads_max']:.1e} |")
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    doc = {"meta": meta, "rows": rows}
+    with open(os.path.join(args.out, "bench_fusion.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(os.path.join(args.out, "bench_fusion.md"), "w") as f:
+        f.write(table + "\n")
+    print(f"wrote {args.out}/bench_fusion.json ({meta['wall_s']} s)")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
