@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -258,14 +259,16 @@ class TrialReporter:
 
     def __init__(self, run_dir: Path, trial_dir: Path, done_epoch: int):
         self.run_dir, self.trial_dir, self.done_epoch = run_dir, trial_dir, done_epoch
+        self._stage: Path | None = None
 
     def _checkpoint(self, step: int, epoch: int):
         """A Tune checkpoint: the run's newest training checkpoint (ckpt/step_N), its config and metrics so far."""
         from ray import tune
 
         src = self.run_dir / "ckpt" / f"step_{step:07d}"
-        stage = self.trial_dir / "tune_ckpt.tmp"
-        shutil.rmtree(stage, ignore_errors=True)
+        # staged outside every directory Ray syncs; Tune copies it to <trial>/checkpoint_N in report()
+        stage = Path(tempfile.mkdtemp(prefix="msf_scale_tune_ckpt_"))
+        self._stage = stage
         try:
             shutil.copytree(src, stage / "run" / "ckpt" / src.name)
             for name in ("config.yaml", "run_meta.json"):
@@ -299,9 +302,28 @@ class TrialReporter:
             if "val_loss" in row:
                 metrics["val_loss"] = row["val_loss"]
             ckpt = self._checkpoint(step, epoch)
-            tune.report(metrics, checkpoint=ckpt)
-            shutil.rmtree(self.trial_dir / "tune_ckpt.tmp", ignore_errors=True)
+            try:
+                tune.report(metrics, checkpoint=ckpt)
+            finally:
+                if self._stage is not None:   # report() has copied it to the storage
+                    shutil.rmtree(self._stage, ignore_errors=True)
+                    self._stage = None
             self.done_epoch = epoch
+
+
+def _trial_storage_dir() -> Path:
+    """The trial's directory in the experiment's storage (a filesystem path every node reaches). The run directory
+    lives there, not in Tune's trial working / staging directory, which Ray copies to the storage as artifacts
+    (it would copy every training checkpoint, while the loop rotates them)."""
+    import pyarrow.fs
+    from ray import tune
+
+    storage = tune.get_context().get_storage()
+    if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        raise UserError(f"--storage must be a filesystem path (shared by every node), not {storage.storage_filesystem}")
+    path = Path(storage.trial_fs_path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _train_in_thread(argv: list[str], out: dict[str, Any]) -> None:
@@ -320,13 +342,12 @@ def trainable(params: dict[str, Any], setup: dict[str, Any]) -> None:
 
     import torch
 
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    trial_dir = _trial_storage_dir()
     run_dir = trial_dir / "run"
     torch.set_num_threads(max(1, int(setup.get("cpus", 1))))
     done_epoch, resume = 0, []
     ckpt = tune.get_checkpoint()
     shutil.rmtree(run_dir, ignore_errors=True)   # a restart resumes from Tune's checkpoint, never a half epoch
-    shutil.rmtree(trial_dir / "tune_ckpt.tmp", ignore_errors=True)
     if ckpt is not None:
         with ckpt.as_directory() as d:
             done_epoch = int(json.loads(Path(d, "tune_state.json").read_text())["epoch"])
@@ -483,8 +504,8 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=opts.num_samples,
                                         scheduler=_scheduler(opts, SearchSpace(setup["space"], setup["asha"]),
                                                              setup["epochs"]),
-                                        search_alg=BasicVariantGenerator(random_state=opts.seed),
-                                        max_concurrent_trials=opts.max_concurrent,
+                                        search_alg=BasicVariantGenerator(random_state=opts.seed,
+                                                                         max_concurrent=opts.max_concurrent or 0),
                                         trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=exp.name, storage_path=str(exp.parent),
                                       failure_config=tune.FailureConfig(max_failures=opts.max_failures),
@@ -512,7 +533,7 @@ def collect_trials(exp: Path, setup: dict[str, Any]) -> list[dict[str, Any]]:
     analysis = ExperimentAnalysis(str(exp))
     rows = []
     for t in sorted(analysis.trials, key=lambda t: t.trial_id):
-        trial_dir = Path(t.local_path) if getattr(t, "local_path", None) else exp / t.storage.trial_dir_name
+        trial_dir = Path(t.path)   # in the storage: result.json (synced there by Tune), starts.jsonl, run/
         hist = _history(trial_dir)
         starts = _read_rows(trial_dir / STARTS)
         err = ""
