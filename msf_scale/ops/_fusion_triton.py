@@ -49,21 +49,42 @@ def _pow2(n: int) -> int:
 # ----------------------------------------------------------------------------------------------- Triton kernels
 
 @triton.jit
-def _band(wc_ptr, K: tl.constexpr, DT: tl.constexpr, DY: tl.constexpr, xi, xj, TRANS: tl.constexpr):
-    """[BW, BW] band matrix of window row (DT, DY) of a k^3 kernel (wc_ptr: this channel's taps).
-    TRANS=False: B[x', x] = w[DT, DY, x' - x + K//2] (rows x', cols x); True: its transpose."""
-    if TRANS:
-        e = xj[None, :] - xi[:, None] + K // 2
-    else:
-        e = xi[:, None] - xj[None, :] + K // 2
-    return tl.load(wc_ptr + (DT * K + DY) * K + e, mask=(e >= 0) & (e < K), other=0.0)
-
-
-@triton.jit
 def _diag_sums(d, xi, xj, ev, K: tl.constexpr):
     """s[e] = sum over x' - x + K//2 == e of d[x', x] (d [BW, BW]) -> [KP]: the depthwise taps' gradient."""
     onehot = (xi[:, None, None] - xj[None, :, None] + K // 2) == ev[None, None, :]
     return tl.sum(tl.sum(tl.where(onehot, d[:, :, None], 0.0), axis=1), axis=0)
+
+
+@triton.jit
+def _fwd_scale(h_ptr, base, wc, t, y, x, xi, xj, T, H, W, acc, K: tl.constexpr, PREC: tl.constexpr,
+               ACC: tl.constexpr):
+    """acc += one channel's depthwise 'same' conv with a K^3 kernel (wc: its taps), as K^2 row-shifted tiles times
+    [BW, BW] band matrices B[x', x] = w[o_t, o_y, x' - x + K//2]. A runtime loop (not unrolled): registers stay
+    at one iteration's tiles and Triton pipelines the loads."""
+    R: tl.constexpr = K // 2
+    e = xi[:, None] - xj[None, :] + R
+    em = (e >= 0) & (e < K)
+    xm = x < W
+    for d in range(K * K):
+        tt = t + (d // K - R)
+        yy = y + (d % K - R)
+        m = (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H)
+        a = tl.load(h_ptr + base + (tt * (H * W) + yy * W)[:, None] + x[None, :], mask=m[:, None] & xm[None, :],
+                    other=0.0)
+        bd = tl.load(wc + d * K + e, mask=em, other=0.0).to(a.dtype)
+        acc += tl.dot(a, bd, input_precision=PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _add_logits(lg0, lg1, lg2, acc, a_ptr, stride, NS: tl.constexpr, ACC: tl.constexpr):
+    """lg_j += A[j, m*C + c] * F_m[c] for j < NS (a_ptr points at A[0, m*C + c]; stride: A's row length)."""
+    lg0 += tl.load(a_ptr).to(ACC) * acc
+    if NS >= 2:
+        lg1 += tl.load(a_ptr + stride).to(ACC) * acc
+    if NS >= 3:
+        lg2 += tl.load(a_ptr + 2 * stride).to(ACC) * acc
+    return lg0, lg1, lg2
 
 
 @triton.jit
@@ -72,22 +93,21 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
          OFF1: tl.constexpr, OFF2: tl.constexpr, KTOT: tl.constexpr, KM: tl.constexpr,
          CG: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
          ASWM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """F_m for every scale of the CG channels of one group, one frame block; with ASWM the group's partial logits
+    (registers), atomically added across groups. Program = (b * n_cg + group, frame block)."""
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     b = pid // n_cg
     cg = pid % n_cg
-    RM: tl.constexpr = KM // 2
     rows = tl.arange(0, BT * BH)
     t = tb * BT + rows // BH
     y = rows % BH
     x = tl.arange(0, BW)
     xi = tl.arange(0, BW)
     xj = tl.arange(0, BW)
-    hw = H * W
-    thw = T * hw
-    xm = x < W
-    own_m = ((t < T) & (y < H))[:, None] & xm[None, :]
-    own = (t * hw + y * W)[:, None] + x[None, :]
+    thw = T * H * W
+    own_m = ((t < T) & (y < H))[:, None] & (x < W)[None, :]
+    own = (t * (H * W) + y * W)[:, None] + x[None, :]
     lg0 = tl.zeros((BT * BH, BW), dtype=ACC)
     lg1 = tl.zeros((BT * BH, BW), dtype=ACC)
     lg2 = tl.zeros((BT * BH, BW), dtype=ACC)
@@ -95,50 +115,23 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
         c = cg * CG + ci
         base = (b * C + c).to(tl.int64) * thw
         wc = w_ptr + c * KTOT
-        acc0 = tl.zeros((BT * BH, BW), dtype=ACC)
-        acc1 = tl.zeros((BT * BH, BW), dtype=ACC)
-        acc2 = tl.zeros((BT * BH, BW), dtype=ACC)
-        for dt in tl.static_range(KM):
-            for dy in tl.static_range(KM):
-                tt = t + (dt - RM)
-                yy = y + (dy - RM)
-                m = (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H)
-                a = tl.load(h_ptr + base + (tt * hw + yy * W)[:, None] + x[None, :],
-                            mask=m[:, None] & xm[None, :], other=0.0)
-                if (dt - RM) * (dt - RM) <= (K0 // 2) * (K0 // 2):
-                    if (dy - RM) * (dy - RM) <= (K0 // 2) * (K0 // 2):
-                        bd = _band(wc, K0, dt - RM + K0 // 2, dy - RM + K0 // 2, xi, xj, False).to(a.dtype)
-                        acc0 += tl.dot(a, bd, input_precision=PREC, out_dtype=ACC)
-                if NS >= 2:
-                    if (dt - RM) * (dt - RM) <= (K1 // 2) * (K1 // 2):
-                        if (dy - RM) * (dy - RM) <= (K1 // 2) * (K1 // 2):
-                            bd = _band(wc + OFF1, K1, dt - RM + K1 // 2, dy - RM + K1 // 2, xi, xj,
-                                       False).to(a.dtype)
-                            acc1 += tl.dot(a, bd, input_precision=PREC, out_dtype=ACC)
-                if NS >= 3:
-                    if (dt - RM) * (dt - RM) <= (K2 // 2) * (K2 // 2):
-                        if (dy - RM) * (dy - RM) <= (K2 // 2) * (K2 // 2):
-                            bd = _band(wc + OFF2, K2, dt - RM + K2 // 2, dy - RM + K2 // 2, xi, xj,
-                                       False).to(a.dtype)
-                            acc2 += tl.dot(a, bd, input_precision=PREC, out_dtype=ACC)
-        tl.store(f0_ptr + base + own, acc0.to(f0_ptr.dtype.element_ty), mask=own_m)
+        acc = _fwd_scale(h_ptr, base, wc, t, y, x, xi, xj, T, H, W, tl.zeros((BT * BH, BW), dtype=ACC),
+                         K0, PREC, ACC)
+        tl.store(f0_ptr + base + own, acc.to(f0_ptr.dtype.element_ty), mask=own_m)
+        if ASWM:   # logits_j += A[j, m*C + c] * F_m[c]: this group's channels summed in registers
+            lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc, aw_ptr + c, NS * C, NS, ACC)
         if NS >= 2:
-            tl.store(f1_ptr + base + own, acc1.to(f1_ptr.dtype.element_ty), mask=own_m)
+            acc = _fwd_scale(h_ptr, base, wc + OFF1, t, y, x, xi, xj, T, H, W,
+                             tl.zeros((BT * BH, BW), dtype=ACC), K1, PREC, ACC)
+            tl.store(f1_ptr + base + own, acc.to(f1_ptr.dtype.element_ty), mask=own_m)
+            if ASWM:
+                lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc, aw_ptr + C + c, NS * C, NS, ACC)
         if NS >= 3:
-            tl.store(f2_ptr + base + own, acc2.to(f2_ptr.dtype.element_ty), mask=own_m)
-        if ASWM:   # logits_j += A[j, m*C + c] * F_m[c], summed over this group's channels in registers
-            for j in tl.static_range(NS):
-                lj = tl.load(aw_ptr + j * NS * C + c).to(ACC) * acc0
-                if NS >= 2:
-                    lj += tl.load(aw_ptr + j * NS * C + C + c).to(ACC) * acc1
-                if NS >= 3:
-                    lj += tl.load(aw_ptr + j * NS * C + 2 * C + c).to(ACC) * acc2
-                if j == 0:
-                    lg0 += lj
-                elif j == 1:
-                    lg1 += lj
-                else:
-                    lg2 += lj
+            acc = _fwd_scale(h_ptr, base, wc + OFF2, t, y, x, xi, xj, T, H, W,
+                             tl.zeros((BT * BH, BW), dtype=ACC), K2, PREC, ACC)
+            tl.store(f2_ptr + base + own, acc.to(f2_ptr.dtype.element_ty), mask=own_m)
+            if ASWM:
+                lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc, aw_ptr + 2 * C + c, NS * C, NS, ACC)
     if ASWM:
         lbase = (b * NS).to(tl.int64) * thw
         tl.atomic_add(logit_ptr + lbase + own, lg0, mask=own_m)
@@ -146,7 +139,6 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
             tl.atomic_add(logit_ptr + lbase + thw + own, lg1, mask=own_m)
         if NS >= 3:
             tl.atomic_add(logit_ptr + lbase + 2 * thw + own, lg2, mask=own_m)
-
 
 @triton.jit
 def _combine(f0_ptr, f1_ptr, f2_ptr, alpha_ptr, out_ptr, C, THW, NS: tl.constexpr, BLOCK: tl.constexpr,
@@ -242,6 +234,34 @@ def _aswm_grad(g_ptr, f0_ptr, f1_ptr, f2_ptr, alpha_ptr, gl_ptr, aw_ptr, gf0_ptr
 
 
 @triton.jit
+def _bwd_scale(h_ptr, g_ptr, pw, base, wc, t, y, x, xi, xj, ev, own, own_m, T, H, W, gh, K: tl.constexpr,
+               PREC: tl.constexpr, ACC: tl.constexpr):
+    """One scale's share of the backward for one channel: gh += dF (row-shifted back) @ B^T for every window row,
+    and that row's K tap gradients (the diagonals of h_shifted^T @ dF) stored to pw. Runtime loop over K^2."""
+    R: tl.constexpr = K // 2
+    et = xj[None, :] - xi[:, None] + R           # the transposed band: B^T[x, x'] = w[o_t, o_y, x' - x + R]
+    em = (et >= 0) & (et < K)
+    xm = x < W
+    gm = tl.load(g_ptr + own, mask=own_m, other=0.0)
+    for d in range(K * K):
+        ot = d // K - R
+        oy = d % K - R
+        tt = t + ot
+        yy = y + oy
+        m = ((tt >= 0) & (tt < T) & (yy >= 0) & (yy < H))[:, None] & xm[None, :]
+        ah = tl.load(h_ptr + base + (tt * (H * W) + yy * W)[:, None] + x[None, :], mask=m, other=0.0)
+        ts = t - ot
+        ys = y - oy
+        ms = ((ts >= 0) & (ts < T) & (ys >= 0) & (ys < H))[:, None] & xm[None, :]
+        ag = tl.load(g_ptr + base + (ts * (H * W) + ys * W)[:, None] + x[None, :], mask=ms, other=0.0)
+        bd = tl.load(wc + d * K + et, mask=em, other=0.0).to(ag.dtype)
+        gh += tl.dot(ag, bd, input_precision=PREC, out_dtype=ACC)
+        dd = tl.dot(tl.trans(ah), gm, input_precision=PREC, out_dtype=ACC)
+        tl.store(pw + d * K + ev, _diag_sums(dd, xi, xj, ev, K), mask=ev < K)
+    return gh
+
+
+@triton.jit
 def _bwd(h_ptr, w_ptr, g0_ptr, g1_ptr, g2_ptr, gh_ptr, gw_ptr, C, T, H, W, n_tb,
          NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
          OFF1: tl.constexpr, OFF2: tl.constexpr, KTOT: tl.constexpr, KM: tl.constexpr, KP: tl.constexpr,
@@ -251,7 +271,6 @@ def _bwd(h_ptr, w_ptr, g0_ptr, g1_ptr, g2_ptr, gh_ptr, gw_ptr, C, T, H, W, n_tb,
     tb = tl.program_id(1)
     b = pid // C
     c = pid % C
-    RM: tl.constexpr = KM // 2
     rows = tl.arange(0, BT * BH)
     t = tb * BT + rows // BH
     y = rows % BH
@@ -259,60 +278,19 @@ def _bwd(h_ptr, w_ptr, g0_ptr, g1_ptr, g2_ptr, gh_ptr, gw_ptr, C, T, H, W, n_tb,
     xi = tl.arange(0, BW)
     xj = tl.arange(0, BW)
     ev = tl.arange(0, KP)
-    hw = H * W
-    thw = T * hw
-    xm = x < W
-    base = pid.to(tl.int64) * thw
-    own_m = ((t < T) & (y < H))[:, None] & xm[None, :]
-    own = base + (t * hw + y * W)[:, None] + x[None, :]
+    base = pid.to(tl.int64) * (T * H * W)
+    own_m = ((t < T) & (y < H))[:, None] & (x < W)[None, :]
+    own = base + (t * (H * W) + y * W)[:, None] + x[None, :]
     wc = w_ptr + c * KTOT
     pw = gw_ptr + ((b * n_tb + tb) * C + c).to(tl.int64) * KTOT
-    g0 = tl.load(g0_ptr + own, mask=own_m, other=0.0)
-    g1 = g0
-    g2 = g0
-    if NS >= 2:
-        g1 = tl.load(g1_ptr + own, mask=own_m, other=0.0)
-    if NS >= 3:
-        g2 = tl.load(g2_ptr + own, mask=own_m, other=0.0)
     gh = tl.zeros((BT * BH, BW), dtype=ACC)
-    for dt in tl.static_range(KM):
-        for dy in tl.static_range(KM):
-            tt = t + (dt - RM)
-            yy = y + (dy - RM)
-            m = (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H)
-            ah = tl.load(h_ptr + base + (tt * hw + yy * W)[:, None] + x[None, :],
-                         mask=m[:, None] & xm[None, :], other=0.0)
-            aht = tl.trans(ah)
-            ts = t - (dt - RM)
-            ys = y - (dy - RM)
-            ms = ((ts >= 0) & (ts < T) & (ys >= 0) & (ys < H))[:, None] & xm[None, :]
-            sh = base + (ts * hw + ys * W)[:, None] + x[None, :]
-            if (dt - RM) * (dt - RM) <= (K0 // 2) * (K0 // 2):
-                if (dy - RM) * (dy - RM) <= (K0 // 2) * (K0 // 2):
-                    ag = tl.load(g0_ptr + sh, mask=ms, other=0.0)
-                    bd = _band(wc, K0, dt - RM + K0 // 2, dy - RM + K0 // 2, xi, xj, True).to(ag.dtype)
-                    gh += tl.dot(ag, bd, input_precision=PREC, out_dtype=ACC)
-                    d = tl.dot(aht, g0, input_precision=PREC, out_dtype=ACC)
-                    tl.store(pw + ((dt - RM + K0 // 2) * K0 + dy - RM + K0 // 2) * K0 + ev,
-                             _diag_sums(d, xi, xj, ev, K0), mask=ev < K0)
-            if NS >= 2:
-                if (dt - RM) * (dt - RM) <= (K1 // 2) * (K1 // 2):
-                    if (dy - RM) * (dy - RM) <= (K1 // 2) * (K1 // 2):
-                        ag = tl.load(g1_ptr + sh, mask=ms, other=0.0)
-                        bd = _band(wc + OFF1, K1, dt - RM + K1 // 2, dy - RM + K1 // 2, xi, xj, True).to(ag.dtype)
-                        gh += tl.dot(ag, bd, input_precision=PREC, out_dtype=ACC)
-                        d = tl.dot(aht, g1, input_precision=PREC, out_dtype=ACC)
-                        tl.store(pw + OFF1 + ((dt - RM + K1 // 2) * K1 + dy - RM + K1 // 2) * K1 + ev,
-                                 _diag_sums(d, xi, xj, ev, K1), mask=ev < K1)
-            if NS >= 3:
-                if (dt - RM) * (dt - RM) <= (K2 // 2) * (K2 // 2):
-                    if (dy - RM) * (dy - RM) <= (K2 // 2) * (K2 // 2):
-                        ag = tl.load(g2_ptr + sh, mask=ms, other=0.0)
-                        bd = _band(wc + OFF2, K2, dt - RM + K2 // 2, dy - RM + K2 // 2, xi, xj, True).to(ag.dtype)
-                        gh += tl.dot(ag, bd, input_precision=PREC, out_dtype=ACC)
-                        d = tl.dot(aht, g2, input_precision=PREC, out_dtype=ACC)
-                        tl.store(pw + OFF2 + ((dt - RM + K2 // 2) * K2 + dy - RM + K2 // 2) * K2 + ev,
-                                 _diag_sums(d, xi, xj, ev, K2), mask=ev < K2)
+    gh = _bwd_scale(h_ptr, g0_ptr, pw, base, wc, t, y, x, xi, xj, ev, own, own_m, T, H, W, gh, K0, PREC, ACC)
+    if NS >= 2:
+        gh = _bwd_scale(h_ptr, g1_ptr, pw + OFF1, base, wc + OFF1, t, y, x, xi, xj, ev, own, own_m, T, H, W, gh,
+                        K1, PREC, ACC)
+    if NS >= 3:
+        gh = _bwd_scale(h_ptr, g2_ptr, pw + OFF2, base, wc + OFF2, t, y, x, xi, xj, ev, own, own_m, T, H, W, gh,
+                        K2, PREC, ACC)
     tl.store(gh_ptr + own, gh.to(gh_ptr.dtype.element_ty), mask=own_m)
 
 
