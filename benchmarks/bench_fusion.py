@@ -58,6 +58,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--backends", default="conv,ref,triton+torch,triton")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-sweep", action="store_true", help="skip the launch-settings sweep of the triton kernels")
+    ap.add_argument("--sweep-budget-s", type=float, default=75.0,
+                    help="start no further sweep point after this many seconds of the run")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script itself")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -128,6 +131,30 @@ def main(argv=None) -> dict:
         for name in backends:
             results.setdefault(name, {})[mode] = statistics.median(times[name])
 
+    # launch settings (num_warps, num_stages) of the two heavy kernels, one kernel varied at a time (fwd + bwd)
+    sweep = []
+    if "triton" in backends and not args.no_sweep:
+        from msf_scale.ops import _fusion_triton as ft
+        for which in ("fwd", "bwd"):
+            for cfg in ((4, 2), (4, 3), (8, 2), (8, 3)):
+                if time.perf_counter() - t_start > args.sweep_budget_s:
+                    break
+                ft.CONFIG[which] = cfg
+                try:
+                    t0 = time.perf_counter()
+                    fwd_bwd("triton")
+                    sync()
+                    first = time.perf_counter() - t0
+                    for _ in range(args.warmup):
+                        fwd_bwd("triton")
+                    ms = statistics.median(timer(lambda: fwd_bwd("triton")) for _ in range(args.reps))
+                    sweep.append({"kernel": which, "num_warps": cfg[0], "num_stages": cfg[1],
+                                  "fwd_bwd_ms": round(ms, 4), "first_call_s": round(first, 2)})
+                except Exception as e:   # a setting that does not compile or fit is a finding, not a crash
+                    sweep.append({"kernel": which, "num_warps": cfg[0], "num_stages": cfg[1], "error": repr(e)[:200]})
+                finally:
+                    ft.CONFIG[which] = None
+
     ref_name = "conv" if "conv" in backends else backends[0]
     rows = []
     for name in backends:
@@ -143,23 +170,31 @@ def main(argv=None) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
+    clock = "CUDA events" if dev.type == "cuda" else "perf_counter, a CPU smoke run"
+    meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+            "cuda": torch.version.cuda,
             "triton": triton_version, "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "shape": [b, c, t, hh, ww], "scales": list(scales), "dtype": args.dtype, "aswm": True,
-            "reps": args.reps, "warmup": args.warmup, "statistic": "median of CUDA-event times, ms",
+            "reps": args.reps, "warmup": args.warmup, "statistic": f"median of {clock} times, ms",
             "wall_s": round(time.perf_counter() - t_start, 1)}
     lines = [f"MCFM + ASWM (scales {','.join(map(str, scales))}) at {tuple(meta['shape'])} {args.dtype}, "
-             f"{meta['device']}, median of {args.reps} (CUDA events)", "",
+             f"{meta['device']}, median of {args.reps} ({clock})", "",
              f"| backend | fwd ms | fwd+bwd ms | x {ref_name} (fwd) | x {ref_name} (fwd+bwd) | rel diff vs "
              f"{backends[0]} (out / grads) |", "|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['backend']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
                      f"{r[f'speedup_vs_{ref_name}_fwd']:.1f}x | {r[f'speedup_vs_{ref_name}_fwd_bwd']:.1f}x | "
                      f"{r[f'rel_diff_vs_{backends[0]}_out']:.1e} / {r[f'rel_diff_vs_{backends[0]}_grads_max']:.1e} |")
+    if sweep:
+        lines += ["", "triton launch settings, one kernel varied at a time (the other at its default), fwd+bwd ms:",
+                  "", "| kernel | num_warps | num_stages | fwd+bwd ms |", "|---|---:|---:|---:|"]
+        for r in sweep:
+            lines.append(f"| {r['kernel']} | {r['num_warps']} | {r['num_stages']} | "
+                         f"{r.get('fwd_bwd_ms', r.get('error'))} |")
     table = "\n".join(lines)
     print(table)
     os.makedirs(args.out, exist_ok=True)
-    doc = {"meta": meta, "rows": rows}
+    doc = {"meta": meta, "rows": rows, "sweep": sweep}
     with open(os.path.join(args.out, "bench_fusion.json"), "w") as f:
         json.dump(doc, f, indent=1)
     with open(os.path.join(args.out, "bench_fusion.md"), "w") as f:

@@ -40,6 +40,9 @@ import triton
 import triton.language as tl
 
 MAX_SCALES = 3
+# Launch settings of the two heavy kernels, (num_warps, num_stages); None: the defaults in _Geom (no spills on sm_90
+# by ptxas's count for bf16/fp16/fp32). benchmarks/bench_fusion.py --sweep times alternatives by setting these.
+CONFIG: dict[str, tuple[int, int] | None] = {"fwd": None, "bwd": None}
 
 
 def _pow2(n: int) -> int:
@@ -332,7 +335,14 @@ class _Geom:
         else:
             self.ACC, self.PREC = tl.float32, "tf32"
         self.acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-        self.warps = 4 if self.BT * self.BH * self.BW <= 2048 else 8
+        big = self.BT * self.BH * self.BW > 2048 or h.dtype in (torch.float32, torch.float64)
+        self.fwd_cfg = (4, 3) if self.BT * self.BH * self.BW <= 1024 else (8, 3)   # ASWM's 3 logit tiles: 8 warps
+        self.fwd_cfg_plain = (8, 3) if big else (4, 3)
+        self.bwd_cfg = (8, 3) if big else (4, 3)
+
+    def launch(self, which: str, aswm: bool = False) -> dict:
+        cfg = CONFIG.get(which) or (self.bwd_cfg if which == "bwd" else self.fwd_cfg if aswm else self.fwd_cfg_plain)
+        return {"num_warps": cfg[0], "num_stages": cfg[1]}
 
     def scale_kw(self):
         return dict(NS=self.NS, K0=self.K0, K1=self.K1, K2=self.K2, OFF1=self.OFF1, OFF2=self.OFF2,
@@ -376,7 +386,7 @@ class _FusedCFD(torch.autograd.Function):
         f3 = _three(fs)
         _fwd[(g.B * n_cg, g.n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **g.scale_kw(),
                                    CG=cg, BT=g.BT, BH=g.BH, BW=g.BW, ASWM=aswm, ACC=g.ACC, PREC=g.PREC,
-                                   num_warps=g.warps)
+                                   **g.launch("fwd", aswm))
         ctx.ks = ks
         ctx.aswm = aswm
         if not aswm:
@@ -419,7 +429,7 @@ class _FusedCFD(torch.autograd.Function):
         gh = torch.empty_like(h)
         part = torch.empty((g.B * g.n_tb, g.C, g.KTOT), device=h.device, dtype=g.acc_dtype)
         _bwd[(g.B * g.C, g.n_tb)](h, wpack, *_three(gfs), gh, part, g.C, g.T, g.H, g.W, g.n_tb, **g.scale_kw(),
-                                  KP=g.KP, BT=g.BT, BH=g.BH, BW=g.BW, ACC=g.ACC, PREC=g.PREC, num_warps=g.warps)
+                                  KP=g.KP, BT=g.BT, BH=g.BH, BW=g.BW, ACC=g.ACC, PREC=g.PREC, **g.launch("bwd"))
         gw = part.sum(dim=0).to(wpack.dtype)
         return gh, gw, gaw, gab, None
 
