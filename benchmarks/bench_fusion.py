@@ -135,25 +135,29 @@ def main(argv=None) -> dict:
     sweep = []
     if "triton" in backends and not args.no_sweep:
         from msf_scale.ops import _fusion_triton as ft
-        for which in ("fwd", "bwd"):
-            for cfg in ((4, 2), (4, 3), (8, 2), (8, 3)):
-                if time.perf_counter() - t_start > args.sweep_budget_s:
-                    break
-                ft.CONFIG[which] = cfg
-                try:
-                    t0 = time.perf_counter()
+        points = [("fwd", cfg, None) for cfg in ((4, 2), (4, 3), (8, 2), (8, 3))]
+        points += [("bwd", cfg, bb) for cfg, bb in (((4, 2), 1), ((4, 3), 1), ((8, 3), 1), ((4, 3), 2), ((8, 2), 2),
+                                                     ((8, 3), 2), ((8, 3), 4))]
+        for which, cfg, bb in points:
+            if time.perf_counter() - t_start > args.sweep_budget_s:
+                break
+            ft.CONFIG[which] = cfg
+            ft.CONFIG["bwd_batch"] = bb
+            try:
+                t0 = time.perf_counter()
+                fwd_bwd("triton")
+                sync()
+                first = time.perf_counter() - t0
+                for _ in range(args.warmup):
                     fwd_bwd("triton")
-                    sync()
-                    first = time.perf_counter() - t0
-                    for _ in range(args.warmup):
-                        fwd_bwd("triton")
-                    ms = statistics.median(timer(lambda: fwd_bwd("triton")) for _ in range(args.reps))
-                    sweep.append({"kernel": which, "num_warps": cfg[0], "num_stages": cfg[1],
-                                  "fwd_bwd_ms": round(ms, 4), "first_call_s": round(first, 2)})
-                except Exception as e:   # a setting that does not compile or fit is a finding, not a crash
-                    sweep.append({"kernel": which, "num_warps": cfg[0], "num_stages": cfg[1], "error": repr(e)[:200]})
-                finally:
-                    ft.CONFIG[which] = None
+                ms = statistics.median(timer(lambda: fwd_bwd("triton")) for _ in range(args.reps))
+                sweep.append({"kernel": which, "num_warps": cfg[0], "num_stages": cfg[1], "bwd_batch": bb,
+                              "fwd_bwd_ms": round(ms, 4), "first_call_s": round(first, 2)})
+            except Exception as e:   # a setting that does not compile or fit is a finding, not a crash
+                sweep.append({"kernel": which, "num_warps": cfg[0], "num_stages": cfg[1], "bwd_batch": bb,
+                              "error": repr(e)[:200]})
+            finally:
+                ft.CONFIG.update(fwd=None, bwd=None, bwd_batch=None)
 
     ref_name = "conv" if "conv" in backends else backends[0]
     rows = []
@@ -187,9 +191,9 @@ def main(argv=None) -> dict:
                      f"{r[f'rel_diff_vs_{backends[0]}_out']:.1e} / {r[f'rel_diff_vs_{backends[0]}_grads_max']:.1e} |")
     if sweep:
         lines += ["", "triton launch settings, one kernel varied at a time (the other at its default), fwd+bwd ms:",
-                  "", "| kernel | num_warps | num_stages | fwd+bwd ms |", "|---|---:|---:|---:|"]
+                  "", "| kernel | num_warps | num_stages | bwd batch/tile | fwd+bwd ms |", "|---|---:|---:|---:|---:|"]
         for r in sweep:
-            lines.append(f"| {r['kernel']} | {r['num_warps']} | {r['num_stages']} | "
+            lines.append(f"| {r['kernel']} | {r['num_warps']} | {r['num_stages']} | {r['bwd_batch'] or 'default'} | "
                          f"{r.get('fwd_bwd_ms', r.get('error'))} |")
     table = "\n".join(lines)
     print(table)

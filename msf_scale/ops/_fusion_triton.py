@@ -42,7 +42,8 @@ import triton.language as tl
 MAX_SCALES = 3
 # Launch settings of the two heavy kernels, (num_warps, num_stages); None: the defaults in _Geom (no spills on sm_90
 # by ptxas's count for bf16/fp16/fp32). benchmarks/bench_fusion.py --sweep times alternatives by setting these.
-CONFIG: dict[str, tuple[int, int] | None] = {"fwd": None, "bwd": None}
+# "bwd_batch": batch elements per backward tile (None: 2 where a tile of one has <= 128 rows).
+CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None}
 
 
 def _pow2(n: int) -> int:
@@ -237,10 +238,12 @@ def _aswm_grad(g_ptr, f0_ptr, f1_ptr, f2_ptr, alpha_ptr, gl_ptr, aw_ptr, gf0_ptr
 
 
 @triton.jit
-def _bwd_scale(h_ptr, g_ptr, pw, base, wc, t, y, x, xi, xj, ev, own, own_m, T, H, W, gh, K: tl.constexpr,
+def _bwd_scale(h_ptr, g_ptr, pw, rb, rv, wc, t, y, x, xi, xj, ev, own, own_m, T, H, W, gh, K: tl.constexpr,
                PREC: tl.constexpr, ACC: tl.constexpr):
     """One scale's share of the backward for one channel: gh += dF (row-shifted back) @ B^T for every window row,
-    and that row's K tap gradients (the diagonals of h_shifted^T @ dF) stored to pw. Runtime loop over K^2."""
+    and that row's K tap gradients (the diagonals of h_shifted^T @ dF, summed over the tile's rows, i.e. over its
+    BB batch elements too) stored to pw. rb [R, 1]: each row's (batch, channel) offset; rv [R]: row's batch < B.
+    Runtime loop over the K^2 window rows."""
     R: tl.constexpr = K // 2
     et = xj[None, :] - xi[:, None] + R           # the transposed band: B^T[x, x'] = w[o_t, o_y, x' - x + R]
     em = (et >= 0) & (et < K)
@@ -251,12 +254,12 @@ def _bwd_scale(h_ptr, g_ptr, pw, base, wc, t, y, x, xi, xj, ev, own, own_m, T, H
         oy = d % K - R
         tt = t + ot
         yy = y + oy
-        m = ((tt >= 0) & (tt < T) & (yy >= 0) & (yy < H))[:, None] & xm[None, :]
-        ah = tl.load(h_ptr + base + (tt * (H * W) + yy * W)[:, None] + x[None, :], mask=m, other=0.0)
+        m = (rv & (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H))[:, None] & xm[None, :]
+        ah = tl.load(h_ptr + rb + (tt * (H * W) + yy * W)[:, None] + x[None, :], mask=m, other=0.0)
         ts = t - ot
         ys = y - oy
-        ms = ((ts >= 0) & (ts < T) & (ys >= 0) & (ys < H))[:, None] & xm[None, :]
-        ag = tl.load(g_ptr + base + (ts * (H * W) + ys * W)[:, None] + x[None, :], mask=ms, other=0.0)
+        ms = (rv & (ts >= 0) & (ts < T) & (ys >= 0) & (ys < H))[:, None] & xm[None, :]
+        ag = tl.load(g_ptr + rb + (ts * (H * W) + ys * W)[:, None] + x[None, :], mask=ms, other=0.0)
         bd = tl.load(wc + d * K + et, mask=em, other=0.0).to(ag.dtype)
         gh += tl.dot(ag, bd, input_precision=PREC, out_dtype=ACC)
         dd = tl.dot(tl.trans(ah), gm, input_precision=PREC, out_dtype=ACC)
@@ -265,34 +268,39 @@ def _bwd_scale(h_ptr, g_ptr, pw, base, wc, t, y, x, xi, xj, ev, own, own_m, T, H
 
 
 @triton.jit
-def _bwd(h_ptr, w_ptr, g0_ptr, g1_ptr, g2_ptr, gh_ptr, gw_ptr, C, T, H, W, n_tb,
+def _bwd(h_ptr, w_ptr, g0_ptr, g1_ptr, g2_ptr, gh_ptr, gw_ptr, B, C, T, H, W, n_tb,
          NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
          OFF1: tl.constexpr, OFF2: tl.constexpr, KTOT: tl.constexpr, KM: tl.constexpr, KP: tl.constexpr,
-         BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """dh and the per-(batch, frame block) partial weight gradients; program = (b * C + c, frame block)."""
+         BB: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, ACC: tl.constexpr,
+         PREC: tl.constexpr):
+    """dh and partial weight gradients [n_bg * n_tb, C, KTOT] (summed over the tile's BB batch elements and rows);
+    program = (batch group * C + c, frame block); the tile's rows are (batch in group, frame, y)."""
     pid = tl.program_id(0)
     tb = tl.program_id(1)
-    b = pid // C
+    bg = pid // C
     c = pid % C
-    rows = tl.arange(0, BT * BH)
-    t = tb * BT + rows // BH
-    y = rows % BH
+    rows = tl.arange(0, BB * BT * BH)
+    b = bg * BB + rows // (BT * BH)
+    rr = rows % (BT * BH)
+    t = tb * BT + rr // BH
+    y = rr % BH
     x = tl.arange(0, BW)
     xi = tl.arange(0, BW)
     xj = tl.arange(0, BW)
     ev = tl.arange(0, KP)
-    base = pid.to(tl.int64) * (T * H * W)
-    own_m = ((t < T) & (y < H))[:, None] & (x < W)[None, :]
-    own = base + (t * (H * W) + y * W)[:, None] + x[None, :]
+    rv = b < B
+    rb = ((b * C + c).to(tl.int64) * (T * H * W))[:, None]
+    own_m = (rv & (t < T) & (y < H))[:, None] & (x < W)[None, :]
+    own = rb + (t * (H * W) + y * W)[:, None] + x[None, :]
     wc = w_ptr + c * KTOT
-    pw = gw_ptr + ((b * n_tb + tb) * C + c).to(tl.int64) * KTOT
-    gh = tl.zeros((BT * BH, BW), dtype=ACC)
-    gh = _bwd_scale(h_ptr, g0_ptr, pw, base, wc, t, y, x, xi, xj, ev, own, own_m, T, H, W, gh, K0, PREC, ACC)
+    pw = gw_ptr + ((bg * n_tb + tb) * C + c).to(tl.int64) * KTOT
+    gh = tl.zeros((BB * BT * BH, BW), dtype=ACC)
+    gh = _bwd_scale(h_ptr, g0_ptr, pw, rb, rv, wc, t, y, x, xi, xj, ev, own, own_m, T, H, W, gh, K0, PREC, ACC)
     if NS >= 2:
-        gh = _bwd_scale(h_ptr, g1_ptr, pw + OFF1, base, wc + OFF1, t, y, x, xi, xj, ev, own, own_m, T, H, W, gh,
+        gh = _bwd_scale(h_ptr, g1_ptr, pw + OFF1, rb, rv, wc + OFF1, t, y, x, xi, xj, ev, own, own_m, T, H, W, gh,
                         K1, PREC, ACC)
     if NS >= 3:
-        gh = _bwd_scale(h_ptr, g2_ptr, pw + OFF2, base, wc + OFF2, t, y, x, xi, xj, ev, own, own_m, T, H, W, gh,
+        gh = _bwd_scale(h_ptr, g2_ptr, pw + OFF2, rb, rv, wc + OFF2, t, y, x, xi, xj, ev, own, own_m, T, H, W, gh,
                         K2, PREC, ACC)
     tl.store(gh_ptr + own, gh.to(gh_ptr.dtype.element_ty), mask=own_m)
 
@@ -335,13 +343,16 @@ class _Geom:
         else:
             self.ACC, self.PREC = tl.float32, "tf32"
         self.acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-        big = self.BT * self.BH * self.BW > 2048 or h.dtype in (torch.float32, torch.float64)
-        self.fwd_cfg = (4, 3) if self.BT * self.BH * self.BW <= 1024 else (8, 3)   # ASWM's 3 logit tiles: 8 warps
-        self.fwd_cfg_plain = (8, 3) if big else (4, 3)
-        self.bwd_cfg = (8, 3) if big else (4, 3)
+        self.fp32 = h.dtype in (torch.float32, torch.float64)
+        # backward tiles hold BB batch elements: the per-row-shift weight-gradient diagonals are taken once per BB
+        self.bwd_batch = 2 if self.BT * self.BH <= 128 and b > 1 else 1
 
-    def launch(self, which: str, aswm: bool = False) -> dict:
-        cfg = CONFIG.get(which) or (self.bwd_cfg if which == "bwd" else self.fwd_cfg if aswm else self.fwd_cfg_plain)
+    def launch(self, which: str, aswm: bool = False, rows: int = 0) -> dict:
+        """(num_warps, num_stages): CONFIG's, else 8 warps for tiles over 2048 elements, for fp32 and for the ASWM
+        forward (its 3 logit tiles), else 4."""
+        tile = (rows or self.BT * self.BH) * self.BW
+        default = (8, 3) if tile > 2048 or self.fp32 or (which == "fwd" and aswm) else (4, 3)
+        cfg = CONFIG.get(which) or default
         return {"num_warps": cfg[0], "num_stages": cfg[1]}
 
     def scale_kw(self):
@@ -427,9 +438,12 @@ class _FusedCFD(torch.autograd.Function):
         else:
             gfs = [torch.zeros_like(h) if gr is None else gr.contiguous().to(h.dtype) for gr in grads]
         gh = torch.empty_like(h)
-        part = torch.empty((g.B * g.n_tb, g.C, g.KTOT), device=h.device, dtype=g.acc_dtype)
-        _bwd[(g.B * g.C, g.n_tb)](h, wpack, *_three(gfs), gh, part, g.C, g.T, g.H, g.W, g.n_tb, **g.scale_kw(),
-                                  KP=g.KP, BT=g.BT, BH=g.BH, BW=g.BW, ACC=g.ACC, PREC=g.PREC, **g.launch("bwd"))
+        bb = CONFIG.get("bwd_batch") or g.bwd_batch
+        n_bg = triton.cdiv(g.B, bb)
+        part = torch.empty((n_bg * g.n_tb, g.C, g.KTOT), device=h.device, dtype=g.acc_dtype)
+        _bwd[(n_bg * g.C, g.n_tb)](h, wpack, *_three(gfs), gh, part, g.B, g.C, g.T, g.H, g.W, g.n_tb,
+                                   **g.scale_kw(), KP=g.KP, BB=bb, BT=g.BT, BH=g.BH, BW=g.BW, ACC=g.ACC, PREC=g.PREC,
+                                   **g.launch("bwd", rows=bb * g.BT * g.BH))
         gw = part.sum(dim=0).to(wpack.dtype)
         return gh, gw, gaw, gab, None
 
