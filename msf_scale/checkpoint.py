@@ -1,12 +1,9 @@
-"""Checkpoints that a crash cannot corrupt, resume, and the consolidated safetensors export.
+"""Resumable training state that a crash cannot corrupt: save, find, resume, check compatibility.
 
-Layout of a run directory:
+Layout of a run directory (what is for inference, `model.safetensors` and `best/`, is export.py's):
     ckpt/step_0000500/   Accelerate/DeepSpeed state (model, optimizer, scheduler, RNG, TrainState, EMA),
                          meta.json (model config, data position) and COMPLETE, written last
     ckpt/step_0000600.tmp/   a save in progress: never picked by `--resume auto`
-    model.safetensors + model_config.json   consolidated weights for inference (`load_model`); the JSON also
-                         records the data and preprocessing (`data_record`), so eval and predict need no config
-    best/model.safetensors + model_config.json   the same, at the evaluation with the best test top-1 so far
 A save writes into `step_N.tmp`, then the main process writes `COMPLETE` and renames the directory
 (an atomic rename on one filesystem; multi-node runs need the run dir on a shared filesystem).
 """
@@ -20,10 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from msf_scale.config import ConfigError, UserPathError
+from msf_scale.config import ConfigError
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 # Fields of the model config that may differ on resume: how it executes, not what it computes.
@@ -46,29 +40,6 @@ class TrainState:
     def load_state_dict(self, state: dict[str, int]) -> None:
         for k, v in state.items():
             setattr(self, k, int(v))
-
-
-def model_meta(model: nn.Module, variant: str, size: str) -> dict[str, Any]:
-    cfg = dataclasses.asdict(model.cfg)
-    cfg["grad_checkpointing"] = False  # an inference default, not a property of the weights
-    return {"variant": variant, "size": size, "config": cfg}
-
-
-def data_record(cfg, info, root: str) -> dict[str, Any]:
-    """What an export must carry so that eval and predict see data as training did: the dataset (its root, or the
-    synthetic generator's parameters), its classes, and the preprocessing of `msf_scale.data` at this geometry."""
-    from msf_scale.data.schema import MEAN, STD
-
-    return {"dataset": info.name, "num_classes": info.num_classes, "class_names": list(info.class_names),
-            "data": {"root": str(Path(root).resolve()), "synthetic": cfg.data.root is None,
-                     "synth": dict(cfg.data.synth)},
-            "preprocessing": {"num_frames": cfg.model.num_frames, "img_size": cfg.model.img_size,
-                              "mean": list(MEAN), "std": list(STD), "input": "RGB scaled to [0, 1], then (x - mean) / std",
-                              "train_sampling": "one random frame in each of num_frames equal segments; random "
-                                                f"resized crop (area >= {cfg.data.min_scale}), resize to img_size",
-                              "test_sampling": "num_clips segment-centred clips x num_crops square crops of the "
-                                               "short side along the long side, resized to img_size; softmax averaged",
-                              "num_clips": cfg.data.num_clips, "num_crops": cfg.data.num_crops}}
 
 
 def _complete(path: Path) -> bool:
@@ -152,86 +123,3 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, meta: dict[str, Any],
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def export_model(accelerator, model: nn.Module, run_dir: Path, meta: dict[str, Any],
-                 ema_module: nn.Module | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Consolidated `model.safetensors` + `model_config.json` (collective: ZeRO-3 gathers the shards)."""
-    from safetensors.torch import save_file
-
-    state = accelerator.get_state_dict(model)
-    out = Path(run_dir) / "model.safetensors"
-    if accelerator.is_main_process:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-        save_file(tensors, str(out), metadata={"format": "pt"})
-        dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-        (Path(run_dir) / "model_config.json").write_text(json.dumps({**meta, "dtype": dtype, **(extra or {})}, indent=1))
-        if ema_module is not None:
-            ema = {k: v.detach().cpu().contiguous().clone() for k, v in ema_module.state_dict().items()}
-            save_file(ema, str(Path(run_dir) / "model_ema.safetensors"), metadata={"format": "pt"})
-    accelerator.wait_for_everyone()
-    return out
-
-
-def best_top1(run_dir: Path) -> float:
-    """The test top-1 that `best/` holds (-1 when there is none): what a resumed run must beat. Read from disk, so
-    it is right whichever checkpoint the run resumes from and wherever the last evaluation fell."""
-    conf = Path(run_dir) / "best" / "model_config.json"
-    return float(json.loads(conf.read_text())["test_top1"]) if conf.is_file() else -1.0
-
-
-def recover_best(run_dir: Path) -> None:
-    """After a crash between export_best's two renames `best/` is missing and `best.old/` still complete (main
-    process only, before a resumed run reads `best_top1`)."""
-    best, old = run_dir / "best", run_dir / "best.old"
-    if not best.exists() and old.is_dir():
-        os.replace(old, best)
-
-
-def export_best(accelerator, model: nn.Module, run_dir: Path, meta: dict[str, Any],
-                ema_module: nn.Module | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """`export_model` into `best/` (collective). Written to `best.tmp`, then `best` -> `best.old`, `best.tmp` ->
-    `best` and `best.old` removed: at every moment a complete best exists (`recover_best` finds it)."""
-    run_dir = Path(run_dir)
-    best, tmp, old = run_dir / "best", run_dir / "best.tmp", run_dir / "best.old"
-    if accelerator.is_main_process:
-        recover_best(run_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    export_model(accelerator, model, tmp, meta, ema_module, extra)
-    if accelerator.is_main_process:
-        shutil.rmtree(old, ignore_errors=True)
-        if best.exists():
-            os.replace(best, old)
-        os.replace(tmp, best)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return best
-
-
-def load_model(path: str | Path, ema: bool = False, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild an exported model for inference from a run dir or a `model*.safetensors` file."""
-    from safetensors.torch import load_file
-
-    from msf_scale.models import create_model
-
-    p = Path(path)
-    weights = p if p.suffix == ".safetensors" else p / ("model_ema.safetensors" if ema else "model.safetensors")
-    conf = weights.parent / "model_config.json"
-    if not weights.is_file() or not conf.is_file():
-        raise UserPathError(f"{weights} or {conf} is missing: export happens at the end of training "
-                                "(msf_scale/train.py); pass a run directory that finished")
-    meta = json.loads(conf.read_text())
-    cfg = {k: v for k, v in meta["config"].items() if k != "variant"}
-    if "fusion_scales" in cfg:   # JSON lists back to tuples (the 3-D CNN has none)
-        cfg["fusion_scales"] = tuple(cfg["fusion_scales"])
-    model = create_model(meta["variant"], size=meta["size"], **cfg)
-    model.load_state_dict({k: v.to(dtype) for k, v in load_file(str(weights)).items()}, strict=True)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def read_model_config(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    return json.loads((p.parent if p.suffix == ".safetensors" else p).joinpath("model_config.json").read_text())

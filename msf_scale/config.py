@@ -23,10 +23,10 @@ from typing import Any
 
 import yaml
 
+from msf_scale.catalog import SIZES, VARIANTS   # the one list of model names (re-exported for callers)
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"     # package data: ships in the wheel
 CLUSTER_DIR = Path(__file__).resolve().parent / "cluster"
-SIZES = ("tiny", "small", "base")
-VARIANTS = ("videomamba", "msf_mamba", "msf_mamba_plus", "cnn3d")
 # Short flags of the issue -> config paths (everything else is `--section.field`).
 SHORT_FLAGS = {"size": "model.size", "variant": "model.variant", "data": "data.root",
                "output-dir": "train.output_dir", "max-steps": "train.max_steps",

@@ -1,4 +1,5 @@
-"""Build the `Accelerator` (and the DeepSpeed plugin) from the run config; the only module that touches DeepSpeed.
+"""Build the `Accelerator` (and the DeepSpeed plugin) from the run config, and the few cross-rank agreements the
+loops need (`all_ranks_true`, `any_rank`); the only module that creates an Accelerator or touches DeepSpeed.
 
 DeepSpeed is engaged when `dist.zero_stage > 0`, when `dist.deepspeed_config` names a JSON, or when the
 launcher's accelerate config enables it (`accelerate launch --config_file cluster/accelerate_*.yaml`).
@@ -171,6 +172,13 @@ def build_accelerator(cfg: RunConfig):
     )
 
 
+def build_eval_accelerator():
+    """The Accelerator of `msf-scale eval` (one process or `accelerate launch`): no DeepSpeed, the GPU if any;
+    precision is the caller's autocast, not Accelerate's."""
+    from accelerate import Accelerator
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
 def uses_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
     return accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -190,6 +198,14 @@ def all_ranks_true(accelerator, flag: torch.Tensor) -> torch.Tensor:
     if accelerator.num_processes == 1:
         return flag
     return accelerator.reduce(flag.float().reshape(1), reduction="sum")[0] == accelerator.num_processes
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """Logical OR of a Python bool across ranks (e.g. "this rank still has a batch"), so all keep stepping."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
 def reset_state() -> None:

@@ -1,7 +1,8 @@
 """Exponential moving average of the weights, kept as a separate fp32 model (timm's ModelEmaV3 idea).
 
-Built after `accelerator.prepare` from a copy of the un-prepared model and updated from the prepared
-model's (unwrapped) parameters after every optimizer update. ZeRO-3 partitions the parameters, so each
+Built before `accelerator.prepare`, as a copy of the bare model (a copy after it would copy the DDP or
+DeepSpeed wrapper, and under ZeRO only a shard), and updated from the prepared model's unwrapped parameters after
+every optimizer update. ZeRO-3 partitions the parameters, so each
 rank holds only a shard; rather than gathering the whole model every step we refuse it with a clear error.
 It is registered for checkpointing, evaluated separately and exported as `model_ema.safetensors`.
 """

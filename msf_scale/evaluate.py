@@ -24,20 +24,9 @@ import torch
 from torch import nn
 
 from msf_scale.config import ConfigError, UserError, UserPathError
+from msf_scale.data.builders import data_root, split_loader
+from msf_scale.distributed import any_rank, build_eval_accelerator
 from msf_scale.metrics import topk_correct
-
-
-def data_root(root: str | None, synth: dict[str, Any]) -> str:
-    """The dataset directory: the given one, or the synthetic default (generated once into the cache)."""
-    from msf_scale.data import ensure_synthetic, read_dataset_info
-
-    if root is None:
-        return str(ensure_synthetic(**synth))
-    try:
-        read_dataset_info(root)  # a missing directory or dataset.json raises FileNotFoundError naming it
-    except FileNotFoundError as e:
-        raise UserPathError(str(e)) from None
-    return str(root)
 
 
 def check_classes(meta: dict[str, Any], info, root: str) -> None:
@@ -71,13 +60,6 @@ def recorded_root(meta: dict[str, Any], run_dir: Path) -> str:
     return data_root(rec["root"], {})
 
 
-def _any_rank(accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
-
-
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader, accelerator, view_shape: tuple[int, ...],
                    autocast_bf16: bool = False) -> dict[str, Any]:
@@ -90,7 +72,7 @@ def evaluate_model(model: nn.Module, loader, accelerator, view_shape: tuple[int,
     it = iter(loader)
     while True:
         batch = next(it, None)
-        if not _any_rank(accelerator, batch is not None):
+        if not any_rank(accelerator, batch is not None):
             break
         video = batch[0] if batch is not None else torch.zeros(1, *view_shape)
         b, v = video.shape[:2]
@@ -118,20 +100,6 @@ def evaluate_model(model: nn.Module, loader, accelerator, view_shape: tuple[int,
             "num_samples": n, "views": int(view_shape[0])}
 
 
-def build_loader(root: str, split: str, batch_clips: int, num_frames: int, img_size: int, num_workers: int,
-                 rank: int, world_size: int, num_clips: int, num_crops: int):
-    """An eval loader whose forward holds about `batch_clips` clips (views included)."""
-    from msf_scale.data import build_eval_loader, read_dataset_info
-
-    info = read_dataset_info(root)
-    if split not in info.splits:
-        raise ValueError(f"split {split!r} not in {root} (has {sorted(info.splits)}); pass --split")
-    views = num_clips * num_crops
-    return build_eval_loader(root, split=split, batch_size=max(1, batch_clips // views), num_frames=num_frames,
-                             img_size=img_size, num_workers=num_workers, rank=rank, world_size=world_size,
-                             num_clips=num_clips, num_crops=num_crops)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="msf-scale eval", description="Top-1/top-5 of an exported run.")
     p.add_argument("--ckpt", required=True, help="run directory (with model.safetensors) or a .safetensors file")
@@ -153,10 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from accelerate import Accelerator
-
-    from msf_scale.checkpoint import load_model, read_model_config
     from msf_scale.data import read_dataset_info
+    from msf_scale.export import load_model, read_model_config
 
     ckpt = Path(args.ckpt)
     run_dir = ckpt.parent if ckpt.suffix == ".safetensors" else ckpt
@@ -164,7 +130,7 @@ def _main(args: argparse.Namespace) -> int:
         raise UserPathError(f"{run_dir / 'model_config.json'} is missing: pass a finished run directory, its best/, "
                             "or a model.safetensors next to its model_config.json")
     meta = read_model_config(ckpt)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = build_eval_accelerator()
     precision = args.precision or ("bf16" if acc.device.type == "cuda" else "fp32")
     with acc.main_process_first():
         root = data_root(args.data, {}) if args.data else recorded_root(meta, run_dir)
@@ -174,7 +140,7 @@ def _main(args: argparse.Namespace) -> int:
     clips = args.num_clips or views.get("num_clips", 1)
     crops = args.num_crops or views.get("num_crops", 1)
     t, s = meta["config"]["num_frames"], meta["config"]["img_size"]
-    loader = build_loader(root, args.split, args.batch_size, t, s, args.num_workers, acc.process_index,
+    loader = split_loader(root, args.split, args.batch_size, t, s, args.num_workers, acc.process_index,
                           acc.num_processes, clips, crops)
     res = evaluate_model(model, loader, acc, (clips * crops, 3, t, s, s), autocast_bf16=precision == "bf16")
     res.update(split=args.split, data=root, weights="ema" if args.ema else "model")

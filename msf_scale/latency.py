@@ -278,7 +278,7 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 def models_from_runs(paths: list[Path], device: torch.device) -> Iterable[tuple[nn.Module, str, str, str, str]]:
     """Exported runs (a run dir, its best/, or a .safetensors file), each at its own input shape and weights."""
-    from msf_scale.checkpoint import load_model, read_model_config
+    from msf_scale.export import load_model, read_model_config
 
     for p in paths:
         meta = read_model_config(p)

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from msf_scale.checkpoint import load_model, read_model_config
+    from msf_scale.export import load_model, read_model_config
 
     ckpt = Path(args.ckpt)
     if not (ckpt.parent if ckpt.suffix == ".safetensors" else ckpt).joinpath("model_config.json").is_file():

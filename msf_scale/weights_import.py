@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
         from safetensors.torch import save_file
 
-        from msf_scale.checkpoint import model_meta
+        from msf_scale.export import model_meta
         from msf_scale.models import create_model
 
         sd = read_state_dict(args.checkpoint)

@@ -15,7 +15,7 @@ def pytest_collection_modifyitems(config, items):
 def mamba_ssm_kernel():
     """mamba-ssm's scan on a CUDA machine. Missing there is a failure, not a skip: a GPU run that silently skips
     the kernel's tests would pass without checking the code path the GPU jobs use."""
-    from msf_scale.ops.selective_scan import _mamba_ssm_scan
+    from msf_scale.ops.scan import _mamba_ssm_scan
 
     fn = _mamba_ssm_scan()
     if fn is None:

@@ -35,3 +35,14 @@ def create_model(name: str, size: str | None = None, **kwargs):
         raise ValueError(f"unknown model {full!r}" + (f"; did you mean {' or '.join(hint)}?" if hint else "")
                          + f" Registered: {', '.join(list_models())}")
     return _MODELS[full](**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def build_model(section, num_classes: int):
+    """The model a run config's `model` section describes (variant, size, clip geometry, drop path, `arch`
+    overrides, gradient checkpointing), for a dataset of `num_classes`. The section is read whole here, so that
+    a new model field reaches the model without passing through the training loop."""
+    model = create_model(section.variant, size=section.size, num_classes=num_classes,
+                         num_frames=section.num_frames, img_size=section.img_size,
+                         drop_path_rate=section.drop_path_rate, **section.arch)
+    model.set_grad_checkpointing(section.grad_checkpointing)
+    return model

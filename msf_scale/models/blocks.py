@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msf_scale.ops import selective_scan, state_fusion
+from msf_scale.ops import causal_depthwise_conv1d, selective_scan, state_fusion
 
 
 class DropPath(nn.Module):
@@ -48,6 +48,13 @@ class BiMamba(nn.Module):
         self.fwd = _Direction(self.d_inner, d_state, self.dt_rank, d_conv, fk)
         self.bwd = _Direction(self.d_inner, d_state, self.dt_rank, d_conv, fk)
 
+    @torch.no_grad()
+    def reset_parameters(self, mamba_dt: bool = True) -> None:
+        """The SSM's own init (A, D and, with ``mamba_dt``, Mamba's dt_proj), per direction. MSFMamba calls it
+        after its blanket trunc-normal pass over every linear layer, which would overwrite dt_proj otherwise."""
+        for direction in (self.fwd, self.bwd):
+            direction.reset_parameters(*self.dt_init if mamba_dt else ())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:    # x [B, L, d]
         xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)   # [B, E, L] each
         y = self.fwd(xs, self.scan_backend) + self.bwd(xs.flip(-1), self.scan_backend).flip(-1)
@@ -63,12 +70,25 @@ class _Direction(nn.Module):
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True, **fk)
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **fk)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **fk)
-        self.dt_proj._mamba_dt = True
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state, device=fk["device"], dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(d_inner, device=fk["device"], dtype=torch.float32))
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
         self.dt_rank, self.d_state = dt_rank, d_state
+
+    def reset_parameters(self, *dt_range: float) -> None:
+        """A = -(1..N) per channel (A_log = log(1..N)), D = 1; with ``dt_range`` = (dt_min, dt_max, floor) also
+        Mamba's dt init: weight uniform in +-rank^-0.5, bias = softplus^-1(dt), dt log-uniform in [min, max]."""
+        n = self.A_log.shape[1]
+        self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand_as(self.A_log))
+        self.D.fill_(1.0)
+        if dt_range:
+            dt_min, dt_max, floor = dt_range
+            bound = self.dt_proj.in_features ** -0.5
+            nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+            dt = torch.exp(torch.rand(self.dt_proj.out_features) * (math.log(dt_max) - math.log(dt_min))
+                           + math.log(dt_min)).clamp(min=floor)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:   # x [B, E, L] -> y [B, E, L]
         x = F.silu(causal_depthwise_conv1d(x, self.conv1d.weight, self.conv1d.bias))
@@ -79,19 +99,13 @@ class _Direction(nn.Module):
                               self.dt_proj.bias.float(), delta_softplus=True, backend=backend)
 
 
-def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Mamba's causal conv (x [B, E, L], weight [E, 1, K]). On CPU as K shifted multiply-adds: PyTorch's CPU
-    depthwise conv1d backward was ~20% of a CPU training step; on GPU cuDNN's kernel is the faster one."""
-    k = weight.shape[-1]
-    if x.is_cuda:
-        return F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])[..., :x.shape[-1]]
-    length = x.shape[-1]
-    xp = F.pad(x, (k - 1, 0))
-    w = weight[:, 0, :].to(x.dtype)
-    out = xp[..., :length] * w[:, 0, None]
-    for i in range(1, k):
-        out = torch.addcmul(out, xp[..., i:i + length], w[:, i, None])
-    return out if bias is None else out + bias.to(x.dtype)[:, None]
+FUSION_INITS = ("zero", "uniform")   # StateFusion.reset_parameters says what each means
+
+
+def check_fusion_init(init: str) -> None:
+    """The one check of a fusion init name (the model config runs it too: a videomamba has no StateFusion)."""
+    if init not in FUSION_INITS:
+        raise ValueError(f"fusion_init must be 'zero' or 'uniform', got {init!r}")
 
 
 class StateFusion(nn.Module):
@@ -101,8 +115,7 @@ class StateFusion(nn.Module):
     def __init__(self, dim: int, scales: tuple[int, ...], theta: float, theta_learnable: bool, use_aswm: bool,
                  backend: str = "auto", init: str = "zero", device=None, dtype=None):
         super().__init__()
-        if init not in ("zero", "uniform"):
-            raise ValueError(f"fusion init must be 'zero' or 'uniform', got {init!r}")
+        check_fusion_init(init)
         self.init = init
         if use_aswm and len(scales) < 2:
             raise ValueError(f"ASWM weights several scales; got fusion_scales={scales}")

@@ -13,14 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from msf_scale.catalog import CNN3D_SIZES
 from msf_scale.models._registry import register_model
 from msf_scale.models.msf_mamba import MSFMamba
-
-CNN3D_SIZES = {   # size -> channels of the four conv layers (tiny ~0.12M parameters, small ~0.49M, base ~1.17M)
-    "tiny": (12, 24, 48, 64),
-    "small": (24, 48, 96, 128),
-    "base": (32, 64, 128, 256),
-}
 _STRIDES = ((1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2))
 
 
@@ -118,9 +113,12 @@ def _create(size: str, device=None, dtype=None, **overrides) -> CNN3D:
     return CNN3D(build_cnn3d_config(size, **overrides), device=device, dtype=dtype)
 
 
-@register_model
-def cnn3d_tiny(**kw): return _create("tiny", **kw)
-@register_model
-def cnn3d_small(**kw): return _create("small", **kw)
-@register_model
-def cnn3d_base(**kw): return _create("base", **kw)
+def _register(size: str) -> None:
+    def create(**kw) -> CNN3D:
+        return _create(size, **kw)
+    create.__name__ = create.__qualname__ = f"cnn3d_{size}"
+    register_model(create)
+
+
+for _size in CNN3D_SIZES:
+    _register(_size)

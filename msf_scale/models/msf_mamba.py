@@ -14,20 +14,11 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from msf_scale.catalog import SSM_SIZES as MODEL_SIZES
+from msf_scale.catalog import SSM_VARIANTS as VARIANTS
 from msf_scale.models._registry import register_model
-from msf_scale.models.blocks import BiMamba, Block, StateFusion
+from msf_scale.models.blocks import BiMamba, Block, StateFusion, check_fusion_init
 from msf_scale.models.stem import ConvStem
-
-VARIANTS = {   # variant -> (fusion scales, ASWM)
-    "videomamba": ((), False),
-    "msf_mamba": ((3,), False),
-    "msf_mamba_plus": ((3, 5, 7), True),
-}
-MODEL_SIZES = {   # size -> (width d, depth, drop path)
-    "tiny": (192, 24, 0.1),
-    "small": (384, 24, 0.2),
-    "base": (576, 32, 0.4),
-}
 
 
 @dataclass
@@ -99,8 +90,7 @@ class MSFMambaConfig:
             raise ValueError(f"the conv stem keeps every frame: tubelet_size must be 1, got {self.tubelet_size}")
         if self.dt_init not in ("mamba", "videomamba"):
             raise ValueError(f"dt_init must be 'mamba' or 'videomamba', got {self.dt_init!r}")
-        if self.fusion_init not in ("zero", "uniform"):
-            raise ValueError(f"fusion_init must be 'zero' or 'uniform', got {self.fusion_init!r}")
+        check_fusion_init(self.fusion_init)
         if self.fusion_norm not in ("branch", "none"):
             raise ValueError(f"fusion_norm must be 'branch' or 'none', got {self.fusion_norm!r}")
         if self.pool not in ("cls", "mean") or (self.pool == "cls" and not self.class_token):
@@ -127,8 +117,10 @@ class MSFMambaConfig:
 
 
 class MSFMamba(nn.Module):
-    """Tubelet embedding -> class token + spatial/temporal position -> bidirectional SSM blocks (with CFD state
-    fusion where configured) -> final norm -> pooled token -> linear head. Input [B, 3, T, H, W]."""
+    """Tubelet embedding -> spatial + temporal position embedding (a first-position class token only with
+    ``class_token=True``; off by default) -> bidirectional SSM blocks (with CFD state fusion where configured)
+    -> final norm -> mean of the video tokens (or the class token with ``pool="cls"``) -> linear head.
+    Input [B, 3, T, H, W]."""
 
     def __init__(self, cfg: MSFMambaConfig, device=None, dtype=None):
         super().__init__()
@@ -172,13 +164,8 @@ class MSFMamba(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=cfg.linear_init_std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for m in self.modules():
-            if getattr(m, "_mamba_dt", False) and cfg.dt_init == "mamba":
-                _init_dt_proj(m, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
-            if hasattr(m, "A_log"):
-                n = m.A_log.shape[1]
-                m.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand_as(m.A_log))
-                m.D.fill_(1.0)
+        for blk in self.blocks:   # after the blanket pass: the SSM's own init (A, D, Mamba's dt_proj)
+            blk.mixer.reset_parameters(mamba_dt=cfg.dt_init == "mamba")
         for p in self.parameters():   # GPT-2/Mamba: residual output projections shrink with depth
             if getattr(p, "_residual_out", False):
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
@@ -258,15 +245,6 @@ class MSFMamba(nn.Module):
         return int(embed + cfg.depth * mixer + fusion + d * cfg.num_classes)
 
 
-def _init_dt_proj(m: nn.Linear, dt_min: float, dt_max: float, floor: float) -> None:
-    """Mamba's dt init: weight uniform in +-rank^-0.5; bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]."""
-    bound = m.in_features ** -0.5
-    nn.init.uniform_(m.weight, -bound, bound)
-    dt = torch.exp(torch.rand(m.out_features) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-    dt = dt.clamp(min=floor)
-    m.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-
-
 def build_config(variant: str, size: str, **overrides) -> MSFMambaConfig:
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(MODEL_SIZES)}")
@@ -286,21 +264,14 @@ def _create(variant: str, size: str, device=None, dtype=None, **overrides) -> MS
     return MSFMamba(build_config(variant, size, **overrides), device=device, dtype=dtype)
 
 
-@register_model
-def videomamba_tiny(**kw): return _create("videomamba", "tiny", **kw)
-@register_model
-def videomamba_small(**kw): return _create("videomamba", "small", **kw)
-@register_model
-def videomamba_base(**kw): return _create("videomamba", "base", **kw)
-@register_model
-def msf_mamba_tiny(**kw): return _create("msf_mamba", "tiny", **kw)
-@register_model
-def msf_mamba_small(**kw): return _create("msf_mamba", "small", **kw)
-@register_model
-def msf_mamba_base(**kw): return _create("msf_mamba", "base", **kw)
-@register_model
-def msf_mamba_plus_tiny(**kw): return _create("msf_mamba_plus", "tiny", **kw)
-@register_model
-def msf_mamba_plus_small(**kw): return _create("msf_mamba_plus", "small", **kw)
-@register_model
-def msf_mamba_plus_base(**kw): return _create("msf_mamba_plus", "base", **kw)
+def _register(variant: str, size: str) -> None:
+    """`create_model("msf_mamba_tiny")` / `create_model("msf_mamba", size="tiny")`: one entry per catalog pair."""
+    def create(**kw) -> MSFMamba:
+        return _create(variant, size, **kw)
+    create.__name__ = create.__qualname__ = f"{variant}_{size}"
+    register_model(create)
+
+
+for _variant in VARIANTS:
+    for _size in MODEL_SIZES:
+        _register(_variant, _size)

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import numba
 import torch
+import torch.nn.functional as F
 
 
 @numba.njit(parallel=True, cache=True, fastmath=True)
@@ -100,7 +101,17 @@ class _SelectiveScanNumba(torch.autograd.Function):
         return gu, gdelta, gA_part.sum(0), gB.transpose(1, 2), gC.transpose(1, 2)
 
 
-def scan(u, delta, A, B, C):
-    """(y [batch, D, L], last state [batch, D, N]) for a final delta (bias and softplus applied by the caller);
-    CPU tensors of one float dtype."""
-    return _SelectiveScanNumba.apply(u, delta, A, B, C)
+def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """(out [batch, D, L], last state [batch, D, N]), the torch backend's signature; CPU tensors of one float
+    dtype. The kernel scans a final delta, so the bias and softplus come first and the skip and gate after, in
+    autograd (they are elementwise and cheap next to the scan)."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    y, last = _SelectiveScanNumba.apply(u, delta, A, B, C)
+    if D is not None:
+        y = y + u * D[:, None]
+    if z is not None:
+        y = y * F.silu(z)
+    return y, last

@@ -8,7 +8,9 @@ i.e. off-centre frames enter as differences from the centre state (for theta = 1
 grid border. Shapes: h [batch, C, T, H, W]; each kernel [C, 1, k, k, k] (k odd); theta a float or 0-d tensor
 (learnable). Returns one fused tensor per kernel, each shaped like h.
 
-Backends (``backend=`` or ``$MSF_SCALE_FUSION_BACKEND``; ``auto`` = ``conv`` on GPU, ``shift`` on CPU for 3 x 3 x 3 windows). Both fold
+Backends (``backend=``; ``auto``, the default, means ``$MSF_SCALE_FUSION_BACKEND`` when set, else ``conv`` on GPU and
+``shift`` on CPU for 3 x 3 x 3 windows, logged once). A new backend is a name in BACKENDS, a branch in ``_dispatch``
+and, if optional, a lazily imported private module (``_fusion_triton.py``). Both fold
 the difference term into the kernel's centre tap (the CFD term only ever touches H(p0), which is never padded),
 so each scale is one depthwise 'same' convolution with an adjusted kernel: exact, autograd for free.
     ``conv``  as F.conv3d (cuDNN on GPU)
@@ -19,28 +21,41 @@ A fused kernel joins these later; on an H100 cuDNN's depthwise conv3d is far off
 from __future__ import annotations
 
 import importlib.util
-import os
+import logging
+from functools import lru_cache
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from msf_scale.ops._choice import requested_backend
+
 BACKENDS = ("auto", "conv", "shift", "ref", "triton")   # triton: ops/_fusion_triton.py, every scale in one launch
 ENV_VAR = "MSF_SCALE_FUSION_BACKEND"
+log = logging.getLogger(__name__)
 
 
 def resolve_backend(backend: str | None, device: torch.device | None = None, k: int = 3) -> str:
     """The concrete backend for one kernel of window k. ``auto``: conv on GPU; on CPU shifts for 3 x 3 x 3 only
     (autograd through 125 or 343 shifted slices costs more than PyTorch's slow depthwise conv3d)."""
-    backend = (backend or os.environ.get(ENV_VAR) or "auto").lower()
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown state-fusion backend {backend!r}; expected one of {BACKENDS}")
+    backend = requested_backend(backend, ENV_VAR, BACKENDS, "state-fusion")
     if backend == "auto":
         on_gpu = device is not None and device.type == "cuda"
         if on_gpu and importlib.util.find_spec("triton") is not None:   # the fused Triton backend (issue 19)
-            return "triton"
-        return "conv" if on_gpu or k > 3 else "shift"
+            return _chosen("triton", "cuda", k)
+        return _chosen("conv" if on_gpu or k > 3 else "shift", "cuda" if on_gpu else "cpu", k)
     return backend
+
+
+@lru_cache(maxsize=None)
+def _logged(choice: str, device_type: str, k: int) -> None:
+    log.info("state_fusion backend for %s tensors, %dx%dx%d windows: %s", device_type, k, k, k, choice)
+
+
+def _chosen(choice: str, device_type: str, k: int) -> str:
+    """`auto`'s choice, logged once per (device, window): the kernel that ran is part of a measurement."""
+    _logged(choice, device_type, k)
+    return choice
 
 
 def cfd_kernel(weight: torch.Tensor, theta) -> torch.Tensor:

@@ -59,7 +59,7 @@ def test_cli_times_a_run_directory_at_its_own_shape(tmp_path):
     run = tmp_path / "runs" / "msf_mamba_tiny"
     run.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
-    from msf_scale.checkpoint import model_meta
+    from msf_scale.export import model_meta
     (run / "model_config.json").write_text(json.dumps(model_meta(model, "msf_mamba", "tiny")))
     out = tmp_path / "lat"
     assert cli.main(["latency", "--runs", str(tmp_path / "runs"), "--device", "cpu", "--measures", "clip",

@@ -1,5 +1,5 @@
 """Every GPU code path of the ops against float64 on the CPU: mamba-ssm's kernel and the torch scan on CUDA,
-the fusion's conv backend (cuDNN's depthwise conv3d), and the cuDNN branch of the model's causal conv1d.
+the fusion's conv backend (cuDNN's depthwise conv3d), and the cuDNN branch of the causal conv1d op.
 Marked gpu: skipped on a CPU-only machine; on a CUDA machine a missing mamba-ssm fails (conftest)."""
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import torch
 from test_selective_scan import make_inputs, rel
 from test_state_fusion import naive_cfd
 
-from msf_scale.models.blocks import causal_depthwise_conv1d
-from msf_scale.ops import selective_scan, selective_scan_ref, state_fusion
+from msf_scale.ops import causal_depthwise_conv1d, selective_scan, selective_scan_ref, state_fusion
+from msf_scale.ops import scan as scan_mod
 
-scan_mod = importlib.import_module("msf_scale.ops.selective_scan")
 fusion_mod = importlib.import_module("msf_scale.ops.state_fusion")
 pytestmark = pytest.mark.gpu
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")

@@ -1,11 +1,9 @@
 """The PyTorch scan against a float64 per-step reference: outputs, last state and every gradient."""
-import importlib
-
 import pytest
 import torch
 
-from msf_scale.ops.selective_scan import selective_scan, selective_scan_ref
-scan_mod = importlib.import_module("msf_scale.ops.selective_scan")   # the package re-exports the function under this name
+from msf_scale.ops import scan as scan_mod
+from msf_scale.ops import selective_scan, selective_scan_ref
 
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}   # max |diff| / max |ref|
 GRAD_RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}
@@ -162,7 +160,13 @@ def test_backend_selection(monkeypatch):
         selective_scan(*args, backend="cuda")
     monkeypatch.setenv(scan_mod.ENV_VAR, "ref")
     assert scan_mod.resolve_backend(None, torch.device("cpu")) == "ref"
-    assert scan_mod.resolve_backend("auto", torch.device("cpu")) == "numba"   # an explicit argument wins
+    assert scan_mod.resolve_backend("auto", torch.device("cpu")) == "ref"     # auto (the model's default) honours it
+    assert scan_mod.resolve_backend("torch", torch.device("cpu")) == "torch"  # an explicit backend name wins
+    monkeypatch.setenv(scan_mod.ENV_VAR, "nope")
+    with pytest.raises(ValueError, match="unknown selective-scan backend 'nope'"):
+        scan_mod.resolve_backend("auto", torch.device("cpu"))
+    monkeypatch.delenv(scan_mod.ENV_VAR)
+    assert scan_mod.resolve_backend("auto", torch.device("cpu")) == "numba"
     assert {"numba", "torch", "ref"} <= set(scan_mod.available_backends())
     # auto on CPU: numba (parallel over rows) once the rows fill the threads, else the torch scan
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)

@@ -94,7 +94,7 @@ def test_errors():
         state_fusion(h, [torch.randn(4, 1, 3, 3, 3)], 0.7, backend="nope")
     with pytest.raises(ValueError, match="ASWM"):
         StateFusion(4, (3,), 0.7, False, use_aswm=True)
-    with pytest.raises(ValueError, match="fusion init"):
+    with pytest.raises(ValueError, match="fusion_init must be"):
         StateFusion(4, (3,), 0.7, False, use_aswm=False, init="ones")
 
 

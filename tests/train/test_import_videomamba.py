@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from msf_scale.checkpoint import load_model
+from msf_scale.export import load_model
 from msf_scale.config import ConfigError
 from msf_scale.models import create_model
 from msf_scale.weights_import import load_init, main as import_main

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from msf_scale.checkpoint import latest_checkpoint, load_model
+from msf_scale.checkpoint import latest_checkpoint
+from msf_scale.export import load_model
 from msf_scale.metrics import read_jsonl
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from msf_scale import evaluate, train
-from msf_scale.checkpoint import load_model
+from msf_scale.export import load_model
 
 # the micro scene at 32 px (lengths scaled down from 112 px), 4 train / 2 test clips per class
 MICRO = ["--data.synth.preset", "micro", "--data.synth.size", "32", "--data.synth.num_frames", "8",

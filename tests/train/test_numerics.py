@@ -11,9 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import msf_scale.data as data_mod
+import msf_scale.data.builders as builders_mod
 import msf_scale.train as train_mod
-from msf_scale.checkpoint import load_model, resolve_resume
+import msf_scale.train_setup as setup_mod
+from msf_scale.checkpoint import resolve_resume
+from msf_scale.export import load_model
 from msf_scale.ema import ModelEma
 from msf_scale.metrics import device_peak_tflops, mfu, read_jsonl, topk_correct, train_flops_per_clip, truncate_jsonl
 from msf_scale.models.blocks import DropPath
@@ -25,7 +27,7 @@ class Recorder:
 
     def __init__(self, monkeypatch):
         self.initial, self.model, self.batches, self.set_epochs, self.steps = None, None, [], [], []
-        real_create, real_loader, real_opt = train_mod.create_model, data_mod.build_train_loader, train_mod.build_optimizer
+        real_create, real_loader, real_opt = setup_mod.build_model, builders_mod.build_train_loader, setup_mod.build_optimizer
 
         def create(*a, **kw):
             self.model = real_create(*a, **kw)
@@ -57,9 +59,9 @@ class Recorder:
 
         self.unclipped = []
         monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", clip)
-        monkeypatch.setattr(train_mod, "create_model", create)
-        monkeypatch.setattr(data_mod, "build_train_loader", loader)
-        monkeypatch.setattr(train_mod, "build_optimizer", optimizer)
+        monkeypatch.setattr(setup_mod, "build_model", create)
+        monkeypatch.setattr(builders_mod, "build_train_loader", loader)
+        monkeypatch.setattr(setup_mod, "build_optimizer", optimizer)
 
 
 class _RecordingLoader:

@@ -8,7 +8,7 @@ import torch
 
 import msf_scale.train as train_mod
 from msf_scale import predict
-from msf_scale.checkpoint import load_model
+from msf_scale.export import load_model
 from msf_scale.data import build_eval_loader
 from msf_scale.data.schema import DatasetInfo, ShardSink, make_sample, npy_bytes, write_dataset_info
 from msf_scale.data.video import encode_mp4

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import msf_scale.train as train_mod
-from msf_scale.checkpoint import latest_checkpoint, list_checkpoints, load_model
+import msf_scale.train_setup as setup_mod
+from msf_scale.checkpoint import latest_checkpoint, list_checkpoints
+from msf_scale.export import load_model
 from msf_scale.config import read_config
 from msf_scale.metrics import read_jsonl
 
@@ -26,12 +28,12 @@ def _losses(run_dir) -> dict[int, float]:
 def captured(monkeypatch):
     """The model objects train.py builds (one process without DeepSpeed trains them in place)."""
     models = []
-    real = train_mod.create_model
+    real = setup_mod.build_model
 
     def create(*a, **kw):
         models.append(real(*a, **kw))
         return models[-1]
-    monkeypatch.setattr(train_mod, "create_model", create)
+    monkeypatch.setattr(setup_mod, "build_model", create)
     return models
 
 
@@ -104,7 +106,7 @@ def test_missing_data_dir(tiny_argv, tmp_path):
 
 def _nan_on_calls(monkeypatch, calls: set[int]):
     """Make the training forward return NaN logits on the given (1-based) training forward calls."""
-    real, n = train_mod.create_model, [0]
+    real, n = setup_mod.build_model, [0]
 
     def hook(module, inputs, out):
         if not module.training:
@@ -116,7 +118,7 @@ def _nan_on_calls(monkeypatch, calls: set[int]):
         model = real(*a, **kw)
         model.register_forward_hook(hook)
         return model
-    monkeypatch.setattr(train_mod, "create_model", create)
+    monkeypatch.setattr(setup_mod, "build_model", create)
 
 
 def test_nan_loss_skips_the_update(tiny_argv, tmp_path, monkeypatch):

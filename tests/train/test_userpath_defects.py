@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import msf_scale.train as train_mod
+import msf_scale.train_setup as setup_mod
 from msf_scale import evaluate
 from msf_scale.config import ConfigError, load_config
 from msf_scale.data.schema import DatasetInfo, ShardSink, make_sample, npy_bytes, write_dataset_info
@@ -148,14 +149,14 @@ def test_user_errors_print_one_line_and_exit_2(tiny_argv, capsys, argv, needle):
 def test_a_bug_keeps_its_traceback(tiny_argv, monkeypatch):
     def broken(*a, **kw):
         raise ValueError("an internal bug")
-    monkeypatch.setattr(train_mod, "create_model", broken)
+    monkeypatch.setattr(setup_mod, "build_model", broken)
     with pytest.raises(ValueError, match="internal bug"):
         train_mod.cli(tiny_argv())
 
 
 # ------------------------------------------------------------------ 6. CPU memory pre-flight
 def test_gpu_recipe_on_a_24gb_cpu_machine_is_refused_with_the_flag(tiny_common, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_mod, "available_memory_gb", lambda: 24.0)
+    monkeypatch.setattr(setup_mod, "available_memory_gb", lambda: 24.0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")   # as under accelerate launch --num_processes 2
     argv = ["--size", "tiny", *tiny_common[tiny_common.index("--data.synth.train_per_class"):],
             "--output-dir", str(tmp_path / "r"), "--data.num_workers", "0"]
@@ -169,17 +170,17 @@ def test_memory_estimate_passes_the_main_job_and_warns_when_close(monkeypatch, c
 
     demo = load_config(["--config", "cpu_demo"])
     demo_model = build_config("msf_mamba", "tiny", num_classes=8, num_frames=8, img_size=32, patch_size=16)
-    monkeypatch.setattr(train_mod, "available_memory_gb", lambda: 24.0)
-    train_mod.preflight_memory(demo, demo_model, torch.device("cpu"), 1)          # ~1.6 GB: silent
+    monkeypatch.setattr(setup_mod, "available_memory_gb", lambda: 24.0)
+    setup_mod.preflight_memory(demo, demo_model, torch.device("cpu"), 1)          # ~1.6 GB: silent
     assert capsys.readouterr().out == ""
     gpu = load_config(["--size", "tiny", "--train.batch_size", "16"])
     model = build_config("msf_mamba", "tiny", num_classes=8)
-    train_mod.preflight_memory(gpu, model, torch.device("cuda"), 2)               # GPUs: not this check
-    monkeypatch.setattr(train_mod, "available_memory_gb", lambda: 11.0)
-    train_mod.preflight_memory(gpu, model, torch.device("cpu"), 1)                # ~8.6 GB of 11: a warning
+    setup_mod.preflight_memory(gpu, model, torch.device("cuda"), 2)               # GPUs: not this check
+    monkeypatch.setattr(setup_mod, "available_memory_gb", lambda: 11.0)
+    setup_mod.preflight_memory(gpu, model, torch.device("cpu"), 1)                # ~8.6 GB of 11: a warning
     assert "warning: estimated training memory" in capsys.readouterr().out
     off = load_config(["--size", "tiny", "--train.mem_check", "false"])
-    train_mod.preflight_memory(off, model, torch.device("cpu"), 2)                # refused unless asked
+    setup_mod.preflight_memory(off, model, torch.device("cpu"), 2)                # refused unless asked
     assert "exceeds" in capsys.readouterr().out
 
 

@@ -6,7 +6,9 @@
 Shapes (mamba-ssm's convention, so the CUDA kernel is a drop-in):
     u, delta, z: [batch, D, L]    A: [D, N]    B, C: [batch, N, L]    D, delta_bias: [D]
 
-Backends, chosen by ``backend=`` or ``$MSF_SCALE_SCAN_BACKEND`` (``auto`` picks the fastest that works):
+Backends, chosen by ``backend=``; ``auto`` (the default) means ``$MSF_SCALE_SCAN_BACKEND`` when set, else the
+fastest that works (logged once). Each fast backend is a private module with one ``scan(...)`` of the same
+signature (``_scan_torch``, ``_scan_numba``); this module only picks and casts:
     ``cuda``  mamba-ssm's fused CUDA kernel (GPU tensors, ``pip install msf_scale[cuda]``)
     ``numba`` a compiled one-pass CPU kernel (forward and backward), parallel over batch rows
     ``torch`` a chunked parallel scan in plain PyTorch with a hand-written backward (any device; on CPU the
@@ -18,13 +20,13 @@ The bidirectional flip lives in the model block, not here.
 from __future__ import annotations
 
 import logging
-import os
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 from msf_scale.ops import _scan_torch
+from msf_scale.ops._choice import requested_backend
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +79,13 @@ def _resolve_auto(device_type: str, rows_fill_threads: bool = True) -> str:
 
 
 def resolve_backend(backend: str | None, device: torch.device, batch: int | None = None) -> str:
-    """Turn ``auto``/None (or the environment variable) into a concrete backend, failing loudly if missing.
+    """Turn ``auto``/None into a concrete backend, failing loudly if missing: ``$MSF_SCALE_SCAN_BACKEND`` when
+    set (the model's default is ``auto``, so the variable switches every block), else the fastest available.
 
     On CPU, numba parallelises over batch rows: with at least as many rows as threads it is as fast as the torch
     scan or faster (1.3x at the main job's shape); with fewer (batch-1 latency) the torch scan, which spreads one
     row over the threads, is ~2x faster (docs/BENCHMARKS.md)."""
-    backend = (backend or os.environ.get(ENV_VAR) or "auto").lower()
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown selective-scan backend {backend!r}; expected one of {BACKENDS}")
+    backend = requested_backend(backend, ENV_VAR, BACKENDS, "selective-scan")
     if backend == "auto":
         return _resolve_auto(device.type, batch is None or batch >= torch.get_num_threads())
     if backend == "cuda":
@@ -124,19 +125,8 @@ def _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_s
     dtype_in = u.dtype
     compute = torch.float64 if dtype_in == torch.float64 else torch.float32  # bf16/fp16 scan in fp32, as mamba
     cast = lambda t: None if t is None else t.to(compute)
-    u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c = map(cast, (u, delta, A, B, C, D, z, delta_bias))
-    if name == "torch":                                # bias, softplus, D and gate fused into the backend
-        y, last = _scan_torch.scan(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, delta_softplus)
-    else:                                              # numba: the kernel scans a final delta; the rest here
-        if bias_c is not None:
-            delta_c = delta_c + bias_c[:, None]
-        if delta_softplus:
-            delta_c = F.softplus(delta_c)
-        y, last = _numba_scan().scan(u_c, delta_c, A_c, B_c, C_c)
-        if D_c is not None:
-            y = y + u_c * D_c[:, None]
-        if z_c is not None:
-            y = y * F.silu(z_c)
+    kernel = _scan_torch if name == "torch" else _numba_scan()   # one signature: scan(u, ..., delta_softplus)
+    y, last = kernel.scan(*map(cast, (u, delta, A, B, C, D, z, delta_bias)), delta_softplus)
     y = y.to(dtype_in)
     return (y, last) if return_last_state else y
 
