@@ -461,6 +461,7 @@ def _check_device(h):
         raise RuntimeError("the triton fusion backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
 
 
+@torch.compiler.disable   # opaque to torch.compile (a graph break), never traced into the launches
 def state_fusion_triton(h: torch.Tensor, kernels, theta) -> list[torch.Tensor]:
     """The ``triton`` backend of state_fusion: every scale in one launch, one fused tensor per kernel."""
     if not supported(h, kernels):   # more than three windows, or a grid too wide for one tile: the conv path
@@ -472,6 +473,7 @@ def state_fusion_triton(h: torch.Tensor, kernels, theta) -> list[torch.Tensor]:
     return list(_FusedCFD.apply(h, _packed(h, kernels, theta), None, None, ks))
 
 
+@torch.compiler.disable   # opaque to torch.compile (a graph break), never traced into the launches
 def multiscale_fusion_triton(h: torch.Tensor, kernels, theta, aswm_weight: torch.Tensor,
                              aswm_bias: torch.Tensor) -> torch.Tensor:
     """MCFM + ASWM fused: out = sum_m softmax_m(aswm(cat F))_m * F_m, as StateFusion.forward computes it
