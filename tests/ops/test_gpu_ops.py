@@ -33,8 +33,10 @@ def test_auto_picks_the_gpu_paths(mamba_ssm_kernel):
 
 def _scan_vs_float64(backend, dtype, length, tol, grad_tol):
     x = make_inputs(2, 64, 16, length, dtype, device="cuda")
-    for k in ("A", "D", "delta_bias"):               # model parameters stay fp32 (mamba-ssm needs A in fp32)
-        x[k] = x[k].detach().float().requires_grad_()
+    # model parameters stay fp32 (mamba-ssm needs A in fp32), except in a float64 run: a float32 A caps its
+    # gradient's error at fp32 rounding (measured on the H200: 3.7e-8 against the 1e-10 bound)
+    for k in ("A", "D", "delta_bias"):
+        x[k] = x[k].detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
     out = selective_scan(*(x[k] for k in NAMES), delta_softplus=True, backend=backend)
     ref_in = {k: v.detach().cpu().double().requires_grad_() for k, v in x.items()}
     ref = selective_scan_ref(*(ref_in[k] for k in NAMES), delta_softplus=True)
