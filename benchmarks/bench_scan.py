@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from msf_scale.ops.selective_scan import selective_scan
+from msf_scale.ops import selective_scan
 
 
 def time_interleaved(fns: dict, warmup: int, reps: int, device: str) -> dict:

@@ -62,7 +62,7 @@ def fusion_share(run_dir: Path, data: str, batches: int = 2) -> float | None:
     """Mean ||F|| / ||H|| over the fused blocks of a trained run on test clips: 0 means the fusion does nothing."""
     import torch
 
-    from msf_scale.checkpoint import load_model
+    from msf_scale.export import load_model
     from msf_scale.data import build_eval_loader
 
     model = load_model(run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
