@@ -134,7 +134,8 @@ def main() -> None:
     t_train = time.time()
     for epoch in range(1, args.epochs + 1):
         model.train()
-        correct, loss_sum = 0, 0.0
+        correct = torch.zeros((), device=dev)   # summed on the device: no host sync per step
+        loss_sum = torch.zeros((), device=dev)
         for b in torch.randperm(len(ytr), device=dev)[: steps_per_epoch * args.batch].split(args.batch):
             frames = torch.tensor([temporal_indices(cfg.num_frames, args.frames, rng.random(args.frames))
                                    for _ in range(len(b))], device=dev)
@@ -147,15 +148,15 @@ def main() -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            correct += (logits.argmax(1) == y).sum().item()
-            loss_sum += loss.item() * len(b)
+            correct += (logits.argmax(1) == y).sum()
+            loss_sum += loss.detach() * len(b)
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             model.eval()
             with torch.no_grad(), torch.autocast(**amp):
                 idx = torch.arange(len(yte), device=dev)
                 pred = torch.cat([model(te.batch(i, te_frames[i])).argmax(1) for i in idx.split(64)])
             n = steps_per_epoch * args.batch
-            row = dict(epoch=epoch, train_loss=loss_sum / n, train_top1=100 * correct / n,
+            row = dict(epoch=epoch, train_loss=loss_sum.item() / n, train_top1=100 * correct.item() / n,
                        test_top1=100 * pred.eq(yte_t).float().mean().item(), seconds=time.time() - t_train)
             curve.append(row)
             print(f"epoch {epoch}: train loss {row['train_loss']:.3f} top-1 {row['train_top1']:.1f}%, test top-1 "
