@@ -135,14 +135,15 @@ def main(argv=None) -> dict:
     sweep = []
     if "triton" in backends and not args.no_sweep:
         from msf_scale.ops import _fusion_triton as ft
-        points = [("fwd", cfg, None) for cfg in ((4, 2), (4, 3), (8, 2), (8, 3))]
-        points += [("bwd", cfg, bb) for cfg, bb in (((4, 2), 1), ((4, 3), 1), ((8, 3), 1), ((4, 3), 2), ((8, 2), 2),
-                                                     ((8, 3), 2), ((8, 3), 4))]
-        for which, cfg, bb in points:
+        points = [{"fwd": cfg} for cfg in ((4, 2), (4, 3), (8, 2), (8, 3))]
+        points += [{"fwd": cfg, "fwd_shared": True} for cfg in ((4, 3), (8, 2), (8, 3))]
+        points += [{"bwd": cfg, "bwd_batch": bb} for cfg, bb in (((4, 2), 1), ((4, 3), 1), ((8, 3), 1), ((4, 3), 2),
+                                                                  ((8, 2), 2), ((8, 3), 2), ((8, 3), 4))]
+        for point in points:
             if time.perf_counter() - t_start > args.sweep_budget_s:
                 break
-            ft.CONFIG[which] = cfg
-            ft.CONFIG["bwd_batch"] = bb
+            ft.CONFIG.update(point)
+            row = {k: (list(v) if isinstance(v, tuple) else v) for k, v in point.items()}
             try:
                 t0 = time.perf_counter()
                 fwd_bwd("triton")
@@ -151,13 +152,11 @@ def main(argv=None) -> dict:
                 for _ in range(args.warmup):
                     fwd_bwd("triton")
                 ms = statistics.median(timer(lambda: fwd_bwd("triton")) for _ in range(args.reps))
-                sweep.append({"kernel": which, "num_warps": cfg[0], "num_stages": cfg[1], "bwd_batch": bb,
-                              "fwd_bwd_ms": round(ms, 4), "first_call_s": round(first, 2)})
+                sweep.append(dict(row, fwd_bwd_ms=round(ms, 4), first_call_s=round(first, 2)))
             except Exception as e:   # a setting that does not compile or fit is a finding, not a crash
-                sweep.append({"kernel": which, "num_warps": cfg[0], "num_stages": cfg[1], "bwd_batch": bb,
-                              "error": repr(e)[:200]})
+                sweep.append(dict(row, error=repr(e)[:200]))
             finally:
-                ft.CONFIG.update(fwd=None, bwd=None, bwd_batch=None)
+                ft.CONFIG.update(fwd=None, bwd=None, bwd_batch=None, fwd_shared=None)
 
     ref_name = "conv" if "conv" in backends else backends[0]
     rows = []
@@ -190,11 +189,11 @@ def main(argv=None) -> dict:
                      f"{r[f'speedup_vs_{ref_name}_fwd']:.1f}x | {r[f'speedup_vs_{ref_name}_fwd_bwd']:.1f}x | "
                      f"{r[f'rel_diff_vs_{backends[0]}_out']:.1e} / {r[f'rel_diff_vs_{backends[0]}_grads_max']:.1e} |")
     if sweep:
-        lines += ["", "triton launch settings, one kernel varied at a time (the other at its default), fwd+bwd ms:",
-                  "", "| kernel | num_warps | num_stages | bwd batch/tile | fwd+bwd ms |", "|---|---:|---:|---:|---:|"]
+        lines += ["", "triton launch settings (ops/_fusion_triton.CONFIG), one kernel varied at a time, the rest at "
+                  "their defaults; (warps, stages):", "", "| setting | fwd+bwd ms |", "|---|---:|"]
         for r in sweep:
-            lines.append(f"| {r['kernel']} | {r['num_warps']} | {r['num_stages']} | {r['bwd_batch'] or 'default'} | "
-                         f"{r.get('fwd_bwd_ms', r.get('error'))} |")
+            setting = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("fwd_bwd_ms", "first_call_s", "error"))
+            lines.append(f"| {setting} | {r.get('fwd_bwd_ms', r.get('error'))} |")
     table = "\n".join(lines)
     print(table)
     os.makedirs(args.out, exist_ok=True)

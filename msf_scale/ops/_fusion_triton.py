@@ -43,7 +43,9 @@ MAX_SCALES = 3
 # Launch settings of the two heavy kernels, (num_warps, num_stages); None: the defaults in _Geom (no spills on sm_90
 # by ptxas's count for bf16/fp16/fp32). benchmarks/bench_fusion.py --sweep times alternatives by setting these.
 # "bwd_batch": batch elements per backward tile (None: 2 where a tile of one has <= 128 rows).
-CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None}
+# "fwd_shared": True loads each row-shifted tile of the largest window once for every scale (runtime branches
+# per scale), False/None: one loop per scale (reloads, no branches).
+CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None, "fwd_shared": None}
 
 
 def _pow2(n: int) -> int:
@@ -81,6 +83,46 @@ def _fwd_scale(h_ptr, base, wc, t, y, x, xi, xj, T, H, W, acc, K: tl.constexpr, 
 
 
 @triton.jit
+def _shared_tap(acc, a, wc, ot, oy, xi, xj, K: tl.constexpr, KM: tl.constexpr, PREC: tl.constexpr,
+                ACC: tl.constexpr):
+    """acc += a @ B for the window row (ot, oy) of a K^3 kernel when that row is in its window (|ot|, |oy| <= K//2)."""
+    R: tl.constexpr = K // 2
+    e = xi[:, None] - xj[None, :] + R
+    if K == KM:   # the largest window holds every row
+        bd = tl.load(wc + ((ot + R) * K + oy + R) * K + e, mask=(e >= 0) & (e < K), other=0.0).to(a.dtype)
+        acc += tl.dot(a, bd, input_precision=PREC, out_dtype=ACC)
+    else:
+        if (ot >= -R) & (ot <= R) & (oy >= -R) & (oy <= R):
+            bd = tl.load(wc + ((ot + R) * K + oy + R) * K + e, mask=(e >= 0) & (e < K), other=0.0).to(a.dtype)
+            acc += tl.dot(a, bd, input_precision=PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _fwd_shared(h_ptr, base, wc, t, y, x, xi, xj, T, H, W, acc0, acc1, acc2, NS: tl.constexpr, K0: tl.constexpr,
+                K1: tl.constexpr, K2: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KM: tl.constexpr,
+                PREC: tl.constexpr, ACC: tl.constexpr):
+    """Every scale from one loaded neighbourhood: the KM^2 row-shifted tiles of the largest window are loaded once
+    and each feeds the band of every scale whose window holds that row (the other variant reloads per scale)."""
+    RM: tl.constexpr = KM // 2
+    xm = x < W
+    for d in range(KM * KM):
+        ot = d // KM - RM
+        oy = d % KM - RM
+        tt = t + ot
+        yy = y + oy
+        m = (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H)
+        a = tl.load(h_ptr + base + (tt * (H * W) + yy * W)[:, None] + x[None, :], mask=m[:, None] & xm[None, :],
+                    other=0.0)
+        acc0 = _shared_tap(acc0, a, wc, ot, oy, xi, xj, K0, KM, PREC, ACC)
+        if NS >= 2:
+            acc1 = _shared_tap(acc1, a, wc + OFF1, ot, oy, xi, xj, K1, KM, PREC, ACC)
+        if NS >= 3:
+            acc2 = _shared_tap(acc2, a, wc + OFF2, ot, oy, xi, xj, K2, KM, PREC, ACC)
+    return acc0, acc1, acc2
+
+
+@triton.jit
 def _add_logits(lg0, lg1, lg2, acc, a_ptr, stride, NS: tl.constexpr, ACC: tl.constexpr):
     """lg_j += A[j, m*C + c] * F_m[c] for j < NS (a_ptr points at A[0, m*C + c]; stride: A's row length)."""
     lg0 += tl.load(a_ptr).to(ACC) * acc
@@ -96,7 +138,7 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
          NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
          OFF1: tl.constexpr, OFF2: tl.constexpr, KTOT: tl.constexpr, KM: tl.constexpr,
          CG: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-         ASWM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+         ASWM: tl.constexpr, SHARE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """F_m for every scale of the CG channels of one group, one frame block; with ASWM the group's partial logits
     (registers), atomically added across groups. Program = (b * n_cg + group, frame block)."""
     pid = tl.program_id(0)
@@ -119,23 +161,40 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
         c = cg * CG + ci
         base = (b * C + c).to(tl.int64) * thw
         wc = w_ptr + c * KTOT
-        acc = _fwd_scale(h_ptr, base, wc, t, y, x, xi, xj, T, H, W, tl.zeros((BT * BH, BW), dtype=ACC),
-                         K0, PREC, ACC)
-        tl.store(f0_ptr + base + own, acc.to(f0_ptr.dtype.element_ty), mask=own_m)
-        if ASWM:   # logits_j += A[j, m*C + c] * F_m[c]: this group's channels summed in registers
-            lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc, aw_ptr + c, NS * C, NS, ACC)
-        if NS >= 2:
-            acc = _fwd_scale(h_ptr, base, wc + OFF1, t, y, x, xi, xj, T, H, W,
-                             tl.zeros((BT * BH, BW), dtype=ACC), K1, PREC, ACC)
-            tl.store(f1_ptr + base + own, acc.to(f1_ptr.dtype.element_ty), mask=own_m)
+        if SHARE:
+            acc0, acc1, acc2 = _fwd_shared(h_ptr, base, wc, t, y, x, xi, xj, T, H, W,
+                                           tl.zeros((BT * BH, BW), dtype=ACC), tl.zeros((BT * BH, BW), dtype=ACC),
+                                           tl.zeros((BT * BH, BW), dtype=ACC), NS, K0, K1, K2, OFF1, OFF2, KM,
+                                           PREC, ACC)
+            tl.store(f0_ptr + base + own, acc0.to(f0_ptr.dtype.element_ty), mask=own_m)
             if ASWM:
-                lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc, aw_ptr + C + c, NS * C, NS, ACC)
-        if NS >= 3:
-            acc = _fwd_scale(h_ptr, base, wc + OFF2, t, y, x, xi, xj, T, H, W,
-                             tl.zeros((BT * BH, BW), dtype=ACC), K2, PREC, ACC)
-            tl.store(f2_ptr + base + own, acc.to(f2_ptr.dtype.element_ty), mask=own_m)
-            if ASWM:
-                lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc, aw_ptr + 2 * C + c, NS * C, NS, ACC)
+                lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc0, aw_ptr + c, NS * C, NS, ACC)
+            if NS >= 2:
+                tl.store(f1_ptr + base + own, acc1.to(f1_ptr.dtype.element_ty), mask=own_m)
+                if ASWM:
+                    lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc1, aw_ptr + C + c, NS * C, NS, ACC)
+            if NS >= 3:
+                tl.store(f2_ptr + base + own, acc2.to(f2_ptr.dtype.element_ty), mask=own_m)
+                if ASWM:
+                    lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc2, aw_ptr + 2 * C + c, NS * C, NS, ACC)
+        else:   # one runtime loop per scale (only one accumulator live; each scale reloads its tiles, from L1/L2)
+            acc = _fwd_scale(h_ptr, base, wc, t, y, x, xi, xj, T, H, W, tl.zeros((BT * BH, BW), dtype=ACC),
+                             K0, PREC, ACC)
+            tl.store(f0_ptr + base + own, acc.to(f0_ptr.dtype.element_ty), mask=own_m)
+            if ASWM:   # logits_j += A[j, m*C + c] * F_m[c]: this group's channels summed in registers
+                lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc, aw_ptr + c, NS * C, NS, ACC)
+            if NS >= 2:
+                acc = _fwd_scale(h_ptr, base, wc + OFF1, t, y, x, xi, xj, T, H, W,
+                                 tl.zeros((BT * BH, BW), dtype=ACC), K1, PREC, ACC)
+                tl.store(f1_ptr + base + own, acc.to(f1_ptr.dtype.element_ty), mask=own_m)
+                if ASWM:
+                    lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc, aw_ptr + C + c, NS * C, NS, ACC)
+            if NS >= 3:
+                acc = _fwd_scale(h_ptr, base, wc + OFF2, t, y, x, xi, xj, T, H, W,
+                                 tl.zeros((BT * BH, BW), dtype=ACC), K2, PREC, ACC)
+                tl.store(f2_ptr + base + own, acc.to(f2_ptr.dtype.element_ty), mask=own_m)
+                if ASWM:
+                    lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc, aw_ptr + 2 * C + c, NS * C, NS, ACC)
     if ASWM:
         lbase = (b * NS).to(tl.int64) * thw
         tl.atomic_add(logit_ptr + lbase + own, lg0, mask=own_m)
@@ -396,7 +455,8 @@ class _FusedCFD(torch.autograd.Function):
         n_cg = g.C // cg
         f3 = _three(fs)
         _fwd[(g.B * n_cg, g.n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **g.scale_kw(),
-                                   CG=cg, BT=g.BT, BH=g.BH, BW=g.BW, ASWM=aswm, ACC=g.ACC, PREC=g.PREC,
+                                   CG=cg, BT=g.BT, BH=g.BH, BW=g.BW, ASWM=aswm, SHARE=bool(CONFIG.get("fwd_shared")),
+                                   ACC=g.ACC, PREC=g.PREC,
                                    **g.launch("fwd", aswm))
         ctx.ks = ks
         ctx.aswm = aswm

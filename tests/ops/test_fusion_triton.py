@@ -119,10 +119,26 @@ def test_interpreter_backward_batch_tiles(monkeypatch, bwd_batch):
 
 
 @interp
+@pytest.mark.parametrize("scales", [(3, 5, 7), (7, 3), (5,)])
+def test_interpreter_shared_neighbourhood_forward(monkeypatch, scales):
+    """CONFIG fwd_shared: one load of each row-shifted tile of the largest window feeds every scale."""
+    from msf_scale.ops import _fusion_triton as ft
+
+    monkeypatch.setitem(ft.CONFIG, "fwd_shared", True)
+    h, ks = make((2, 3, 4, 5, 6), scales, torch.float64, seed=4)
+    for k, a, b in zip(scales, state_fusion(h, ks, 0.7, backend="triton"), state_fusion_ref(h, ks, 0.7)):
+        assert rel(a, b) < 1e-12, f"k={k}: rel err {rel(a, b):.2e}"
+
+
+@interp
 @pytest.mark.parametrize("scales", [(3, 5), (3, 5, 7)])
 @pytest.mark.parametrize("theta", [0.0, 0.7])
-def test_interpreter_aswm_matches_ref_float64(scales, theta):
+@pytest.mark.parametrize("fwd_shared", [False, True])
+def test_interpreter_aswm_matches_ref_float64(monkeypatch, scales, theta, fwd_shared):
+    from msf_scale.ops import _fusion_triton as ft
     from msf_scale.ops._fusion_triton import multiscale_fusion_triton
+
+    monkeypatch.setitem(ft.CONFIG, "fwd_shared", fwd_shared)
 
     c = 3
     fusion = StateFusion(c, scales, theta=theta, theta_learnable=True, use_aswm=True, backend="ref",
@@ -239,8 +255,22 @@ def _gpu_vs_float64(shape, scales, dtype, use_aswm, theta=0.7):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("use_aswm", [False, True])
-def test_gpu_matches_float64_realistic(triton_on_gpu, dtype, use_aswm):
+@pytest.mark.parametrize("fwd_shared", [False, True])
+def test_gpu_matches_float64_realistic(triton_on_gpu, monkeypatch, dtype, use_aswm, fwd_shared):
+    from msf_scale.ops import _fusion_triton as ft
+
+    monkeypatch.setitem(ft.CONFIG, "fwd_shared", fwd_shared)
     _gpu_vs_float64((2, 384, 8, 14, 14), (3, 5, 7), dtype, use_aswm)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bwd", [((4, 3), 1), ((8, 3), 4)])
+def test_gpu_backward_tilings(triton_on_gpu, monkeypatch, bwd):
+    from msf_scale.ops import _fusion_triton as ft
+
+    monkeypatch.setitem(ft.CONFIG, "bwd", bwd[0])
+    monkeypatch.setitem(ft.CONFIG, "bwd_batch", bwd[1])
+    _gpu_vs_float64((3, 96, 8, 14, 14), (3, 5, 7), torch.bfloat16, True)
 
 
 @pytest.mark.gpu
