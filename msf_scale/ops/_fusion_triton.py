@@ -463,12 +463,14 @@ class _FusedCFD(torch.autograd.Function):
         if not aswm:
             ctx.save_for_backward(h, wpack)
             return tuple(fs)
-        alpha = torch.softmax(logits + ab.detach().to(logits.dtype).view(1, -1, 1, 1, 1), dim=1).contiguous()
+        if ab is not None:   # an nn.Conv3d(bias=False) passes None
+            logits += ab.detach().to(logits.dtype).view(1, -1, 1, 1, 1)
+        alpha = torch.softmax(logits, dim=1).contiguous()
         out = torch.empty_like(h)
         blk = _pos_block(g.THW)
         _combine[(g.B * g.C, triton.cdiv(g.THW, blk))](*f3, alpha, out, g.C, g.THW, NS=g.NS, BLOCK=blk, ACC=g.ACC)
         ctx.save_for_backward(h, wpack, awc, alpha, *fs)
-        ctx.aw_meta = (aw.shape, aw.dtype, ab.dtype)
+        ctx.aw_meta = (aw.shape, aw.dtype, None if ab is None else ab.dtype)
         return out
 
     @staticmethod
@@ -494,7 +496,7 @@ class _FusedCFD(torch.autograd.Function):
                                           NS=g.NS, BLOCK=blk, ACC=g.ACC)
             shape, aw_dtype, ab_dtype = ctx.aw_meta
             gaw = part.sum(dim=0).reshape(shape).to(aw_dtype)
-            gab = glog.sum(dim=(0, 2, 3, 4)).to(ab_dtype)
+            gab = None if ab_dtype is None else glog.sum(dim=(0, 2, 3, 4)).to(ab_dtype)
         else:
             gfs = [torch.zeros_like(h) if gr is None else gr.contiguous().to(h.dtype) for gr in grads]
         gh = torch.empty_like(h)
