@@ -16,20 +16,25 @@ BT frames x BH rows (H padded to a power of two) and the columns are x (W padded
     dh[(t, y), :] += dF[(t - o_t, y - o_y), :] @ B_{o_t, o_y}^T         (input gradient)
     dB_{o_t, o_y} = h[(t + o_t, y + o_y), :]^T @ dF                     (weight gradient; its diagonals are dw')
 
-All scales share the loaded shifted h tile of each offset of the largest window (a 7^3 neighbourhood is 49 row
-shifts of one [rows, 16] tile); the band matrices are gathered from the weights in registers. Accumulation is in
-fp32 (fp64 for fp64 inputs); bf16/fp16 operands go to the tensor cores as they are (the band is rounded to the
-input dtype, as the ``conv`` backend rounds its kernel), fp32 operands use IEEE fp32 dots (tf32 only when
+The loops over window rows (o_t, o_y) are runtime loops: fully unrolled 7 x 7 bodies measured 255 registers plus
+2.5-3.8 KB of spill stack per thread and 60-150 s compiles (ptxas, sm_90); as loops no kernel spills for bf16/fp16.
+Two forward variants (``CONFIG["fwd_shared"]``): by default one loop per scale (one accumulator live, every scale
+reloads its row-shifted [rows, 16] tiles from L1/L2); shared, the 49 tiles of the largest window are loaded once
+and feed every scale whose window holds that row (the issue's "one loaded 7^3 neighbourhood"; runtime branches, 3
+accumulators). The band matrices are gathered from the taps in registers. Accumulation is fp32 (fp64 for fp64
+inputs); bf16/fp16 operands go to the tensor cores as they are (the band is rounded to the input dtype, as the
+``conv`` backend rounds its kernel); fp32 operands use IEEE fp32 dots (tf32 only when
 ``torch.backends.cuda.matmul.allow_tf32`` is set).
 
-Launches. Forward: ``_fwd`` (program = batch x channel group x frame block: every scale of every channel in the
-group, F_m stored, the ASWM logits accumulated over the group in registers and atomically added across groups),
-then softmax on the [B, M, T, H, W] logits (torch, tiny) and ``_combine`` (out = sum alpha_m F_m).
-Backward: with ASWM ``_aswm_dot`` (s_m = sum_c dout F_m, atomics across channel groups), the softmax backward
-on [B, M, T, H, W] (torch, tiny), ``_aswm_grad`` (dF_m, and per-(batch, block) partial sums for the 1x1 conv's
-weight); then ``_bwd`` (program = batch x channel x frame block: dh, and the weight gradient of every tap as
-per-(batch, frame block) partials [B * n_tb, C, sum k^3], summed over the first axis in torch: a two-stage,
-deterministic reduction, no weight atomics).
+Launches. Forward: ``_fwd`` (program = batch x channel group (16 channels with ASWM) x frame block: every scale of
+every channel in the group, F_m stored in the input dtype, the ASWM logits summed over the group in registers and
+atomically added across groups into a zeroed fp32 [B, M, T, H, W]), the softmax on those logits (torch, tiny) and
+``_combine`` (out = sum alpha_m F_m). Backward: with ASWM ``_aswm_dot`` (s_m = sum_c dout F_m, atomics across
+channel groups), the softmax backward on [B, M, T, H, W] (torch, tiny), ``_aswm_grad`` (dF_m = alpha_m dout +
+sum_j A[j, m*C + c] dlogit_j, and per-(batch, block) partials of the 1x1 conv's weight gradient); then ``_bwd``
+(program = batch group x channel x frame block, the tile's rows stacking ``bwd_batch`` batch elements: dh, and
+every tap's gradient, summed over the tile's rows, as partials [n_groups * n_tb, C, sum k^3] that torch sums over
+the first axis: a two-stage, deterministic reduction, no weight atomics).
 
 Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter; how the tests run it).
 """
