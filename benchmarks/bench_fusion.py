@@ -137,6 +137,7 @@ def main(argv=None) -> dict:
         from msf_scale.ops import _fusion_triton as ft
         points = [{"fwd": cfg} for cfg in ((4, 2), (4, 3), (8, 2), (8, 3))]
         points += [{"fwd": cfg, "fwd_shared": True} for cfg in ((4, 3), (8, 2), (8, 3))]
+        points += [{"aswm_group": cg} for cg in (4, 8, 32)]
         points += [{"bwd": cfg, "bwd_batch": bb} for cfg, bb in (((4, 2), 1), ((4, 3), 1), ((8, 3), 1), ((4, 3), 2),
                                                                   ((8, 2), 2), ((8, 3), 2), ((8, 3), 4))]
         for point in points:
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
             except Exception as e:   # a setting that does not compile or fit is a finding, not a crash
                 sweep.append(dict(row, error=repr(e)[:200]))
             finally:
-                ft.CONFIG.update(fwd=None, bwd=None, bwd_batch=None, fwd_shared=None)
+                ft.CONFIG.update(fwd=None, bwd=None, bwd_batch=None, fwd_shared=None, aswm_group=None)
 
     ref_name = "conv" if "conv" in backends else backends[0]
     rows = []

@@ -50,7 +50,8 @@ MAX_SCALES = 3
 # "bwd_batch": batch elements per backward tile (None: 2 where a tile of one has <= 128 rows).
 # "fwd_shared": True loads each row-shifted tile of the largest window once for every scale (runtime branches
 # per scale), False/None: one loop per scale (reloads, no branches).
-CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None, "fwd_shared": None}
+# "aswm_group": channels per program of the ASWM forward and of _aswm_dot (None: 16).
+CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None, "fwd_shared": None, "aswm_group": None}
 
 
 def _pow2(n: int) -> int:
@@ -435,10 +436,10 @@ def _three(ts):
 
 
 def _channel_group(c: int) -> int:
-    for g in (16, 8, 4, 2):
-        if c % g == 0:
-            return g
-    return 1
+    """Channels per ASWM program (the logits' atomics are per group): CONFIG's "aswm_group" or 16, the largest
+    divisor of C not above it."""
+    top = int(CONFIG.get("aswm_group") or 16)
+    return next(g for g in range(min(top, c), 0, -1) if c % g == 0)
 
 
 def _pos_block(thw: int) -> int:

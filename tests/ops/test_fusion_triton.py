@@ -139,6 +139,7 @@ def test_interpreter_aswm_matches_ref_float64(monkeypatch, scales, theta, fwd_sh
     from msf_scale.ops._fusion_triton import multiscale_fusion_triton
 
     monkeypatch.setitem(ft.CONFIG, "fwd_shared", fwd_shared)
+    monkeypatch.setitem(ft.CONFIG, "aswm_group", 2 if fwd_shared else None)   # 3 channels: groups of 1 / of 3
 
     c = 3
     fusion = StateFusion(c, scales, theta=theta, theta_learnable=True, use_aswm=True, backend="ref",
