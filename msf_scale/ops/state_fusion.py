@@ -20,7 +20,6 @@ A fused kernel joins these later; on an H100 cuDNN's depthwise conv3d is far off
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 from functools import lru_cache
 from typing import Sequence
@@ -41,8 +40,8 @@ def resolve_backend(backend: str | None, device: torch.device | None = None, k: 
     backend = requested_backend(backend, ENV_VAR, BACKENDS, "state-fusion")
     if backend == "auto":
         on_gpu = device is not None and device.type == "cuda"
-        if on_gpu and importlib.util.find_spec("triton") is not None:   # the fused Triton backend (issue 19)
-            return _chosen("triton", "cuda", k)
+        # The fused Triton backend (issue 19) is chosen only by name until it is measured on a GPU: on the H200
+        # (2026-12-01) one of its bf16 gradient checks missed its bound and its speed is not measured yet.
         return _chosen("conv" if on_gpu or k > 3 else "shift", "cuda" if on_gpu else "cpu", k)
     return backend
 

@@ -196,15 +196,15 @@ def test_interpreter_falls_back_beyond_three_scales():
 
 # ------------------------------------------------------------------------------------------------ dispatcher
 
-def test_auto_picks_triton_on_cuda_only_when_importable(monkeypatch):
+def test_triton_is_chosen_by_name_only_until_measured_on_a_gpu():
+    """`auto` keeps the cuDNN path on CUDA: the Triton backend is not yet verified on a GPU (one bf16 gradient
+    check missed its bound on the H200, 2026-12-01; speed unmeasured). It stays selectable by name."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert "triton" in fusion_mod.BACKENDS
     assert fusion_mod.resolve_backend("auto", cpu, 3) == "shift"
     assert fusion_mod.resolve_backend("auto", cpu, 7) == "conv"
-    assert fusion_mod.resolve_backend("auto", cuda, 7) == ("triton" if HAS_TRITON else "conv")
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
-    assert fusion_mod.resolve_backend("auto", cuda, 7) == "conv"     # no triton: the cuDNN path, as before
+    assert fusion_mod.resolve_backend("auto", cuda, 7) == "conv"
+    assert fusion_mod.resolve_backend("triton", cuda, 7) == "triton"
 
 
 # ------------------------------------------------------------------------------------------------ GPU, compiled
@@ -282,9 +282,8 @@ def test_gpu_sixteen_frames_two_scales(triton_on_gpu, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_auto_is_triton_and_the_model_runs(triton_on_gpu):
-    assert fusion_mod.resolve_backend("auto", torch.device("cuda"), 7) == "triton"
-    fusion = StateFusion(64, (3, 5, 7), 0.7, True, use_aswm=True, init="uniform").cuda()
+def test_gpu_the_model_runs_on_triton(triton_on_gpu):
+    fusion = StateFusion(64, (3, 5, 7), 0.7, True, use_aswm=True, backend="triton", init="uniform").cuda()
     h = torch.randn(2, 64, 8, 14, 14, device="cuda", requires_grad=True)
     fusion(h).square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fusion.parameters())
