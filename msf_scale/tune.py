@@ -35,7 +35,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,61 +253,52 @@ def _eval_top1(row: dict[str, Any]) -> float | None:
     return None if v is None else float(v)
 
 
-class TrialReporter:
-    """Turns the training loop's evaluations into Tune reports, each with a checkpoint of the training state."""
+class TuneReporter:
+    """The training loop's callback (train.py's `Callback` protocol): each evaluation becomes a `tune.report` of
+    val_top1 and the training metrics, with a Tune checkpoint of the newest training checkpoint."""
 
-    def __init__(self, run_dir: Path, trial_dir: Path, done_epoch: int):
-        self.run_dir, self.trial_dir, self.done_epoch = run_dir, trial_dir, done_epoch
-        self._stage: Path | None = None
+    def __init__(self, run_dir: Path, done_epoch: int = 0):
+        self.run_dir, self.done_epoch = run_dir, done_epoch
+        self.last_ckpt: Path | None = None
 
-    def _checkpoint(self, step: int, epoch: int):
-        """A Tune checkpoint: the run's newest training checkpoint (ckpt/step_N), its config and metrics so far."""
-        from ray import tune
+    def on_checkpoint(self, path: Path) -> None:
+        self.last_ckpt = Path(path)
 
-        src = self.run_dir / "ckpt" / f"step_{step:07d}"
-        # staged outside every directory Ray syncs; Tune copies it to <trial>/checkpoint_N in report()
-        stage = Path(tempfile.mkdtemp(prefix="msf_scale_tune_ckpt_"))
-        self._stage = stage
-        try:
-            shutil.copytree(src, stage / "run" / "ckpt" / src.name)
-            for name in ("config.yaml", "run_meta.json"):
-                if (self.run_dir / name).is_file():
-                    shutil.copy2(self.run_dir / name, stage / "run" / name)
-        except (FileNotFoundError, shutil.Error):   # already rotated away by a faster loop: report without one
-            shutil.rmtree(stage, ignore_errors=True)
+    def _stage(self, epoch: int, step: int) -> Path | None:
+        """The Tune checkpoint's files, staged outside every directory Ray syncs (report() copies them to
+        <trial>/checkpoint_N): the newest training checkpoint (ckpt/step_N), the run's config and metrics so far."""
+        if self.last_ckpt is None or not self.last_ckpt.is_dir():
             return None
+        stage = Path(tempfile.mkdtemp(prefix="msf_scale_tune_ckpt_"))
+        shutil.copytree(self.last_ckpt, stage / "run" / "ckpt" / self.last_ckpt.name)
+        for name in ("config.yaml", "run_meta.json"):
+            if (self.run_dir / name).is_file():
+                shutil.copy2(self.run_dir / name, stage / "run" / name)
         rows = [r for r in _read_rows(self.run_dir / "metrics.jsonl") if r.get("step", 0) <= step]
         (stage / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (stage / "tune_state.json").write_text(json.dumps({"epoch": epoch, "step": step}))
-        return tune.Checkpoint.from_directory(str(stage))
+        (stage / "tune_state.json").write_text(json.dumps({"epoch": epoch, "step": step,
+                                                           "ckpt": self.last_ckpt.name}))
+        return stage
 
-    def report_new(self) -> None:
-        """Report every evaluation logged since the last report (epoch order), with a checkpoint of the newest."""
+    def on_evaluate(self, metrics: dict[str, Any]) -> bool | None:
         from ray import tune
 
-        rows = _read_rows(self.run_dir / "metrics.jsonl")
-        last_train: dict[str, Any] = {}
-        for row in rows:
-            if "loss" in row:
-                last_train = row
-            top1 = _eval_top1(row)
-            if top1 is None or row.get("epoch", 0) <= self.done_epoch:
-                continue
-            epoch, step = int(row["epoch"]), int(row["step"])
-            metrics = {METRIC: top1, "epoch": epoch, "step": step,
-                       "loss": last_train.get("loss", math.nan), "train_top1": last_train.get("train_top1", math.nan),
-                       "lr": last_train.get("lr", math.nan),
-                       "val_samples": row.get("val_samples", row.get("test_samples"))}
-            if "val_loss" in row:
-                metrics["val_loss"] = row["val_loss"]
-            ckpt = self._checkpoint(step, epoch)
-            try:
-                tune.report(metrics, checkpoint=ckpt)
-            finally:
-                if self._stage is not None:   # report() has copied it to the storage
-                    shutil.rmtree(self._stage, ignore_errors=True)
-                    self._stage = None
-            self.done_epoch = epoch
+        top1, epoch, step = _eval_top1(metrics), int(metrics["epoch"]), int(metrics["step"])
+        if top1 is None or epoch <= self.done_epoch:   # a restarted trial's epochs that Tune already has
+            return None
+        report = {METRIC: top1, "epoch": epoch, "step": step,
+                  **{k: metrics.get(k, math.nan) for k in ("loss", "train_top1", "lr")},
+                  "val_samples": metrics.get("val_samples", metrics.get("test_samples"))}
+        if "val_loss" in metrics:
+            report["val_loss"] = metrics["val_loss"]
+        stage = self._stage(epoch, step)
+        try:
+            tune.report(report, checkpoint=None if stage is None else tune.Checkpoint.from_directory(str(stage)))
+        finally:
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+        self.done_epoch = epoch
+        return None   # stopping is the scheduler's: Tune ends a trial that ASHA cuts
 
 
 def _trial_storage_dir() -> Path:
@@ -326,18 +316,10 @@ def _trial_storage_dir() -> Path:
     return path
 
 
-def _train_in_thread(argv: list[str], out: dict[str, Any]) -> None:
-    try:
-        from msf_scale import train as train_mod
-        out["final"] = train_mod.main(argv)
-    except BaseException as e:   # noqa: BLE001 - handed to the trial's thread, which raises it
-        out["error"] = e
-
-
 def trainable(params: dict[str, Any], setup: dict[str, Any]) -> None:
-    """One trial: the training function on setup["argv"] + the sampled `params`, in this process (the trial's
-    resources); every evaluation is reported as it is logged. A Tune checkpoint, when Tune restores one, is the
-    training state to resume from (--resume auto on a copy of it)."""
+    """One trial: train.py's `train(cfg, callbacks)` on setup["argv"] + the sampled `params`, in this process (the
+    trial's resources), with a TuneReporter as its callback. A Tune checkpoint, when Tune restores one (a retry, a
+    resumed search), is the training state to continue from (--resume auto on a copy of it)."""
     from ray import tune
 
     import torch
@@ -356,16 +338,9 @@ def trainable(params: dict[str, Any], setup: dict[str, Any]) -> None:
     with open(trial_dir / STARTS, "a") as f:
         f.write(json.dumps({"time": time.time(), "pid": os.getpid(), "from_epoch": done_epoch}) + "\n")
     argv = [*setup["argv"], *params_argv(params), *TRIAL_FIXED, "--output-dir", str(run_dir), *resume]
-    reporter = TrialReporter(run_dir, trial_dir, done_epoch)
-    out: dict[str, Any] = {}
-    worker = threading.Thread(target=_train_in_thread, args=(argv, out), name="msf_scale-train", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(timeout=0.5)
-        reporter.report_new()
-    reporter.report_new()
-    if "error" in out:
-        raise out["error"]
+    from msf_scale.train import train
+
+    train(load_config(argv), callbacks=[TuneReporter(run_dir, done_epoch)])
 
 
 # ----------------------------------------------------------------------------------------------- the search
@@ -620,6 +595,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, best: dict[str, Any] | None) -
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
@@ -631,6 +607,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, best: dict[str, Any] | None) -
                 label=f"{r['trial']} ({r['status']})" + (" best" if is_best else ""))
     failed = [r["trial"] for r in rows if r["status"] == "failed"]
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("val top-1 (%)")
     ax.set_title("search curves" + (f" (failed, no curve: {', '.join(failed)})" if failed else ""), fontsize=10)
     ax.grid(alpha=0.3)

@@ -24,19 +24,21 @@ def plain(tmp_path_factory):
 
 
 def test_synthetic_val_split_exists_when_asked_and_shares_no_subject(tmp_path):
-    root = synthesize(tmp_path / "v", workers=1, val_subjects=3, val_per_class=3, **SMALL)
+    # enough clips per class that every subject of every split appears (a split's clips cycle through its subjects)
+    root = synthesize(tmp_path / "v", workers=1, val_subjects=3, val_per_class=6,
+                      **(SMALL | {"train_per_class": 10, "test_per_class": 4}))
     info = read_dataset_info(root)
     assert dataset_splits(root) == ["train", "val", "test"]
-    assert info.splits["val"].num_samples == 8 * 3 and info.splits["train"].num_samples == 8 * 3
+    assert info.splits["val"].num_samples == 8 * 6 and info.splits["train"].num_samples == 8 * 10
     subj = {s: set(read_subjects(root, s).values()) for s in ("train", "val", "test")}
-    # 16 subjects: train s000-s008, val s009-s011, test s012-s015 (a split's clips cycle through its subjects)
+    # 16 subjects: train s000-s008, val s009-s011, test s012-s015
     assert subj["val"] == {"s009", "s010", "s011"}
-    assert subj["train"] <= {f"s{i:03d}" for i in range(9)} and subj["test"] <= {f"s{i:03d}" for i in range(12, 16)}
+    assert subj["train"] == {f"s{i:03d}" for i in range(9)} and subj["test"] == {f"s{i:03d}" for i in range(12, 16)}
     assert not subj["val"] & subj["train"] and not subj["val"] & subj["test"] and not subj["train"] & subj["test"]
     labels = sorted(json.loads(x)["label"] for x in _json_members(root, "val"))
-    assert labels == sorted(list(range(8)) * 3)            # three clips per class
-    loader = build_eval_loader(root, "val", batch_size=4, num_frames=4, img_size=16)
-    assert sum(len(y) for _, y, _ in loader) == 24         # the loaders read it like any split
+    assert labels == sorted(list(range(8)) * 6)            # six clips per class
+    loader = build_eval_loader(root, "val", batch_size=8, num_frames=4, img_size=16)
+    assert sum(len(y) for _, y, _ in loader) == 48         # the loaders read it like any split
     # asking for a val split changes neither the test clips nor the digest of a dataset without one
     assert synth_config(**SMALL).digest() != synth_config(val_subjects=3, **SMALL).digest()
 

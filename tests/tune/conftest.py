@@ -10,7 +10,6 @@ TINY_SETS = ["model.arch.depth=2", "model.arch.embed_dim=32", "model.arch.patch_
              "train.batch_size=8", "train.precision=fp32", "log.tensorboard=false", "log.log_every=1",
              "schedule.epochs=2", "schedule.warmup_epochs=0", "data.synth.train_per_class=4",
              "data.synth.test_per_class=2", "data.synth.shard_size=8"]
-VAL = ["data.synth.val_subjects=2"]
 SPACE = """space:
   optim.lr: {loguniform: [1.0e-3, 3.0e-2]}
   optim.weight_decay: {uniform: [0.0, 0.1]}

@@ -18,9 +18,8 @@ import pytest
 from msf_scale.config import load_config
 from msf_scale.tune import BEST_YAML, CURVES_PNG, STARTS, TRIALS_CSV, TRIALS_MD, SearchOptions, run_search
 
-from conftest import VAL
-
 pytestmark = pytest.mark.slow
+VAL = ["data.synth.val_subjects=2"]          # the dataset's own val split: 2 subjects, 2 clips per class
 
 
 def _opts(tmp_path, sets, space, **kw):
@@ -120,6 +119,9 @@ def test_resuming_an_interrupted_search_does_not_rerun_finished_trials(tmp_path,
     starts = _rows(second / STARTS)
     assert len(starts) == 2 and starts[1]["from_epoch"] >= 1  # the unfinished one resumed from its checkpoint
     rows = {r["trial"]: r for r in _trial_rows(exp)}
+    # the same two trials, no new one (a finished trial restarted by Tune would come back under a new id)
+    assert sorted(rows) == [first.name.removeprefix("trial_"), second.name.removeprefix("trial_")]
+    assert sorted(exp.glob("trial_*")) == [first, second]
     assert [r["status"] for r in rows.values()] == ["completed", "completed"]
     assert [int(r["epochs"]) for r in rows.values()] == [3, 3]
     epochs = [r["epoch"] for r in _rows(second / "result.json")]
