@@ -19,7 +19,8 @@ from msf_scale.config import load_config
 from msf_scale.tune import BEST_YAML, CURVES_PNG, STARTS, TRIALS_CSV, TRIALS_MD, SearchOptions, run_search
 
 pytestmark = pytest.mark.slow
-VAL = ["data.synth.val_subjects=2"]          # the dataset's own val split: 2 subjects, 2 clips per class
+# the dataset's own val split: 2 subjects, 1 clip per class (8 clips; test has 16, so a report says which it read)
+VAL = ["data.synth.val_subjects=2", "data.synth.val_per_class=1"]
 
 
 def _opts(tmp_path, sets, space, **kw):
@@ -39,7 +40,10 @@ def test_asha_search_completes_and_train_accepts_its_best_config(ray_local, tmp_
     assert "completed" in {r["status"] for r in rows}       # the rung keeps the better one to the end
     for r in summary["rows"]:                                 # one report a epoch, each on val
         assert [e for e, _ in r["history"]] == list(range(1, r["epochs"] + 1)) and r["starts"] == 1
-        assert all(0 <= v <= 1 for _, v in r["history"])
+        reports = _rows(Path(r["dir"]) / "result.json")
+        assert [x["val_samples"] for x in reports] == [8] * r["epochs"]          # the 8 val clips, not the 16 test
+        evals = [x for x in _rows(Path(r["dir"]) / "run" / "metrics.jsonl") if "test_top1" in x]
+        assert [x["val_top1"] for x in reports] == [x["test_top1"] for x in evals][:r["epochs"]]  # the loop's own
     assert (exp / TRIALS_MD).read_text().startswith("| trial | status | optim.lr | optim.weight_decay |")
     assert (exp / CURVES_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     best = summary["best"]
