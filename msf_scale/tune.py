@@ -7,9 +7,9 @@
 
 Every trial runs the project's training function (train.py's, no second loop) on a config made of the presets
 (--size/--variant/--config), the `--set key=value` overrides and one sample of the search space
-(configs/<size>/tune.yaml, or --space FILE), evaluates on the val split after every epoch and reports `val_top1`
-(and the training loss) to Tune, with a Tune checkpoint of its training state, so that ASHA can stop weak trials
-and a resumed search (`--resume`, Tuner.restore) continues unfinished trials from their last epoch while finished
+(configs/<size>/tune/space.yaml, or --space FILE), evaluates on the val split after every epoch and reports
+`val_top1` (and the training loss) to Tune, with a Tune checkpoint of its training state, so that ASHA can stop weak
+trials and a resumed search (`--resume`, Tuner.restore) continues unfinished trials from their last epoch while finished
 ones are kept as they are. A trial that raises is retried (--max-failures) and, if it still fails, reported as
 failed with its error; the search goes on.
 
@@ -57,7 +57,8 @@ TRIAL_FIXED = ["--train.eval_every", "1", "--log.progress", "false"]
 # ----------------------------------------------------------------------------------------------- search space
 @dataclass
 class SearchSpace:
-    """A tune.yaml: `space` (key -> {distribution: args}), per-variant additions, ASHA settings, fixed overrides."""
+    """A search space file (configs/<size>/tune/space.yaml): `space` (key -> {distribution: args}), per-variant
+    additions, ASHA settings, fixed overrides. Not in configs/<size>/ itself: every YAML there is a run preset."""
 
     params: dict[str, dict[str, Any]]
     asha: dict[str, Any] = field(default_factory=dict)
@@ -66,14 +67,14 @@ class SearchSpace:
 
 
 def space_file(size: str) -> Path:
-    return CONFIG_DIR / size / "tune.yaml"
+    return CONFIG_DIR / size / "tune" / "space.yaml"
 
 
 def load_space(size: str, variant: str, path: str | os.PathLike | None = None) -> SearchSpace:
-    """The search space of `size` (configs/<size>/tune.yaml) or of a given file, for `variant`."""
+    """The search space of `size` (configs/<size>/tune/space.yaml) or of a given file, for `variant`."""
     p = Path(path) if path else space_file(size)
     if not p.is_file():
-        raise UserPathError(f"search space {p} does not exist" + ("" if path else f" (no tune.yaml for size {size})"))
+        raise UserPathError(f"search space {p} does not exist" + ("" if path else f" (none for size {size})"))
     doc = yaml.safe_load(p.read_text()) or {}
     if not isinstance(doc, dict) or not isinstance(doc.get("space", {}), dict):
         raise ConfigError(f"{p}: a search space is a mapping with a `space:` mapping of key -> distribution")
@@ -87,7 +88,8 @@ def load_space(size: str, variant: str, path: str | os.PathLike | None = None) -
         if ".".join(key.split(".")[:2]) not in keys:
             raise ConfigError(f"{p}: {key!r} is not a config key (section.field or model.arch.name)")
         if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
-            raise ConfigError(f"{p}: {key}: give one distribution of {DISTRIBUTIONS}, e.g. {{loguniform: [1e-4, 1e-2]}}")
+            raise ConfigError(f"{p}: {key}: give one distribution of {DISTRIBUTIONS}, e.g. "
+                              "{loguniform: [1e-4, 1e-2]}")
         kind, args = next(iter(spec.items()))
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{p}: {key}: {kind} takes a list, got {args!r}")
@@ -620,7 +622,8 @@ def _plot(rows: list[dict[str, Any]], path: Path, best: dict[str, Any] | None) -
 
 # ----------------------------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", required=True, choices=SIZES, help="model size (configs/<size>/: presets, tune.yaml)")
+    p.add_argument("--size", required=True, choices=SIZES,
+                   help="model size (configs/<size>/: the presets; configs/<size>/tune/space.yaml: the search space)")
     p.add_argument("--variant", choices=VARIANTS, default=None, help="model variant (default: the preset's)")
     p.add_argument("--config", default=None, help="a preset of configs/<size>/ or a YAML path, as train.py's")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -641,7 +644,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (default 2)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: as resources "
                                                                     "allow)")
-    p.add_argument("--space", default=None, help="search space YAML (default configs/<size>/tune.yaml)")
+    p.add_argument("--space", default=None, help="search space YAML (default configs/<size>/tune/space.yaml)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="carve a val split of this fraction of the training subjects when the dataset has none")
     p.add_argument("--seed", type=int, default=0, help="seed of the search's sampling (default 0)")
