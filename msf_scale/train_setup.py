@@ -118,10 +118,12 @@ class Run:
                   f"{accum} accumulation; {steps_per_epoch} steps/epoch, {stop_at} steps; engine {run_info['engine']}")
         logger = MetricLogger(run_dir, acc.is_main_process, acc)
         views = (cfg.data.num_clips * cfg.data.num_crops, 3, m.num_frames, m.img_size, m.img_size)
-        return cls(cfg, acc, model, optimizer, scheduler, ema, state, loader, eval_loader(cfg.data, root, **clip),
-                   meta, data_record(cfg, info, root), run_dir, resume is not None, accum, per_batch,
-                   steps_per_epoch, stop_at, views, train_flops_per_clip(fwd_macs),
-                   device_peak_tflops(cfg.log.peak_tflops, acc.device), logger, t_start)
+        return cls(cfg=cfg, acc=acc, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, state=state,
+                   loader=loader, eval_loader=eval_loader(cfg.data, root, **clip), meta=meta,
+                   record=data_record(cfg, info, root), run_dir=run_dir, resumed=resume is not None, accum=accum,
+                   per_batch=per_batch, steps_per_epoch=steps_per_epoch, stop_at=stop_at, views=views,
+                   train_flops=train_flops_per_clip(fwd_macs),
+                   peak_tflops=device_peak_tflops(cfg.log.peak_tflops, acc.device), logger=logger, t_start=t_start)
 
 
 
