@@ -24,7 +24,6 @@ def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
     return (((seed * 1_000_003 + epoch) * 10_000_019 + batch) * 65_537 + rank) % 2**63
 
 
-
 class StepWindow:
     """One optimizer step: `grad_accum` micro-batches, each forward/backward under `accumulate`, then clip, step
     and zero. A non-finite loss on any rank skips that micro-batch on every rank; `train.max_bad_steps` in a row
