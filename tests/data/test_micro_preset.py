@@ -69,7 +69,11 @@ def test_micro_one_frame_is_at_chance(half_micro, where):
     """Any one frame, including the first and last (where a gesture's displacement from its rest is largest)."""
     (vtr, ytr, _), (vte, yte, _), chance = half_micro
     frame = {"first": 0, "middle": vtr.shape[1] // 2, "last": vtr.shape[1] - 1}[where]
-    torch.set_num_threads(1)
-    acc = _frame_cnn_accuracy(vtr, ytr, vte, yte, frame=frame)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny matrices; restored, or every later test in this process runs on one thread
+    try:
+        acc = _frame_cnn_accuracy(vtr, ytr, vte, yte, frame=frame)
+    finally:
+        torch.set_num_threads(n)
     # 160 test clips: chance +- 2.6 points (one std); 9 points is well outside noise
     assert acc < chance + 0.09, f"frame {frame} predicts the class: {acc:.3f} on held-out subjects vs chance {chance:.3f}"
