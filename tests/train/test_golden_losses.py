@@ -2,7 +2,8 @@
 golden_losses.json, so a refactor of the loop, the builders or the ops is checked against the code before it.
 
 The fixture was written on the code before issue 17's refactor (train.py's `_train`). The comparison is exact
-(`==` on the JSON floats, which round-trip bit for bit): on one machine with the same thread count every op here is
+(`==` on the JSON floats, which round-trip bit for bit): on one machine at the recorded torch thread count (the test
+sets it, so a test that leaks another count cannot change the rounding) every op here is
 deterministic (the numba scan runs one batch row per thread, torch's CPU kernels reduce in a fixed order), so any
 difference is a change of behaviour. Another machine (other CPU, BLAS or thread count) may round differently:
 regenerate there, on a commit known to be right, with
@@ -48,8 +49,15 @@ def run_case(name: str, cache: Path, out: Path) -> dict:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden_losses(name, synth_cache, tmp_path):
-    want = json.loads(GOLDEN.read_text())[name]
-    got = run_case(name, synth_cache, tmp_path / "run")
+    import torch
+
+    golden = json.loads(GOLDEN.read_text())
+    want, threads = golden[name], torch.get_num_threads()
+    torch.set_num_threads(golden["torch_threads"])   # CPU reductions round by thread count: run as recorded
+    try:
+        got = run_case(name, synth_cache, tmp_path / "run")
+    finally:
+        torch.set_num_threads(threads)
     assert list(got["losses"]) == list(want["losses"]), "the run logged other steps than the golden run"
     diff = {s: (got["losses"][s], want["losses"][s]) for s in want["losses"] if got["losses"][s] != want["losses"][s]}
     assert not diff, f"losses differ from the golden run at {len(diff)} steps (got, want): {diff}"
@@ -61,7 +69,10 @@ if __name__ == "__main__":  # python tests/train/test_golden_losses.py --write
 
     if sys.argv[1:] != ["--write"]:
         raise SystemExit("usage: python tests/train/test_golden_losses.py --write")
+    import torch
+
     with tempfile.TemporaryDirectory() as tmp:
         res = {name: run_case(name, Path(tmp) / "cache", Path(tmp) / name) for name in sorted(CASES)}
+    res["torch_threads"] = torch.get_num_threads()
     GOLDEN.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {GOLDEN}: " + ", ".join(f"{k} {len(v['losses'])} steps" for k, v in res.items()))
+    print(f"wrote {GOLDEN}: " + ", ".join(f"{k} {len(res[k]['losses'])} steps" for k in sorted(CASES)))
