@@ -83,8 +83,11 @@ class DataConfig:
     min_scale: float = 0.5              # random-resized-crop minimum area fraction
     epoch_samples: int | None = None    # clips per training epoch (all ranks); None = train split size
     eval_batch_size: int | None = None  # None = train.batch_size
+    val_fraction: float = 0.0           # no val split in the data: carve this fraction of training subjects (seed: train.seed)
 
     def __post_init__(self) -> None:
+        _check(0 <= self.val_fraction < 1, "data.val_fraction",
+               f"{self.val_fraction} must be in [0, 1) (0 = no carve-out)")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.num_clips >= 1 and self.num_crops >= 1, "data.num_clips/num_crops", "must be >= 1")
         _check(0 < self.min_scale <= 1, "data.min_scale", "must be in (0, 1]")
@@ -133,7 +136,8 @@ class TrainConfig:
     max_steps: int | None = None        # stop early (the schedule still spans schedule.epochs)
     seed: int = 0                       # model init, data order and augmentation
     precision: str = "bf16"             # bf16 | fp32 (an accelerate/DeepSpeed config must agree, or the run is refused)
-    eval_every: int = 5                 # epochs between test evaluations (0 = only at the end)
+    eval_every: int = 5                 # epochs between evaluations: on val if the run has one, else test (0 = end only)
+    final_test: bool = True             # with a val split: test once at the end (final + best/ weights); false = never
     ckpt_every: int = 0                 # optimizer steps between checkpoints (0 = end of epoch only)
     keep_last: int = 2                  # complete checkpoints kept
     ema: bool = False                   # keep an EMA of the weights (evaluated and exported separately)

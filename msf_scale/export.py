@@ -3,7 +3,8 @@
     model.safetensors + model_config.json   consolidated weights (`load_model`); the JSON records the model
                          (`model_meta`), the data and preprocessing (`data_record`), so eval and predict need no config
     model_ema.safetensors   the EMA weights, where training kept them
-    best/   the same, at the evaluation with the best test top-1 so far (kept complete by two renames)
+    best/   the same, at the evaluation with the best val top-1 so far (test top-1 in a run without a val split;
+            model_config.json's `selected_on` says which), kept complete by two renames
 Exports are collective under Accelerate (ZeRO-3 gathers the shards); only the main process writes.
 """
 from __future__ import annotations
@@ -64,11 +65,17 @@ def export_model(accelerator, model: nn.Module, run_dir: Path, meta: dict[str, A
     return out
 
 
-def best_top1(run_dir: Path) -> float:
-    """The test top-1 that `best/` holds (-1 when there is none): what a resumed run must beat. Read from disk, so
-    it is right whichever checkpoint the run resumes from and wherever the last evaluation fell."""
+def best_top1(run_dir: Path, metric: str = "test_top1") -> float:
+    """The `metric` (val_top1 or test_top1) that `best/` was selected on (-1 when there is none, or when best/ was
+    selected on another metric: a run that now has a val split replaces a best/ chosen on test): what a resumed run
+    must beat. Read from disk, so it is right whichever checkpoint the run resumes from."""
     conf = Path(run_dir) / "best" / "model_config.json"
-    return float(json.loads(conf.read_text())["test_top1"]) if conf.is_file() else -1.0
+    if not conf.is_file():
+        return -1.0
+    rec = json.loads(conf.read_text())
+    if rec.get("selected_on", "test_top1") != metric or metric not in rec:
+        return -1.0
+    return float(rec[metric])
 
 
 def recover_best(run_dir: Path) -> None:

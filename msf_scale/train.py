@@ -52,8 +52,10 @@ class Callback:
     missing one is skipped). Every process calls them, with the same arguments (metrics are gathered first).
 
     on_evaluate(metrics) -> bool | None: after every evaluation (periodic, `train.eval_every`, and the final one),
-        with the results so far: step, epoch, test_top1/test_top5 (ema_test_* with EMA), best_test_top1 and the
-        last logged training metrics (loss, train_top1, lr). Return True to stop the run after this
+        with the results so far: step, epoch, val_top1/val_top5 when the run has a val split, else
+        test_top1/test_top5 (ema_* with EMA), best_val_top1 (best_test_top1 without a val split: what best/ is
+        selected on) and the last logged training metrics (loss, train_top1, lr). The final evaluation of a run with
+        a val split also carries test_top1/test_top5 (train.final_test). Return True to stop the run after this
         evaluation (a True on any process stops every process); it then saves, exports and returns as usual,
         with `TrainResult.stopped_early`. The final evaluation's return value changes nothing.
     on_checkpoint(path) -> None: after a checkpoint is complete on disk (`path` is its ckpt/step_N directory;
@@ -69,10 +71,11 @@ class Callback:
 
 @dataclass
 class TrainResult:
-    metrics: dict[str, Any]      # what final_metrics.json holds: final step, losses, test top-1/top-5, corrupt counts
-    best_top1: float             # the best test top-1 of any evaluation (what best/ holds); -1 if none ran
+    metrics: dict[str, Any]      # what final_metrics.json holds: final step, losses, val / test top-1/top-5, best/
+    best_top1: float             # the best top-1 of any evaluation on `selected_on` (what best/ holds); -1 if none ran
     run_dir: Path                # config.yaml, metrics.jsonl, ckpt/, model.safetensors, best/
     stopped_early: bool = False  # a callback's on_evaluate returned True
+    selected_on: str = "test_top1"   # val_top1 when the run has a val split (test_top1 only without one)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -122,37 +125,43 @@ def _loop(run: Run, callbacks: Callbacks) -> TrainResult:
             save()
             if cfg.train.eval_every and state.epoch % cfg.train.eval_every == 0 and state.step < run.stop_at:
                 last_eval = evaluate()
+                meter.show_eval(last_eval)
                 stopped = callbacks.evaluated(_report(last_eval, evaluate, meter, state))
     meter.bar.close()
     save()
     if not stopped:
-        last_eval = evaluate()
+        last_eval = evaluate(final=True)
         callbacks.evaluated(_report(last_eval, evaluate, meter, state))
-    return _finish(run, meter.last, last_eval, evaluate.best, stopped)
+    elif run.val_loader is not None and run.eval_loader is not None:   # the test, once, also after a stop
+        last_eval = {**last_eval, **evaluate(final=True, with_val=False)}
+    return _finish(run, meter.last, last_eval, evaluate, stopped)
 
 
-def _finish(run: Run, last_log: dict, last_eval: dict, best: float, stopped: bool) -> TrainResult:
-    """The final metrics (final_metrics.json) and the consolidated export."""
+def _finish(run: Run, last_log: dict, last_eval: dict, evaluate: Evaluator, stopped: bool) -> TrainResult:
+    """The final metrics (final_metrics.json), best/'s test figure (a run with a val split) and the export."""
     acc, state = run.acc, run.state
     train_corrupt = run.corrupt(run.loader)
+    best = evaluate.best_record()
     final = {"step": state.step, "epoch": state.epoch, "clips_seen": state.clips_seen, "bad_steps": state.bad_steps,
              **{k: last_log[k] for k in ("loss", "train_top1", "clips_per_s", "mfu") if k in last_log},
-             **last_eval, "corrupt_samples": train_corrupt[0], "corrupt_shards": train_corrupt[1],
+             **last_eval, **best, "corrupt_samples": train_corrupt[0], "corrupt_shards": train_corrupt[1],
              "wall_s": round(time.time() - run.t_start, 1), "run_dir": str(run.run_dir)}
     export_model(acc, run.model, run.run_dir, run.meta, run.ema_module, extra=run.record)
     if acc.is_main_process:
         (run.run_dir / "final_metrics.json").write_text(json.dumps(final, indent=1))
-    if final["corrupt_samples"] or final["test_corrupt_samples"]:
+    bad_eval = [f" and {final[f'{s}_corrupt_samples']} corrupt {s} samples" for s in ("val", "test")
+                if final.get(f"{s}_corrupt_samples")]
+    if final["corrupt_samples"] or bad_eval:
         acc.print(f"skipped {final['corrupt_samples']} corrupt training samples ({final['corrupt_shards']} shard "
-                  f"reads) and {final['test_corrupt_samples']} corrupt test samples: see final_metrics.json")
+                  f"reads){''.join(bad_eval)}: see final_metrics.json")
     run.logger.close()
-    return TrainResult(final, best, run.run_dir, stopped)
+    return TrainResult(final, evaluate.best, run.run_dir, stopped, evaluate.metric)
 
 
 def _report(out: dict, evaluate: Evaluator, meter: LogWindow, state: TrainState) -> dict[str, Any]:
     """What `Callback.on_evaluate` sees: this evaluation, the best so far and the last training log."""
     train_part = {k: meter.last[k] for k in ("loss", "train_top1", "lr") if k in meter.last}
-    return {"step": state.step, "epoch": state.epoch, **train_part, **out, "best_test_top1": evaluate.best}
+    return {"step": state.step, "epoch": state.epoch, **train_part, **out, f"best_{evaluate.metric}": evaluate.best}
 
 
 if __name__ == "__main__":

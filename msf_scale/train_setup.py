@@ -2,7 +2,10 @@
 
 Order matters and is kept: the seed, the data (generated once, main process first), the model (its init draws
 from the seeded generator), resume or released weights, the train loader, optimizer and schedule, the EMA copy
-(before `prepare`), `prepare`, the checkpointed loop position, the run directory, the loggers, the test loader.
+(before `prepare`), `prepare`, the checkpointed loop position, the run directory, the loggers, the val and test
+loaders. The val split (the dataset's own, or `data.val_fraction`'s carve-out of training subjects) is decided
+with the data, before the train loader, which leaves a carved split's clips out; it draws on no global generator,
+so a run without one trains exactly as before val splits existed.
 The CPU memory pre-flight lives here too: it refuses a run before the kernel's OOM killer would end it.
 """
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import nn
 from msf_scale import distributed as dist
 from msf_scale.checkpoint import TrainState, check_resume_compatible, resolve_resume
 from msf_scale.config import ConfigError, RunConfig, save_config
-from msf_scale.data.builders import dataset_root, eval_loader, train_loader
+from msf_scale.data.builders import ValSplit, dataset_root, eval_loader, train_loader, val_loader, val_split
 from msf_scale.ema import ModelEma
 from msf_scale.export import data_record, model_meta, recover_best
 from msf_scale.metrics import (MetricLogger, available_memory_gb, device_peak_tflops, estimate_train_memory_gb,
@@ -41,7 +44,9 @@ class Run:
     ema: ModelEma | None
     state: TrainState
     loader: Any                  # the training stream (not prepared: it shards by rank itself)
-    eval_loader: Any
+    eval_loader: Any             # the test split; None when a run with a val split skips its test (train.final_test)
+    val_loader: Any              # the val split; None without one
+    val: ValSplit | None         # where the val split comes from
     meta: dict[str, Any]         # the model's description (export.model_meta)
     record: dict[str, Any]       # the data and preprocessing an export records
     run_dir: Path
@@ -55,6 +60,11 @@ class Run:
     peak_tflops: float | None
     logger: MetricLogger         # metrics.jsonl and the trackers
     t_start: float = field(default_factory=time.time)
+
+    @property
+    def select_metric(self) -> str:
+        """What best/ is selected on: val top-1 when the run has a val split, else test top-1 (and then says so)."""
+        return "val_top1" if self.val is not None else "test_top1"
 
     @property
     def ema_module(self) -> nn.Module | None:
@@ -78,6 +88,7 @@ class Run:
         with acc.main_process_first():
             root = dataset_root(cfg.data)
         info = read_dataset_info(root)
+        val = val_split(cfg.data, root, tc.seed)
         model = build_model(cfg.model, info.num_classes)
         preflight_memory(cfg, model.cfg, acc.device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         meta = model_meta(model, m.variant, m.size)
@@ -91,7 +102,7 @@ class Run:
         global_batch, per_batch = tc.batch_size * world * accum, tc.batch_size * world
         clip = {"num_frames": m.num_frames, "img_size": m.img_size, "batch_size": tc.batch_size, "rank": rank,
                 "world_size": world}
-        loader = train_loader(cfg.data, root, seed=tc.seed, **clip)
+        loader = train_loader(cfg.data, root, seed=tc.seed, val=val, **clip)
         steps_per_epoch = len(loader) // accum
         if steps_per_epoch == 0:
             raise ConfigError(f"an epoch has {len(loader)} batches per rank, fewer than train.grad_accum={accum}; "
@@ -112,19 +123,38 @@ class Run:
                     "steps_per_epoch": steps_per_epoch, "total_steps": total, "stop_at": stop_at,
                     "precision": tc.precision, "device": str(acc.device), "data": root,
                     "num_classes": info.num_classes, "forward_macs_per_clip": fwd_macs,
-                    "resumed_from": str(resume) if resume else None}
+                    "resumed_from": str(resume) if resume else None,
+                    "val": val.to_json() if val is not None else None,
+                    "best_selected_on": "val_top1" if val is not None else "test_top1"}
         _start_run_dir(cfg, acc, run_dir, run_info, state.step)
         acc.print(f"{m.variant}_{m.size}: global batch {global_batch} = {tc.batch_size}/device x {world} devices x "
                   f"{accum} accumulation; {steps_per_epoch} steps/epoch, {stop_at} steps; engine {run_info['engine']}")
+        acc.print(_val_line(val, tc.final_test))
         logger = MetricLogger(run_dir, acc.is_main_process, acc)
         views = (cfg.data.num_clips * cfg.data.num_crops, 3, m.num_frames, m.img_size, m.img_size)
+        test = eval_loader(cfg.data, root, **clip) if val is None or tc.final_test else None
+        vals = val_loader(cfg.data, root, val, **clip) if val is not None else None
         return cls(cfg=cfg, acc=acc, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, state=state,
-                   loader=loader, eval_loader=eval_loader(cfg.data, root, **clip), meta=meta,
+                   loader=loader, eval_loader=test, val_loader=vals, val=val, meta=meta,
                    record=data_record(cfg, info, root), run_dir=run_dir, resumed=resume is not None, accum=accum,
                    per_batch=per_batch, steps_per_epoch=steps_per_epoch, stop_at=stop_at, views=views,
                    train_flops=train_flops_per_clip(fwd_macs),
                    peak_tflops=device_peak_tflops(cfg.log.peak_tflops, acc.device), logger=logger, t_start=t_start)
 
+
+
+def _val_line(val: ValSplit | None, final_test: bool) -> str:
+    """The run's one line on what it evaluates and what best/ is selected on."""
+    if val is None:
+        return ("no val split: every evaluation is on test and best/ is the evaluation with the best test top-1 "
+                "(a selection on test: its figure is optimistic; --data.val_fraction F carves a val split of whole "
+                "training subjects)")
+    line = (f"val split: {val.describe()}; evaluations and best/ on val top-1; test "
+            + ("once at the end (final and best/ weights)" if final_test else "never (train.final_test false)"))
+    if val.shared:
+        line += "; warning: the dataset's val split shares subjects with " + ", ".join(
+            f"{k} ({', '.join(v[:5])}{'...' if len(v) > 5 else ''})" for k, v in val.shared.items())
+    return line
 
 
 def _restore(acc, ema: ModelEma | None, resume: Path | None, per_batch: int) -> TrainState:

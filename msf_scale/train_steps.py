@@ -94,6 +94,7 @@ class LogWindow:
         self.sums = torch.zeros(3, device=run.acc.device)  # loss sum, correct, clips
         self.wait, self.micro, self.t0 = 0.0, 0, time.perf_counter()
         self.last: dict[str, Any] = {}
+        self.shown: dict[str, str] = {}   # the last evaluation's top-1, on the bar
         self.reported_corrupt = 0
         self.bar = tqdm(total=run.stop_at, initial=run.state.step, dynamic_ncols=True,
                         disable=not (run.acc.is_main_process and run.cfg.log.progress))
@@ -101,6 +102,12 @@ class LogWindow:
     def add(self, loss: torch.Tensor, logits: torch.Tensor, label: torch.Tensor) -> None:
         self.sums += torch.stack([loss.detach() * len(label), (logits.argmax(-1) == label).sum(),
                                   torch.tensor(len(label), device=self.run.acc.device)]).float()
+
+    def show_eval(self, out: dict[str, Any]) -> None:
+        """Put an evaluation's top-1 (val, or test without a val split) on the progress bar."""
+        self.shown = {k.removesuffix("_top1"): f"{100 * out[k]:.1f}%" for k in ("val_top1", "test_top1") if k in out}
+        if self.last:
+            self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", lr=f"{self.last['lr']:.2e}", **self.shown)
 
     def log(self) -> None:
         run, acc, world = self.run, self.run.acc, self.run.acc.num_processes
@@ -115,7 +122,8 @@ class LogWindow:
         last["corrupt_samples"], last["corrupt_shards"] = run.corrupt(run.loader)
         run.logger.log(last, run.state.step)
         bad_data = {"corrupt": last["corrupt_samples"]} if last["corrupt_samples"] else {}
-        self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", **bad_data, refresh=False)
+        self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", **bad_data, **self.shown,
+                             refresh=False)
         if self.bar.disable and last["corrupt_samples"] > self.reported_corrupt:  # no bar: say it in a line
             self.reported_corrupt = last["corrupt_samples"]
             acc.print(f"step {run.state.step}: {self.reported_corrupt} corrupt training samples skipped so far "
@@ -126,33 +134,79 @@ class LogWindow:
 
 
 class Evaluator:
-    """Test top-1/top-5 of the model (and of the EMA), logged and written to eval.json; a new best test top-1
-    is exported to best/ (every rank saw the same gathered metric, so all export together)."""
+    """Top-1/top-5 of the model (and of the EMA) on the run's evaluation splits, logged and written to eval.json;
+    a new best of `run.select_metric` is exported to best/ (every rank saw the same gathered metric, so all export
+    together).
+
+    With a val split every evaluation is on val and best/ is selected on val top-1; the test split is evaluated
+    only by the final evaluation (`final=True`, with train.final_test), never chosen on. Without a val split every
+    evaluation is on test and best/ is selected on test top-1, as before val splits existed; best/'s record and the
+    final metrics say `selected_on: test_top1`."""
 
     def __init__(self, run: Run):
-        self.run = run
-        self.best = best_top1(run.run_dir) if run.resumed else -1.0  # a fresh run replaces any best/ it finds
+        self.run, self.metric = run, run.select_metric
+        self.best = best_top1(run.run_dir, self.metric) if run.resumed else -1.0  # a fresh run replaces any best/
 
-    def __call__(self) -> dict[str, Any]:
-        run, acc, state = self.run, self.run.acc, self.run.state
-        run.eval_loader.stats.reset()  # its corrupt count is this evaluation's
-        res = evaluate_model(run.model, run.eval_loader, acc, run.views)  # prepared: autocast comes with it
-        out = {"test_top1": res["top1"], "test_top5": res["top5"], "test_samples": res["num_samples"],
-               "test_corrupt_samples": run.corrupt(run.eval_loader)[0]}
+    def _measure(self, split: str, loader) -> dict[str, Any]:
+        run, acc = self.run, self.run.acc
+        loader.stats.reset()  # its corrupt count is this evaluation's
+        res = evaluate_model(run.model, loader, acc, run.views)  # prepared: autocast comes with it
+        out = {f"{split}_top1": res["top1"], f"{split}_top5": res["top5"], f"{split}_samples": res["num_samples"],
+               f"{split}_corrupt_samples": run.corrupt(loader)[0]}
         if run.ema is not None:
-            e = evaluate_model(run.ema.module, run.eval_loader, acc, run.views,
+            e = evaluate_model(run.ema.module, loader, acc, run.views,
                                autocast_bf16=run.cfg.train.precision == "bf16")
-            out.update(ema_test_top1=e["top1"], ema_test_top5=e["top5"])
+            out.update({f"ema_{split}_top1": e["top1"], f"ema_{split}_top5": e["top5"]})
+        return out
+
+    def __call__(self, final: bool = False, with_val: bool = True) -> dict[str, Any]:
+        run, acc, state = self.run, self.run.acc, self.run.state
+        out: dict[str, Any] = {}
+        if run.val_loader is not None and with_val:
+            out.update(self._measure("val", run.val_loader))
+        if run.val_loader is None or (final and run.eval_loader is not None):
+            out.update(self._measure("test", run.eval_loader))
+        if not out:
+            return out
         run.logger.log({**out, "epoch": state.epoch}, state.step)
         if acc.is_main_process:
             (run.run_dir / "eval.json").write_text(json.dumps({"step": state.step, "epoch": state.epoch, **out},
                                                               indent=1))
-        if out["test_top1"] > self.best:
-            self.best = out["test_top1"]
+        if self.metric in out and out[self.metric] > self.best:
+            self.best = out[self.metric]
             export_best(acc, run.model, run.run_dir, run.meta, run.ema_module,
-                        extra={**run.record, "step": state.step, "epoch": state.epoch, **out})
+                        extra={**run.record, "step": state.step, "epoch": state.epoch, **out,
+                               "selected_on": self.metric})
         acc.print(f"step {state.step} epoch {state.epoch}: " + "  ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items())
+            + f"  | best/ {self.metric} {self.best:.4f}")
+        return out
+
+    def best_record(self) -> dict[str, Any]:
+        """What the final metrics say about best/: the metric it was selected on, its value and step, and its test
+        top-1. With a val split and train.final_test that is measured here once, on best/'s own weights (unless
+        best/ is the final evaluation's, whose test figures it already records), and added to best/'s record."""
+        run, acc = self.run, self.run.acc
+        conf = run.run_dir / "best" / "model_config.json"
+        if not conf.is_file():
+            return {"best_selected_on": self.metric}
+        rec = json.loads(conf.read_text())
+        out = {"best_selected_on": self.metric, f"best_{self.metric}": rec.get(self.metric), "best_step": rec["step"]}
+        if self.metric == "val_top1" and run.eval_loader is not None:
+            if "test_top1" not in rec:
+                from msf_scale.export import load_model
+
+                model = load_model(run.run_dir / "best", device=acc.device)
+                run.eval_loader.stats.reset()
+                res = evaluate_model(model, run.eval_loader, acc, run.views,
+                                     autocast_bf16=run.cfg.train.precision == "bf16")
+                rec.update(test_top1=res["top1"], test_top5=res["top5"], test_samples=res["num_samples"])
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    conf.write_text(json.dumps(rec, indent=1))
+                acc.print(f"best/ (step {rec['step']}, val_top1 {rec['val_top1']:.4f}): test_top1 "
+                          f"{res['top1']:.4f}  test_top5 {res['top5']:.4f}")
+            out.update(best_test_top1=rec["test_top1"], best_test_top5=rec["test_top5"])
         return out
 
 

@@ -50,8 +50,9 @@ SEARCH_JSON, SUMMARY_JSON = "search.json", "search_summary.json"
 BEST_YAML, TRIALS_CSV, TRIALS_MD, CURVES_PNG = "best_config.yaml", "trials.csv", "trials.md", "search_curves.png"
 STARTS = "starts.jsonl"                 # in each trial's directory: one line per start (restarts = lines - 1)
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "quniform", "grid")
-# what every trial sets on top of the user's config: an evaluation (and report) after every epoch, no progress bar
-TRIAL_FIXED = ["--train.eval_every", "1", "--log.progress", "false"]
+# what every trial sets on top of the user's config: an evaluation (and report) after every epoch, no progress bar,
+# no test evaluation at the end (the view's "test" is the val split again: a trial has nothing else to measure)
+TRIAL_FIXED = ["--train.eval_every", "1", "--log.progress", "false", "--train.final_test", "false"]
 
 
 # ----------------------------------------------------------------------------------------------- search space
@@ -417,7 +418,7 @@ def _setup_search(opts: SearchOptions) -> dict[str, Any]:
     if exp.exists() and any(exp.iterdir()):
         raise ConfigError(f"{exp} already holds a search: pass --resume to continue it, or another --name")
     exp.mkdir(parents=True, exist_ok=True)
-    val_fraction = opts.val_fraction if opts.val_fraction is not None else getattr(cfg.data, "val_fraction", None)
+    val_fraction = opts.val_fraction if opts.val_fraction is not None else cfg.data.val_fraction
     root = resolve_data(cfg)
     try:
         src, val_info = val_source(root, val_fraction, cfg.train.seed, exp)
@@ -426,8 +427,7 @@ def _setup_search(opts: SearchOptions) -> dict[str, Any]:
         raise
     view = tuning_view(src, exp / "data_view")
     trial_argv = [*base, "--data", str(view)]
-    if hasattr(cfg.data, "val_fraction"):   # the view already holds the val split: no second carve-out
-        trial_argv += ["--data.val_fraction", "null"]
+    trial_argv += ["--data.val_fraction", "0"]   # the view already holds the val split: no second carve-out
     setup = {"argv": trial_argv, "base_argv": base, "space": space.params, "space_file": space.path,
              "asha": space.asha, "epochs": cfg.schedule.epochs, "data": val_info, "view": str(view),
              "options": {k: v for k, v in vars(opts).items()}, "created": time.strftime("%Y-%m-%d %H:%M:%S")}

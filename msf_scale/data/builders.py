@@ -1,4 +1,10 @@
-"""The data a run's `data` config section asks for: the dataset directory and the train and test loaders.
+"""The data a run's `data` config section asks for: the dataset directory, its val split, the train, val and test
+loaders.
+
+The val split (`val_split`) is the dataset's own `val` split when it has one, else, with `data.val_fraction F`, a
+seeded carve-out of whole training subjects (`data/splits.py`: never a subject of the test split), read in place:
+the training stream drops the carved keys and the val loader reads only them from the training shards (no copy).
+With neither, a run has no val split (and evaluates, and selects best/, on test: train_steps.Evaluator).
 
 The training and evaluation entry points hand the section over whole (`cfg.data`), with what the section does not
 own: the clip geometry (the model's frames and size), the batch, the seed and the rank. The lower-level builders
@@ -6,11 +12,65 @@ in loader.py take plain arguments, so that tests and tools can call them without
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from msf_scale.config import DataConfig, UserPathError
+from msf_scale.config import ConfigError, DataConfig, UserPathError
 from msf_scale.data.loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
 from msf_scale.data.schema import read_dataset_info
+from msf_scale.data.splits import ValCarve, has_split, overlapping_subjects, plan_carve
+
+
+@dataclass
+class ValSplit:
+    """Where a run's val split comes from: the dataset's own `val` split, or a carve-out of its training subjects."""
+    source: str                         # "dataset" | "carved"
+    num_samples: int
+    subjects: tuple[str, ...]
+    carve: ValCarve | None = None       # carved: the keys of each side
+    counts: list[int] | None = None     # carved: val samples in each training shard (the val loader's length)
+    shared: dict[str, list[str]] | None = None   # dataset: subjects val shares with another split (should be none)
+
+    def describe(self) -> str:
+        if self.source == "dataset":
+            return f"the dataset's own val split ({self.num_samples} clips, {len(self.subjects)} subjects)"
+        c = self.carve
+        return (f"carved from train: {len(c.val_subjects)} of {len(c.val_subjects) + len(c.train_subjects)} "
+                f"training subjects (data.val_fraction {c.fraction:g}, seed {c.seed}), {len(c.val_keys)} clips; "
+                f"training keeps {len(c.train_keys)}")
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"source": self.source, "num_samples": self.num_samples, "subjects": list(self.subjects)}
+        if self.carve is not None:
+            out.update(fraction=self.carve.fraction, seed=self.carve.seed, train_samples=len(self.carve.train_keys))
+        if self.shared:
+            out["shares_subjects_with"] = self.shared
+        return out
+
+
+def val_split(data: DataConfig, root: str, seed: int) -> ValSplit | None:
+    """The run's val split (see the module doc), or None. A dataset's own val split wins; asking for a carve-out of
+    a dataset that has one is refused (it would select on other data than the dataset's val)."""
+    from msf_scale.data.splits import split_subjects
+
+    if has_split(root, "val"):
+        if data.val_fraction:
+            raise ConfigError(f"data.val_fraction {data.val_fraction:g}: {root} has its own val split; it is used "
+                              "as it is (pass --data.val_fraction 0)")
+        info = read_dataset_info(root)
+        shared = {k: v for k, v in overlapping_subjects(root, "val").items() if v}
+        if info.source.get("tuning_view"):   # msf-scale tune's view: its "test" is the val split, by construction
+            shared.pop("test", None)
+        return ValSplit("dataset", info.splits["val"].num_samples, tuple(sorted(split_subjects(root, "val"))),
+                        shared=shared or None)
+    if not data.val_fraction:
+        return None
+    try:
+        carve, by_shard = plan_carve(root, data.val_fraction, seed)
+    except ValueError as e:
+        raise ConfigError(f"data.val_fraction {data.val_fraction:g} on {root}: {e}") from None
+    counts = [sum(carve.is_val(k) for k in part) for part in by_shard]
+    return ValSplit("carved", len(carve.val_keys), carve.val_subjects, carve=carve, counts=counts)
 
 
 def data_root(root: str | None, synth: dict[str, Any]) -> str:
@@ -31,11 +91,28 @@ def dataset_root(data: DataConfig) -> str:
 
 
 def train_loader(data: DataConfig, root: str, *, num_frames: int, img_size: int, batch_size: int, seed: int,
-                 rank: int, world_size: int) -> TrainLoader:
-    """The training stream of `root` as the section describes it (workers, epoch length, flip, crop scale)."""
+                 rank: int, world_size: int, val: ValSplit | None = None) -> TrainLoader:
+    """The training stream of `root` as the section describes it (workers, epoch length, flip, crop scale); with a
+    carved val split, without its samples (an epoch is then the kept clips unless data.epoch_samples says)."""
+    carve = val.carve if val is not None else None
+    kw = {} if carve is None else {"drop_keys": carve.val_keys}
+    epoch_samples = data.epoch_samples if carve is None else (data.epoch_samples or len(carve.train_keys))
     return build_train_loader(root, batch_size=batch_size, num_frames=num_frames, img_size=img_size,
                               num_workers=data.num_workers, rank=rank, world_size=world_size, seed=seed,
-                              epoch_samples=data.epoch_samples, flip=data.flip, min_scale=data.min_scale)
+                              epoch_samples=epoch_samples, flip=data.flip, min_scale=data.min_scale, **kw)
+
+
+def val_loader(data: DataConfig, root: str, val: ValSplit, *, num_frames: int, img_size: int, batch_size: int,
+               rank: int, world_size: int) -> EvalLoader:
+    """The val split with the test views (num_clips x num_crops), so that selection measures what test measures."""
+    batch_clips = data.eval_batch_size or batch_size
+    if val.carve is None:
+        return split_loader(root, "val", batch_clips, num_frames, img_size, data.num_workers, rank, world_size,
+                            data.num_clips, data.num_crops)
+    return build_eval_loader(root, split="train", batch_size=max(1, batch_clips // (data.num_clips * data.num_crops)),
+                             num_frames=num_frames, img_size=img_size, num_workers=data.num_workers, rank=rank,
+                             world_size=world_size, num_clips=data.num_clips, num_crops=data.num_crops,
+                             keep_keys=val.carve.val_keys, keep_counts=val.counts)
 
 
 def eval_loader(data: DataConfig, root: str, *, num_frames: int, img_size: int, batch_size: int, rank: int,

@@ -6,6 +6,10 @@ yields exactly batches k.. of epoch e (exact resume). ``build_eval_loader`` yiel
 exactly once across ranks x workers, with deterministic multi-view crops. Both count corrupt samples and
 shards (logged once each, skipped), the clips delivered and the time the consumer waited (``.stats``).
 Rank and world size are arguments, never read from torch.distributed, so that tests can simulate ranks.
+
+Either builder can read part of a split by sample key (a val split carved from the training split without a copy,
+``data/splits.py``): ``drop_keys`` leaves those samples out of the training stream, ``keep_keys`` makes an eval
+loader read only those. With neither, the streams are exactly the unfiltered ones.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .schema import DatasetInfo, read_dataset_info
-from .streams import ClipSpec, EvalStream, TrainStream
+from .streams import ClipSpec, ErrorLog, EvalStream, TrainStream, eval_assignment, read_samples
 
 log = logging.getLogger("msf_scale.data")
 
@@ -165,6 +169,57 @@ class EvalLoader(_Loader):
             yield item["video"], item["label"], item["keys"]
 
 
+class KeyFilteredTrainStream(TrainStream):
+    """A TrainStream that never yields the samples whose key is in ``drop_keys`` (a carved val split): they are
+    read with their shard and dropped before decoding, after the seeded shuffle, so the order stays a pure
+    function of the seed and the position (exact resume) and no dropped sample is ever decoded."""
+
+    def __init__(self, *args: Any, drop_keys: frozenset[str], **kw: Any):
+        super().__init__(*args, **kw)
+        self.drop_keys = frozenset(drop_keys)
+
+    def _raw(self, g: int, G: int, log: ErrorLog) -> Iterator[dict[str, Any]]:
+        return (s for s in super()._raw(g, G, log) if s.get("__key__") not in self.drop_keys)
+
+
+class KeyFilteredEvalStream(EvalStream):
+    """An EvalStream over the samples of its shards whose key is in ``keep_keys`` (a val split carved from the
+    training shards). It is EvalStream's iteration with the filter applied before samples are dealt out, so every
+    kept sample is decoded by exactly one stream and the per-shard counts of kept keys give the loader's length."""
+
+    def __init__(self, *args: Any, keep_keys: frozenset[str], **kw: Any):
+        super().__init__(*args, **kw)
+        self.keep_keys = frozenset(keep_keys)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from .streams import batch_tensor, worker_position
+
+        w, W = worker_position()
+        if W != self.num_workers:
+            raise RuntimeError(f"EvalStream built for {self.num_workers} workers runs in {W}")
+        log = ErrorLog()
+        t, s, v = self.spec.num_frames, self.spec.img_size, self.num_clips * self.num_crops
+        video, labels, keys = batch_tensor(self.batch_size, v, 3, t, s, s), [], []
+        for shard, mod, res in eval_assignment(len(self.urls), self.world_size * W, self.rank * W + w):
+            kept = (x for x in read_samples(iter([self.urls[shard]]), log) if x.get("__key__") in self.keep_keys)
+            for i, sample in enumerate(kept):
+                if i % mod != res:
+                    continue
+                try:
+                    labels.append(self._decode_into(sample, video[len(labels)]))
+                except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt sample
+                    log.sample_error(sample, e)
+                    continue
+                keys.append(sample["__key__"])
+                if len(labels) == self.batch_size:
+                    yield {"video": video, "label": torch.tensor(labels), "keys": keys, "meta": log.drain()}
+                    video, labels, keys = batch_tensor(self.batch_size, v, 3, t, s, s), [], []
+        if labels:
+            yield {"video": video[:len(labels)].clone(), "label": torch.tensor(labels), "keys": keys,
+                   "meta": log.drain()}
+        yield {"meta": log.drain()}
+
+
 def _check(batch_size: int, num_frames: int, img_size: int, num_workers: int, rank: int, world_size: int) -> None:
     checks = [(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
               (num_frames >= 1, f"num_frames must be >= 1, got {num_frames}"),
@@ -191,12 +246,14 @@ def build_train_loader(root: str | os.PathLike, *, batch_size: int, num_frames: 
                        num_workers: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0,
                        epoch_samples: int | None = None, flip: bool | None = None, min_scale: float = 0.5,
                        split: str = "train", shuffle_buffer: int = 256, pin_memory: bool = False,
-                       prefetch_factor: int = 2) -> TrainLoader:
+                       prefetch_factor: int = 2, drop_keys: frozenset[str] | None = None) -> TrainLoader:
     """Training batches for one rank: ceil(epoch_samples / (batch_size x world_size)) full batches per epoch.
 
     ``flip=None`` follows the dataset's ``flip_ok``; ``min_scale`` is the smallest crop area of the random
     resized crop; ``shuffle_buffer`` raw (encoded) samples are held per worker for sample shuffling: memory is
     shuffle_buffer x the clip's stored size per worker (shards are written in shuffled order, so a few hundred do).
+    ``drop_keys``: samples left out of the stream (a carved val split); give ``epoch_samples`` with it (the kept
+    count), since dataset.json counts the whole split.
     """
     _check(batch_size, num_frames, img_size, num_workers, rank, world_size)
     info = read_dataset_info(root)
@@ -214,22 +271,38 @@ def build_train_loader(root: str | os.PathLike, *, batch_size: int, num_frames: 
     if n < 1:
         raise ValueError(f"epoch_samples must be >= 1 (split {split!r} holds {info.splits[split].num_samples})")
     num_batches = math.ceil(n / (batch_size * world_size))
-    stream = TrainStream(urls, ClipSpec(num_frames, img_size, info.num_classes), batch_size, num_batches,
-                         rank=rank, world_size=world_size, num_workers=num_workers, seed=seed,
-                         min_scale=min_scale, flip=bool(flip), shuffle_buffer=shuffle_buffer)
+    kw = dict(rank=rank, world_size=world_size, num_workers=num_workers, seed=seed, min_scale=min_scale,
+              flip=bool(flip), shuffle_buffer=shuffle_buffer)
+    spec = ClipSpec(num_frames, img_size, info.num_classes)
+    if drop_keys is None:
+        stream = TrainStream(urls, spec, batch_size, num_batches, **kw)
+    else:
+        stream = KeyFilteredTrainStream(urls, spec, batch_size, num_batches, drop_keys=drop_keys, **kw)
     return TrainLoader(stream, num_workers, pin_memory, prefetch_factor)
 
 
 def build_eval_loader(root: str | os.PathLike, split: str = "test", *, batch_size: int, num_frames: int,
                       img_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1, num_clips: int = 1,
-                      num_crops: int = 1, pin_memory: bool = False, prefetch_factor: int = 2) -> EvalLoader:
+                      num_crops: int = 1, pin_memory: bool = False, prefetch_factor: int = 2,
+                      keep_keys: frozenset[str] | None = None, keep_counts: list[int] | None = None) -> EvalLoader:
     """Every sample of ``split`` once across ranks x workers, as ``num_clips`` x ``num_crops`` views
-    (evenly spaced temporal clips; crops of the short side spread along the long side, 1 = centre)."""
+    (evenly spaced temporal clips; crops of the short side spread along the long side, 1 = centre).
+    ``keep_keys``: only these samples of the split (a val split carved from train); ``keep_counts``, the number of
+    them in each shard, gives the loader its length (read from the shards when not given)."""
     _check(batch_size, num_frames, img_size, num_workers, rank, world_size)
     if num_clips < 1 or num_crops < 1:
         raise ValueError(f"num_clips and num_crops must be >= 1, got {num_clips}, {num_crops}")
     info = read_dataset_info(root)
     urls = _shards(info, split)
-    stream = EvalStream(urls, ClipSpec(num_frames, img_size, info.num_classes), batch_size, rank=rank,
-                        world_size=world_size, num_workers=num_workers, num_clips=num_clips, num_crops=num_crops)
-    return EvalLoader(stream, num_workers, pin_memory, prefetch_factor, info.splits[split].shard_samples)
+    spec, kw = ClipSpec(num_frames, img_size, info.num_classes), dict(
+        rank=rank, world_size=world_size, num_workers=num_workers, num_clips=num_clips, num_crops=num_crops)
+    if keep_keys is None:
+        stream = EvalStream(urls, spec, batch_size, **kw)
+        return EvalLoader(stream, num_workers, pin_memory, prefetch_factor, info.splits[split].shard_samples)
+    if keep_counts is None:
+        from .splits import read_subjects_by_shard
+        keep_counts = [sum(k in keep_keys for k in part) for part in read_subjects_by_shard(root, split)]
+    if len(keep_counts) != len(urls):
+        raise ValueError(f"keep_counts has {len(keep_counts)} entries for the {len(urls)} shards of split {split!r}")
+    stream = KeyFilteredEvalStream(urls, spec, batch_size, keep_keys=frozenset(keep_keys), **kw)
+    return EvalLoader(stream, num_workers, pin_memory, prefetch_factor, list(keep_counts))

@@ -10,6 +10,8 @@ the sorted subject ids, so the same (subjects, fraction, seed) always gives the 
     subject_of = read_subjects(root, "train")         # key -> subject, from the shards' <key>.json members
     carve = carve_val(subject_of, fraction=0.2, seed=0)
     carve.is_val(key)                                  # the filter a training stream applies (train: not is_val)
+    carve, by_shard = plan_carve(root, 0.2, seed=0)    # what train.py (--data.val_fraction) and tune carve: never a
+                                                       # subject the test split also holds
     materialize_val_split(root, out, fraction=0.2)     # or: a new dataset dir with train / val / test shards
 
 A sample without a subject is its own group (its ``source`` path, else its key), as the packer does. Nothing here
@@ -63,12 +65,14 @@ def _members(shard: str) -> Iterator[tuple[str, str, tarfile.TarFile, tarfile.Ta
                 yield os.path.join(os.path.dirname(m.name), key), ext, tar, m
 
 
-def read_subjects(root: str | os.PathLike, split: str = "train") -> dict[str, str]:
-    """Sample key -> subject of every sample of ``split``, from the ``<key>.json`` members (video bytes are seeked
-    over, not read). A sample whose metadata has no subject is its own group (its source path, else its key)."""
+def read_subjects_by_shard(root: str | os.PathLike, split: str = "train") -> list[dict[str, str]]:
+    """Sample key -> subject of each shard of ``split`` (in dataset.json's shard order), from the ``<key>.json``
+    members (video bytes are seeked over, not read). A sample whose metadata has no subject is its own group (its
+    source path, else its key). A loader that filters a split by key needs the per-shard counts."""
     info = read_dataset_info(root)
-    out: dict[str, str] = {}
+    out: list[dict[str, str]] = []
     for shard in info.shard_paths(split):
+        part: dict[str, str] = {}
         for key, ext, tar, m in _members(shard):
             if ext != "json":
                 continue
@@ -77,10 +81,16 @@ def read_subjects(root: str | os.PathLike, split: str = "train") -> dict[str, st
             except (ValueError, UnicodeDecodeError) as e:
                 raise ValueError(f"{shard}: the metadata of sample {key!r} is not JSON ({e})") from None
             subject = str(meta.get("subject") or "")
-            out[key] = subject or f"source:{meta.get('source') or key}"
-    if not out:
+            part[key] = subject or f"source:{meta.get('source') or key}"
+        out.append(part)
+    if not any(out):
         raise ValueError(f"split {split!r} of {root} holds no sample metadata (<key>.json members)")
     return out
+
+
+def read_subjects(root: str | os.PathLike, split: str = "train") -> dict[str, str]:
+    """Sample key -> subject of every sample of ``split`` (see read_subjects_by_shard)."""
+    return {k: v for part in read_subjects_by_shard(root, split) for k, v in part.items()}
 
 
 @dataclass(frozen=True)
@@ -117,14 +127,38 @@ def choose_val_subjects(subjects: Iterable[str], fraction: float, seed: int = 0)
     return tuple(sorted(uniq[i] for i in order[:n_val]))
 
 
-def carve_val(subject_of: Mapping[str, str], fraction: float, seed: int = 0) -> ValCarve:
-    """Split training samples (key -> subject) into train and val by whole subjects; see choose_val_subjects."""
-    val_subjects = choose_val_subjects(subject_of.values(), fraction, seed)
+def carve_val(subject_of: Mapping[str, str], fraction: float, seed: int = 0,
+              exclude: Iterable[str] = ()) -> ValCarve:
+    """Split training samples (key -> subject) into train and val by whole subjects; see choose_val_subjects.
+    Subjects in ``exclude`` (a test split's, where a dataset shares subjects between train and test) are never
+    chosen for val; with none excluded the choice is that of choose_val_subjects over every training subject."""
+    ex = set(exclude)
+    candidates = [s for s in subject_of.values() if s not in ex]
+    if ex and len(set(candidates)) < 2 <= len(set(subject_of.values())):
+        raise ValueError(f"a subject-independent val split needs at least 2 training subjects that are not also test "
+                         f"subjects; {len(set(candidates))} of {len(set(subject_of.values()))} are not")
+    val_subjects = choose_val_subjects(candidates, fraction, seed)
     vs = set(val_subjects)
     val_keys = frozenset(k for k, s in subject_of.items() if s in vs)
     train_keys = frozenset(subject_of) - val_keys
     train_subjects = tuple(sorted({subject_of[k] for k in train_keys}))
     return ValCarve(train_keys, val_keys, train_subjects, val_subjects, float(fraction), int(seed))
+
+
+def plan_carve(root: str | os.PathLike, fraction: float, seed: int = 0) -> tuple[ValCarve, list[dict[str, str]]]:
+    """The carve-out of ``root``'s training split that both a training run (``--data.val_fraction``, filtering the
+    stream by key) and ``msf-scale tune --val-fraction`` (materialize_val_split) make: whole training subjects,
+    never one that also appears in the test split. Returns the carve and the per-shard key -> subject of train."""
+    by_shard = read_subjects_by_shard(root, "train")
+    test = split_subjects(root, "test") if has_split(root, "test") else set()
+    subject_of = {k: v for part in by_shard for k, v in part.items()}
+    return carve_val(subject_of, fraction, seed, exclude=test), by_shard
+
+
+def overlapping_subjects(root: str | os.PathLike, split: str = "val") -> dict[str, list[str]]:
+    """Subjects ``split`` shares with each other split of the dataset (empty lists: subject-independent)."""
+    mine = split_subjects(root, split)
+    return {other: sorted(mine & split_subjects(root, other)) for other in dataset_splits(root) if other != split}
 
 
 def split_subjects(root: str | os.PathLike, split: str) -> set[str]:
@@ -141,7 +175,7 @@ def materialize_val_split(root: str | os.PathLike, out: str | os.PathLike, fract
     info = read_dataset_info(root)
     if has_split(root, "val"):
         raise ValueError(f"{root} already has a val split; use it (no carve-out needed)")
-    carve = carve_val(read_subjects(root, "train"), fraction, seed)
+    carve, _ = plan_carve(root, fraction, seed)
     out.mkdir(parents=True, exist_ok=True)
     if (out / DATASET_JSON).exists() or any(out.glob("*.tar")):
         raise ValueError(f"{out} already holds a dataset; choose an empty directory")

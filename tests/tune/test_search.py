@@ -42,8 +42,10 @@ def test_asha_search_completes_and_train_accepts_its_best_config(ray_local, tmp_
         assert [e for e, _ in r["history"]] == list(range(1, r["epochs"] + 1)) and r["starts"] == 1
         reports = _rows(Path(r["dir"]) / "result.json")
         assert [x["val_samples"] for x in reports] == [8] * r["epochs"]          # the 8 val clips, not the 16 test
-        evals = [x for x in _rows(Path(r["dir"]) / "run" / "metrics.jsonl") if "test_top1" in x]
-        assert [x["val_top1"] for x in reports] == [x["test_top1"] for x in evals][:r["epochs"]]  # the loop's own
+        logged = _rows(Path(r["dir"]) / "run" / "metrics.jsonl")
+        evals = [x for x in logged if "val_top1" in x]
+        assert [x["val_top1"] for x in reports] == [x["val_top1"] for x in evals][:r["epochs"]]  # the loop's own
+        assert not any("test_top1" in x for x in logged)     # a trial never evaluates test (train.final_test false)
     assert (exp / TRIALS_MD).read_text().startswith("| trial | status | optim.lr | optim.weight_decay |")
     assert (exp / CURVES_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     best = summary["best"]
@@ -58,6 +60,7 @@ def test_asha_search_completes_and_train_accepts_its_best_config(ray_local, tmp_
     from msf_scale.train import main
     final = main(["--config", str(path), "--output-dir", str(tmp_path / "final"), "--max-steps", "2"])
     assert final["step"] == 2 and 0 <= final["test_top1"] <= 1   # the final run reports on the real test split
+    assert final["best_selected_on"] == "val_top1" and final["test_samples"] == 16   # once, at the end
 
 
 def test_a_trial_that_raises_is_retried_then_reported_failed_and_the_search_finishes(ray_local, tmp_path,

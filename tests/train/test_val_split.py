@@ -1,0 +1,160 @@
+"""The val split inside train.py runs (issue 18): `--data.val_fraction F` carves whole training subjects out of the
+training stream (never a test subject), a dataset's own val split is used as it is, every evaluation is on val and
+best/ is chosen on val top-1, the test split is evaluated once at the end; a run without a val split keeps
+evaluating and selecting on test, and says so. The runs are the tiny stand-in of the other training tests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import msf_scale.train_steps as steps_mod
+from msf_scale.config import ConfigError, load_config
+from msf_scale.data import synthesize
+from msf_scale.data.builders import train_loader, val_loader, val_split
+from msf_scale.data.schema import DatasetInfo, ShardSink, make_sample, npy_bytes, write_dataset_info
+from msf_scale.data.splits import read_subjects
+from msf_scale.data.streams import ErrorLog
+from msf_scale.export import best_top1
+from msf_scale.metrics import read_jsonl
+from msf_scale.train import Callback, main, train
+
+CLIP = dict(num_frames=4, img_size=16, batch_size=4, rank=0, world_size=1)
+
+
+def _dataset(root, subjects: dict[str, list[str]], per_subject: int = 3):
+    """A small npy dataset whose splits hold the given subjects (train and test may share some)."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    infos = {}
+    for split, names in subjects.items():
+        sink = ShardSink(root, split, 5)
+        for j, subject in enumerate(s for s in names for _ in range(per_subject)):
+            label = j % 4
+            meta = {"label": label, "label_name": f"c{label}", "subject": subject, "num_frames": 4, "fps": 10,
+                    "height": 16, "width": 16, "source": "test"}
+            video = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+            sink.write(make_sample(f"{split}_{subject}_{j:04d}", label, npy_bytes(video), "npy", meta))
+        infos[split] = sink.close()
+    write_dataset_info(root, DatasetInfo(name="toy", num_classes=4, class_names=[f"c{i}" for i in range(4)],
+                                         splits=infos, num_frames=4, height=16, width=16, flip_ok=True, format="npy"))
+    return str(root)
+
+
+def _train_keys(loader, n: int) -> set[str]:
+    """The keys of the first n raw samples the training stream hands to decoding (one stream: no workers)."""
+    raw = loader.stream._raw(0, 1, ErrorLog())
+    return {next(raw)["__key__"] for _ in range(n)}
+
+
+def test_carve_shares_no_subject_with_train_or_test_and_the_loaders_keep_to_it(tmp_path):
+    # s4 and s5 are in train and in test: a carve-out must never move them to val (val would then share test's)
+    root = _dataset(tmp_path / "ds", {"train": [f"s{i}" for i in range(6)], "test": ["s4", "s5", "s6"]})
+    train_subj, test_subj = read_subjects(root, "train"), set(read_subjects(root, "test").values())
+    seen = set()
+    for seed in range(6):
+        cfg = load_config(["--data.val_fraction", "0.4", "--data.num_workers", "0"])
+        val = val_split(cfg.data, root, seed)
+        c = val.carve
+        assert val.source == "carved" and set(c.val_subjects) == {train_subj[k] for k in c.val_keys}
+        assert not set(c.val_subjects) & set(c.train_subjects) and not set(c.val_subjects) & test_subj
+        assert c.val_keys | c.train_keys == set(train_subj) and not c.val_keys & c.train_keys
+        seen |= set(c.val_subjects)
+        # what the loaders read: the training stream never hands a val clip on, the val loader reads exactly them
+        loader = train_loader(cfg.data, root, seed=seed, val=val, **CLIP)
+        assert len(loader) == -(-len(c.train_keys) // 4)                       # an epoch of the kept clips
+        assert _train_keys(loader, 4 * len(train_subj)) == set(c.train_keys)
+        vl = val_loader(cfg.data, root, val, **CLIP)
+        keys = [k for _, _, ks in vl for k in ks]
+        assert sorted(keys) == sorted(c.val_keys) and vl.num_samples == len(c.val_keys)
+    assert seen == {"s0", "s1", "s2", "s3"}                                   # seeded: the choice varies
+
+
+def test_a_datasets_own_val_split_is_used_and_a_second_carve_refused(tmp_path):
+    root = synthesize(tmp_path / "v", workers=1, val_subjects=2, train_per_class=3, test_per_class=2, num_frames=4,
+                      size=16, shard_size=8)
+    cfg = load_config(["--data.num_workers", "0"])
+    val = val_split(cfg.data, str(root), 0)
+    assert val.source == "dataset" and val.carve is None and not val.shared
+    assert set(val.subjects) == set(read_subjects(root, "val").values())
+    assert sorted(k for _, _, ks in val_loader(cfg.data, str(root), val, **CLIP) for k in ks) == sorted(
+        read_subjects(root, "val"))
+    with pytest.raises(ConfigError, match="has its own val split"):
+        val_split(load_config(["--data.val_fraction", "0.2"]).data, str(root), 0)
+
+
+class Seen(Callback):
+    def __init__(self):
+        self.evals = []
+
+    def on_evaluate(self, metrics):
+        self.evals.append(metrics)
+
+
+def test_a_run_with_val_fraction_reports_val_top1_and_tests_once(tiny_argv, tmp_path, capsys):
+    seen = Seen()
+    result = train(load_config(tiny_argv("--epochs", "2", "--schedule.warmup_epochs", "1", "--train.eval_every", "1",
+                                         "--data.val_fraction", "0.25")), callbacks=[seen])
+    run, final = result.run_dir, result.metrics
+    meta = json.loads((run / "run_meta.json").read_text())
+    n_val = meta["val"]["num_samples"]
+    assert meta["val"]["source"] == "carved" and meta["best_selected_on"] == "val_top1" and n_val > 0
+    assert meta["steps_per_epoch"] == meta["val"]["train_samples"] // 8           # the carved clips left training
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if "val_top1" in r or "test_top1" in r]
+    assert [("val_top1" in r, "test_top1" in r) for r in evals] == [(True, False), (True, True)]  # test: end only
+    assert all(r["val_samples"] == n_val for r in evals) and evals[-1]["test_samples"] == 16
+    assert final["val_top1"] == evals[-1]["val_top1"] and final["test_top1"] == evals[-1]["test_top1"]
+    assert final["best_selected_on"] == "val_top1" and result.selected_on == "val_top1"
+    assert result.best_top1 == final["best_val_top1"] == max(r["val_top1"] for r in evals)
+    assert "best_test_top1" in final                                              # best/'s own test figure
+    assert [set(m) & {"val_top1", "test_top1", "best_val_top1", "best_test_top1"} for m in seen.evals] == [
+        {"val_top1", "best_val_top1"}, {"val_top1", "test_top1", "best_val_top1"}]
+    out = capsys.readouterr().out
+    assert "val split: carved from train" in out and "val_top1" in out.split("val split:")[1]
+
+
+def _scripted(monkeypatch, val_scores, test_scores):
+    """evaluate_model returning the given top-1 in turn for the val and the test loader: val and test disagree on
+    which evaluation is best, so what best/ holds shows what it was chosen on."""
+    calls = {"val": list(val_scores), "test": list(test_scores)}
+
+    def fake(model, loader, acc, views, autocast_bf16=False):
+        split = "test" if any("/test-" in u for u in loader.stream.urls) else "val"
+        top1 = calls[split].pop(0)
+        return {"top1": top1, "top5": 1.0, "num_samples": 8, "views": 1}
+    monkeypatch.setattr(steps_mod, "evaluate_model", fake)
+    return calls
+
+
+def test_best_is_chosen_on_val_and_its_test_measured_once(tiny_argv, monkeypatch):
+    # val best at epoch 2 of 3; test (final weights, then best/'s weights) is only read at the end
+    calls = _scripted(monkeypatch, [0.25, 0.75, 0.5], [0.125, 0.625])
+    final = main(tiny_argv("--epochs", "3", "--schedule.warmup_epochs", "1", "--train.eval_every", "1",
+                           "--data.val_fraction", "0.25"))
+    assert calls == {"val": [], "test": []}
+    run = Path(final["run_dir"])
+    best = json.loads((run / "best" / "model_config.json").read_text())
+    steps = json.loads((run / "run_meta.json").read_text())["steps_per_epoch"]
+    assert best["selected_on"] == "val_top1" and best["val_top1"] == 0.75 and best["step"] == 2 * steps
+    assert best["test_top1"] == 0.625                                   # measured on best/'s weights, recorded
+    assert (final["best_val_top1"], final["best_step"], final["best_test_top1"]) == (0.75, 2 * steps, 0.625)
+    assert (final["val_top1"], final["test_top1"]) == (0.5, 0.125)       # the final weights
+    assert best_top1(run, "val_top1") == 0.75 and best_top1(run, "test_top1") == -1.0   # what a resume must beat
+
+
+def test_final_test_false_never_reads_test(tiny_argv, monkeypatch):
+    calls = _scripted(monkeypatch, [0.5, 0.25], [])
+    final = main(tiny_argv("--epochs", "2", "--schedule.warmup_epochs", "1", "--train.eval_every", "1",
+                           "--data.val_fraction", "0.25", "--train.final_test", "false"))
+    assert calls["val"] == [] and not {k for k in final if "test" in k}
+    assert final["best_val_top1"] == 0.5
+
+
+def test_without_a_val_split_best_is_on_test_and_says_so(tiny_argv, capsys):
+    final = main(tiny_argv("--epochs", "1", "--schedule.warmup_epochs", "1"))
+    best = json.loads((Path(final["run_dir"]) / "best" / "model_config.json").read_text())
+    assert final["best_selected_on"] == "test_top1" and best["selected_on"] == "test_top1"
+    assert final["best_test_top1"] == final["test_top1"] and "val_top1" not in final
+    assert "no val split: every evaluation is on test" in capsys.readouterr().out
