@@ -22,7 +22,8 @@ subject-independent carve-out of the training subjects (data/splits.py). With ne
 At the end, in `<storage>/<name>/` next to Ray's own files: best_config.yaml (a config train.py accepts as
 --config: the presets and --set values with the best trial's hyper-parameters, on the original dataset),
 trials.csv and trials.md (every trial: status, hyper-parameters, val top-1, epochs, restarts, error),
-search_curves.png (val top-1 vs epoch per trial) and search_summary.json. Ray (`pip install 'msf_scale[tune]'`) is
+search_curves.png (val top-1 vs epoch per trial) and search_summary.json; trials.md and the plot give val top-1
+in percent, trials.csv and the summary as a fraction (as metrics.jsonl). `msf-scale report --tune DIR` shows them. Ray (`pip install 'msf_scale[tune]'`) is
 imported only when a search runs.
 """
 from __future__ import annotations
@@ -549,20 +550,35 @@ def _cell(v: Any) -> str:
     return fmt_value(v) if isinstance(v, (list, tuple, bool)) else str(v)
 
 
-def write_outputs(exp: Path, setup: dict[str, Any]) -> dict[str, Any]:
-    rows = collect_trials(exp, setup)
-    keys = list(setup["space"])
+PCT_COLS = {"val_top1": "val top-1 (%)", "best_val_top1": "best val top-1 (%)"}
+
+
+def write_tables(exp: Path, rows: list[dict[str, Any]], keys: list[str]) -> None:
+    """trials.csv (val top-1 as a fraction, as metrics.jsonl and search_summary.json hold it) and trials.md (val
+    top-1 in percent, as search_curves.png plots it; the headers say so)."""
     cols = ["trial", "status", *keys, "val_top1", "best_val_top1", "epochs", "starts", "error"]
     with open(exp / TRIALS_CSV, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for r in rows:
             w.writerow([_cell(r[c]) for c in cols])
-    md = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if c in ("val_top1", "best_val_top1", "epochs",
-                                                                         "starts") else "---" for c in cols) + "|"]
-    md += ["| " + " | ".join(_cell(r[c]).replace("|", "\\|") for c in cols) + " |" for r in rows]
-    best = best_trial(rows)
+
+    def md_cell(r: dict[str, Any], c: str) -> str:
+        if c in PCT_COLS and r[c] is not None:
+            return f"{100 * float(r[c]):.1f}"
+        return _cell(r[c]).replace("|", "\\|")
+
+    md = ["| " + " | ".join(PCT_COLS.get(c, c) for c in cols) + " |",
+          "|" + "|".join("---:" if c in (*PCT_COLS, "epochs", "starts") else "---" for c in cols) + "|"]
+    md += ["| " + " | ".join(md_cell(r, c) for c in cols) + " |" for r in rows]
     (exp / TRIALS_MD).write_text("\n".join(md) + "\n")
+
+
+def write_outputs(exp: Path, setup: dict[str, Any]) -> dict[str, Any]:
+    rows = collect_trials(exp, setup)
+    keys = list(setup["space"])
+    best = best_trial(rows)
+    write_tables(exp, rows, keys)
     _plot(rows, exp / CURVES_PNG, best)
     summary = {"experiment": str(exp), "metric": METRIC, "mode": MODE, "data": setup["data"],
                "trials": len(rows), "by_status": {s: sum(r["status"] == s for r in rows) for s in
@@ -671,7 +687,7 @@ def run_command(args: argparse.Namespace) -> int:
     if summary["best"] is None:
         print(f"no trial reported {METRIC}: no best config; see {exp}", file=sys.stderr)
     else:
-        print(f"best trial {summary['best']['trial']}: {METRIC} {summary['best']['val_top1']:.4f}; "
+        print(f"best trial {summary['best']['trial']}: val top-1 {100 * summary['best']['val_top1']:.1f}%; "
               f"config {exp / BEST_YAML}")
     print(f"wrote {exp / TRIALS_CSV}, {exp / TRIALS_MD}, {exp / CURVES_PNG}, {exp / SUMMARY_JSON}")
     if unfinished:
