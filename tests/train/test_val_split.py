@@ -24,13 +24,13 @@ from msf_scale.train import Callback, main, train
 CLIP = dict(num_frames=4, img_size=16, batch_size=4, rank=0, world_size=1)
 
 
-def _dataset(root, subjects: dict[str, list[str]], per_subject: int = 3):
+def _dataset(root, subjects: dict[str, list[str]], per_subject: int = 3, shard_size: int = 5):
     """A small npy dataset whose splits hold the given subjects (train and test may share some)."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True)
     infos = {}
     for split, names in subjects.items():
-        sink = ShardSink(root, split, 5)
+        sink = ShardSink(root, split, shard_size)
         for j, subject in enumerate(s for s in names for _ in range(per_subject)):
             label = j % 4
             meta = {"label": label, "label_name": f"c{label}", "subject": subject, "num_frames": 4, "fps": 10,
@@ -70,6 +70,21 @@ def test_carve_shares_no_subject_with_train_or_test_and_the_loaders_keep_to_it(t
         keys = [k for _, _, ks in vl for k in ks]
         assert sorted(keys) == sorted(c.val_keys) and vl.num_samples == len(c.val_keys)
     assert seen == {"s0", "s1", "s2", "s3"}                                   # seeded: the choice varies
+
+
+@pytest.mark.parametrize("shard_size", [3, 40])   # more shards than the 4 streams, and one shard they share
+def test_carved_val_is_read_once_across_ranks_and_workers(tmp_path, shard_size):
+    root = _dataset(tmp_path / "ds", {"train": [f"s{i}" for i in range(5)], "test": ["s9"]}, per_subject=3,
+                    shard_size=shard_size)
+    cfg = load_config(["--data.val_fraction", "0.4", "--data.num_workers", "2"])
+    val = val_split(cfg.data, root, 0)
+    keys = []
+    for rank in (0, 1):
+        vl = val_loader(cfg.data, root, val, **{**CLIP, "rank": rank, "world_size": 2})
+        got = [k for _, _, ks in vl for k in ks]
+        assert len(got) == vl.num_samples
+        keys += got
+    assert sorted(keys) == sorted(val.carve.val_keys)                         # every val clip once, over 2 x 2 streams
 
 
 def test_a_datasets_own_val_split_is_used_and_a_second_carve_refused(tmp_path):
