@@ -85,6 +85,16 @@ def param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def capture(step, side: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+    """Record one whole training step (forward, backward, clipping, AdamW) as a CUDA graph. Tiny models at 112 px
+    are launch-bound: a replay costs one launch instead of thousands. PyTorch's whole-network recipe: the eager
+    warm-up steps ran on the same side stream, and the gradients are None at capture, so the graph owns them."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        step()
+    return graph
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", action="append", default=[], help="SynthConfig override field=value")
@@ -104,6 +114,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the curve and settings as JSON here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--render-only", action="store_true", help="fill --cache and exit")
+    ap.add_argument("--graph", action="store_true", help="CUDA: replay each training step as one CUDA graph")
+    ap.add_argument("--temporal", choices=("random", "fixed"), default="random",
+                    help="training frames: random offset per segment (the loader's) or the fixed centre stride")
     args = ap.parse_args()
     over = parse_sets(args.set, {f.name: str(f.type) for f in fields(SynthConfig)})
     cfg = synth_config("micro", **over)
@@ -123,33 +136,87 @@ def main() -> None:
     arch = parse_sets(args.arch)
     model = create_model(args.model, size=args.size, num_classes=cfg.num_classes, num_frames=args.frames,
                          img_size=cfg.size, **arch).to(dev)
-    opt = torch.optim.AdamW(param_groups(model, args.wd), args.lr)
+    graphable = args.graph and dev.startswith("cuda")
+    args.graph = graphable
+    # capturable AdamW with a tensor lr: a replayed graph reads the lr from device memory, so the schedule still moves
+    opt = torch.optim.AdamW(param_groups(model, args.wd),
+                            torch.tensor(args.lr, device=dev) if graphable else args.lr, capturable=graphable)
     steps_per_epoch = len(ytr) // args.batch
     steps = args.epochs * steps_per_epoch
     warm = max(1, int(steps * args.warmup))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda"))
+
+    def lr_factor(s: int) -> float:
+        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+    train_fixed = torch.tensor(eval_indices(cfg.num_frames, args.frames, 0, 1), device=dev)[None]
+    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda"), cache_enabled=False)
+    lr0 = [float(g["lr"]) for g in opt.param_groups]
+    correct = torch.zeros((), device=dev)   # summed on the device: no host sync per step
+    loss_sum = torch.zeros((), device=dev)
+    x_in = torch.zeros(args.batch, 3, args.frames, cfg.size, cfg.size, device=dev)   # static: a graph reads these
+    y_in = torch.zeros(args.batch, dtype=torch.long, device=dev)
+
+    def step() -> None:
+        with torch.autocast(**amp):
+            logits = model(x_in)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y_in)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        correct.add_((logits.argmax(1) == y_in).sum())
+        loss_sum.add_(loss.detach() * args.batch)
+
+    graph, graph_note = None, "eager"
+    side = torch.cuda.Stream() if args.graph else None
     curve = []
     t_train = time.time()
+    done = 0
     for epoch in range(1, args.epochs + 1):
         model.train()
-        correct = torch.zeros((), device=dev)   # summed on the device: no host sync per step
-        loss_sum = torch.zeros((), device=dev)
+        correct.zero_()
+        loss_sum.zero_()
         for b in torch.randperm(len(ytr), device=dev)[: steps_per_epoch * args.batch].split(args.batch):
-            frames = torch.tensor([temporal_indices(cfg.num_frames, args.frames, rng.random(args.frames))
-                                   for _ in range(len(b))], device=dev)
-            y = ytr_t[b]
-            with torch.autocast(**amp):
-                logits = model(tr.batch(b, frames))
-            loss = torch.nn.functional.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            correct += (logits.argmax(1) == y).sum()
-            loss_sum += loss.detach() * len(b)
+            if args.temporal == "fixed":
+                frames = train_fixed.expand(len(b), -1)
+            else:
+                frames = torch.tensor([temporal_indices(cfg.num_frames, args.frames, rng.random(args.frames))
+                                       for _ in range(len(b))], device=dev)
+            x_in.copy_(tr.batch(b, frames))
+            y_in.copy_(ytr_t[b])
+            scale = lr_factor(done)
+            for g, base in zip(opt.param_groups, lr0):
+                if isinstance(g["lr"], torch.Tensor):
+                    g["lr"].fill_(base * scale)
+                else:
+                    g["lr"] = base * scale
+            if graph is not None:
+                graph.replay()
+            elif args.graph and done >= 3 and graph_note == "eager":   # 3 eager steps first (optimizer state)
+                opt.zero_grad(set_to_none=True)
+                side.wait_stream(torch.cuda.current_stream())
+                try:
+                    graph = capture(step, side)
+                    graph_note = "cuda graph"
+                except Exception as e:   # a measurement tool: say why, and go on eagerly
+                    graph_note = f"eager (capture failed: {type(e).__name__}: {e})"[:300]
+                    print(graph_note, flush=True)
+                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.synchronize()
+                if graph is not None:
+                    graph.replay()
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    step()
+            elif args.graph:   # the eager warm-up steps run on the capture's side stream
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    opt.zero_grad(set_to_none=True)
+                    step()
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                opt.zero_grad(set_to_none=True)
+                step()
+            done += 1
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             model.eval()
             with torch.no_grad(), torch.autocast(**amp):
@@ -160,9 +227,9 @@ def main() -> None:
                        test_top1=100 * pred.eq(yte_t).float().mean().item(), seconds=time.time() - t_train)
             curve.append(row)
             print(f"epoch {epoch}: train loss {row['train_loss']:.3f} top-1 {row['train_top1']:.1f}%, test top-1 "
-                  f"{row['test_top1']:.1f}%  ({row['seconds']:.0f} s)", flush=True)
+                  f"{row['test_top1']:.1f}%  ({row['seconds']:.0f} s, {graph_note})", flush=True)
     result = dict(model=args.model, size=args.size, arch=arch, data=over, seed=args.seed, epochs=args.epochs,
-                  lr=args.lr, batch=args.batch, frames=args.frames, render_s=t_render,
+                  lr=args.lr, wd=args.wd, warmup=args.warmup, temporal=args.temporal, execution=graph_note, batch=args.batch, frames=args.frames, render_s=t_render,
                   train_s=time.time() - t_train, params=sum(p.numel() for p in model.parameters()), curve=curve,
                   device=torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu")
     if args.out:

@@ -20,16 +20,19 @@ RUN = ["--model.img_size", "32", "--model.num_frames", "4", "--data.num_workers"
 
 @pytest.mark.parametrize("model", [
     ["--variant", "cnn3d", "--size", "tiny"],
-    ["--variant", "msf_mamba", "--size", "tiny", "--model.arch.depth", "2", "--model.arch.embed_dim", "32",
-     "--model.arch.patch_size", "8", "--model.arch.stem", "conv", "--model.arch.stem_temporal_kernel", "3"],
-], ids=["cnn3d", "msf_mamba_conv_stem"])
+    # configs/tiny/micro.yaml, the fine-motion recipe: msf_mamba with the conv stem (kt 3) on the micro preset
+    ["--config", "micro", "--variant", "msf_mamba", "--model.arch.depth", "2", "--model.arch.embed_dim", "32",
+     "--model.arch.patch_size", "8"],
+], ids=["cnn3d", "msf_mamba_micro_recipe"])
 def test_micro_preset_trains_exports_and_reevaluates(model, tmp_path):
     run = tmp_path / "run"
     final = train.main([*model, *MICRO, *RUN, "--data.synth.cache_dir", str(tmp_path / "cache"),
                         "--output-dir", str(run)])
     assert final["step"] == 4 and 0.0 <= final["test_top1"] <= 1.0
     info = json.loads((run / "model_config.json").read_text())
-    assert info["variant"] == model[1]
+    assert info["variant"] == model[model.index("--variant") + 1]
+    if "--config" in model:   # the recipe's stem reached the model
+        assert load_model(run).cfg.stem == "conv" and load_model(run).cfg.stem_temporal_kernel == 3
     meta = json.loads((run / "run_meta.json").read_text())
     assert "synth-" in meta["data"]                                # generated from the preset into the cache
     from msf_scale.data import read_dataset_info
