@@ -42,6 +42,19 @@ def check_classes(meta: dict[str, Any], info, root: str) -> None:
                           "was trained on with --data")
 
 
+def check_synthetic_unchanged(recorded_name: str | None, synth: dict[str, Any]) -> None:
+    """An export records synthetic data by its generator parameters; if the generator or a preset changed since,
+    those parameters now make other clips (another digest), and evaluating on them would be silently wrong."""
+    if not recorded_name or not recorded_name.startswith("synthetic-"):
+        return
+    from msf_scale.data.synthetic import synth_config
+
+    now = f"synthetic-{synth_config(**{k: v for k, v in synth.items() if k != 'cache_dir'}).digest()}"
+    if now != recorded_name:
+        raise UserPathError(f"the export was trained on {recorded_name}, but its recorded synthetic parameters now "
+                            f"generate {now} (the generator or a preset changed since): pass that data with --data DIR")
+
+
 def recorded_root(meta: dict[str, Any], run_dir: Path) -> str:
     """The dataset an export was trained on: its recorded root, or the synthetic data regenerated from its
     recorded parameters (the same cache path); for older exports the run's config.yaml. Else --data is needed."""
@@ -54,7 +67,9 @@ def recorded_root(meta: dict[str, Any], run_dir: Path) -> str:
     if rec is None:
         raise UserPathError(f"{run_dir} records no dataset (an export older than the data record): pass --data DIR")
     if rec.get("synthetic"):
-        return data_root(None, rec.get("synth") or {})
+        synth = rec.get("synth") or {}
+        check_synthetic_unchanged(meta.get("dataset"), synth)
+        return data_root(None, synth)
     if not Path(rec["root"]).is_dir():
         raise UserPathError(f"the dataset recorded in the export, {rec['root']}, is not there: pass --data DIR")
     return data_root(rec["root"], {})

@@ -73,6 +73,21 @@ def test_eval_of_an_export_without_record_asks_for_data(tiny_argv, tmp_path, cap
     assert "pass --data" in capsys.readouterr().out
 
 
+def test_eval_refuses_synthetic_data_that_the_generator_no_longer_makes(tiny_argv, tmp_path, capsys):
+    """The export records synthetic data by its generator parameters; once those make other clips (a preset or the
+    generator changed: here, the recorded parameters edited), eval must not silently evaluate on the new clips."""
+    train_mod.main(tiny_argv("--max-steps", "1"))
+    best = tmp_path / "run" / "best" / "model_config.json"
+    assert evaluate.main(["--ckpt", str(best.parent), "--num-workers", "0"]) == 0   # unchanged: evaluates
+    meta = json.loads(best.read_text())
+    meta["data"]["synth"]["noise_std"] = 7.0   # the same parameters would now generate another dataset
+    best.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert evaluate.main(["--ckpt", str(best.parent), "--num-workers", "0"]) == 2
+    out = capsys.readouterr().out
+    assert "generate synthetic-" in out and meta["dataset"] in out and "--data" in out and "Traceback" not in out
+
+
 # ------------------------------------------------------------------ 3. the launcher's mixed precision
 @pytest.fixture
 def accel_reset():
