@@ -83,7 +83,8 @@ class DataConfig:
     min_scale: float = 0.5              # random-resized-crop minimum area fraction
     epoch_samples: int | None = None    # clips per training epoch (all ranks); None = train split size
     eval_batch_size: int | None = None  # None = train.batch_size
-    val_fraction: float = 0.0           # no val split in the data: carve this fraction of training subjects (seed: train.seed)
+    val_fraction: float = 0.0           # no val split in the data: carve this fraction of training subjects
+    val_seed: int = 0                   # seeds that carve (not train.seed: every training seed gets the same val split)
 
     def __post_init__(self) -> None:
         _check(0 <= self.val_fraction < 1, "data.val_fraction",

@@ -88,7 +88,7 @@ class Run:
         with acc.main_process_first():
             root = dataset_root(cfg.data)
         info = read_dataset_info(root)
-        val = val_split(cfg.data, root, tc.seed)
+        val = val_split(cfg.data, root)
         model = build_model(cfg.model, info.num_classes)
         preflight_memory(cfg, model.cfg, acc.device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         meta = model_meta(model, m.variant, m.size)

@@ -188,7 +188,8 @@ NO_VAL = ("{root} has no val split and no val fraction was given: a search that 
 
 
 def val_source(root: str, val_fraction: float | None, seed: int, work: Path) -> tuple[str, dict[str, Any]]:
-    """A dataset holding a val split: `root` itself, or a subject-independent carve-out into work/carved."""
+    """A dataset holding a val split: `root` itself, or a subject-independent carve-out into work/carved (seeded by
+    `seed`, data.val_seed: the subjects train.py's --data.val_fraction carves with the same seed)."""
     from msf_scale.data.splits import has_split, materialize_val_split, read_subjects
 
     if has_split(root, "val"):
@@ -200,8 +201,9 @@ def val_source(root: str, val_fraction: float | None, seed: int, work: Path) -> 
         shutil.rmtree(carved, ignore_errors=True)
         materialize_val_split(root, carved, fraction=val_fraction, seed=seed)
     val_subjects = sorted(set(read_subjects(carved, "val").values()))
-    return str(carved), {"val": f"carved from train: {len(val_subjects)} subjects ({val_fraction:g}, seed {seed})",
-                         "root": root, "carved": str(carved), "val_subjects": val_subjects}
+    return str(carved), {"val": f"carved from train: {len(val_subjects)} subjects (data.val_fraction "
+                                f"{val_fraction:g}, data.val_seed {seed})", "root": root, "carved": str(carved),
+                         "val_subjects": val_subjects, "val_fraction": val_fraction, "val_seed": seed}
 
 
 def tuning_view(src: str, out: Path) -> Path:
@@ -422,7 +424,7 @@ def _setup_search(opts: SearchOptions) -> dict[str, Any]:
     val_fraction = opts.val_fraction if opts.val_fraction is not None else cfg.data.val_fraction
     root = resolve_data(cfg)
     try:
-        src, val_info = val_source(root, val_fraction, cfg.train.seed, exp)
+        src, val_info = val_source(root, val_fraction, cfg.data.val_seed, exp)
     except UserError:
         shutil.rmtree(exp, ignore_errors=True)
         raise

@@ -2,8 +2,9 @@
 loaders.
 
 The val split (`val_split`) is the dataset's own `val` split when it has one, else, with `data.val_fraction F`, a
-seeded carve-out of whole training subjects (`data/splits.py`: never a subject of the test split), read in place:
-the training stream drops the carved keys and the val loader reads only them from the training shards (no copy).
+carve-out of whole training subjects seeded by `data.val_seed` (`data/splits.py`: never a subject of the test
+split), read in place: the training stream drops the carved keys and the val loader reads only them from the
+training shards (no copy).
 With neither, a run has no val split (and evaluates, and selects best/, on test: train_steps.Evaluator).
 
 The training and evaluation entry points hand the section over whole (`cfg.data`), with what the section does not
@@ -36,8 +37,8 @@ class ValSplit:
             return f"the dataset's own val split ({self.num_samples} clips, {len(self.subjects)} subjects)"
         c = self.carve
         return (f"carved from train: {len(c.val_subjects)} of {len(c.val_subjects) + len(c.train_subjects)} "
-                f"training subjects (data.val_fraction {c.fraction:g}, seed {c.seed}), {len(c.val_keys)} clips; "
-                f"training keeps {len(c.train_keys)}")
+                f"training subjects (data.val_fraction {c.fraction:g}, data.val_seed {c.seed}), "
+                f"{len(c.val_keys)} clips; training keeps {len(c.train_keys)}")
 
     def to_json(self) -> dict[str, Any]:
         out = {"source": self.source, "num_samples": self.num_samples, "subjects": list(self.subjects)}
@@ -48,9 +49,10 @@ class ValSplit:
         return out
 
 
-def val_split(data: DataConfig, root: str, seed: int) -> ValSplit | None:
+def val_split(data: DataConfig, root: str) -> ValSplit | None:
     """The run's val split (see the module doc), or None. A dataset's own val split wins; asking for a carve-out of
-    a dataset that has one is refused (it would select on other data than the dataset's val)."""
+    a dataset that has one is refused (it would select on other data than the dataset's val). The carve is seeded
+    by `data.val_seed`, not `train.seed`: the runs of a multi-seed study hold out the same subjects."""
     from msf_scale.data.splits import split_subjects
 
     if has_split(root, "val"):
@@ -66,7 +68,7 @@ def val_split(data: DataConfig, root: str, seed: int) -> ValSplit | None:
     if not data.val_fraction:
         return None
     try:
-        carve, by_shard = plan_carve(root, data.val_fraction, seed)
+        carve, by_shard = plan_carve(root, data.val_fraction, data.val_seed)
     except ValueError as e:
         raise ConfigError(f"data.val_fraction {data.val_fraction:g} on {root}: {e}") from None
     counts = [sum(carve.is_val(k) for k in part) for part in by_shard]

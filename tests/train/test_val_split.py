@@ -15,7 +15,7 @@ from msf_scale.config import ConfigError, load_config
 from msf_scale.data import synthesize
 from msf_scale.data.builders import train_loader, val_loader, val_split
 from msf_scale.data.schema import DatasetInfo, ShardSink, make_sample, npy_bytes, write_dataset_info
-from msf_scale.data.splits import read_subjects
+from msf_scale.data.splits import plan_carve, read_subjects
 from msf_scale.data.streams import ErrorLog
 from msf_scale.export import best_top1
 from msf_scale.metrics import read_jsonl
@@ -55,8 +55,8 @@ def test_carve_shares_no_subject_with_train_or_test_and_the_loaders_keep_to_it(t
     train_subj, test_subj = read_subjects(root, "train"), set(read_subjects(root, "test").values())
     seen = set()
     for seed in range(6):
-        cfg = load_config(["--data.val_fraction", "0.4", "--data.num_workers", "0"])
-        val = val_split(cfg.data, root, seed)
+        cfg = load_config(["--data.val_fraction", "0.4", "--data.num_workers", "0", "--data.val_seed", str(seed)])
+        val = val_split(cfg.data, root)
         c = val.carve
         assert val.source == "carved" and set(c.val_subjects) == {train_subj[k] for k in c.val_keys}
         assert not set(c.val_subjects) & set(c.train_subjects) and not set(c.val_subjects) & test_subj
@@ -77,7 +77,7 @@ def test_carved_val_is_read_once_across_ranks_and_workers(tmp_path, shard_size):
     root = _dataset(tmp_path / "ds", {"train": [f"s{i}" for i in range(5)], "test": ["s9"]}, per_subject=3,
                     shard_size=shard_size)
     cfg = load_config(["--data.val_fraction", "0.4", "--data.num_workers", "2"])
-    val = val_split(cfg.data, root, 0)
+    val = val_split(cfg.data, root)
     keys = []
     for rank in (0, 1):
         vl = val_loader(cfg.data, root, val, **{**CLIP, "rank": rank, "world_size": 2})
@@ -91,13 +91,13 @@ def test_a_datasets_own_val_split_is_used_and_a_second_carve_refused(tmp_path):
     root = synthesize(tmp_path / "v", workers=1, val_subjects=2, train_per_class=3, test_per_class=2, num_frames=4,
                       size=16, shard_size=8)
     cfg = load_config(["--data.num_workers", "0"])
-    val = val_split(cfg.data, str(root), 0)
+    val = val_split(cfg.data, str(root))
     assert val.source == "dataset" and val.carve is None and not val.shared
     assert set(val.subjects) == set(read_subjects(root, "val").values())
     assert sorted(k for _, _, ks in val_loader(cfg.data, str(root), val, **CLIP) for k in ks) == sorted(
         read_subjects(root, "val"))
     with pytest.raises(ConfigError, match="has its own val split"):
-        val_split(load_config(["--data.val_fraction", "0.2"]).data, str(root), 0)
+        val_split(load_config(["--data.val_fraction", "0.2"]).data, str(root))
 
 
 class Seen(Callback):
@@ -111,11 +111,14 @@ class Seen(Callback):
 def test_a_run_with_val_fraction_reports_val_top1_and_tests_once(tiny_argv, tmp_path, capsys):
     seen = Seen()
     result = train(load_config(tiny_argv("--epochs", "2", "--schedule.warmup_epochs", "1", "--train.eval_every", "1",
-                                         "--data.val_fraction", "0.25")), callbacks=[seen])
+                                         "--data.val_fraction", "0.25", "--train.seed", "3")), callbacks=[seen])
     run, final = result.run_dir, result.metrics
     meta = json.loads((run / "run_meta.json").read_text())
     n_val = meta["val"]["num_samples"]
     assert meta["val"]["source"] == "carved" and meta["best_selected_on"] == "val_top1" and n_val > 0
+    # the carve is seeded by data.val_seed (default 0), not train.seed: another training seed, the same val subjects
+    by_seed = {s: plan_carve(meta["data"], 0.25, s)[0].val_subjects for s in (0, 3)}
+    assert by_seed[0] != by_seed[3] and meta["val"]["seed"] == 0 and tuple(meta["val"]["subjects"]) == by_seed[0]
     assert meta["steps_per_epoch"] == meta["val"]["train_samples"] // 8           # the carved clips left training
     evals = [r for r in read_jsonl(run / "metrics.jsonl") if "val_top1" in r or "test_top1" in r]
     assert [("val_top1" in r, "test_top1" in r) for r in evals] == [(True, False), (True, True)]  # test: end only

@@ -36,6 +36,6 @@ def test_a_trial_evaluates_the_views_val_split_and_never_test(tmp_path, tiny_set
     assert setup["data"]["val"].startswith("carved from train")
     cfg = load_config([*setup["argv"], *TRIAL_FIXED])
     assert cfg.data.val_fraction == 0 and cfg.train.final_test is False and cfg.train.eval_every == 1
-    val = val_split(cfg.data, cfg.data.root, cfg.train.seed)
+    val = val_split(cfg.data, cfg.data.root)
     assert val.source == "dataset" and not val.shared          # the view's own val split, no warning about its test
     assert Path(cfg.data.root) == Path(setup["view"])
