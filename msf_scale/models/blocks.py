@@ -65,6 +65,8 @@ class BiMamba(nn.Module):
 class _Direction(nn.Module):
     """Per-direction parameters and the causal conv -> projections -> selective scan path."""
 
+    no_weight_decay_params = ("A_log", "D")   # a class attribute: copy.deepcopy keeps it (a Parameter's attrs not)
+
     def __init__(self, d_inner: int, d_state: int, dt_rank: int, d_conv: int, fk: dict):
         super().__init__()
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True, **fk)
@@ -72,8 +74,6 @@ class _Direction(nn.Module):
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **fk)
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state, device=fk["device"], dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(d_inner, device=fk["device"], dtype=torch.float32))
-        self.A_log._no_weight_decay = True
-        self.D._no_weight_decay = True
         self.dt_rank, self.d_state = dt_rank, d_state
 
     def reset_parameters(self, *dt_range: float) -> None:
@@ -112,6 +112,8 @@ class StateFusion(nn.Module):
     """MCFM + ASWM: CFD fusion of the SSM states over k x k x k windows (one depthwise kernel per scale), then a
     softmax over scales of a 1x1x1 conv on the concatenated fused states weights them at every position."""
 
+    no_weight_decay_params = ("theta",)   # when learnable (a buffer otherwise)
+
     def __init__(self, dim: int, scales: tuple[int, ...], theta: float, theta_learnable: bool, use_aswm: bool,
                  backend: str = "auto", init: str = "zero", device=None, dtype=None):
         super().__init__()
@@ -126,7 +128,6 @@ class StateFusion(nn.Module):
         theta_t = torch.tensor(float(theta), device=device)
         if theta_learnable:
             self.theta = nn.Parameter(theta_t)
-            self.theta._no_weight_decay = True
         else:
             self.register_buffer("theta", theta_t, persistent=False)
         self.aswm = nn.Conv3d(dim * len(scales), len(scales), 1, device=device, dtype=dtype) if use_aswm else None

@@ -218,7 +218,8 @@ class MSFMamba(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         names = {"pos_embed", "cls_token", "cls_pos", "temporal_pos_embedding"}
-        names |= {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
+        for prefix, module in self.named_modules():   # each block type names its own (A_log, D, a learnable theta)
+            names |= {f"{prefix}.{p}" if prefix else p for p in getattr(module, "no_weight_decay_params", ())}
         return {n for n in names if n in dict(self.named_parameters())}
 
     def num_params(self) -> int:

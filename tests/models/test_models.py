@@ -1,4 +1,5 @@
 """Every registered variant x size: builds, runs forward + backward, reaches every parameter; API and errors."""
+import copy
 import pytest
 import torch
 
@@ -103,6 +104,8 @@ def test_no_weight_decay_names_exist():
     params = dict(model.named_parameters())
     assert {"pos_embed", "cls_token", "temporal_pos_embedding"} <= names <= set(params)
     assert any(n.endswith("A_log") for n in names) and any(n.endswith(".theta") for n in names)
+    assert copy.deepcopy(model).no_weight_decay() == names   # an EMA copy or a replica decays the same params
+    assert not any(n.endswith(".theta") for n in create_model("msf_mamba", size="tiny", **SMALL_CLIP).no_weight_decay())
 
 
 def test_dt_init_matches_mamba_and_flag_restores_videomamba():

@@ -112,7 +112,7 @@ def test_two_updates_match_a_hand_computation(tiny_argv, monkeypatch):
     replica = copy.deepcopy(rec.model)
     replica.load_state_dict(rec.initial)
     replica.train()
-    nwd = rec.model.no_weight_decay()       # (deepcopy drops the parameters' _no_weight_decay marks)
+    nwd = replica.no_weight_decay()
     params = dict(replica.named_parameters())
     decay = [p for n, p in params.items() if p.ndim > 1 and n not in nwd]
     no_decay = [p for n, p in params.items() if not (p.ndim > 1 and n not in nwd)]
