@@ -2,7 +2,7 @@
 
 Layout of a run directory (what is for inference, `model.safetensors` and `best/`, is export.py's):
     ckpt/step_0000500/   Accelerate/DeepSpeed state (model, optimizer, scheduler, RNG, TrainState, EMA),
-                         meta.json (model config, data position) and COMPLETE, written last
+                         meta.json (model config, val split identity, data position) and COMPLETE, written last
     ckpt/step_0000600.tmp/   a save in progress: never picked by `--resume auto`
 A save writes into `step_N.tmp`, then the main process writes `COMPLETE` and renames the directory
 (an atomic rename on one filesystem; multi-node runs need the run dir on a shared filesystem).
@@ -81,9 +81,12 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return p
 
 
-def check_resume_compatible(ckpt: Path, meta: dict[str, Any]) -> None:
-    """Refuse a checkpoint whose model differs from this run's (class count, widths, frames...)."""
-    saved = json.loads((ckpt / "meta.json").read_text())["model"]
+def check_resume_compatible(ckpt: Path, meta: dict[str, Any], val_split: dict[str, Any] | None = None) -> None:
+    """Refuse a checkpoint whose model differs from this run's (class count, widths, frames...), or, given this run's
+    val split identity (data.builders.split_identity), whose val split differs: its val clips would then have been
+    trained on, or its training clips held out. A checkpoint that records no val split had none."""
+    full = json.loads((ckpt / "meta.json").read_text())
+    saved = full["model"]
     a, b = saved["config"], meta["config"]
     diffs = [f"{k}: checkpoint {a.get(k)!r} vs this run {b.get(k)!r}" for k in sorted(set(a) | set(b))
              if k not in _EXECUTION_FIELDS and _norm(a.get(k)) != _norm(b.get(k))]
@@ -94,6 +97,15 @@ def check_resume_compatible(ckpt: Path, meta: dict[str, Any]) -> None:
                 if any(d.startswith("num_classes") for d in diffs) else "")
         raise ConfigError(f"cannot resume from {ckpt}: the model differs{hint}:\n  " + "\n  ".join(diffs)
                          + "\nStart a new run with another --output-dir, or restore the original settings.")
+    if val_split is not None:
+        from msf_scale.data.builders import describe_identity
+
+        had = full.get("val_split", {"source": "none"})
+        if had != val_split:
+            raise ConfigError(f"cannot resume from {ckpt}: the val split differs: checkpoint "
+                              f"{describe_identity(had)} vs this run {describe_identity(val_split)}; restore the "
+                              "original data / data.val_fraction / data.val_seed, or start a new run with another "
+                              "--output-dir")
 
 
 def _norm(v: Any) -> Any:

@@ -13,6 +13,7 @@ from torch import nn
 
 from msf_scale import distributed as dist
 from msf_scale.checkpoint import save_checkpoint
+from msf_scale.data.builders import split_identity
 from msf_scale.evaluate import evaluate_model
 from msf_scale.export import best_top1, export_best
 from msf_scale.metrics import mfu, peak_memory_gb
@@ -222,8 +223,8 @@ class Checkpointer:
         run, state = self.run, self.run.state
         if self.saved_at == state.step:
             return
-        path = save_checkpoint(run.acc, run.run_dir, state.step, {"model": run.meta, "train_state": state.state_dict()},
-                               run.cfg.train.keep_last)
+        meta = {"model": run.meta, "val_split": split_identity(run.val), "train_state": state.state_dict()}
+        path = save_checkpoint(run.acc, run.run_dir, state.step, meta, run.cfg.train.keep_last)
         self.saved_at = state.step
         self.callbacks.checkpointed(path)
 

@@ -13,6 +13,7 @@ in loader.py take plain arguments, so that tests and tools can call them without
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,17 @@ class ValSplit:
                 f"training subjects (data.val_fraction {c.fraction:g}, data.val_seed {c.seed}), "
                 f"{len(c.val_keys)} clips; training keeps {len(c.train_keys)}")
 
+    def identity(self) -> dict[str, Any]:
+        """What makes this val split this one, for a checkpoint to record (see split_identity)."""
+        if self.carve is not None:
+            names = sorted(self.carve.val_keys)
+            fraction, seed = self.carve.fraction, self.carve.seed
+        else:
+            names, fraction, seed = sorted(self.subjects), None, None
+        digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+        return {"source": self.source, "fraction": fraction, "seed": seed, "subjects": len(self.subjects),
+                "hash": digest}
+
     def to_json(self) -> dict[str, Any]:
         out = {"source": self.source, "num_samples": self.num_samples, "subjects": list(self.subjects)}
         if self.carve is not None:
@@ -47,6 +59,23 @@ class ValSplit:
         if self.shared:
             out["shares_subjects_with"] = self.shared
         return out
+
+
+def split_identity(val: ValSplit | None) -> dict[str, Any]:
+    """A val split's identity, which a checkpoint records and a resume must match: its source (dataset / carved /
+    none), the carve's fraction and seed, the number of val subjects and a hash of the sorted val keys (carved) or
+    val subjects (the dataset's own)."""
+    return {"source": "none"} if val is None else val.identity()
+
+
+def describe_identity(ident: dict[str, Any]) -> str:
+    """One phrase for a split identity (split_identity), as a resume refusal names it."""
+    if ident.get("source") == "none":
+        return "no val split"
+    if ident.get("source") == "carved":
+        return (f"carved (data.val_fraction {ident.get('fraction'):g}, data.val_seed {ident.get('seed')}, "
+                f"{ident.get('subjects')} subjects, keys {ident.get('hash')})")
+    return f"the dataset's own ({ident.get('subjects')} subjects, {ident.get('hash')})"
 
 
 def val_split(data: DataConfig, root: str) -> ValSplit | None:

@@ -19,7 +19,7 @@ from msf_scale.data.splits import plan_carve, read_subjects
 from msf_scale.data.streams import ErrorLog
 from msf_scale.export import best_top1
 from msf_scale.metrics import read_jsonl
-from msf_scale.train import Callback, main, train
+from msf_scale.train import Callback, cli, main, train
 
 CLIP = dict(num_frames=4, img_size=16, batch_size=4, rank=0, world_size=1)
 
@@ -176,3 +176,24 @@ def test_without_a_val_split_best_is_on_test_and_says_so(tiny_argv, capsys):
     assert final["best_selected_on"] == "test_top1" and best["selected_on"] == "test_top1"
     assert final["best_test_top1"] == final["test_top1"] and "val_top1" not in final
     assert "no val split: every evaluation is on test" in capsys.readouterr().out
+
+
+def test_a_resume_with_another_val_split_is_refused(tiny_argv, capsys):
+    # 2 epochs with val = a quarter of the training subjects; a resume asking for another split would train on clips
+    # that were val (or hold out clips that trained): refused in one line, before anything runs. The same split
+    # resumes.
+    first = main(tiny_argv("--epochs", "2", "--schedule.warmup_epochs", "1", "--data.val_fraction", "0.25"))
+    meta = json.loads((Path(first["run_dir"]) / "ckpt" / f"step_{first['step']:07d}" / "meta.json").read_text())
+    assert meta["val_split"]["source"] == "carved" and meta["val_split"]["seed"] == 0
+    for other in (["--data.val_fraction", "0.5", "--train.seed", "1"], ["--data.val_seed", "1"],
+                  ["--data.val_fraction", "0"]):
+        argv = tiny_argv("--epochs", "3", "--schedule.warmup_epochs", "1", "--data.val_fraction", "0.25",
+                         "--resume", "auto", *other)
+        with pytest.raises(ConfigError, match="the val split differs") as e:
+            main(argv)
+        assert "\n" not in str(e.value) and "checkpoint carved (data.val_fraction 0.25, data.val_seed 0" in str(
+            e.value)
+        assert cli(argv) == 2 and capsys.readouterr().err.count("\n") == 1
+    final = main(tiny_argv("--epochs", "3", "--schedule.warmup_epochs", "1", "--data.val_fraction", "0.25",
+                           "--resume", "auto"))
+    assert final["step"] == 3 * first["step"] // 2 and final["best_selected_on"] == "val_top1"
