@@ -20,7 +20,8 @@ column, data synth --val-subjects N) or, with --val-fraction F (or a `data.val_f
 subject-independent carve-out of the training subjects (data/splits.py). With neither, the search is refused.
 
 At the end, in `<storage>/<name>/` next to Ray's own files: best_config.yaml (a config train.py accepts as
---config: the presets and --set values with the best trial's hyper-parameters, on the original dataset),
+--config: the presets and --set values with the best trial's hyper-parameters, on the original dataset, with the
+search's val split: a carve's data.val_fraction and data.val_seed, so that train.py carves the same subjects),
 trials.csv and trials.md (every trial: status, hyper-parameters, val top-1, epochs, restarts, error),
 search_curves.png (val top-1 vs epoch per trial) and search_summary.json; trials.md and the plot give val top-1
 in percent, trials.csv and the summary as a fraction (as metrics.jsonl). `msf-scale report --tune DIR` shows them. Ray (`pip install 'msf_scale[tune]'`) is
@@ -589,13 +590,27 @@ def write_outputs(exp: Path, setup: dict[str, Any]) -> dict[str, Any]:
                "files": {"best_config": BEST_YAML if best else None, "trials_csv": TRIALS_CSV,
                          "trials_md": TRIALS_MD, "curves": CURVES_PNG}}
     if best is not None:
-        write_best_config(setup["base_argv"], {k: best[k] for k in keys}, exp / BEST_YAML,
+        write_best_config(best_config_argv(setup), {k: best[k] for k in keys}, exp / BEST_YAML,
                           header=f"best trial {best['trial']} of {exp}: val_top1 {best['val_top1']:.4f} after "
                                  f"{best['epochs']} epochs ({setup['data']['val']})")
     else:
         (exp / BEST_YAML).unlink(missing_ok=True)
     (exp / SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
     return {**summary, "rows": rows}
+
+
+def best_config_argv(setup: dict[str, Any]) -> list[str]:
+    """The argv best_config.yaml is made of (before the best trial's values): the presets and --set values, and the
+    search's val split, so that training the best config selects best/ on the val subjects the search selected on
+    (and tests once at the end): a carved split's data.val_fraction and data.val_seed (--val-fraction is not in the
+    presets), or data.val_fraction 0 where the dataset has its own val split (train.py uses that one)."""
+    data = setup.get("data", {})
+    if "carved" not in data:
+        return [*setup["base_argv"], "--data.val_fraction", "0"]
+    fraction = data.get("val_fraction", setup.get("options", {}).get("val_fraction"))
+    seed = data["val_seed"] if "val_seed" in data else load_config(setup["base_argv"]).train.seed  # older searches
+    extra = [] if fraction is None else ["--data.val_fraction", fmt_value(fraction)]   # else: in base_argv (--set)
+    return [*setup["base_argv"], *extra, "--data.val_seed", str(seed)]
 
 
 def write_best_config(base_argv: list[str], params: dict[str, Any], path: Path, header: str = "") -> RunConfig:
