@@ -141,7 +141,7 @@ def _finish(run: Run, last_log: dict, last_eval: dict, evaluate: Evaluator, stop
     """The final metrics (final_metrics.json), best/'s test figure (a run with a val split) and the export."""
     acc, state = run.acc, run.state
     train_corrupt = run.corrupt(run.loader)
-    best = evaluate.best_record()
+    best = evaluate.best_record(last_eval)
     final = {"step": state.step, "epoch": state.epoch, "clips_seen": state.clips_seen, "bad_steps": state.bad_steps,
              **{k: last_log[k] for k in ("loss", "train_top1", "clips_per_s", "mfu") if k in last_log},
              **last_eval, **best, "corrupt_samples": train_corrupt[0], "corrupt_shards": train_corrupt[1],

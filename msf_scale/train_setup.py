@@ -4,7 +4,7 @@ Order matters and is kept: the seed, the data (generated once, main process firs
 from the seeded generator), resume or released weights, the train loader, optimizer and schedule, the EMA copy
 (before `prepare`), `prepare`, the checkpointed loop position, the run directory, the loggers, the val and test
 loaders. The val split (the dataset's own, or `data.val_fraction`'s carve-out of training subjects) is decided
-with the data, before the train loader, which leaves a carved split's clips out; it draws on no global generator,
+with the data (by the main process, broadcast to the others), before the train loader, which leaves a carved split's clips out; it draws on no global generator,
 so a run without one trains exactly as before val splits existed.
 The CPU memory pre-flight lives here too: it refuses a run before the kernel's OOM killer would end it.
 """
@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -89,7 +89,7 @@ class Run:
         with acc.main_process_first():
             root = dataset_root(cfg.data)
         info = read_dataset_info(root)
-        val = val_split(cfg.data, root)
+        val = on_main(acc, lambda: val_split(cfg.data, root))   # reads every training shard's metadata once
         model = build_model(cfg.model, info.num_classes)
         preflight_memory(cfg, model.cfg, acc.device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         meta = model_meta(model, m.variant, m.size)
@@ -142,6 +142,27 @@ class Run:
                    train_flops=train_flops_per_clip(fwd_macs),
                    peak_tflops=device_peak_tflops(cfg.log.peak_tflops, acc.device), logger=logger, t_start=t_start)
 
+
+
+def on_main(acc, fn: Callable[[], Any]) -> Any:
+    """`fn()` computed by the main process alone and broadcast: every rank gets its value, or raises its error. For
+    a decision that reads files (which another node may not see, or see in another state) and then leads every rank
+    into collectives: taken once, so that no rank takes another path and hangs the others."""
+    if acc.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    box: list[Any] = [None]
+    if acc.is_main_process:
+        try:
+            box = [("value", fn())]
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            box = [("error", e)]
+    broadcast_object_list(box, from_process=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 def _val_line(val: ValSplit | None, final_test: bool) -> str:

@@ -17,7 +17,7 @@ from msf_scale.data.builders import split_identity
 from msf_scale.evaluate import evaluate_model
 from msf_scale.export import best_top1, export_best
 from msf_scale.metrics import mfu, peak_memory_gb
-from msf_scale.train_setup import Run
+from msf_scale.train_setup import Run, on_main
 
 
 def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
@@ -183,30 +183,37 @@ class Evaluator:
             + f"  | best/ {self.metric} {self.best:.4f}")
         return out
 
-    def best_record(self) -> dict[str, Any]:
+    def best_record(self, final: dict[str, Any] | None = None) -> dict[str, Any]:
         """What the final metrics say about best/: the metric it was selected on, its value and step, and its test
-        top-1. With a val split and train.final_test that is measured here once, on best/'s own weights (unless
-        best/ is the final evaluation's, whose test figures it already records), and added to best/'s record."""
+        top-1. With a val split and train.final_test that is measured here once, on best/'s own weights, and added to
+        best/'s record; unless best/ already records it (the final evaluation's export) or holds the weights of
+        `final`, the last evaluation (a run stopped right after its best evaluation), whose test figures it takes.
+        The main process reads best/'s record and broadcasts it: every rank takes the same path into the
+        evaluation's collectives, also where best/ is on a disk only the main process sees."""
         run, acc = self.run, self.run.acc
         conf = run.run_dir / "best" / "model_config.json"
-        if not conf.is_file():
+        rec = on_main(acc, lambda: json.loads(conf.read_text()) if conf.is_file() else None)
+        if rec is None:
             return {"best_selected_on": self.metric}
-        rec = json.loads(conf.read_text())
         out = {"best_selected_on": self.metric, f"best_{self.metric}": rec.get(self.metric), "best_step": rec["step"]}
         if self.metric == "val_top1" and run.eval_loader is not None:
             if "test_top1" not in rec:
-                from msf_scale.export import load_model
+                final = final or {}
+                if rec["step"] == run.state.step and "test_top1" in final:   # best/ holds the final weights
+                    rec.update({k: final[k] for k in ("test_top1", "test_top5", "test_samples")})
+                else:
+                    from msf_scale.export import load_model
 
-                model = load_model(run.run_dir / "best", device=acc.device)
-                run.eval_loader.stats.reset()
-                res = evaluate_model(model, run.eval_loader, acc, run.views,
-                                     autocast_bf16=run.cfg.train.precision == "bf16")
-                rec.update(test_top1=res["top1"], test_top5=res["top5"], test_samples=res["num_samples"])
+                    model = load_model(run.run_dir / "best", device=acc.device)
+                    run.eval_loader.stats.reset()
+                    res = evaluate_model(model, run.eval_loader, acc, run.views,
+                                         autocast_bf16=run.cfg.train.precision == "bf16")
+                    rec.update(test_top1=res["top1"], test_top5=res["top5"], test_samples=res["num_samples"])
                 acc.wait_for_everyone()
                 if acc.is_main_process:
                     conf.write_text(json.dumps(rec, indent=1))
                 acc.print(f"best/ (step {rec['step']}, val_top1 {rec['val_top1']:.4f}): test_top1 "
-                          f"{res['top1']:.4f}  test_top5 {res['top5']:.4f}")
+                          f"{rec['test_top1']:.4f}  test_top5 {rec['test_top5']:.4f}")
             out.update(best_test_top1=rec["test_top1"], best_test_top5=rec["test_top5"])
         return out
 

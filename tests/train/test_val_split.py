@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import msf_scale.train_steps as steps_mod
 from msf_scale.config import ConfigError, load_config
@@ -17,7 +18,7 @@ from msf_scale.data.builders import train_loader, val_loader, val_split
 from msf_scale.data.schema import DatasetInfo, ShardSink, make_sample, npy_bytes, write_dataset_info
 from msf_scale.data.splits import plan_carve, read_subjects
 from msf_scale.data.streams import ErrorLog
-from msf_scale.export import best_top1
+from msf_scale.export import best_top1, load_model
 from msf_scale.metrics import read_jsonl
 from msf_scale.train import Callback, cli, main, train
 
@@ -135,24 +136,36 @@ def test_a_run_with_val_fraction_reports_val_top1_and_tests_once(tiny_argv, tmp_
 
 def _scripted(monkeypatch, val_scores, test_scores):
     """evaluate_model returning the given top-1 in turn for the val and the test loader: val and test disagree on
-    which evaluation is best, so what best/ holds shows what it was chosen on."""
+    which evaluation is best, so what best/ holds shows what it was chosen on. `weights` keeps the weights each test
+    evaluation was given, so that a test can check which model it measured."""
     calls = {"val": list(val_scores), "test": list(test_scores)}
 
     def fake(model, loader, acc, views, autocast_bf16=False):
         split = "test" if any("/test-" in u for u in loader.stream.urls) else "val"
         top1 = calls[split].pop(0)
+        if split == "test":
+            weights.append({k: v.detach().clone() for k, v in getattr(model, "module", model).state_dict().items()})
         return {"top1": top1, "top5": 1.0, "num_samples": 8, "views": 1}
+    weights: list[dict[str, torch.Tensor]] = []
     monkeypatch.setattr(steps_mod, "evaluate_model", fake)
-    return calls
+    return calls, weights
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_best_is_chosen_on_val_and_its_test_measured_once(tiny_argv, monkeypatch):
     # val best at epoch 2 of 3; test (final weights, then best/'s weights) is only read at the end
-    calls = _scripted(monkeypatch, [0.25, 0.75, 0.5], [0.125, 0.625])
+    calls, weights = _scripted(monkeypatch, [0.25, 0.75, 0.5], [0.125, 0.625])
     final = main(tiny_argv("--epochs", "3", "--schedule.warmup_epochs", "1", "--train.eval_every", "1",
                            "--data.val_fraction", "0.25"))
     assert calls == {"val": [], "test": []}
     run = Path(final["run_dir"])
+    # which model each test evaluation measured: the final weights, then best/'s (epoch 2), not the final ones again
+    best_w, final_w = load_model(run / "best").state_dict(), load_model(run).state_dict()
+    assert not _same(best_w, final_w)                                   # training moved on after best/
+    assert len(weights) == 2 and _same(weights[0], final_w) and _same(weights[1], best_w)
     best = json.loads((run / "best" / "model_config.json").read_text())
     steps = json.loads((run / "run_meta.json").read_text())["steps_per_epoch"]
     assert best["selected_on"] == "val_top1" and best["val_top1"] == 0.75 and best["step"] == 2 * steps
@@ -163,7 +176,7 @@ def test_best_is_chosen_on_val_and_its_test_measured_once(tiny_argv, monkeypatch
 
 
 def test_final_test_false_never_reads_test(tiny_argv, monkeypatch):
-    calls = _scripted(monkeypatch, [0.5, 0.25], [])
+    calls, _ = _scripted(monkeypatch, [0.5, 0.25], [])
     final = main(tiny_argv("--epochs", "2", "--schedule.warmup_epochs", "1", "--train.eval_every", "1",
                            "--data.val_fraction", "0.25", "--train.final_test", "false"))
     assert calls["val"] == [] and not {k for k in final if "test" in k}
@@ -197,3 +210,31 @@ def test_a_resume_with_another_val_split_is_refused(tiny_argv, capsys):
     final = main(tiny_argv("--epochs", "3", "--schedule.warmup_epochs", "1", "--data.val_fraction", "0.25",
                            "--resume", "auto"))
     assert final["step"] == 3 * first["step"] // 2 and final["best_selected_on"] == "val_top1"
+
+
+class StopAtFirst(Callback):
+    def __init__(self):
+        self.evals = []
+
+    def on_evaluate(self, metrics):
+        self.evals.append(metrics)
+        return True
+
+
+def test_a_run_stopped_by_a_callback_still_tests_once(tiny_argv, monkeypatch):
+    # a val split, 3 epochs, a callback that stops after the first evaluation (epoch 1): the loop's final evaluation
+    # is skipped, yet test is measured once, on the final weights, which are best/'s (the stop was its evaluation)
+    calls, weights = _scripted(monkeypatch, [0.5], [0.25])
+    stop = StopAtFirst()
+    result = train(load_config(tiny_argv("--epochs", "3", "--schedule.warmup_epochs", "1", "--train.eval_every", "1",
+                                         "--data.val_fraction", "0.25")), callbacks=[stop])
+    assert result.stopped_early and len(stop.evals) == 1 and "test_top1" not in stop.evals[0]
+    assert calls == {"val": [], "test": []} and len(weights) == 1             # one test evaluation in all
+    run, final = result.run_dir, result.metrics
+    steps = json.loads((run / "run_meta.json").read_text())["steps_per_epoch"]
+    assert final["step"] == steps and (final["val_top1"], final["test_top1"]) == (0.5, 0.25)
+    assert (final["best_val_top1"], final["best_step"], final["best_test_top1"]) == (0.5, steps, 0.25)
+    assert json.loads((run / "best" / "model_config.json").read_text())["test_top1"] == 0.25
+    tests = [r for r in read_jsonl(run / "metrics.jsonl") if "test_top1" in r]
+    assert len(tests) == 1 and tests[0]["step"] == steps
+    assert _same(weights[0], load_model(run / "best").state_dict())
