@@ -4,18 +4,24 @@
 #      configs/tiny/cpu_demo.yaml, on each size's defaults: synthetic 8 x 32 x 32 data, batch 16, EPOCHS epochs);
 #   2. their batch-1 latency at their own input shape (eager + CUDA graph) -> the accuracy-vs-inference-time curve;
 #   3. the scaling report of those runs (HTML + Markdown);
-#   4. the 9-model latency table at 8 x 224 x 224 (eager, CUDA graph, torch.compile within BUDGET_S seconds).
+#   4. the 9-model latency table at 8 x 224 x 224 (eager and CUDA graph rows, then torch.compile rows), within a hard
+#      wall-clock budget of BUDGET_S seconds (benchmarks/bench_latency.py: rows predicted to overrun are written as
+#      skipped, a row that overruns is stopped; one progress line per row).
 # Usage (repository root; python with torch + CUDA + mamba-ssm, the package on PYTHONPATH):
 #   bash benchmarks/curve_runs.sh OUT
-# Knobs (environment): PARTS="curve table" (either alone splits the work in two commands) EPOCHS=3 BUDGET_S=200 RUNS_PER=50 VARIANTS="videomamba msf_mamba msf_mamba_plus"
-#   SIZES="tiny small base" WORK=/tmp/msf_curve; for a CPU smoke test also TRAIN_ARGS="--max-steps 2"
+# Knobs (environment): PARTS="curve table" (either alone splits the work in two commands) EPOCHS=3 BUDGET_S=300 RUNS_PER=50 VARIANTS="videomamba msf_mamba msf_mamba_plus"
+#   SIZES="tiny small base" WORK=/tmp/msf_curve; BENCH_ARGS (more bench_latency.py flags, e.g. "--compile-reserve-s 120");
+#   for a CPU smoke test also TRAIN_ARGS="--max-steps 2"
 #   SYNTH_ARGS="--train-per-class 4 --test-per-class 2" RUN_MODES=eager BENCH_ARGS="--frames 4 --img-size 32 --modes eager"
-# OUT receives 8 files: latency.csv/.json (the 224 table), curve.png/.svg/.csv, report.html, summary.md and
-# extras.tar.gz (the runs' logs, metrics and evals, and their own latency.json).
+# OUT receives at most 8 files: latency.csv/.json (the 224 table, written into OUT after every row, so a run killed
+# at any point keeps its finished rows), curve.png/.svg/.csv, report.html, summary.md and extras.tar.gz (the runs'
+# logs, metrics and evals, their own latency.json, the table's log); with PARTS=table alone also latency.log (the
+# table's progress, tee'd into OUT as it is printed). Nothing is hidden behind a tail: every progress line goes to
+# stdout as it is printed. Whatever happened (a failed step, SIGTERM), the EXIT trap still packs extras.tar.gz.
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/curve_runs.sh OUT}
 EPOCHS=${EPOCHS:-3}
-BUDGET_S=${BUDGET_S:-200}
+BUDGET_S=${BUDGET_S:-300}
 RUNS_PER=${RUNS_PER:-50}
 VARIANTS=${VARIANTS:-"videomamba msf_mamba msf_mamba_plus"}
 SIZES=${SIZES:-"tiny small base"}
@@ -25,9 +31,24 @@ mkdir -p "$OUT" "$WORK/runs" "$WORK/logs"
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
-$PY -c "import matplotlib, fvcore, tabulate" || { echo "needs matplotlib, fvcore and tabulate" >&2; exit 1; }
 PARTS=${PARTS:-"curve table"}
+finish() {   # on every exit (normal, a failed command under set -e, SIGTERM/SIGINT): pack what exists, never fail
+  local rc=$?
+  trap - EXIT
+  for f in curve/curve.png curve/curve.svg curve/curve.csv report/report.html report/summary.md; do
+    [[ -f "$WORK/$f" && ! -f "$OUT/$(basename "$f")" ]] && cp "$WORK/$f" "$OUT/" || true
+  done
+  tar czf "$OUT/extras.tar.gz" -C "$WORK" logs $(cd "$WORK" && ls -d lat_runs \
+    runs/*/{config.yaml,run_meta.json,metrics.jsonl,eval.json,final_metrics.json} 2>/dev/null) 2>/dev/null || true
+  [[ -f "$WORK/report/summary.md" ]] && cat "$WORK/report/summary.md" || true
+  stamp "done (exit $rc) -> $OUT: $(ls "$OUT" | tr '\n' ' ')"
+  exit "$rc"
+}
+trap finish EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
 if [[ " $PARTS " == *" curve "* ]]; then
+$PY -c "import matplotlib, fvcore, tabulate" || { echo "needs matplotlib, fvcore and tabulate" >&2; exit 1; }
 stamp "data"
 $PY -m msf_scale.cli data synth --out "$WORK/data" ${SYNTH_ARGS:-} > "$WORK/logs/data.log" 2>&1   # once, before the parallel runs
 
@@ -54,13 +75,12 @@ cp "$WORK/curve/curve."{png,svg,csv} "$WORK/report/report.html" "$WORK/report/su
 fi
 
 if [[ " $PARTS " == *" table "* ]]; then
-stamp "9-model latency table (8 x 224 x 224 unless BENCH_ARGS says otherwise; compile starts until ${BUDGET_S} s)"
-$PY benchmarks/bench_latency.py --out "$WORK/lat224" --runs-per "$RUNS_PER" --budget-s "$BUDGET_S" ${BENCH_ARGS:-} \
-  | tee "$WORK/logs/lat224.log" | tail -8
-cp "$WORK/lat224/latency."{csv,json} "$OUT/"
+# the log goes into OUT itself when there is room (8 files come back from the GPU machine), else into extras
+if [[ " $PARTS " == *" curve "* ]]; then TABLE_LOG="$WORK/logs/lat224.log"; else TABLE_LOG="$OUT/latency.log"; fi
+stamp "9-model latency table (8 x 224 x 224 unless BENCH_ARGS says otherwise), hard budget ${BUDGET_S} s -> $OUT/latency.{csv,json}"
+rc=0
+PYTHONUNBUFFERED=1 $PY benchmarks/bench_latency.py --out "$OUT" --runs-per "$RUNS_PER" --budget-s "$BUDGET_S" ${BENCH_ARGS:-} \
+  2>&1 | tee "$TABLE_LOG" || rc=$?
+stamp "table: exit $rc"
+exit "$rc"
 fi
-
-tar czf "$OUT/extras.tar.gz" -C "$WORK" logs $(cd "$WORK" && ls -d lat_runs \
-  runs/*/{config.yaml,run_meta.json,metrics.jsonl,eval.json,final_metrics.json} 2>/dev/null)
-[[ -f "$WORK/report/summary.md" ]] && cat "$WORK/report/summary.md"
-stamp "done -> $OUT"

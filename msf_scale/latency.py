@@ -18,9 +18,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import platform
+import signal
 import subprocess
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -33,7 +37,7 @@ from msf_scale.inference import MODES, build_runner
 LAUNCH_BOUND_NOTE = ("eager batch-1 latency is launch-bound (hundreds of small kernels issued from Python) and "
                      "swings by ~2x between runs: quote CUDA-graph replay (mode 'graph') or torch.compile")
 CSV_FIELDS = ("model", "variant", "size", "source", "mode", "measure", "batch", "input", "dtype", "median_ms",
-              "p90_ms", "mean_ms", "min_ms", "runs", "clips_per_s", "peak_mem_gb", "device", "error")
+              "p90_ms", "mean_ms", "min_ms", "runs", "clips_per_s", "peak_mem_gb", "device", "error", "build_s")
 
 
 @dataclass
@@ -56,6 +60,7 @@ class Row:
     peak_mem_gb: float | None
     device: str
     error: str = ""     # why this row has no numbers (e.g. out of memory at the throughput batch)
+    build_s: float | None = None   # seconds to build the runner: graph warm-up + capture, or torch.compile
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -66,11 +71,28 @@ def percentile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def time_calls(fn: Callable[[], object], runs: int, warmup: int, device: torch.device) -> list[float]:
+def time_calls(fn: Callable[[], object], runs: int, warmup: int, device: torch.device,
+               max_s: float | None = None) -> list[float]:
     """Milliseconds of each of ``runs`` calls after ``warmup`` untimed ones. CUDA: events on the current stream
-    (each call's own start/end, synchronised once at the end); CPU: perf_counter."""
-    for _ in range(warmup):
+    (each call's own start/end, synchronised once at the end); CPU: perf_counter.
+
+    ``max_s`` bounds one row whatever a call costs (a batch-64 forward of a base model is ~1 s on a GPU and tens
+    of seconds on a CPU): warm-up stops once it has taken max_s / 4 (after at least one call; each warm-up call is
+    synchronised and timed), and the timed calls are cut to what fits in max_s at the last warm-up call's pace,
+    never below min(runs, 5). The returned list's length says how many were timed."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    per_call = None
+    t_warm = time.perf_counter()
+    for i in range(warmup):
+        t = time.perf_counter()
         fn()
+        if max_s is not None:
+            sync()
+            per_call = time.perf_counter() - t
+            if time.perf_counter() - t_warm > max_s / 4:
+                break
+    if max_s is not None and per_call is not None and per_call > 0:
+        runs = min(runs, max(min(runs, 5), int(max_s / per_call)))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
@@ -134,10 +156,11 @@ def measure_model(model: nn.Module, name: str, variant: str, size: str, source: 
                   modes: Iterable[str], views: int, throughput_batch: int, runs: int, warmup: int,
                   dtype: torch.dtype | None, video_file: str | None = None, num_clips: int = 1, num_crops: int = 1,
                   measures: Iterable[str] = ("clip", "video", "throughput"), throughput_runs: int | None = None,
-                  progress: Callable[[str], None] | None = None) -> list[Row]:
+                  progress: Callable[[str], None] | None = None, row_cap_s: float | None = None) -> list[Row]:
     """Every row for one model: per mode, clip (batch 1), video (batch = views; skipped for one view),
     throughput (batch ``throughput_batch``), those named in ``measures``; plus one eager row for the whole file
-    path when ``video_file``. ``throughput_runs`` (default ``runs``): timed calls of the large-batch row."""
+    path when ``video_file``. ``throughput_runs`` (default ``runs``): timed calls of the large-batch row.
+    ``row_cap_s``: bound on each row's warm-up + timed calls (time_calls' max_s; the runner's build is apart)."""
     cfg = model.cfg
     shape = (cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size)
     model = model.to(device).eval()
@@ -154,9 +177,13 @@ def measure_model(model: nn.Module, name: str, variant: str, size: str, source: 
             base = dict(model=name, variant=variant, size=size, source=source, mode=mode, measure=measure,
                         batch=batch, input=" x ".join(map(str, shape)), dtype=dname, device=str(device))
             try:
+                t_build = time.perf_counter()
                 run = build_runner(model, x, mode, dtype)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                base["build_s"] = time.perf_counter() - t_build
                 n = (throughput_runs or runs) if measure == "throughput" else runs
-                ms = time_calls(lambda: run(x), n, warmup, device)
+                ms = time_calls(lambda: run(x), n, warmup, device, max_s=row_cap_s)
             except torch.cuda.OutOfMemoryError as e:
                 torch.cuda.empty_cache()
                 rows.append(Row(**base, median_ms=None, p90_ms=None, mean_ms=None, min_ms=None, runs=0,
@@ -204,17 +231,36 @@ def _file_row(model, name, variant, size, source, device, path, num_clips, num_c
                device=str(device))
 
 
-def write_results(rows: list[Row], env: dict, out_dir: Path, settings: dict) -> tuple[Path, Path]:
+def _replace_text(path: Path, text: str) -> None:
+    """Write then rename: a reader (or a kill mid-write) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_results(rows: list[Row], env: dict, out_dir: Path, settings: dict, status: dict | None = None
+                  ) -> tuple[Path, Path]:
+    """latency.csv and latency.json (atomically replaced: safe to call after every row). ``status``: the table
+    harness's progress (rows done, steps planned, finished or not), stored in the JSON."""
+    import io
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out_dir / "latency.csv", out_dir / "latency.json"
-    with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in asdict(r).items()})
-    json_path.write_text(json.dumps({"environment": env, "settings": settings, "note": LAUNCH_BOUND_NOTE,
-                                     "results": [asdict(r) for r in rows]}, indent=1))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in asdict(r).items()})
+    _replace_text(csv_path, buf.getvalue())
+    data = {"environment": env, "settings": settings, "note": LAUNCH_BOUND_NOTE}
+    if status is not None:
+        data["status"] = status
+    data["results"] = [asdict(r) for r in rows]
+    _replace_text(json_path, json.dumps(data, indent=1, default=str))
     return csv_path, json_path
 
 
@@ -251,6 +297,261 @@ def format_table(rows: list[Row]) -> str:
         lines.append(f"| {r.model} | {r.mode} | {r.measure} | {r.batch} | {r.median_ms:.2f} | {r.p90_ms:.2f} | "
                      f"{r.clips_per_s:.1f} | {r.peak_mem_gb:.2f} |")
     return "\n".join(lines)
+
+
+# --- the budgeted table (benchmarks/bench_latency.py) ----------------------------------------------------------
+PENDING = "not run: the harness stopped before this step"
+
+
+class StepTimeout(BaseException):
+    """Raised by :func:`time_limit`'s alarm. A BaseException, so that no ``except Exception`` inside a step
+    (measure_model's per-mode handler, dynamo's own) turns it into a failed row or swallows it."""
+
+
+@contextmanager
+def time_limit(seconds: float | None):
+    """Raise StepTimeout in the main thread after ``seconds`` of wall time (SIGALRM, POSIX). No limit when None,
+    or off the main thread. A step blocked inside one C call (a CUDA synchronize, a compiler subprocess wait) is
+    interrupted when that call returns to Python."""
+    if seconds is None or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise StepTimeout(seconds)
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(float(seconds), 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@dataclass
+class Step:
+    """One row of the table: a model, a mode, a measure (and its batch)."""
+    name: str
+    mode: str
+    measure: str
+    batch: int
+
+    @property
+    def variant(self) -> str:
+        return self.name.rsplit("_", 1)[0]
+
+    @property
+    def size(self) -> str:
+        return self.name.rsplit("_", 1)[1]
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.mode} {self.measure} (batch {self.batch})"
+
+
+def plan_table(names: list[str], modes: Iterable[str], measures: Iterable[str], compile_measures: Iterable[str],
+               views: int, batch: int, depth: dict[str, int] | None = None) -> list[Step]:
+    """The order the table runs in. Every eager and graph row first, measure by measure (all batch-1 clip rows,
+    then video, then throughput), each model's eager row beside its graph row; then the torch.compile rows
+    (``compile_measures``), shallowest model first (compile time grows with the number of blocks traced). A budget
+    cut therefore loses the expensive tail (throughput, compile of the deepest models), never the clip rows."""
+    modes, measures, compile_measures = list(modes), set(measures), set(compile_measures)
+    batches = {"clip": 1, "video": views, "throughput": batch}
+    wanted = lambda m: batches[m] > 0 and not (m == "video" and views == 1)   # noqa: E731 - one view: video = clip
+    fast = [m for m in modes if m != "compile"]
+    steps = [Step(n, mode, m, batches[m]) for m in batches if m in measures and wanted(m) for n in names for mode in fast]
+    if "compile" in modes:
+        order = sorted(names, key=lambda n: (depth or {}).get(n, 0))   # stable: equal depths keep the given order
+        steps += [Step(n, "compile", m, batches[m]) for m in batches if m in compile_measures and wanted(m)
+                  for n in order]
+    return steps
+
+
+class Budget:
+    """A table's wall-clock budget (None: unbounded) and the predicted cost of a step from the steps measured
+    so far: the same mode and measure on other models (for eager/graph with none yet, the other of the two on
+    the same measure), scaled by the models' cost ratio: depth for batch-1 clip rows (launch-bound) and for
+    compile (the trace grows with the blocks), analytic MACs per clip for the batched rows. The largest of those
+    predictions is used: a cautious guess, so that a step predicted to overrun is not started."""
+
+    def __init__(self, budget_s: float | None, costs: dict[str, tuple[float, float]] | None = None,
+                 clock: Callable[[], float] = time.monotonic, start: float | None = None):
+        self.budget_s = budget_s
+        self.clock = clock
+        self.t0 = clock() if start is None else start
+        self.costs = costs or {}          # name -> (depth, MACs per clip)
+        self.done: list[tuple[Step, float]] = []
+
+    def elapsed(self) -> float:
+        return self.clock() - self.t0
+
+    def left(self) -> float:
+        return math.inf if self.budget_s is None else self.budget_s - self.elapsed()
+
+    def record(self, step: Step, seconds: float) -> None:
+        self.done.append((step, seconds))
+
+    def _ratio(self, ref: Step, step: Step) -> float:
+        a, b = self.costs.get(ref.name), self.costs.get(step.name)
+        i = 0 if step.measure == "clip" or step.mode == "compile" else 1
+        return b[i] / a[i] if a and b and a[i] else 1.0
+
+    def predict(self, step: Step) -> float | None:
+        """Seconds, or None when nothing similar has run yet. Sources, first found: (1) the same mode and measure
+        on other models, cost-scaled; (2) for eager/graph, the other of the two, same measure, cost-scaled; (3) the
+        same model's (else any model's, cost-scaled) largest-batch eager/graph row so far, scaled by the batch
+        ratio (e.g. throughput from video), or for compile the eager/graph rows of the same measure (a lower bound:
+        compiling costs more)."""
+        same = [(s, t) for s, t in self.done if s.mode == step.mode and s.measure == step.measure]
+        if not same and step.mode != "compile":
+            same = [(s, t) for s, t in self.done if s.mode != "compile" and s.measure == step.measure]
+        if same:
+            return max(t * self._ratio(s, step) for s, t in same)
+        near = [(s, t) for s, t in self.done if s.mode != "compile"
+                and (step.mode != "compile" or s.measure == step.measure)]
+        near = [(s, t) for s, t in near if s.name == step.name] or near   # the same model's rows, else any model's
+        if not near:
+            return None
+        top = max(s.batch for s, _ in near)
+        return max(t * self._ratio(s, step) for s, t in near if s.batch == top) * max(step.batch / top, 1.0)
+
+
+def _empty_row(step: Step, input_: str, dtype: str, device: torch.device, error: str) -> Row:
+    return Row(model=step.name, variant=step.variant, size=step.size, source="registry", mode=step.mode,
+               measure=step.measure, batch=step.batch, input=input_, dtype=dtype, median_ms=None, p90_ms=None,
+               mean_ms=None, min_ms=None, runs=0, clips_per_s=None, peak_mem_gb=None, device=str(device), error=error)
+
+
+def _timed_out(e: BaseException) -> bool:
+    """A StepTimeout, or an error raised while unwinding from one (e.g. a CUDA-graph capture ended by the alarm)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, StepTimeout):
+            return True
+        seen.add(id(e))
+        e = e.__context__
+    return False
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+
+
+def row_line(row: Row, step_s: float | None = None) -> str:
+    """The progress line of one finished row (without the clock)."""
+    what = f"{row.model} {row.mode} {row.measure} (batch {row.batch})"
+    if row.median_ms is None:
+        return f"{what}: {row.error}" + ("" if step_s is None else f"; step {step_s:.1f} s")
+    build = "" if row.build_s is None else f", build {row.build_s:.1f} s"
+    return (f"{what}: median {row.median_ms:.2f} ms, p90 {row.p90_ms:.2f} ms, {row.runs} runs{build}"
+            + ("" if step_s is None else f"; step {step_s:.1f} s"))
+
+
+def run_table(steps: list[Step], make_model: Callable[[str], nn.Module], device: torch.device, runs: int,
+              warmup: int, dtype: torch.dtype | None, out_dir: Path, env: dict, settings: dict, *,
+              budget: Budget | None = None, compile_cap_s: float | None = None, compile_reserve_s: float = 0.0,
+              row_cap_s: float | None = None, throughput_runs: int | None = None, input_: str = "",
+              min_start_s: float = 1.0, log: Callable[[str], None] = lambda s: print(s, flush=True)) -> tuple[list[Row], int]:
+    """Run ``steps`` in order and return (rows, steps that raised). Every planned step is a row from the start
+    (``PENDING``), and latency.csv/.json are rewritten (atomically) after every step, so a run killed at any
+    point leaves every finished row on disk and names the rest. One progress line per step, with the clock.
+
+    The budget is hard: a step is skipped (a row saying so) when its predicted time (``Budget.predict``) exceeds
+    what is left (a step with no prediction yet: when less than ``min_start_s`` is left), and a step that runs
+    past what is left is stopped by an alarm and recorded as such. While compile
+    steps remain, the eager/graph steps see ``compile_reserve_s`` less. A compile step is also stopped after
+    ``compile_cap_s``. Models are built once (``make_model(name)``) and kept for their later steps; a step that
+    raises is a "failed" row and the table goes on; an interruption (SIGTERM handler, Ctrl-C) marks the steps not
+    run, writes, and propagates."""
+    budget = budget or Budget(None)
+    dname = "fp32" if dtype in (None, torch.float32) else str(dtype).replace("torch.", "")
+    rows = [_empty_row(st, input_, dname, device, PENDING) for st in steps]
+    status = {"steps": len(steps), "done": 0, "finished": False, "elapsed_s": 0.0, "budget_s": budget.budget_s}
+
+    def write() -> None:
+        status["elapsed_s"] = round(budget.elapsed(), 1)
+        write_results(rows, env, out_dir, settings, status)
+
+    def say(i: int, text: str) -> None:
+        log(f"[{budget.elapsed():7.1f} s] {i + 1}/{len(steps)} {text}")
+
+    write()
+    n_compile = sum(st.mode == "compile" for st in steps)
+    log(f"[{budget.elapsed():7.1f} s] plan: {len(steps)} rows ({len(steps) - n_compile} eager/graph, then {n_compile} "
+        f"compile), budget {'none' if budget.budget_s is None else f'{budget.budget_s:.0f} s'}, -> {Path(out_dir)}")
+    models: dict[str, nn.Module | BaseException] = {}
+    failures = 0
+    i = -1
+    try:
+        for i, st in enumerate(steps):
+            reserve = compile_reserve_s if st.mode != "compile" and any(
+                s.mode == "compile" for s in steps[i + 1:]) else 0.0
+            avail = budget.left() - reserve
+            pred = budget.predict(st)
+            if avail <= (min_start_s if pred is None else 0) or (pred is not None and pred > avail):
+                kept = f" (the last {reserve:.0f} s are kept for compile)" if reserve else ""
+                if budget.left() <= 0:
+                    why = f"--budget-s {budget.budget_s:.0f} spent"
+                elif pred is None or avail <= 0:
+                    why = f"{max(avail, 0):.1f} s left{kept}"
+                else:
+                    why = f"predicted {pred:.0f} s > {avail:.0f} s left{kept}"
+                rows[i] = _empty_row(st, input_, dname, device, f"skipped (budget): {why}")
+                status["done"] = i + 1
+                write()
+                say(i, row_line(rows[i]))
+                continue
+            cap, capped_by = (avail, "budget") if budget.budget_s is not None else (None, "")
+            if st.mode == "compile" and compile_cap_s is not None and (cap is None or compile_cap_s < cap):
+                cap, capped_by = compile_cap_s, "compile cap"
+            if st.mode == "compile":
+                say(i, f"{st}: compiling" + ("" if cap is None else f" (stopped after {cap:.0f} s: {capped_by})"))
+            t = budget.clock()
+            try:
+                with time_limit(cap):
+                    model = models.get(st.name)
+                    if model is None:
+                        try:
+                            model = models[st.name] = make_model(st.name)
+                        except Exception as e:   # noqa: BLE001 - one model that cannot be built is its rows
+                            models[st.name] = e
+                            raise
+                    if isinstance(model, BaseException):
+                        raise RuntimeError(f"model not built: {_first_line(model)}")
+                    got = measure_model(model, st.name, st.variant, st.size, "registry", device, [st.mode],
+                                        st.batch if st.measure == "video" else 2, st.batch, runs, warmup, dtype,
+                                        measures=[st.measure], throughput_runs=throughput_runs, row_cap_s=row_cap_s)
+                    del model
+                rows[i] = got[0]
+            except Exception as e:   # noqa: BLE001 - a step that raises is a row; the table goes on
+                if not _timed_out(e):
+                    failures += 1
+                    rows[i] = _empty_row(st, input_, dname, device, f"failed: {_first_line(e)}")
+                else:
+                    rows[i] = _empty_row(st, input_, dname, device,
+                                         f"stopped ({capped_by}): ran {budget.clock() - t:.1f} s of {cap:.1f} s allowed")
+            except StepTimeout:
+                rows[i] = _empty_row(st, input_, dname, device,
+                                     f"stopped ({capped_by}): ran {budget.clock() - t:.1f} s of {cap:.1f} s allowed")
+            dt = budget.clock() - t
+            if device.type == "cuda" and rows[i].median_ms is None:
+                try:   # a stopped or failed step may leave work queued and memory held
+                    torch.cuda.synchronize(device)
+                    torch.cuda.empty_cache()
+                except Exception:   # noqa: BLE001
+                    pass
+            budget.record(st, dt)
+            status["done"] = i + 1
+            write()
+            say(i, row_line(rows[i], dt))
+    except BaseException as e:   # killed (SIGTERM -> the script's handler), interrupted or crashed: keep what is done
+        for j in range(max(i, 0), len(steps)):
+            if rows[j].error == PENDING:
+                rows[j].error = f"not run: the harness was stopped ({type(e).__name__}) at {budget.elapsed():.0f} s"
+        write()
+        raise
+    status["finished"] = True
+    write()
+    return rows, failures
 
 
 # --- which models ------------------------------------------------------------------------------------------------
@@ -350,6 +651,8 @@ def run_command(args) -> int:
     from tqdm.auto import tqdm
 
     rows: list[Row] = []
+    env = environment(device)
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
     with tqdm(desc="latency", unit="row", dynamic_ncols=True) as bar:
         for source in sources:
             try:
@@ -359,10 +662,9 @@ def run_command(args) -> int:
                                           args.runs_per, args.warmup, dtype, args.video_file, clips, crops,
                                           measures, args.throughput_runs, progress=lambda s: (bar.set_postfix_str(s), bar.update(1)))
                     del model
+                    write_results(rows, env, Path(args.out), settings)   # a stopped run keeps its finished models
             except ValueError as e:   # a shape the models refuse (e.g. --img-size not divisible by the patch)
                 raise UserError(str(e)) from e
-    env = environment(device)
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
     csv_path, json_path = write_results(rows, env, Path(args.out), settings)
     print(format_table(rows))
     print(f"\n{env.get('gpu') or env['cpu']}, torch {env['torch']}, CUDA {env['cuda']}, mamba-ssm {env['mamba_ssm']}; "
