@@ -1,6 +1,6 @@
 """End to end through `accelerate launch --num_processes 2` on CPU with DeepSpeed ZeRO (gloo): training,
-checkpoints, export after ZeRO-3, SIGKILL + `--resume auto`, and a dead rank. Each launch takes ~20 s
-(plus ~1 min once on a fresh machine while DeepSpeed JIT-builds its shared-memory op)."""
+checkpoints, export after ZeRO-3, SIGKILL + `--resume auto`, a dead rank, and a val split (DDP). Each launch takes
+~20 s (plus ~1 min once on a fresh machine while DeepSpeed JIT-builds its shared-memory op)."""
 from __future__ import annotations
 
 import json
@@ -210,6 +210,33 @@ def test_ddp_two_processes_with_ema(argv, tmp_path):
     assert final["bad_steps"] == 0 and final["step"] == 4
     assert final["test_samples"] == 16 and "ema_test_top1" in final
     assert (run / "model_ema.safetensors").is_file()
+
+
+def test_ddp_two_processes_with_a_val_split(argv, tmp_path):
+    """DDP on 2 ranks with --data.val_fraction: the split is decided on the main process and broadcast, every
+    evaluation is on val (the carved clips counted once across the ranks), best/ is selected on val top-1, and test
+    is evaluated once, at the end."""
+    from msf_scale.data.splits import plan_carve
+
+    run = tmp_path / "run"
+    _run(argv(run, "--epochs", "3", "--train.eval_every", "1", "--data.val_fraction", "0.25"), tmp_path / "log.txt",
+         deepspeed=False)
+    meta = json.loads((run / "run_meta.json").read_text())
+    assert (meta["engine"], meta["world_size"], meta["best_selected_on"]) == ("DistributedDataParallel", 2, "val_top1")
+    carve = plan_carve(meta["data"], 0.25, 0)[0]
+    assert meta["val"]["source"] == "carved" and tuple(meta["val"]["subjects"]) == carve.val_subjects
+    rows = read_jsonl(run / "metrics.jsonl")
+    vals, tests = [r for r in rows if "val_top1" in r], [r for r in rows if "test_top1" in r]
+    assert [r["epoch"] for r in vals] == [1, 2, 3]                               # val_top1 at every evaluation
+    assert all(r["val_samples"] == len(carve.val_keys) for r in vals)           # once across the 2 ranks
+    assert len(tests) == 1 and tests[0]["epoch"] == 3 and tests[0]["test_samples"] == 16   # test: once, at the end
+    final = json.loads((run / "final_metrics.json").read_text())
+    best = json.loads((run / "best" / "model_config.json").read_text())
+    top = max(vals, key=lambda r: r["val_top1"])                                 # the first of equal ones: best/ kept it
+    assert final["best_selected_on"] == "val_top1" and best["selected_on"] == "val_top1"
+    assert (best["step"], best["val_top1"]) == (top["step"], top["val_top1"]) == (final["best_step"],
+                                                                               final["best_val_top1"])
+    assert best["test_top1"] == final["best_test_top1"] and "test_top1" in final
 
 
 def test_sigkill_then_resume_auto_matches_uninterrupted(reference, argv, tmp_path):
