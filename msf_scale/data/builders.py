@@ -37,9 +37,12 @@ class ValSplit:
         if self.source == "dataset":
             return f"the dataset's own val split ({self.num_samples} clips, {len(self.subjects)} subjects)"
         c = self.carve
-        return (f"carved from train: {len(c.val_subjects)} of {len(c.val_subjects) + len(c.train_subjects)} "
-                f"training subjects (data.val_fraction {c.fraction:g}, data.val_seed {c.seed}), "
-                f"{len(c.val_keys)} clips; training keeps {len(c.train_keys)}")
+        candidates = len(c.val_subjects) + len(c.train_subjects) - len(c.shared_with_test)
+        shared = (f"; {len(c.shared_with_test)} more training subjects are also in test: never val, kept in training"
+                  if c.shared_with_test else "")
+        return (f"carved from train: {len(c.val_subjects)} of the {candidates} training subjects not also in test "
+                f"(data.val_fraction {c.fraction:g}, data.val_seed {c.seed}), {len(c.val_keys)} clips; training "
+                f"keeps {len(c.train_keys)} clips{shared}")
 
     def identity(self) -> dict[str, Any]:
         """What makes this val split this one, for a checkpoint to record (see split_identity)."""

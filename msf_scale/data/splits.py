@@ -103,6 +103,7 @@ class ValCarve:
     val_subjects: tuple[str, ...]
     fraction: float
     seed: int
+    shared_with_test: tuple[str, ...] = ()   # training subjects the test split also holds: never val, kept in train
 
     def is_val(self, key: str) -> bool:
         return key in self.val_keys
@@ -110,7 +111,7 @@ class ValCarve:
     def to_json(self) -> dict:
         return {"fraction": self.fraction, "seed": self.seed, "val_subjects": list(self.val_subjects),
                 "train_subjects": list(self.train_subjects), "val_samples": len(self.val_keys),
-                "train_samples": len(self.train_keys)}
+                "train_samples": len(self.train_keys), "shared_with_test": list(self.shared_with_test)}
 
 
 def choose_val_subjects(subjects: Iterable[str], fraction: float, seed: int = 0) -> tuple[str, ...]:
@@ -131,7 +132,8 @@ def carve_val(subject_of: Mapping[str, str], fraction: float, seed: int = 0,
               exclude: Iterable[str] = ()) -> ValCarve:
     """Split training samples (key -> subject) into train and val by whole subjects; see choose_val_subjects.
     Subjects in ``exclude`` (a test split's, where a dataset shares subjects between train and test) are never
-    chosen for val; with none excluded the choice is that of choose_val_subjects over every training subject."""
+    chosen for val, and the fraction is of the others (round(fraction x the training subjects not excluded)); with
+    none excluded the choice is that of choose_val_subjects over every training subject."""
     ex = set(exclude)
     candidates = [s for s in subject_of.values() if s not in ex]
     if ex and len(set(candidates)) < 2 <= len(set(subject_of.values())):
@@ -142,7 +144,8 @@ def carve_val(subject_of: Mapping[str, str], fraction: float, seed: int = 0,
     val_keys = frozenset(k for k, s in subject_of.items() if s in vs)
     train_keys = frozenset(subject_of) - val_keys
     train_subjects = tuple(sorted({subject_of[k] for k in train_keys}))
-    return ValCarve(train_keys, val_keys, train_subjects, val_subjects, float(fraction), int(seed))
+    shared = tuple(sorted(set(subject_of.values()) & ex))
+    return ValCarve(train_keys, val_keys, train_subjects, val_subjects, float(fraction), int(seed), shared)
 
 
 def plan_carve(root: str | os.PathLike, fraction: float, seed: int = 0) -> tuple[ValCarve, list[dict[str, str]]]:

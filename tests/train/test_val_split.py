@@ -62,6 +62,10 @@ def test_carve_shares_no_subject_with_train_or_test_and_the_loaders_keep_to_it(t
         assert val.source == "carved" and set(c.val_subjects) == {train_subj[k] for k in c.val_keys}
         assert not set(c.val_subjects) & set(c.train_subjects) and not set(c.val_subjects) & test_subj
         assert c.val_keys | c.train_keys == set(train_subj) and not c.val_keys & c.train_keys
+        # the fraction is of the 4 candidates (s4, s5 are test's too): round(0.4 x 4) = 2, and the run says so
+        assert len(c.val_subjects) == 2 and c.shared_with_test == ("s4", "s5")
+        assert "carved from train: 2 of the 4 training subjects not also in test" in val.describe()
+        assert "2 more training subjects are also in test" in val.describe()
         seen |= set(c.val_subjects)
         # what the loaders read: the training stream never hands a val clip on, the val loader reads exactly them
         loader = train_loader(cfg.data, root, seed=seed, val=val, **CLIP)
