@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None, log=None) -> int:
     costs = model_costs(names, args)
     steps = lat.plan_table(names, modes, args.measures.split(","), args.compile_measures.split(","), args.views,
                            args.batch, depth={n: c[0] for n, c in costs.items()})
-    budget = lat.Budget(args.budget_s, costs, start=T_START if argv is None else None)
+    budget = lat.Budget(args.budget_s, costs, start=T_START if argv is None else None, row_cap_s=args.row_cap_s)
     env = lat.environment(device)
 
     def make_model(name: str):

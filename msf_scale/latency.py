@@ -371,11 +371,15 @@ class Budget:
     so far: the same mode and measure on other models (for eager/graph with none yet, the other of the two on
     the same measure), scaled by the models' cost ratio: depth for batch-1 clip rows (launch-bound) and for
     compile (the trace grows with the blocks), analytic MACs per clip for the batched rows. The largest of those
-    predictions is used: a cautious guess, so that a step predicted to overrun is not started."""
+    predictions is used: a cautious guess, so that a step predicted to overrun is not started. With the rows'
+    ``row_cap_s``, an eager/graph prediction is at most twice it (what the cap lets a row cost, short of calls
+    slower than cap / 5)."""
 
     def __init__(self, budget_s: float | None, costs: dict[str, tuple[float, float]] | None = None,
-                 clock: Callable[[], float] = time.monotonic, start: float | None = None):
+                 clock: Callable[[], float] = time.monotonic, start: float | None = None,
+                 row_cap_s: float | None = None):
         self.budget_s = budget_s
+        self.row_cap_s = row_cap_s        # the rows' own cap (time_calls' max_s): eager/graph predictions <= 2x it
         self.clock = clock
         self.t0 = clock() if start is None else start
         self.costs = costs or {}          # name -> (depth, MACs per clip)
@@ -396,6 +400,12 @@ class Budget:
         return b[i] / a[i] if a and b and a[i] else 1.0
 
     def predict(self, step: Step) -> float | None:
+        guess = self._predict(step)
+        if guess is not None and step.mode != "compile" and self.row_cap_s is not None:
+            guess = min(guess, 2 * self.row_cap_s)   # warm-up <= cap/4 + a call, timed <= cap (>= 5 calls), build
+        return guess
+
+    def _predict(self, step: Step) -> float | None:
         """Seconds, or None when nothing similar has run yet. Sources, first found: (1) the same mode and measure
         on other models, cost-scaled; (2) for eager/graph, the other of the two, same measure, cost-scaled; (3) the
         same model's (else any model's, cost-scaled) largest-batch eager/graph row so far, scaled by the batch

@@ -211,6 +211,9 @@ def test_budget_skips_steps_predicted_to_overrun_and_writes_them(tmp_path, monke
     assert b.predict(lat.Step("b_base", "eager", "video", 6)) == pytest.approx(18)   # batched rows scale by MACs
     # nothing of b_base's and no throughput row yet: a_tiny's largest-batch row, MAC- and batch-scaled
     assert b.predict(lat.Step("b_base", "graph", "throughput", 64)) == pytest.approx(2 * 9 * 64 / 6)
+    b.row_cap_s = 20   # rows capped at 20 s cost at most ~40 s; compile rows are not capped that way
+    assert b.predict(lat.Step("b_base", "graph", "throughput", 64)) == 40
+    assert b.predict(lat.Step("b_base", "compile", "clip", 1)) == pytest.approx(10 * 32 / 24)
 
 
 def test_a_step_running_past_the_budget_is_stopped_and_the_rest_skipped(tmp_path):
