@@ -85,6 +85,7 @@ class DataConfig:
     eval_batch_size: int | None = None  # None = train.batch_size
     val_fraction: float = 0.0           # no val split in the data: carve this fraction of training subjects
     val_seed: int = 0                   # seeds that carve (not train.seed: every training seed gets the same val split)
+    allow_val_overlap: bool = False     # use a dataset's own val split that shares subjects with train or test (else refused)
 
     def __post_init__(self) -> None:
         _check(0 <= self.val_fraction < 1, "data.val_fraction",

@@ -174,7 +174,7 @@ def _val_line(val: ValSplit | None, final_test: bool) -> str:
     line = (f"val split: {val.describe()}; evaluations and best/ on val top-1; test "
             + ("once at the end (final and best/ weights)" if final_test else "never (train.final_test false)"))
     if val.shared:
-        line += "; warning: the dataset's val split shares subjects with " + ", ".join(
+        line += "; warning (data.allow_val_overlap): the dataset's val split shares subjects with " + ", ".join(
             f"{k} ({', '.join(v[:5])}{'...' if len(v) > 5 else ''})" for k, v in val.shared.items())
     return line
 

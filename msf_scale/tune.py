@@ -188,12 +188,19 @@ NO_VAL = ("{root} has no val split and no val fraction was given: a search that 
           "--val-fraction F (seeded, subject-independent).")
 
 
-def val_source(root: str, val_fraction: float | None, seed: int, work: Path) -> tuple[str, dict[str, Any]]:
+def val_source(root: str, val_fraction: float | None, seed: int, work: Path,
+               allow_overlap: bool = False) -> tuple[str, dict[str, Any]]:
     """A dataset holding a val split: `root` itself, or a subject-independent carve-out into work/carved (seeded by
     `seed`, data.val_seed: the subjects train.py's --data.val_fraction carves with the same seed)."""
     from msf_scale.data.splits import has_split, materialize_val_split, read_subjects
 
     if has_split(root, "val"):
+        from msf_scale.data.builders import overlap_error
+        from msf_scale.data.splits import overlapping_subjects
+
+        shared = {k: v for k, v in overlapping_subjects(root, "val").items() if v}
+        if shared and not allow_overlap:   # refused before Ray starts, as train.py would refuse in every trial
+            raise ConfigError(overlap_error(root, shared))
         return root, {"val": "the dataset's own val split", "root": root}
     if not val_fraction:
         raise ConfigError(NO_VAL.format(root=root))
@@ -425,7 +432,7 @@ def _setup_search(opts: SearchOptions) -> dict[str, Any]:
     val_fraction = opts.val_fraction if opts.val_fraction is not None else cfg.data.val_fraction
     root = resolve_data(cfg)
     try:
-        src, val_info = val_source(root, val_fraction, cfg.data.val_seed, exp)
+        src, val_info = val_source(root, val_fraction, cfg.data.val_seed, exp, cfg.data.allow_val_overlap)
     except UserError:
         shutil.rmtree(exp, ignore_errors=True)
         raise

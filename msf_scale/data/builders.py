@@ -64,6 +64,14 @@ class ValSplit:
         return out
 
 
+def overlap_error(root: str, shared: dict[str, list[str]]) -> str:
+    """The one-line refusal of a dataset val split that shares subjects with other splits."""
+    where = "; ".join(f"{k}: {', '.join(v[:5])}{'...' if len(v) > 5 else ''} ({len(v)})" for k, v in shared.items())
+    return (f"{root}: its val split shares subjects with other splits ({where}); a val split must share none with "
+            "train or test (selecting on it would read training or test subjects): fix the dataset's split "
+            "column, or pass --data.allow_val_overlap true to use it anyway")
+
+
 def split_identity(val: ValSplit | None) -> dict[str, Any]:
     """A val split's identity, which a checkpoint records and a resume must match: its source (dataset / carved /
     none), the carve's fraction and seed, the number of val subjects and a hash of the sorted val keys (carved) or
@@ -83,7 +91,8 @@ def describe_identity(ident: dict[str, Any]) -> str:
 
 def val_split(data: DataConfig, root: str) -> ValSplit | None:
     """The run's val split (see the module doc), or None. A dataset's own val split wins; asking for a carve-out of
-    a dataset that has one is refused (it would select on other data than the dataset's val). The carve is seeded
+    a dataset that has one is refused (it would select on other data than the dataset's val), and so is a dataset
+    val split that shares subjects with train or test, unless data.allow_val_overlap. The carve is seeded
     by `data.val_seed`, not `train.seed`: the runs of a multi-seed study hold out the same subjects."""
     from msf_scale.data.splits import split_subjects
 
@@ -95,6 +104,8 @@ def val_split(data: DataConfig, root: str) -> ValSplit | None:
         shared = {k: v for k, v in overlapping_subjects(root, "val").items() if v}
         if info.source.get("tuning_view"):   # msf-scale tune's view: its "test" is the val split, by construction
             shared.pop("test", None)
+        if shared and not data.allow_val_overlap:
+            raise ConfigError(overlap_error(root, shared))
         return ValSplit("dataset", info.splits["val"].num_samples, tuple(sorted(split_subjects(root, "val"))),
                         shared=shared or None)
     if not data.val_fraction:

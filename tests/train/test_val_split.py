@@ -242,3 +242,17 @@ def test_a_run_stopped_by_a_callback_still_tests_once(tiny_argv, monkeypatch):
     tests = [r for r in read_jsonl(run / "metrics.jsonl") if "test_top1" in r]
     assert len(tests) == 1 and tests[0]["step"] == steps
     assert _same(weights[0], load_model(run / "best").state_dict())
+
+
+def test_a_datasets_val_split_sharing_subjects_is_refused_unless_allowed(tmp_path, tiny_argv, capsys):
+    # issue 18: the val split never shares a subject with train or test. s3 is in train and val, s5 in val and test
+    root = _dataset(tmp_path / "ds", {"train": ["s0", "s1", "s2", "s3"], "val": ["s3", "s4", "s5"],
+                                      "test": ["s5", "s6"]})
+    with pytest.raises(ConfigError, match="shares subjects with other splits") as e:
+        val_split(load_config(["--data.num_workers", "0"]).data, root)
+    assert "\n" not in str(e.value) and "train: s3 (1)" in str(e.value) and "test: s5 (1)" in str(e.value)
+    assert cli(tiny_argv("--data", root, "--epochs", "1", "--schedule.warmup_epochs", "0")) == 2   # nothing trains
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data.allow_val_overlap true" in err
+    val = val_split(load_config(["--data.num_workers", "0", "--data.allow_val_overlap", "true"]).data, root)
+    assert val.source == "dataset" and val.shared == {"train": ["s3"], "test": ["s5"]}   # used, with the warning
