@@ -147,12 +147,16 @@ class Search:
     summary: dict
     trials_md: str
     curves_png: bytes | None
+    unfinished: bool = False     # found in a storage folder with search.json but no summary yet
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.path.name + (" (unfinished)" if self.unfinished else "")
 
     def facts(self) -> list[str]:
+        if self.unfinished:
+            return [f"unfinished: no {SEARCH_SUMMARY} yet (the search is running, or was interrupted: msf-scale tune "
+                    "... --resume finishes it)"]
         s, best = self.summary, self.summary.get("best")
         by = ", ".join(f"{n} {k}" for k, n in (s.get("by_status") or {}).items())
         out = [f"{s.get('trials', '?')} trials" + (f" ({by})" if by else ""),
@@ -172,7 +176,8 @@ def _search_dirs(root: Path) -> list[Path]:
         raise UserPathError(f"--tune {root}: no such directory")
     if (root / SEARCH_SUMMARY).is_file() or (root / "search.json").is_file():
         return [root]
-    found = sorted(p for p in root.iterdir() if p.is_dir() and (p / SEARCH_SUMMARY).is_file())
+    found = sorted(p for p in root.iterdir() if p.is_dir() and ((p / SEARCH_SUMMARY).is_file()
+                                                                or (p / "search.json").is_file()))
     if not found:
         raise UserError(f"--tune {root}: not a search directory of msf-scale tune (no {SEARCH_SUMMARY} in it or in "
                         "its subdirectories)")
@@ -180,9 +185,13 @@ def _search_dirs(root: Path) -> list[Path]:
 
 
 def read_searches(roots: list[str | Path]) -> list[Search]:
-    """Every search given, or inside the given folders (one level down). UserError for a directory that is none."""
+    """Every search given, or inside the given folders (one level down). UserError for a directory that is none, or
+    for an unfinished search given itself; an unfinished one inside a storage folder gets a section saying so."""
     out = []
-    for d in (d for root in roots for d in _search_dirs(Path(root))):
+    for root, d in ((Path(root), d) for root in roots for d in _search_dirs(Path(root))):
+        if not (d / SEARCH_SUMMARY).is_file() and d != root:
+            out.append(Search(d, {}, "", None, unfinished=True))
+            continue
         if not (d / SEARCH_SUMMARY).is_file():
             raise UserError(f"--tune {d}: the search has not written its outputs ({SEARCH_SUMMARY}): it is running "
                             "or was interrupted (msf-scale tune ... --resume finishes it)")
@@ -223,7 +232,7 @@ def search_html(search: Search, out: Path) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
         table = f"<h3>Trials</h3><table><tr>{head}</tr>{body}</table>"
-    img = (f"<img alt='search curves {html.escape(search.name)}' "
+    img = "" if search.unfinished else (f"<img alt='search curves {html.escape(search.name)}' "
            f"src='data:image/png;base64,{base64.b64encode(search.curves_png).decode()}'>"
            if search.curves_png else f"<p class='miss'>no {SEARCH_CURVES} in the search directory</p>")
     return (f"<h2>Hyper-parameter search: {html.escape(search.name)}</h2><p>{html.escape(str(search.path))} "

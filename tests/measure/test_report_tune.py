@@ -61,6 +61,17 @@ def test_report_of_searches_alone_from_their_storage_folder(tmp_path):
     assert "Hyper-parameter search: a" in page and "Hyper-parameter search: b" in page and "Summary" not in page
 
 
+def test_an_unfinished_search_in_a_storage_folder_is_named_as_unfinished(tmp_path):
+    write_search(tmp_path / "tune", "a")
+    (tmp_path / "tune" / "b").mkdir()
+    (tmp_path / "tune" / "b" / "search.json").write_text("{}")        # running, or interrupted: no summary yet
+    assert cli.main(["report", "--tune", str(tmp_path / "tune"), "--out", str(tmp_path / "r")]) == 0
+    page, md = (tmp_path / "r" / "report.html").read_text(), (tmp_path / "r" / "summary.md").read_text()
+    assert "Hyper-parameter search: a</h2>" in page and "Hyper-parameter search: b (unfinished)</h2>" in page
+    assert "unfinished: no search_summary.json yet" in page and "--resume finishes it" in page
+    assert "## Hyper-parameter search: b (unfinished)" in md and "- unfinished: no search_summary.json yet" in md
+
+
 @pytest.mark.parametrize("case", ["missing", "not_a_search", "unfinished", "bad_json", "nothing"])
 def test_a_bad_search_directory_is_one_line_exit_2(case, tmp_path, capsys):
     d = tmp_path / "s"
