@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .schema import DatasetInfo, read_dataset_info
-from .streams import ClipSpec, ErrorLog, EvalStream, TrainStream, eval_assignment, read_samples
+from .streams import ClipSpec, ErrorLog, EvalStream, TrainStream
 
 log = logging.getLogger("msf_scale.data")
 
@@ -184,40 +184,16 @@ class KeyFilteredTrainStream(TrainStream):
 
 class KeyFilteredEvalStream(EvalStream):
     """An EvalStream over the samples of its shards whose key is in ``keep_keys`` (a val split carved from the
-    training shards). It is EvalStream's iteration with the filter applied before samples are dealt out, so every
-    kept sample is decoded by exactly one stream and the per-shard counts of kept keys give the loader's length."""
+    training shards). It is EvalStream's iteration (its `__iter__`) with the filter applied to a shard's samples
+    before they are dealt out, so every kept sample is decoded by exactly one stream and the per-shard counts of kept
+    keys give the loader's length."""
 
     def __init__(self, *args: Any, keep_keys: frozenset[str], **kw: Any):
         super().__init__(*args, **kw)
         self.keep_keys = frozenset(keep_keys)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        from .streams import batch_tensor, worker_position
-
-        w, W = worker_position()
-        if W != self.num_workers:
-            raise RuntimeError(f"EvalStream built for {self.num_workers} workers runs in {W}")
-        log = ErrorLog()
-        t, s, v = self.spec.num_frames, self.spec.img_size, self.num_clips * self.num_crops
-        video, labels, keys = batch_tensor(self.batch_size, v, 3, t, s, s), [], []
-        for shard, mod, res in eval_assignment(len(self.urls), self.world_size * W, self.rank * W + w):
-            kept = (x for x in read_samples(iter([self.urls[shard]]), log) if x.get("__key__") in self.keep_keys)
-            for i, sample in enumerate(kept):
-                if i % mod != res:
-                    continue
-                try:
-                    labels.append(self._decode_into(sample, video[len(labels)]))
-                except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt sample
-                    log.sample_error(sample, e)
-                    continue
-                keys.append(sample["__key__"])
-                if len(labels) == self.batch_size:
-                    yield {"video": video, "label": torch.tensor(labels), "keys": keys, "meta": log.drain()}
-                    video, labels, keys = batch_tensor(self.batch_size, v, 3, t, s, s), [], []
-        if labels:
-            yield {"video": video[:len(labels)].clone(), "label": torch.tensor(labels), "keys": keys,
-                   "meta": log.drain()}
-        yield {"meta": log.drain()}
+    def _shard_samples(self, shard: int, log: ErrorLog) -> Iterator[dict[str, Any]]:
+        return (x for x in super()._shard_samples(shard, log) if x.get("__key__") in self.keep_keys)
 
 
 def _check(batch_size: int, num_frames: int, img_size: int, num_workers: int, rank: int, world_size: int) -> None:

@@ -241,6 +241,11 @@ class EvalStream(IterableDataset):
         tf.eval_views([frames[c * t:(c + 1) * t] for c in range(n_clips)], self.spec.img_size, self.num_crops, out)
         return label
 
+    def _shard_samples(self, shard: int, log: ErrorLog) -> Iterator[dict[str, Any]]:
+        """The samples of shard `shard` that this split holds, before they are dealt out to the streams sharing the
+        shard (every one of them; a subclass may filter, e.g. by key)."""
+        return read_samples(iter([self.urls[shard]]), log)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         w, W = worker_position()
         if W != self.num_workers:
@@ -249,7 +254,7 @@ class EvalStream(IterableDataset):
         t, s, v = self.spec.num_frames, self.spec.img_size, self.num_clips * self.num_crops
         video, labels, keys = batch_tensor(self.batch_size, v, 3, t, s, s), [], []
         for shard, mod, res in eval_assignment(len(self.urls), self.world_size * W, self.rank * W + w):
-            for i, sample in enumerate(read_samples(iter([self.urls[shard]]), log)):
+            for i, sample in enumerate(self._shard_samples(shard, log)):
                 if i % mod != res:
                     continue
                 try:
