@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from msf_scale.config import ConfigError
 
@@ -81,10 +81,13 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return p
 
 
-def check_resume_compatible(ckpt: Path, meta: dict[str, Any], val_split: dict[str, Any] | None = None) -> None:
+def check_resume_compatible(ckpt: Path, meta: dict[str, Any], val_split: dict[str, Any] | None = None,
+                            describe: Callable[[dict[str, Any]], str] = repr) -> None:
     """Refuse a checkpoint whose model differs from this run's (class count, widths, frames...), or, given this run's
     val split identity (data.builders.split_identity), whose val split differs: its val clips would then have been
-    trained on, or its training clips held out. A checkpoint that records no val split had none."""
+    trained on, or its training clips held out. A checkpoint that records no val split had none. `describe` words
+    an identity for the message (the caller passes data.builders.describe_identity: this support module imports no
+    data code, docs/ARCHITECTURE.md)."""
     full = json.loads((ckpt / "meta.json").read_text())
     saved = full["model"]
     a, b = saved["config"], meta["config"]
@@ -98,12 +101,10 @@ def check_resume_compatible(ckpt: Path, meta: dict[str, Any], val_split: dict[st
         raise ConfigError(f"cannot resume from {ckpt}: the model differs{hint}:\n  " + "\n  ".join(diffs)
                          + "\nStart a new run with another --output-dir, or restore the original settings.")
     if val_split is not None:
-        from msf_scale.data.builders import describe_identity
-
         had = full.get("val_split", {"source": "none"})
         if had != val_split:
             raise ConfigError(f"cannot resume from {ckpt}: the val split differs: checkpoint "
-                              f"{describe_identity(had)} vs this run {describe_identity(val_split)}; restore the "
+                              f"{describe(had)} vs this run {describe(val_split)}; restore the "
                               "original data / data.val_fraction / data.val_seed, or start a new run with another "
                               "--output-dir")
 

@@ -23,8 +23,8 @@ from torch import nn
 from msf_scale import distributed as dist
 from msf_scale.checkpoint import TrainState, check_resume_compatible, resolve_resume
 from msf_scale.config import ConfigError, RunConfig, save_config
-from msf_scale.data.builders import (ValSplit, dataset_root, eval_loader, split_identity, train_loader, val_loader,
-                                     val_split)
+from msf_scale.data.builders import (ValSplit, dataset_root, describe_identity, eval_loader, split_identity,
+                                     train_loader, val_loader, val_split)
 from msf_scale.ema import ModelEma
 from msf_scale.export import data_record, model_meta, recover_best
 from msf_scale.metrics import (MetricLogger, available_memory_gb, device_peak_tflops, estimate_train_memory_gb,
@@ -95,7 +95,7 @@ class Run:
         meta = model_meta(model, m.variant, m.size)
         resume = resolve_resume(tc.resume, run_dir)
         if resume is not None:
-            check_resume_compatible(resume, meta, split_identity(val))
+            check_resume_compatible(resume, meta, split_identity(val), describe_identity)
         elif m.init:  # released / exported weights; a resumed run has its own
             from msf_scale.weights_import import load_init
             acc.print(load_init(model, m.init).summary(m.init))
