@@ -7,8 +7,10 @@ Generates the micro dataset once (``msf-scale data synth --preset micro``, or ``
 (condition, seed) as its own ``msf_scale/train.py`` process (``--parallel`` at a time: tiny models at 112 px leave a
 GPU mostly idle) with one shared recipe (``RECIPE``; a condition adds only its own flags), reads each run's
 ``final_metrics.json`` / ``metrics.jsonl``, measures how much the CFD fusion contributes inside the trained model
-(``fusion_share``: ||F|| / ||H|| at the fused blocks on test clips), and writes ``results.json`` and a Markdown
-table of mean +- sd test top-1 over seeds. Test top-1 here is the final, unselected evaluation.
+(``fusion_share``: ||F|| / ||H|| at the fused blocks on test clips), and writes ``results.json``, a Markdown
+table of mean +- sd test top-1 over seeds, and ``logs.tgz`` (each run's log, config, metrics and final metrics, no
+weights or checkpoints: small enough to come back from a lent GPU). Test top-1 here is the final, unselected
+evaluation.
 """
 from __future__ import annotations
 
@@ -85,6 +87,19 @@ def fusion_share(run_dir: Path, data: str, batches: int = 2) -> float | None:
     for h in hooks:
         h.remove()
     return round(statistics.fmean(ratios), 4) if ratios else None
+
+
+def pack_logs(out: Path, names: list[str]) -> Path:
+    """out/logs.tgz: every run's log and small records (what a study's table is made of), never its weights."""
+    import tarfile
+
+    small = ("config.yaml", "run_meta.json", "metrics.jsonl", "final_metrics.json", "eval.json")
+    with tarfile.open(out / "logs.tgz", "w:gz") as tar:
+        for name in names:
+            for f in [out / "runs" / f"{name}.log", *(out / "runs" / name / s for s in small)]:
+                if f.is_file():
+                    tar.add(f, arcname=str(f.relative_to(out)))
+    return out / "logs.tgz"
 
 
 def summarise(run_dir: Path) -> dict:
@@ -200,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"| {mean_of([r['wall_s'] for r in rs], '{:.0f}')} |")
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
+    pack_logs(out, [f"{n}_s{s}" for n, s in jobs])
     print(table)
     return 0
 
