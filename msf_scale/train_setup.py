@@ -4,8 +4,8 @@ Order matters and is kept: the seed, the data (generated once, main process firs
 from the seeded generator), resume or released weights, the train loader, optimizer and schedule, the EMA copy
 (before `prepare`), `prepare`, the checkpointed loop position, the run directory, the loggers, the val and test
 loaders. The val split (the dataset's own, or `data.val_fraction`'s carve-out of training subjects) is decided
-with the data (by the main process, broadcast to the others), before the train loader, which leaves a carved split's clips out; it draws on no global generator,
-so a run without one trains exactly as before val splits existed.
+with the data (by the main process, broadcast to the others), before the train loader, which leaves a carved
+split's clips out; it draws on no global generator, so a run without one trains exactly as before.
 The CPU memory pre-flight lives here too: it refuses a run before the kernel's OOM killer would end it.
 """
 from __future__ import annotations
