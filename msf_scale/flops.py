@@ -32,7 +32,7 @@ ZERO_FLOP_OPS = (
     "aten::sigmoid", "aten::softplus", "aten::gelu", "aten::relu", "aten::relu_", "aten::tanh", "aten::softmax",
     "aten::mean", "aten::sum", "aten::flip", "aten::pad", "aten::rms_norm", "aten::layer_norm",
     "aten::group_norm", "aten::batch_norm", "aten::max_pool3d", "aten::avg_pool3d", "aten::adaptive_avg_pool3d",
-    "aten::clone", "aten::fill_", "aten::masked_fill_",
+    "aten::clone", "aten::fill_", "aten::masked_fill_", "aten::diff", "aten::amax",
 )
 
 

@@ -19,7 +19,9 @@ class DropPath(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
+        # `training` first: in eval torch.compile then guards on no p, so blocks with different rates share one
+        # compiled resume function (p first hit dynamo's recompile limit on the lent GPU and fell back to eager)
+        if not self.training or self.p == 0.0:
             return x
         keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)

@@ -36,6 +36,8 @@ class MSFMambaConfig:
     stem: str = "patch"               # [ours] "patch": one linear map per patch (VideoMamba); "conv": log2(p) strided
                                       # 3x3 convs + 1x1 (models/stem.py). Measured: docs/BENCHMARKS.md, "Fine motion"
     stem_temporal_kernel: int = 1     # conv stem only: 3 = its filters span neighbouring frames
+    stem_input: str = "rgb"           # [ours] "rgb" (the paper's) | "rgb_diff": the stem also sees each sampled frame
+                                      # minus the previous one (3 more channels, zero for the first frame)
     # bidirectional SSM ([ours] VideoMamba bimamba v2)
     d_state: int = 16
     expand: int = 2
@@ -63,7 +65,7 @@ class MSFMambaConfig:
     # recipe and steps; docs/BENCHMARKS.md, "Learnability"), and a first-position class token never sees the
     # CFD-fused states directly (it bypasses fusion and reads them only through later blocks' scans).
     class_token: bool = False
-    pool: str = "mean"                # "mean" (of the video tokens) | "cls" (needs class_token)
+    pool: str = "mean"                # "mean" (of the video tokens) | "max" (per channel, [ours]) | "cls" (needs class_token)
     head_drop: float = 0.0
     pos_embed_std: float = 0.02
     linear_init_std: float = 0.02
@@ -93,8 +95,10 @@ class MSFMambaConfig:
         check_fusion_init(self.fusion_init)
         if self.fusion_norm not in ("branch", "none"):
             raise ValueError(f"fusion_norm must be 'branch' or 'none', got {self.fusion_norm!r}")
-        if self.pool not in ("cls", "mean") or (self.pool == "cls" and not self.class_token):
-            raise ValueError(f"pool must be 'cls' (needs class_token) or 'mean', got {self.pool!r}")
+        if self.pool not in ("cls", "mean", "max") or (self.pool == "cls" and not self.class_token):
+            raise ValueError(f"pool must be 'mean', 'max' or 'cls' (needs class_token), got {self.pool!r}")
+        if self.stem_input not in ("rgb", "rgb_diff"):
+            raise ValueError(f"stem_input must be 'rgb' or 'rgb_diff', got {self.stem_input!r}")
         self.fused_block_ids()   # validates fusion_blocks
 
     @property
@@ -129,10 +133,11 @@ class MSFMamba(nn.Module):
         d = cfg.embed_dim
         t, gh, gw = cfg.grid
         self.num_prefix = int(cfg.class_token)
+        stem_chans = cfg.in_chans * (2 if cfg.stem_input == "rgb_diff" else 1)
         if cfg.stem == "conv":
-            self.patch_embed = ConvStem(cfg.in_chans, d, cfg.patch_size, cfg.stem_temporal_kernel, **fk)
+            self.patch_embed = ConvStem(stem_chans, d, cfg.patch_size, cfg.stem_temporal_kernel, **fk)
         else:
-            self.patch_embed = nn.Conv3d(cfg.in_chans, d, (cfg.tubelet_size, cfg.patch_size, cfg.patch_size),
+            self.patch_embed = nn.Conv3d(stem_chans, d, (cfg.tubelet_size, cfg.patch_size, cfg.patch_size),
                                          stride=(cfg.tubelet_size, cfg.patch_size, cfg.patch_size), **fk)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d, **fk)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, gh * gw, d, **fk))
@@ -181,6 +186,8 @@ class MSFMamba(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Video [B, 3, T, H, W] -> normalised tokens [B, prefix + T'H'W', d] (spatial-first order)."""
         self.check_input(x)
+        if self.cfg.stem_input == "rgb_diff":
+            x = torch.cat([x, torch.diff(x, dim=2, prepend=x[:, :, :1])], dim=1)
         x = self.patch_embed(x)                                  # [B, d, T', H', W']
         b, d, t, gh, gw = x.shape
         x = x.permute(0, 2, 3, 4, 1).reshape(b, t, gh * gw, d)
@@ -198,7 +205,12 @@ class MSFMamba(nn.Module):
         return self.norm_f(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 0] if self.cfg.pool == "cls" else x[:, self.num_prefix:].mean(dim=1)
+        pool = self.cfg.pool
+        if pool == "cls":
+            x = x[:, 0]
+        else:
+            tokens = x[:, self.num_prefix:]
+            x = tokens.amax(dim=1) if pool == "max" else tokens.mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -235,7 +247,7 @@ class MSFMamba(nn.Module):
         tokens = t * gh * gw
         length = tokens + self.num_prefix
         embed = (self.patch_embed.flops(cfg.num_frames, cfg.img_size, cfg.img_size) if cfg.stem == "conv"
-                 else tokens * cfg.in_chans * cfg.tubelet_size * cfg.patch_size ** 2 * d)
+                 else tokens * self.patch_embed.in_channels * cfg.tubelet_size * cfg.patch_size ** 2 * d)
         per_dir = length * (e * cfg.d_conv + e * (r + 2 * n) + r * e + 9 * e * n + e)
         mixer = length * (d * 2 * e + e * d + e) + 2 * per_dir            # in/out proj, gate, two directions
         fusion_one = tokens * d * sum(k ** 3 for k in cfg.fusion_scales)
