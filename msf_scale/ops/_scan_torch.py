@@ -254,28 +254,87 @@ def _output(like: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor
     return out_t.transpose(1, 2), out_t
 
 
-class _SelectiveScan(torch.autograd.Function):
+def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     """out = (y + D u) * silu(z), y[b,d,l] = sum_n C[b,n,l] h[b,d,n,l], delta = softplus(delta + bias) (the
-    softplus only with delta_softplus; D, z and bias optional). Returns out time-major, [b, L, D].
+    softplus only with delta_softplus; D, z and bias optional). No autograd: a plain function, so that both the
+    eager autograd function below and the torch.compile custom op (ops/scan.py) run the same code.
+
+    Returns (out time-major [b, L, D], last state [b, D, N], chunk-entry states h_in [b, K, N, D], pre-gate y
+    time-major [b, L, D]); with z None the last is ``out`` itself. The backward takes h_in and (with z) y."""
+    length = u.shape[-1]
+    size, chunks = _geometry(length)
+    padded = size * chunks
+    with torch.no_grad():
+        dt = _final_delta(delta, delta_bias, delta_softplus, padded)
+        ut = _time_major(u, padded, slot=_U)
+        yt, last, h_in = _forward(dt, ut, _time_major(B, padded), _time_major(C, padded), A, length)
+        y_t = yt.new_empty(yt.shape[0], length, yt.shape[2])                 # time-major results: see scan()
+        if D is not None:
+            torch.addcmul(yt[:, :length], ut[:, :length], D, out=y_t)          # + D u
+        else:
+            y_t.copy_(yt[:, :length])
+        out_t = y_t if z is None else torch.mul(y_t, _silu_time_major(z, padded)[1][:, :length])
+    return out_t, last, h_in, y_t
+
+
+def backward(gout, u, delta, A, B, C, h_in, D, z, y_t, delta_bias, delta_softplus, need_gD=True, need_gz=True,
+             need_gbias=True):
+    """The gradients (gu, gdelta, gA, gB, gC, gD, gz, gbias) from gout (time-major [b, L, D]) and what
+    :func:`forward` returned (h_in; y_t only with z). gD, gz, gbias are None when their input is (or not needed);
+    gu, gdelta and gz are [b, D, L] views of time-major tensors."""
+    length = u.shape[-1]
+    size, chunks = _geometry(length)
+    padded = size * chunks
+    gD = gz = gbias = None
+    with torch.no_grad():
+        dt, raw = _final_delta(delta, delta_bias, delta_softplus, padded, keep_raw=True)
+        gout = gout.to(dt.dtype)
+        gyt = _workspace(_Y, dt.numel(), dt).view_as(dt)
+        if z is not None:
+            zt, st = _silu_time_major(z, padded)
+            torch.mul(gout, st[:, :length], out=gyt[:, :length])
+            if need_gz:                                                         # gout * y * silu'(z)
+                gy_pre = torch.mul(gout, y_t, out=st[:, :length])
+                gz = torch.ops.aten.silu_backward(gy_pre, zt[:, :length]).transpose(1, 2)
+        else:
+            gyt[:, :length].copy_(gout)
+        gyt[:, length:] = 0
+        ut = _time_major(u, padded, slot=_U)
+        gdut, gdAt, gA, gB, gC = _backward(dt, ut, _time_major(B, padded), _time_major(C, padded), A, h_in,
+                                           gyt, length)
+        if D is not None and need_gD:
+            gD = torch.mul(gyt, ut, out=_workspace(_TMP, dt.numel(), dt).view_as(dt)).sum((0, 1))
+        gdAt.addcmul_(gdut, ut)                                                 # dL/d(final delta): + gdu * u
+        gu, gu_t = _output(gdut, length)
+        if D is not None:
+            torch.addcmul(gdut.mul_(dt)[:, :length], gyt[:, :length], D, out=gu_t)   # gdu * delta + gy * D
+        else:
+            torch.mul(gdut[:, :length], dt[:, :length], out=gu_t)
+        gdelta, gdelta_t = _output(gdAt, length)
+        if delta_softplus:                                                      # sigmoid(raw), 1 above 20
+            torch.ops.aten.softplus_backward.grad_input(gdAt[:, :length], raw, 1, 20, grad_input=gdelta_t)
+        else:
+            gdelta_t.copy_(gdAt[:, :length])
+        if delta_bias is not None and need_gbias:
+            gbias = gdelta.sum((0, 2))
+    return gu, gdelta, gA, gB, gC, gD, gz, gbias
+
+
+def state_shapes(u: torch.Tensor, A: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(last state, chunk-entry states) shapes that :func:`forward` returns: what a fake (meta) impl needs."""
+    batch, dim, length = u.shape
+    return (batch, dim, A.shape[1]), (batch, _geometry(length)[1], A.shape[1], dim)
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """:func:`forward` and :func:`backward` for eager autograd. Returns out time-major, [b, L, D].
 
     The bias, softplus, skip and gate are fused here, not left to autograd, because on CPU each of them as a
     separate op costs a pass and a freshly allocated (page-faulted) [b, D, L] tensor, forward and backward."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        length = u.shape[-1]
-        size, chunks = _geometry(length)
-        padded = size * chunks
-        with torch.no_grad():
-            dt = _final_delta(delta, delta_bias, delta_softplus, padded)
-            ut = _time_major(u, padded, slot=_U)
-            yt, last, h_in = _forward(dt, ut, _time_major(B, padded), _time_major(C, padded), A, length)
-            y_t = yt.new_empty(yt.shape[0], length, yt.shape[2])                 # time-major results: see scan()
-            if D is not None:
-                torch.addcmul(yt[:, :length], ut[:, :length], D, out=y_t)          # + D u
-            else:
-                y_t.copy_(yt[:, :length])
-            out_t = y_t if z is None else torch.mul(y_t, _silu_time_major(z, padded)[1][:, :length])
+        out_t, last, h_in, y_t = forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         # the backward recomputes the final delta (cheaper than a fresh [b, L, D] tensor kept alive between the
         # two); h_in (the chunk-entry states, [b, K, N, D]) spares it a pass
         ctx.save_for_backward(u, delta, A, B, C, h_in, D, z, y_t if z is not None else None, delta_bias)
@@ -286,42 +345,9 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gout, _glast):                                           # gout: time-major [b, L, D]
         u, delta, A, B, C, h_in, D, z, y_t, delta_bias = ctx.saved_tensors
-        length = u.shape[-1]
-        size, chunks = _geometry(length)
-        padded = size * chunks
-        gD = gz = gbias = None
-        with torch.no_grad():
-            dt, raw = _final_delta(delta, delta_bias, ctx.delta_softplus, padded, keep_raw=True)
-            gout = gout.to(dt.dtype)
-            gyt = _workspace(_Y, dt.numel(), dt).view_as(dt)
-            if z is not None:
-                zt, st = _silu_time_major(z, padded)
-                torch.mul(gout, st[:, :length], out=gyt[:, :length])
-                if ctx.needs_input_grad[6]:                                     # gout * y * silu'(z)
-                    gy_pre = torch.mul(gout, y_t, out=st[:, :length])
-                    gz = torch.ops.aten.silu_backward(gy_pre, zt[:, :length]).transpose(1, 2)
-            else:
-                gyt[:, :length].copy_(gout)
-            gyt[:, length:] = 0
-            ut = _time_major(u, padded, slot=_U)
-            gdut, gdAt, gA, gB, gC = _backward(dt, ut, _time_major(B, padded), _time_major(C, padded), A, h_in,
-                                               gyt, length)
-            if D is not None and ctx.needs_input_grad[5]:
-                gD = torch.mul(gyt, ut, out=_workspace(_TMP, dt.numel(), dt).view_as(dt)).sum((0, 1))
-            gdAt.addcmul_(gdut, ut)                                             # dL/d(final delta): + gdu * u
-            gu, gu_t = _output(gdut, length)
-            if D is not None:
-                torch.addcmul(gdut.mul_(dt)[:, :length], gyt[:, :length], D, out=gu_t)   # gdu * delta + gy * D
-            else:
-                torch.mul(gdut[:, :length], dt[:, :length], out=gu_t)
-            gdelta, gdelta_t = _output(gdAt, length)
-            if ctx.delta_softplus:                                              # sigmoid(raw), 1 above 20
-                torch.ops.aten.softplus_backward.grad_input(gdAt[:, :length], raw, 1, 20, grad_input=gdelta_t)
-            else:
-                gdelta_t.copy_(gdAt[:, :length])
-            if delta_bias is not None and ctx.needs_input_grad[7]:
-                gbias = gdelta.sum((0, 2))
-        return gu, gdelta, gA, gB, gC, gD, gz, gbias, None
+        needs = ctx.needs_input_grad
+        return (*backward(gout, u, delta, A, B, C, h_in, D, z, y_t, delta_bias, ctx.delta_softplus,
+                          need_gD=needs[5], need_gz=needs[6], need_gbias=needs[7]), None)
 
 
 def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):

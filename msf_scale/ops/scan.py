@@ -109,6 +109,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns ``out`` [batch, D, L] in u's dtype, or ``(out, last_state [batch, D, N])`` with return_last_state.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if torch.compiler.is_compiling() and backend != "ref":   # ref is plain PyTorch: dynamo traces it as is
+        return _compiled_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend)
     if torch.jit.is_tracing():   # one named node for fvcore (msf_scale/flops.py counts it), whatever the backend
         y, last = torch.ops.msf_scale.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                                      backend or "auto")
@@ -144,6 +146,162 @@ def _traced_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
 @_traced_scan.register_fake   # shapes only: also what runs on meta tensors (FLOP counting without compute)
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
     return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=_state_dtype(u))
+
+
+# ---- torch.compile: the scan as a forward op and a backward op, so dynamo/AOTAutograd see one opaque node per
+# call (no graph break in every block) and training compiles too. Two kernels behind them: mamba-ssm's CUDA
+# extension, called as its SelectiveScanFn calls it, and the torch scan's plain forward/backward. Which one is
+# decided inside the ops (their real and fake impls run outside dynamo's trace), so `auto` and the environment
+# variable are read per call, not baked into a graph; numba (not traceable, no plain backward) and a `ref`
+# chosen through the variable run the torch scan there.
+CUDA_CHUNK = 2048   # mamba-ssm's selective_scan.cpp: its saved states x are [b, D, ceil(L / 2048), 2N] float32
+
+
+def _compiled_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend):
+    out, last, _states, _pre_gate = torch.ops.msf_scale.selective_scan_fwd(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend or "auto")
+    return (out, last) if return_last_state else out
+
+
+def _op_kernel(backend: str, device: torch.device) -> str:
+    """'cuda' (mamba-ssm) or 'torch': the kernel behind the compile ops for this backend name and device."""
+    return "cuda" if resolve_backend(backend, device) == "cuda" else "torch"
+
+
+def _no_tensor(like: torch.Tensor) -> torch.Tensor:
+    """An op output standing for None (a custom op cannot return an optional tensor)."""
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("msf_scale::selective_scan_fwd", mutates_args=())
+def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+              delta_softplus: bool, backend: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [b, D, L] in u's dtype, last state [b, D, N], saved states, pre-gate output or empty without z);
+    the last two exist only for :func:`_scan_bwd`."""
+    if _op_kernel(backend, u.device) == "cuda":
+        return _cuda_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    cast = _caster(u)
+    out_t, last, h_in, y_t = _scan_torch.forward(*map(cast, (u, delta, A, B, C, D, z, delta_bias)), delta_softplus)
+    # with z None out_t is y_t: return it once (outputs may not alias), and as the [b, D, L] view eager returns
+    return out_t.transpose(1, 2).to(u.dtype), last, h_in, y_t if z is not None else _no_tensor(y_t)
+
+
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    if _op_kernel(backend, u.device) == "cuda":
+        states = u.new_empty(batch, dim, -(-length // CUDA_CHUNK), 2 * n, dtype=torch.float32)
+        last = u.new_empty(batch, dim, n, dtype=torch.float32)
+        return torch.empty_like(u, memory_format=torch.contiguous_format), last, states, (
+            torch.empty_like(u, memory_format=torch.contiguous_format) if z is not None else _no_tensor(u))
+    compute = _state_dtype(u)
+    last_shape, states_shape = _scan_torch.state_shapes(u, A)
+    time_major = u.new_empty(batch, length, dim, dtype=compute)
+    out = u.new_empty(batch, length, dim).transpose(1, 2)
+    return (out, u.new_empty(last_shape, dtype=compute), u.new_empty(states_shape, dtype=compute),
+            time_major if z is not None else _no_tensor(time_major))
+
+
+@torch.library.custom_op("msf_scale::selective_scan_bwd", mutates_args=())
+def _scan_bwd(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+              C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+              states: torch.Tensor, pre_gate: torch.Tensor, delta_softplus: bool, backend: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                         torch.Tensor, torch.Tensor]:
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each in its input's dtype; empty for an absent input."""
+    if _op_kernel(backend, u.device) == "cuda":
+        grads = _cuda_bwd(dout, u, delta, A, B, C, D, z, delta_bias, states, pre_gate, delta_softplus)
+    else:
+        cast = _caster(u)
+        grads = _scan_torch.backward(cast(dout).transpose(1, 2), *map(cast, (u, delta, A, B, C)), states,
+                                     *map(cast, (D, z)), pre_gate if z is not None else None, cast(delta_bias),
+                                     delta_softplus)
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    return tuple(_no_tensor(u) if x is None else g.to(x.dtype) for g, x in zip(grads, inputs))
+
+
+@_scan_bwd.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias, states, pre_gate, delta_softplus, backend):
+    time_major = _op_kernel(backend, u.device) == "torch"   # its gu, gdelta, gz: [b, D, L] views of [b, L, D]
+    grads = []
+    for i, x in enumerate((u, delta, A, B, C, D, z, delta_bias)):
+        if x is None:
+            grads.append(_no_tensor(u))
+        elif time_major and i in (0, 1, 6):
+            grads.append(x.new_empty(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2))
+        else:
+            grads.append(torch.empty_like(x, memory_format=torch.contiguous_format))
+    return tuple(grads)
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend = inputs
+    _out, _last, states, pre_gate = output
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, pre_gate)
+    ctx.delta_softplus, ctx.backend = delta_softplus, backend
+
+
+def _scan_backward(ctx, dout, _dlast, _dstates, _dpre_gate):
+    """The gradient of ``out`` only: the last state is not differentiated (as in mamba-ssm and the eager path)."""
+    u, delta, A, B, C, D, z, delta_bias, states, pre_gate = ctx.saved_tensors
+    grads = torch.ops.msf_scale.selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, states, pre_gate,
+                                                   ctx.delta_softplus, ctx.backend)
+    present = (u, delta, A, B, C, D, z, delta_bias)
+    return (*(None if x is None else g for g, x in zip(grads, present)), None, None)
+
+
+_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+def _caster(u: torch.Tensor):
+    """Casts to the torch scan's compute dtype (bf16/fp16 scan in fp32, as mamba), None passing through."""
+    compute = _state_dtype(u)
+    return lambda t: None if t is None else t.to(compute)
+
+
+def _cuda_kernel():
+    import selective_scan_cuda   # mamba-ssm's extension: present when _op_kernel chose 'cuda'
+    return selective_scan_cuda
+
+
+def _call_cuda(fn, *args):
+    """A selective_scan_cuda entry point; newer mamba-ssm builds take one more optional argument (cu_seqlens or
+    prev_state) at the end, passed as None."""
+    try:
+        return fn(*args)
+    except TypeError:   # pybind's "incompatible function arguments": the longer signature
+        return fn(*args, None)
+
+
+def _stride1(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _cuda_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """As SelectiveScanFn.forward: B, C as one group [b, 1, N, L]; out (pre-gate) and x (chunk states) saved."""
+    u, delta, B, C, z = map(_stride1, (u, delta, B, C, z))
+    D = None if D is None else D.contiguous()
+    out, x, *rest = _call_cuda(_cuda_kernel().fwd, u, delta, A.float(), B[:, None], C[:, None], D, z, delta_bias,
+                               delta_softplus)
+    last = x[:, :, -1, 1::2].clone()   # (batch, dim, dstate), a copy: outputs may not alias
+    if z is None:
+        return out.contiguous(), last, x, _no_tensor(out)
+    return rest[0].contiguous(), last, x, out.contiguous()
+
+
+def _cuda_bwd(dout, u, delta, A, B, C, D, z, delta_bias, x, out, delta_softplus):
+    """As SelectiveScanFn.backward (mamba-ssm allocates dz; out_z not recomputed)."""
+    u, delta, B, C, z, dout = map(_stride1, (u, delta, B, C, z, dout))
+    D = None if D is None else D.contiguous()
+    du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = _call_cuda(
+        _cuda_kernel().bwd, u, delta, A.float(), B[:, None], C[:, None], D, z, delta_bias, dout, x,
+        out if z is not None else None, None, delta_softplus, False)
+    dz = rest[0] if z is not None else None
+    grads = (du, ddelta, dA, dB.squeeze(1), dC.squeeze(1), dD, dz, ddelta_bias)
+    return tuple(None if g is None else g.contiguous() for g in grads)
 
 
 def _state_dtype(u: torch.Tensor) -> torch.dtype:

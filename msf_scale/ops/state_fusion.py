@@ -52,8 +52,10 @@ def _logged(choice: str, device_type: str, k: int) -> None:
 
 
 def _chosen(choice: str, device_type: str, k: int) -> str:
-    """`auto`'s choice, logged once per (device, window): the kernel that ran is part of a measurement."""
-    _logged(choice, device_type, k)
+    """`auto`'s choice, logged once per (device, window): the kernel that ran is part of a measurement. Not while
+    dynamo traces: a logger call (inside an lru_cache) would break the graph; the eager run logs it."""
+    if not torch.compiler.is_compiling():
+        _logged(choice, device_type, k)
     return choice
 
 
