@@ -8,6 +8,7 @@
 # Knobs: SET (why: call 4's conditions | speed: call 6's), EPOCHS (40), END (seconds for everything, 530), DATA (calibrate_micro --set flags; default the preset).
 set -uo pipefail
 OUT=${OUT:?set OUT}; EPOCHS=${EPOCHS:-40}; END=${END:-530}; DATA=${DATA:-}
+case ${SET:=why} in why|speed) ;; *) echo "unknown SET=$SET (why | speed)" >&2; exit 2 ;; esac   # before any background job
 CACHE=${CACHE:-/tmp/microcache}; W=${W:-/tmp/sweepwork}; mkdir -p "$OUT" "$CACHE" "$W"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 T0=$SECONDS
@@ -23,7 +24,7 @@ run() {  # name args...
 }
 CONV="--arch stem=conv --arch stem_temporal_kernel=3"
 S="--epochs $EPOCHS --graph"
-case ${SET:-why} in
+case $SET in
 why)    # call 4: stem, lr, theta, temporal sampling
   run cnn3d --model cnn3d --epochs 150 --lr 2e-3 --eval-every 10
   run msf_conv3_lr5e-4 --model msf_mamba $CONV --lr 5e-4 $S
@@ -47,7 +48,6 @@ speed)  # call 6: what makes the conv-stem SSM learn faster (36 epochs at the 5e
   run msf_conv3_lr1e-3_warm25 --model msf_mamba $CONV --lr 1e-3 --warmup 0.25 $S
   run msf_conv3_depth12 --model msf_mamba $CONV --arch depth=12 --lr 5e-4 $S
   ;;
-*) echo "unknown SET=$SET (why | speed)" >&2; exit 2 ;;
 esac
 wait $(jobs -p | grep -v "^$PACKER$") 2>/dev/null
 nvidia-smi --query-gpu=name,driver_version --format=csv > "$W/gpu.txt" 2>&1

@@ -174,6 +174,10 @@ def load_init(model: nn.Module, path: str | Path) -> ImportReport:
                     1, model.cfg.grid[0], 1, -1)
             mapped[k] = v
     else:
+        if model.cfg.stem != "patch" or model.cfg.stem_input != "rgb":
+            raise ConfigError(f"{path}: VideoMamba weights fit the linear patch stem on RGB input; this model has "
+                              f"stem={model.cfg.stem}, stem_input={model.cfg.stem_input} (drop those options to "
+                              "import them)")
         mapped, unexpected, notes = convert_videomamba(sd, model)
     target = model.state_dict()
     width = sd.get("norm_f.weight")

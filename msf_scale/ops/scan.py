@@ -164,8 +164,20 @@ def _compiled_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_l
 
 
 def _op_kernel(backend: str, device: torch.device) -> str:
-    """'cuda' (mamba-ssm) or 'torch': the kernel behind the compile ops for this backend name and device."""
-    return "cuda" if resolve_backend(backend, device) == "cuda" else "torch"
+    """'cuda' (mamba-ssm) or 'torch': the kernel behind the compile ops for this backend name and device. Logged
+    once as what runs under compile (`auto`'s eager log would name numba on CPU, which compile does not run)."""
+    name = requested_backend(backend, ENV_VAR, BACKENDS, "selective-scan")
+    if name == "auto":
+        kernel = "cuda" if device.type == "cuda" and _mamba_ssm_scan() is not None else "torch"
+    else:
+        kernel = "cuda" if resolve_backend(name, device) == "cuda" else "torch"   # raises if 'cuda' is missing
+    _log_compiled_kernel(name, device.type, kernel)
+    return kernel
+
+
+@lru_cache(maxsize=None)
+def _log_compiled_kernel(name: str, device_type: str, kernel: str) -> None:
+    log.info("selective_scan under torch.compile (%s, %s tensors): the %s scan", name, device_type, kernel)
 
 
 def _no_tensor(like: torch.Tensor) -> torch.Tensor:
@@ -272,7 +284,9 @@ def _call_cuda(fn, *args):
     prev_state) at the end, passed as None."""
     try:
         return fn(*args)
-    except TypeError:   # pybind's "incompatible function arguments": the longer signature
+    except TypeError as err:   # pybind's "incompatible function arguments": the longer signature
+        if "incompatible function arguments" not in str(err):
+            raise
         return fn(*args, None)
 
 

@@ -55,3 +55,11 @@ def test_fvcore_counts_the_options_as_the_analytic_count(stem):
 def test_unknown_option_values_are_refused_in_one_line(field, value, match):
     with pytest.raises(ValueError, match=match):
         create_model("msf_mamba", size="tiny", device="meta", **{field: value})
+
+
+def test_max_pool_leaves_a_class_token_out():
+    torch.manual_seed(0)
+    model = create_model("videomamba", size="tiny", pool="max", class_token=True, **KW).eval()
+    tokens = model.forward_features(torch.randn(2, 3, 4, 32, 32))
+    tokens[:, 0] = 1e6                                         # a class token that would win every max
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), tokens[:, 1:].amax(dim=1))

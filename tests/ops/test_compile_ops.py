@@ -74,10 +74,10 @@ def test_compiled_scan_matches_float64_reference(dtype, length, optional):
     assert "msf_scale.selective_scan_fwd" in fw_graph and "msf_scale.selective_scan_bwd" in bw_graph
 
 
-def _tiny(device="cpu", scan_backend="torch"):
+def _tiny(device="cpu", scan_backend="torch", variant="msf_mamba", drop_path_rate=0.1):
     torch.manual_seed(0)
-    return create_model("msf_mamba", size="tiny", num_frames=2, img_size=32, num_classes=4, depth=2, embed_dim=32,
-                        drop_path_rate=0.1, scan_backend=scan_backend, fusion_backend="auto").to(device)
+    return create_model(variant, size="tiny", num_frames=2, img_size=32, num_classes=4, depth=2, embed_dim=32,
+                        drop_path_rate=drop_path_rate, scan_backend=scan_backend, fusion_backend="auto").to(device)
 
 
 def _compile_vs_eager(model, x, backend, tol, grad_tol, autocast_dtype=None):
@@ -106,8 +106,9 @@ def _compile_vs_eager(model, x, backend, tol, grad_tol, autocast_dtype=None):
         assert rel(got_g[name], want_g[name]) < grad_tol, f"grad {name}: rel err {rel(got_g[name], want_g[name]):.2e}"
 
 
-def test_tiny_msf_mamba_compiles_fullgraph_eval_and_train():
-    model = _tiny()
+@pytest.mark.parametrize("variant", ["videomamba", "msf_mamba", "msf_mamba_plus"])
+def test_tiny_models_compile_fullgraph_eval_and_train(variant):
+    model = _tiny(variant=variant)
     x = torch.randn(2, 3, 2, 32, 32)
     _compile_vs_eager(model, x, "aot_eager", 1e-5, 1e-4)
 
@@ -116,7 +117,8 @@ def test_tiny_msf_mamba_compiles_fullgraph_eval_and_train():
 def test_tiny_msf_mamba_compiles_fullgraph_with_the_cuda_scan_bf16(mamba_ssm_kernel):
     """The mamba-ssm kernel behind the ops, in bf16 autocast, inductor (the real use): against eager. Not run on
     the CPU machine it was written on."""
-    model = _tiny("cuda", scan_backend="cuda")
+    # no drop path: inductor draws its own random numbers (unless fallback_random), so masks would differ
+    model = _tiny("cuda", scan_backend="cuda", drop_path_rate=0.0)
     x = torch.randn(2, 3, 2, 32, 32, device="cuda")
     _compile_vs_eager(model, x, "inductor", 2e-2, 5e-2, autocast_dtype=torch.bfloat16)
 
@@ -132,5 +134,6 @@ def test_opcheck_cuda_kernel_ops(mamba_ssm_kernel):
     want = selective_scan(*args, delta_softplus=True, backend="cuda")   # eager: SelectiveScanFn
     assert rel(out, want) == 0.0
     g = torch.randn_like(out)
-    for got, ref in zip(torch.autograd.grad(out, args, g), torch.autograd.grad(want, args, g)):
-        assert rel(got, ref) == 0.0
+    for name, got, ref in zip(NAMES, torch.autograd.grad(out, args, g), torch.autograd.grad(want, args, g)):
+        # the same kernels; dB and dC (and what sums them) accumulate with atomics, so their order can differ
+        assert rel(got, ref) < 1e-5, f"grad {name}: rel err {rel(got, ref):.2e}"

@@ -107,6 +107,14 @@ def test_wrong_width_or_pickled_code_is_refused(tmp_path):
         load_init(model, path)
 
 
+@pytest.mark.parametrize("option", [{"stem": "conv"}, {"stem_input": "rgb_diff"}])
+def test_their_weights_are_refused_for_another_stem(tmp_path, option):
+    model = create_model("msf_mamba", size="tiny", embed_dim=32, depth=2, num_classes=7, num_frames=4, img_size=64,
+                         **option)
+    with pytest.raises(ConfigError, match="fit the linear patch stem on RGB input"):
+        load_init(model, _save(tmp_path, videomamba_state_dict(d=32, depth=2, grid=4, frames=4, classes=7)))
+
+
 def test_import_command_writes_an_export_and_train_starts_from_it(tmp_path, tiny_argv, capsys):
     import msf_scale.train as train_mod
 
