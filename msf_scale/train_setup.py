@@ -29,7 +29,7 @@ from msf_scale.ema import ModelEma
 from msf_scale.export import data_record, model_meta, recover_best
 from msf_scale.metrics import (MetricLogger, available_memory_gb, device_peak_tflops, estimate_train_memory_gb,
                                flat_config, train_flops_per_clip, truncate_jsonl)
-from msf_scale.models import build_model
+from msf_scale.models import ModelOptionError, build_model
 from msf_scale.optim import build_optimizer, build_scheduler
 
 
@@ -90,7 +90,10 @@ class Run:
             root = dataset_root(cfg.data)
         info = read_dataset_info(root)
         val = on_main(acc, lambda: val_split(cfg.data, root))   # reads every training shard's metadata once
-        model = build_model(cfg.model, info.num_classes)
+        try:
+            model = build_model(cfg.model, info.num_classes)
+        except ModelOptionError as err:   # a model option's value (--model.arch.*): the user's flag
+            raise ConfigError(f"model: {err}") from None
         preflight_memory(cfg, model.cfg, acc.device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         meta = model_meta(model, m.variant, m.size)
         resume = resolve_resume(tc.resume, run_dir)

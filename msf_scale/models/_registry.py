@@ -9,6 +9,11 @@ from typing import Callable
 _MODELS: dict[str, Callable] = {}
 
 
+class ModelOptionError(ValueError):
+    """A model name, size or option value that cannot build a model: the caller's input, not a bug (train.py turns
+    it into its one-line error; a plain ValueError from building a model keeps its traceback)."""
+
+
 def register_model(fn: Callable) -> Callable:
     if fn.__name__ in _MODELS:
         warnings.warn(f"model {fn.__name__!r} registered twice; the later definition wins")
@@ -28,11 +33,11 @@ def create_model(name: str, size: str | None = None, **kwargs):
         sizes = sorted(n[len(name) + 1:] for n in _MODELS if n.startswith(name + "_") and "_" not in n[len(name) + 1:])
         variants = sorted({n.rsplit("_", 1)[0] for n in _MODELS})
         if not sizes:
-            raise ValueError(f"unknown model variant {name!r}; expected one of {variants}")
-        raise ValueError(f"unknown size {size!r} for {name!r}; expected one of {sizes}")
+            raise ModelOptionError(f"unknown model variant {name!r}; expected one of {variants}")
+        raise ModelOptionError(f"unknown size {size!r} for {name!r}; expected one of {sizes}")
     if full not in _MODELS:
         hint = difflib.get_close_matches(full, _MODELS, n=3, cutoff=0.5)
-        raise ValueError(f"unknown model {full!r}" + (f"; did you mean {' or '.join(hint)}?" if hint else "")
+        raise ModelOptionError(f"unknown model {full!r}" + (f"; did you mean {' or '.join(hint)}?" if hint else "")
                          + f" Registered: {', '.join(list_models())}")
     return _MODELS[full](**{k: v for k, v in kwargs.items() if v is not None})
 

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from msf_scale.ops import causal_depthwise_conv1d, selective_scan, state_fusion
+from msf_scale.models._registry import ModelOptionError
 
 
 class DropPath(nn.Module):
@@ -107,7 +108,7 @@ FUSION_INITS = ("zero", "uniform")   # StateFusion.reset_parameters says what ea
 def check_fusion_init(init: str) -> None:
     """The one check of a fusion init name (the model config runs it too: a videomamba has no StateFusion)."""
     if init not in FUSION_INITS:
-        raise ValueError(f"fusion_init must be 'zero' or 'uniform', got {init!r}")
+        raise ModelOptionError(f"fusion_init must be 'zero' or 'uniform', got {init!r}")
 
 
 class StateFusion(nn.Module):
@@ -122,7 +123,7 @@ class StateFusion(nn.Module):
         check_fusion_init(init)
         self.init = init
         if use_aswm and len(scales) < 2:
-            raise ValueError(f"ASWM weights several scales; got fusion_scales={scales}")
+            raise ModelOptionError(f"ASWM weights several scales; got fusion_scales={scales}")
         self.scales = tuple(scales)
         self.backend = backend
         self.kernels = nn.ParameterList(

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from msf_scale.catalog import CNN3D_SIZES
-from msf_scale.models._registry import register_model
+from msf_scale.models._registry import ModelOptionError, register_model
 from msf_scale.models.msf_mamba import MSFMamba
 _STRIDES = ((1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2))
 
@@ -34,7 +34,7 @@ class CNN3DConfig:
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)
         if len(self.widths) != len(_STRIDES) or min(self.widths) < 1:
-            raise ValueError(f"cnn3d widths must be {len(_STRIDES)} positive channel counts, got {self.widths}")
+            raise ModelOptionError(f"cnn3d widths must be {len(_STRIDES)} positive channel counts, got {self.widths}")
 
 
 class CNN3D(nn.Module):
@@ -100,11 +100,11 @@ class CNN3D(nn.Module):
 
 def build_cnn3d_config(size: str, **overrides) -> CNN3DConfig:
     if size not in CNN3D_SIZES:
-        raise ValueError(f"unknown size {size!r}; expected one of {sorted(CNN3D_SIZES)}")
+        raise ModelOptionError(f"unknown size {size!r}; expected one of {sorted(CNN3D_SIZES)}")
     known = {f.name for f in dataclasses.fields(CNN3DConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"unknown cnn3d option(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        raise ModelOptionError(f"unknown cnn3d option(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
     return CNN3DConfig(**{"widths": CNN3D_SIZES[size], **overrides})
 
 

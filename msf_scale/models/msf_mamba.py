@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from msf_scale.catalog import SSM_SIZES as MODEL_SIZES
 from msf_scale.catalog import SSM_VARIANTS as VARIANTS
-from msf_scale.models._registry import register_model
+from msf_scale.models._registry import ModelOptionError, register_model
 from msf_scale.models.blocks import BiMamba, Block, StateFusion, check_fusion_init
 from msf_scale.models.stem import ConvStem
 
@@ -76,29 +76,29 @@ class MSFMambaConfig:
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
-            raise ValueError(f"model.variant: unknown {self.variant!r}; expected one of {sorted(VARIANTS)}")
+            raise ModelOptionError(f"model.variant: unknown {self.variant!r}; expected one of {sorted(VARIANTS)}")
         scales, aswm = VARIANTS[self.variant]
         self.fusion_scales = tuple(scales if self.fusion_scales is None else self.fusion_scales)
         self.use_aswm = aswm if self.use_aswm is None else self.use_aswm
         if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
+            raise ModelOptionError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
         if self.num_frames % self.tubelet_size:
-            raise ValueError(f"num_frames {self.num_frames} must be divisible by tubelet_size {self.tubelet_size}")
+            raise ModelOptionError(f"num_frames {self.num_frames} must be divisible by tubelet_size {self.tubelet_size}")
         if any(k % 2 == 0 or k < 1 for k in self.fusion_scales):
-            raise ValueError(f"fusion_scales must be odd window sizes, got {self.fusion_scales}")
+            raise ModelOptionError(f"fusion_scales must be odd window sizes, got {self.fusion_scales}")
         if self.stem not in ("patch", "conv"):
-            raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
+            raise ModelOptionError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
         if self.stem == "conv" and self.tubelet_size != 1:
-            raise ValueError(f"the conv stem keeps every frame: tubelet_size must be 1, got {self.tubelet_size}")
+            raise ModelOptionError(f"the conv stem keeps every frame: tubelet_size must be 1, got {self.tubelet_size}")
         if self.dt_init not in ("mamba", "videomamba"):
-            raise ValueError(f"dt_init must be 'mamba' or 'videomamba', got {self.dt_init!r}")
+            raise ModelOptionError(f"dt_init must be 'mamba' or 'videomamba', got {self.dt_init!r}")
         check_fusion_init(self.fusion_init)
         if self.fusion_norm not in ("branch", "none"):
-            raise ValueError(f"fusion_norm must be 'branch' or 'none', got {self.fusion_norm!r}")
+            raise ModelOptionError(f"fusion_norm must be 'branch' or 'none', got {self.fusion_norm!r}")
         if self.pool not in ("cls", "mean", "max") or (self.pool == "cls" and not self.class_token):
-            raise ValueError(f"pool must be 'mean', 'max' or 'cls' (needs class_token), got {self.pool!r}")
+            raise ModelOptionError(f"pool must be 'mean', 'max' or 'cls' (needs class_token), got {self.pool!r}")
         if self.stem_input not in ("rgb", "rgb_diff"):
-            raise ValueError(f"stem_input must be 'rgb' or 'rgb_diff', got {self.stem_input!r}")
+            raise ModelOptionError(f"stem_input must be 'rgb' or 'rgb_diff', got {self.stem_input!r}")
         self.fused_block_ids()   # validates fusion_blocks
 
     @property
@@ -117,7 +117,7 @@ class MSFMambaConfig:
             n = int(num)
             return (list(range(n - 1, self.depth, n)) if kind == "every"
                     else list(range(max(self.depth - n, 0), self.depth)))
-        raise ValueError(f"fusion_blocks must be 'all', 'every_K' or 'last_N' (K, N > 0), got {spec!r}")
+        raise ModelOptionError(f"fusion_blocks must be 'all', 'every_K' or 'last_N' (K, N > 0), got {spec!r}")
 
 
 class MSFMamba(nn.Module):
@@ -260,14 +260,14 @@ class MSFMamba(nn.Module):
 
 def build_config(variant: str, size: str, **overrides) -> MSFMambaConfig:
     if size not in MODEL_SIZES:
-        raise ValueError(f"unknown size {size!r}; expected one of {sorted(MODEL_SIZES)}")
+        raise ModelOptionError(f"unknown size {size!r}; expected one of {sorted(MODEL_SIZES)}")
     width, depth, drop_path = MODEL_SIZES[size]
     known = {f.name for f in dataclasses.fields(MSFMambaConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         import difflib
         hints = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
-        raise ValueError("unknown model option(s): " + ", ".join(
+        raise ModelOptionError("unknown model option(s): " + ", ".join(
             f"{u}" + (f" (did you mean {h[0]}?)" if h else "") for u, h in hints.items()))
     base = {"variant": variant, "embed_dim": width, "depth": depth, "drop_path_rate": drop_path}
     return MSFMambaConfig(**{**base, **overrides})

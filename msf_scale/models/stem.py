@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn as nn
+from msf_scale.models._registry import ModelOptionError
 
 
 class ConvStem(nn.Module):
@@ -22,9 +23,9 @@ class ConvStem(nn.Module):
         super().__init__()
         n = int(round(math.log2(patch_size)))
         if 2 ** n != patch_size or n < 1:
-            raise ValueError(f"the conv stem needs a power-of-two patch_size >= 2, got {patch_size}")
+            raise ModelOptionError(f"the conv stem needs a power-of-two patch_size >= 2, got {patch_size}")
         if temporal_kernel not in (1, 3):
-            raise ValueError(f"stem_temporal_kernel must be 1 or 3, got {temporal_kernel}")
+            raise ModelOptionError(f"stem_temporal_kernel must be 1 or 3, got {temporal_kernel}")
         fk = {"device": device, "dtype": dtype}
         widths = [max(dim // 2 ** (n - 1 - i), 8) for i in range(n)]
         layers, c_in = [], in_chans

@@ -154,7 +154,12 @@ def test_corrupt_counts_reach_metrics_progress_and_summary(tiny_argv, tmp_path, 
                                          (["--optim.lrr", "1"], "did you mean 'optim.lr'"),
                                          (["--train.batch_size", "many"], "expected an integer"),
                                          (["--config", "nope"], "unknown config 'nope'"),
-                                         (["--data", "/nowhere/data"], "/nowhere/data")])
+                                         (["--data", "/nowhere/data"], "/nowhere/data"),
+                                         (["--model.arch.pool", "median"], "pool must be"),
+                                         (["--model.arch.pach_size", "8"], "did you mean patch_size"),
+                                         (["--model.arch.stem", "conv", "--model.arch.stem_temporal_kernel", "5"],
+                                          "must be 1 or 3"),
+                                         (["--variant", "cnn3d"], "unknown cnn3d option(s): depth")])
 def test_user_errors_print_one_line_and_exit_2(tiny_argv, capsys, argv, needle):
     assert train_mod.cli(tiny_argv(*argv)) == 2
     err = capsys.readouterr().err.strip().splitlines()
