@@ -3,5 +3,5 @@ from msf_scale.models._registry import ModelOptionError, build_model, create_mod
 from msf_scale.models.cnn3d import CNN3D, CNN3D_SIZES, CNN3DConfig
 from msf_scale.models.msf_mamba import MODEL_SIZES, VARIANTS, MSFMamba, MSFMambaConfig, build_config
 
-__all__ = ["ModelOptionError", "build_model", "create_model", "list_models", "register_model", "MODEL_SIZES", "VARIANTS", "MSFMamba",
-           "MSFMambaConfig", "build_config", "CNN3D", "CNN3D_SIZES", "CNN3DConfig"]
+__all__ = ["ModelOptionError", "build_model", "create_model", "list_models", "register_model", "MODEL_SIZES",
+           "VARIANTS", "MSFMamba", "MSFMambaConfig", "build_config", "CNN3D", "CNN3D_SIZES", "CNN3DConfig"]

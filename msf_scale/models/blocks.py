@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msf_scale.ops import causal_depthwise_conv1d, selective_scan, state_fusion
 from msf_scale.models._registry import ModelOptionError
+from msf_scale.ops import causal_depthwise_conv1d, selective_scan, state_fusion
 
 
 class DropPath(nn.Module):

@@ -34,7 +34,8 @@ class CNN3DConfig:
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)
         if len(self.widths) != len(_STRIDES) or min(self.widths) < 1:
-            raise ModelOptionError(f"cnn3d widths must be {len(_STRIDES)} positive channel counts, got {self.widths}")
+            raise ModelOptionError(f"cnn3d widths must be {len(_STRIDES)} positive channel counts, "
+                                   f"got {self.widths}")
 
 
 class CNN3D(nn.Module):

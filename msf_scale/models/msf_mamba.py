@@ -65,7 +65,8 @@ class MSFMambaConfig:
     # recipe and steps; docs/BENCHMARKS.md, "Learnability"), and a first-position class token never sees the
     # CFD-fused states directly (it bypasses fusion and reads them only through later blocks' scans).
     class_token: bool = False
-    pool: str = "mean"                # "mean" (of the video tokens) | "max" (per channel, [ours]) | "cls" (needs class_token)
+    pool: str = "mean"                # "mean" (of the video tokens) | "max" (per channel, [ours]) | "cls" (needs
+                                      # class_token)
     head_drop: float = 0.0
     pos_embed_std: float = 0.02
     linear_init_std: float = 0.02
@@ -83,7 +84,8 @@ class MSFMambaConfig:
         if self.img_size % self.patch_size:
             raise ModelOptionError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
         if self.num_frames % self.tubelet_size:
-            raise ModelOptionError(f"num_frames {self.num_frames} must be divisible by tubelet_size {self.tubelet_size}")
+            raise ModelOptionError(f"num_frames {self.num_frames} must be divisible by tubelet_size "
+                                   f"{self.tubelet_size}")
         if any(k % 2 == 0 or k < 1 for k in self.fusion_scales):
             raise ModelOptionError(f"fusion_scales must be odd window sizes, got {self.fusion_scales}")
         if self.stem not in ("patch", "conv"):

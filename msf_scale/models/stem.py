@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn as nn
+
 from msf_scale.models._registry import ModelOptionError
 
 

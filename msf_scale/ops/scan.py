@@ -125,8 +125,7 @@ def _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_s
     if name == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     dtype_in = u.dtype
-    compute = torch.float64 if dtype_in == torch.float64 else torch.float32  # bf16/fp16 scan in fp32, as mamba
-    cast = lambda t: None if t is None else t.to(compute)
+    cast = _caster(u)   # bf16/fp16 scan in fp32, as mamba
     kernel = _scan_torch if name == "torch" else _numba_scan()   # one signature: scan(u, ..., delta_softplus)
     y, last = kernel.scan(*map(cast, (u, delta, A, B, C, D, z, delta_bias)), delta_softplus)
     y = y.to(dtype_in)
