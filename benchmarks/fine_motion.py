@@ -34,6 +34,8 @@ RECIPE = ["--epochs", "40", "--schedule.warmup_epochs", "2", "--train.batch_size
           "--train.eval_every", "5", "--log.tensorboard", "false", "--log.progress", "false",
           "--log.log_every", "20", "--data.num_workers", "2"]
 
+_CONV3 = ["--model.arch.stem", "conv", "--model.arch.stem_temporal_kernel", "3"]
+_DIFFMAX = ["--model.arch.stem_input", "rgb_diff", "--model.arch.pool", "max"]
 # name -> (variant, extra flags)
 CONDITIONS: dict[str, tuple[str, list[str]]] = {
     "cnn3d": ("cnn3d", ["--optim.lr", "1.6e-2", "--epochs", "150"]),   # its calibrated schedule (BENCHMARKS.md)
@@ -49,6 +51,11 @@ CONDITIONS: dict[str, tuple[str, list[str]]] = {
     "msf_conv3_theta0": ("msf_mamba", ["--model.arch.stem", "conv", "--model.arch.stem_temporal_kernel", "3",
                                        "--model.arch.fusion_theta", "0"]),
     "plus_conv3": ("msf_mamba_plus", ["--model.arch.stem", "conv", "--model.arch.stem_temporal_kernel", "3"]),
+    # [ours] the stem also sees frame differences and the head max-pools the tokens (README, "Fine motion")
+    "msf_conv3_diffmax": ("msf_mamba", [*_CONV3, *_DIFFMAX]),
+    "vm_conv3_diffmax": ("videomamba", [*_CONV3, *_DIFFMAX]),
+    "msf_conv3_diffmax_theta0": ("msf_mamba", [*_CONV3, *_DIFFMAX, "--model.arch.fusion_theta", "0"]),
+    "plus_conv3_diffmax": ("msf_mamba_plus", [*_CONV3, *_DIFFMAX]),
     "msf_uniform": ("msf_mamba", ["--model.arch.fusion_init", "uniform"]),
     "msf_lr3e-2": ("msf_mamba", ["--optim.lr", "3e-2"]),
     "msf_conv3_lr3e-2": ("msf_mamba", ["--model.arch.stem", "conv", "--model.arch.stem_temporal_kernel", "3",
@@ -59,6 +66,8 @@ STUDIES = {
             "msf_uniform", "msf_lr3e-2"],
     "claims": ["cnn3d", "videomamba", "msf_mamba", "msf_mamba_theta0", "msf_mamba_plus"],
     "claims_conv3": ["cnn3d", "vm_conv3", "msf_conv3", "msf_conv3_theta0", "plus_conv3"],
+    "claims_diffmax": ["cnn3d", "vm_conv3_diffmax", "msf_conv3_diffmax", "msf_conv3_diffmax_theta0",
+                       "plus_conv3_diffmax"],
 }
 
 

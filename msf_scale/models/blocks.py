@@ -33,17 +33,22 @@ class DropPath(nn.Module):
 
 class BiMamba(nn.Module):
     """VideoMamba's "bimamba v2" mixer: one shared input projection, then a selective scan per direction with its
-    own conv1d / x_proj / dt_proj / A / D; the two outputs are averaged, gated by silu(z) and projected back."""
+    own conv1d / x_proj / dt_proj / A / D; the two outputs are averaged, gated by silu(z) and projected back.
+
+    ``grouped_scan`` computes both directions at once (one conv over 2E channels, batched projections, one grouped
+    selective_scan with G=2, as VMamba does): the same parameters and result, fewer kernel launches. Off by default
+    until timed on a GPU (benchmarks/bench_bimamba.py)."""
 
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4, dt_rank: int | None = None,
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
-                 scan_backend: str = "auto", device=None, dtype=None):
+                 scan_backend: str = "auto", grouped_scan: bool = False, device=None, dtype=None):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.d_inner = expand * d_model
         self.d_state = d_state
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         self.scan_backend = scan_backend
+        self.grouped_scan = grouped_scan
         self.dt_init = (dt_min, dt_max, dt_init_floor)
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False, **fk)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False, **fk)
@@ -60,9 +65,35 @@ class BiMamba(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:    # x [B, L, d]
         xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)   # [B, E, L] each
-        y = self.fwd(xs, self.scan_backend) + self.bwd(xs.flip(-1), self.scan_backend).flip(-1)
+        if self.grouped_scan:
+            y = self._both_directions(xs)
+        else:
+            y = self.fwd(xs, self.scan_backend) + self.bwd(xs.flip(-1), self.scan_backend).flip(-1)
         y = 0.5 * y * F.silu(z)                                  # gate once: silu(z) is shared by both directions
         return self.out_proj(y.transpose(1, 2))
+
+    def _both_directions(self, xs: torch.Tensor) -> torch.Tensor:   # xs [B, E, L] -> y_fwd + y_bwd flipped back
+        """_Direction.forward for fwd on xs and bwd on xs flipped, as one op of each kind: channels [0, E) are the
+        forward direction, [E, 2E) the backward one, and the scan reads B/C group 0 or 1 accordingly."""
+        f, b = self.fwd, self.bwd
+        batch, width, length = xs.shape
+        x = torch.cat([xs, xs.flip(-1)], dim=1)                                    # [B, 2E, L]
+        conv_weight = torch.cat([f.conv1d.weight, b.conv1d.weight])                # [2E, 1, K]
+        x = F.silu(causal_depthwise_conv1d(x, conv_weight, torch.cat([f.conv1d.bias, b.conv1d.bias])))
+        # the projections as bmm over the direction axis (exact in fvcore's count; its einsum handle rounds)
+        rows = x.view(batch, 2, width, length).permute(1, 0, 3, 2).reshape(2, batch * length, width)
+        x_proj = torch.stack([f.x_proj.weight, b.x_proj.weight]).transpose(1, 2)     # [2, E, R + 2N]
+        dt, B, C = torch.bmm(rows, x_proj).view(2, batch, length, -1).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1)                     # [2, B, L, R | N | N]
+        dt_proj = torch.stack([f.dt_proj.weight, b.dt_proj.weight]).transpose(1, 2)  # [2, R, E]
+        delta = torch.bmm(dt.reshape(2, batch * length, self.dt_rank), dt_proj)     # [2, B*L, E]
+        delta = delta.view(2, batch, length, width).permute(1, 0, 3, 2).reshape(batch, 2 * width, length)
+        B, C = (t.permute(1, 0, 3, 2) for t in (B, C))                             # [B, 2, N, L]
+        A = -torch.exp(torch.cat([f.A_log, b.A_log]).float())                     # [2E, N]
+        D, delta_bias = (torch.cat(pair).float() for pair in ((f.D, b.D), (f.dt_proj.bias, b.dt_proj.bias)))
+        y = selective_scan(x, delta, A, B, C, D, None, delta_bias, delta_softplus=True, backend=self.scan_backend)
+        y_fwd, y_bwd = y.chunk(2, dim=1)
+        return y_fwd + y_bwd.flip(-1)
 
 
 class _Direction(nn.Module):

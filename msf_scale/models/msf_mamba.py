@@ -72,6 +72,8 @@ class MSFMambaConfig:
     linear_init_std: float = 0.02
     # execution
     scan_backend: str = "auto"
+    grouped_scan: bool = False        # both scan directions as one grouped call (blocks.BiMamba); same result and
+                                      # parameters, fewer launches; off until timed on a GPU (issue 19)
     fusion_backend: str = "auto"
     grad_checkpointing: bool = False
 
@@ -149,7 +151,7 @@ class MSFMamba(nn.Module):
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
             Block(d, BiMamba(d, cfg.d_state, cfg.expand, cfg.d_conv, cfg.dt_rank, cfg.dt_min, cfg.dt_max,
-                             cfg.dt_init_floor, cfg.scan_backend, **fk),
+                             cfg.dt_init_floor, cfg.scan_backend, grouped_scan=cfg.grouped_scan, **fk),
                   StateFusion(d, cfg.fusion_scales, cfg.fusion_theta, cfg.fusion_theta_learnable, cfg.use_aswm,
                               cfg.fusion_backend, cfg.fusion_init, **fk) if i in fused else None,
                   cfg.fusion_norm, cfg.norm_eps, dpr[i], self.num_prefix, **fk)

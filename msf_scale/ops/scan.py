@@ -5,6 +5,9 @@
 
 Shapes (mamba-ssm's convention, so the CUDA kernel is a drop-in):
     u, delta, z: [batch, D, L]    A: [D, N]    B, C: [batch, N, L]    D, delta_bias: [D]
+or grouped, B, C: [batch, G, N, L] with D % G == 0: channel d reads group d // (D/G) (several scans sharing one
+call, e.g. both directions of the bidirectional mixer; mamba-ssm's kernel takes groups natively, ``ref`` expands
+them per channel, the torch and numba scans run once per group).
 
 Backends, chosen by ``backend=``; ``auto`` (the default) means ``$MSF_SCALE_SCAN_BACKEND`` when set, else the
 fastest that works (logged once). Each fast backend is a private module with one ``scan(...)`` of the same
@@ -120,6 +123,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 def _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend):
     name = resolve_backend(backend, u.device, batch=u.shape[0])
+    if B.dim() == 4 and name in ("torch", "numba"):   # kernels without groups: one call per group
+        y, last = _per_group(lambda *a: _dispatch(*a, delta_softplus, True, name), u, delta, A, B, C, D, z,
+                             delta_bias)
+        return (y, last) if return_last_state else y
     if name == "cuda":
         return _mamba_ssm_scan()(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "ref":
@@ -130,6 +137,17 @@ def _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_s
     y, last = kernel.scan(*map(cast, (u, delta, A, B, C, D, z, delta_bias)), delta_softplus)
     y = y.to(dtype_in)
     return (y, last) if return_last_state else y
+
+
+def _per_group(scan, u, delta, A, B, C, D, z, delta_bias):
+    """A grouped scan (B, C [batch, G, N, L]) as G ungrouped ``scan(u, delta, A, B, C, D, z, delta_bias) -> (y,
+    last)`` calls on consecutive blocks of D/G channels; y and last state concatenated back along channels.
+    Autograd flows through the slices and the cat."""
+    groups = B.shape[1]
+    split = lambda t: [None] * groups if t is None else t.chunk(groups, dim=1 if t.dim() == 3 else 0)
+    ys, lasts = zip(*(scan(*args) for args in zip(*map(split, (u, delta, A)), B.unbind(1), C.unbind(1),
+                                                  *map(split, (D, z, delta_bias)))))
+    return torch.cat(ys, dim=1), torch.cat(lasts, dim=1)
 
 
 @torch.library.custom_op("msf_scale::selective_scan", mutates_args=())
@@ -157,9 +175,23 @@ CUDA_CHUNK = 2048   # mamba-ssm's selective_scan.cpp: its saved states x are [b,
 
 
 def _compiled_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend):
+    backend = backend or "auto"
+    if B.dim() == 4 and not _kernel_takes_groups(backend, u.device.type):
+        # Only mamba-ssm's kernel takes grouped B/C; for the torch kernel the graph gets one op pair per group.
+        # Decided at trace time (unlike the kernel choice inside the ops), so the ops' torch path refuses 4-D B.
+        y, last = _per_group(lambda *a: _compiled_scan(*a, delta_softplus, True, backend), u, delta, A, B, C, D, z,
+                             delta_bias)
+        return (y, last) if return_last_state else y
     out, last, _states, _pre_gate = torch.ops.msf_scale.selective_scan_fwd(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend or "auto")
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend)
     return (out, last) if return_last_state else out
+
+
+@torch.compiler.assume_constant_result
+def _kernel_takes_groups(backend: str, device_type: str) -> bool:
+    """Whether the compile ops' kernel for this backend and device is mamba-ssm's (grouped B/C as they are);
+    evaluated once at trace time, outside dynamo."""
+    return _op_kernel(backend, torch.device(device_type)) == "cuda"
 
 
 def _op_kernel(backend: str, device: torch.device) -> str:
@@ -193,6 +225,7 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     the last two exist only for :func:`_scan_bwd`."""
     if _op_kernel(backend, u.device) == "cuda":
         return _cuda_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    _ungrouped(B)
     cast = _caster(u)
     out_t, last, h_in, y_t = _scan_torch.forward(*map(cast, (u, delta, A, B, C, D, z, delta_bias)), delta_softplus)
     # with z None out_t is y_t: return it once (outputs may not alias), and as the [b, D, L] view eager returns
@@ -226,6 +259,7 @@ def _scan_bwd(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch
     if _op_kernel(backend, u.device) == "cuda":
         grads = _cuda_bwd(dout, u, delta, A, B, C, D, z, delta_bias, states, pre_gate, delta_softplus)
     else:
+        _ungrouped(B)
         cast = _caster(u)
         grads = _scan_torch.backward(cast(dout).transpose(1, 2), *map(cast, (u, delta, A, B, C)), states,
                                      *map(cast, (D, z)), pre_gate if z is not None else None, cast(delta_bias),
@@ -246,6 +280,12 @@ def _(dout, u, delta, A, B, C, D, z, delta_bias, states, pre_gate, delta_softplu
         else:
             grads.append(torch.empty_like(x, memory_format=torch.contiguous_format))
     return tuple(grads)
+
+
+def _ungrouped(B: torch.Tensor) -> None:
+    if B.dim() == 4:   # _compiled_scan splits groups at trace time for this kernel: the backend changed since
+        raise RuntimeError("grouped B/C reached the torch scan inside a compiled graph traced for mamba-ssm's "
+                           "kernel (did $MSF_SCALE_SCAN_BACKEND change?); recompile: torch._dynamo.reset()")
 
 
 def _scan_setup_context(ctx, inputs, output):
@@ -293,12 +333,17 @@ def _stride1(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+def _one_group(t: torch.Tensor) -> torch.Tensor:
+    """B or C as the kernel takes it: [b, G, N, L], an ungrouped [b, N, L] as one group."""
+    return t[:, None] if t.dim() == 3 else t
+
+
 def _cuda_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """As SelectiveScanFn.forward: B, C as one group [b, 1, N, L]; out (pre-gate) and x (chunk states) saved."""
+    """As SelectiveScanFn.forward: B, C grouped [b, G, N, L]; out (pre-gate) and x (chunk states) saved."""
     u, delta, B, C, z = map(_stride1, (u, delta, B, C, z))
     D = None if D is None else D.contiguous()
-    out, x, *rest = _call_cuda(_cuda_kernel().fwd, u, delta, A.float(), B[:, None], C[:, None], D, z, delta_bias,
-                               delta_softplus)
+    out, x, *rest = _call_cuda(_cuda_kernel().fwd, u, delta, A.float(), _one_group(B), _one_group(C), D, z,
+                               delta_bias, delta_softplus)
     last = x[:, :, -1, 1::2].clone()   # (batch, dim, dstate), a copy: outputs may not alias
     if z is None:
         return out.contiguous(), last, x, _no_tensor(out)
@@ -310,10 +355,11 @@ def _cuda_bwd(dout, u, delta, A, B, C, D, z, delta_bias, x, out, delta_softplus)
     u, delta, B, C, z, dout = map(_stride1, (u, delta, B, C, z, dout))
     D = None if D is None else D.contiguous()
     du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = _call_cuda(
-        _cuda_kernel().bwd, u, delta, A.float(), B[:, None], C[:, None], D, z, delta_bias, dout, x,
+        _cuda_kernel().bwd, u, delta, A.float(), _one_group(B), _one_group(C), D, z, delta_bias, dout, x,
         out if z is not None else None, None, delta_softplus, False)
     dz = rest[0] if z is not None else None
-    grads = (du, ddelta, dA, dB.squeeze(1), dC.squeeze(1), dD, dz, ddelta_bias)
+    dB, dC = (g.squeeze(1) if t.dim() == 3 else g for g, t in ((dB, B), (dC, C)))   # [b, 1, N, L] back to 3-D
+    grads = (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)
     return tuple(None if g is None else g.contiguous() for g in grads)
 
 
@@ -329,12 +375,14 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if delta_softplus:
         delta = F.softplus(delta)
     batch, dim, length = u.shape
+    # B, C per channel: [b, 1, n, L] shared, or grouped [b, G, n, L] -> [b, d, n, L] (channel d reads d // (D/G))
+    B, C = (bc[:, None] if bc.dim() == 3 else bc.repeat_interleave(dim // bc.shape[1], dim=1) for bc in (B, C))
     h = u.new_zeros(batch, dim, A.shape[1])
     ys = []
     for t in range(length):
         dt = delta[:, :, t, None]                                        # [b, d, 1]
-        h = torch.exp(dt * A) * h + dt * B[:, None, :, t] * u[:, :, t, None]   # [b, d, n]
-        ys.append((h * C[:, None, :, t]).sum(-1))                         # [b, d]
+        h = torch.exp(dt * A) * h + dt * B[..., t] * u[:, :, t, None]     # [b, d, n]
+        ys.append((h * C[..., t]).sum(-1))                                # [b, d]
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + u * D[:, None]
@@ -353,9 +401,15 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
     if A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f"A must be [D={dim}, N], got {tuple(A.shape)}")
     n = A.shape[1]
+    grouped = B.dim() == 4
+    if grouped and (B.shape[1] == 0 or dim % B.shape[1]):
+        raise ValueError(f"B's groups G={B.shape[1]} must divide D={dim} (channel d reads group d // (D/G))")
+    want = (batch, B.shape[1], n, length) if grouped else (batch, n, length)
     for name, t in (("B", B), ("C", C)):
-        if tuple(t.shape) != (batch, n, length):
-            raise ValueError(f"{name} must be [batch={batch}, N={n}, L={length}] (input-dependent), got {tuple(t.shape)}")
+        if tuple(t.shape) != want:
+            legend = (f"[batch={batch}, G={B.shape[1]}, N={n}, L={length}] (grouped as B)" if grouped
+                      else f"[batch={batch}, N={n}, L={length}] (input-dependent) or [batch, G, N, L]")
+            raise ValueError(f"{name} must be {legend}, got {tuple(t.shape)}")
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and tuple(t.shape) != (dim,):
             raise ValueError(f"{name} must be [D={dim}], got {tuple(t.shape)}")

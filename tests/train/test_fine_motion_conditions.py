@@ -1,0 +1,37 @@
+"""benchmarks/fine_motion.py's conditions are command lines handed to train.py in a device call: a misspelt flag
+or option value would only surface there, as a lost run. Each one must parse and build its model here."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from msf_scale.config import load_config
+from msf_scale.models import build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fine_motion():
+    spec = importlib.util.spec_from_file_location("fine_motion", ROOT / "benchmarks" / "fine_motion.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+FM = _fine_motion()
+
+
+@pytest.mark.parametrize("name", sorted(FM.CONDITIONS))
+def test_condition_parses_and_builds(name):
+    variant, flags = FM.CONDITIONS[name]
+    cfg = load_config(["--variant", variant, "--size", "tiny", *FM.RECIPE, *flags])
+    assert cfg.model.variant == variant
+    model = build_model(cfg.model, num_classes=8)
+    for flag, value in zip(flags, flags[1:]):   # each arch option reached the model
+        if flag.startswith("--model.arch."):
+            assert str(getattr(model.cfg, flag.removeprefix("--model.arch."))) == value
+
+
+def test_studies_name_known_conditions():
+    for study, names in FM.STUDIES.items():
+        assert set(names) <= set(FM.CONDITIONS), study
