@@ -6,12 +6,21 @@
 
 A step is forward + backward + AdamW on random clips (no data loading). Latency: eval mode, batch 1, median of
 --latency-reps calls. Prints a markdown table; --out writes JSON.
+
+Setups compare execution choices on the same models in the same run (issue 19): ``--setup NAME:key=value,...``
+(repeatable) takes model options (``grouped_scan=true``, ``fusion_backend=triton``, ...) and ``compile=true``
+(torch.compile of the model); the first setup is the reference, and every row's ``x_videomamba`` is its clips/s
+over the reference setup's videomamba of the same size:
+
+    python benchmarks/bench_model.py --sizes small --setup eager: --setup grouped:grouped_scan=true \
+        --setup grouped_compiled:grouped_scan=true,compile=true --out /tmp/bench_model.json
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import sys
 import time
 
 import torch
@@ -24,12 +33,35 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_one(variant, size, args, batch):
+def parse_setup(text: str) -> tuple[str, dict, bool]:
+    """``NAME:key=value,...`` -> (name, model options, compile?); values parse as bool/int/float where they can."""
+    name, _, spec = text.partition(":")
+    options = {}
+    for item in filter(None, spec.split(",")):
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--setup {text!r}: options look like key=value")
+        value = {"true": True, "false": False}.get(raw.lower(), raw)
+        for cast in (int, float):
+            if isinstance(value, str):
+                try:
+                    value = cast(value)
+                except ValueError:
+                    pass
+        options[key] = value
+    compiled = bool(options.pop("compile", False))
+    return name or "eager", options, compiled
+
+
+def bench_one(variant, size, args, batch, options=None, compiled=False):
     device = args.device
     torch.manual_seed(0)
     model = create_model(variant, size=size, num_classes=32, num_frames=args.frames, img_size=args.img,
-                         scan_backend=args.scan_backend).to(device)
+                         scan_backend=args.scan_backend, **(options or {})).to(device)
+    params = model.num_params()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    if compiled:
+        model = torch.compile(model)
     amp = (torch.autocast(device, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext())
     x = torch.randn(batch, 3, args.frames, args.img, args.img, device=device)
     y = torch.randint(0, 32, (batch,), device=device)
@@ -63,7 +95,7 @@ def bench_one(variant, size, args, batch):
             sync(device)
             if i >= 3:
                 lat.append(time.perf_counter() - t0)
-    row = {"variant": variant, "size": size, "batch": batch, "params_M": round(model.num_params() / 1e6, 2),
+    row = {"variant": variant, "size": size, "batch": batch, "params_M": round(params / 1e6, 2),
            "step_ms": round(1e3 * step_s, 1), "clips_per_s": round(batch / step_s, 1),
            "peak_mem_GiB": round(peak, 2), "latency_b1_ms": round(1e3 * sorted(lat)[len(lat) // 2], 2)}
     del model, opt
@@ -86,24 +118,36 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--latency-reps", type=int, default=20)
+    ap.add_argument("--setup", action="append", default=None,
+                    help="NAME:key=value,... model options (and compile=true) of one setup; repeatable (doc above)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    setups = [parse_setup(t) for t in (args.setup or ["eager:"])]
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     rows = []
-    print("| variant | size | batch | params (M) | step (ms) | clips/s | peak mem (GiB) | batch-1 latency (ms) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| setup | variant | size | batch | params (M) | step (ms) | clips/s | x videomamba | peak mem (GiB) | "
+          "batch-1 latency (ms) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    reference: dict[str, float] = {}   # size -> the first setup's videomamba clips/s
     for size in args.sizes.split(","):
-        for variant in args.variants.split(","):
-            batch = args.base_batch if size == "base" else args.batch
-            r = bench_one(variant, size, args, batch)
-            rows.append(r)
-            print(f"| {variant} | {size} | {batch} | {r['params_M']} | {r['step_ms']} | {r['clips_per_s']} | "
-                  f"{r['peak_mem_GiB']} | {r['latency_b1_ms']} |", flush=True)
+        for name, options, compiled in setups:
+            for variant in args.variants.split(","):
+                batch = args.base_batch if size == "base" else args.batch
+                r = {"setup": name, "options": options, "compiled": compiled,
+                     **bench_one(variant, size, args, batch, options, compiled)}
+                if variant == "videomamba" and size not in reference:
+                    reference[size] = r["clips_per_s"]
+                r["x_videomamba"] = round(r["clips_per_s"] / reference[size], 3) if size in reference else None
+                rows.append(r)
+                print(f"| {name} | {variant} | {size} | {batch} | {r['params_M']} | {r['step_ms']} | "
+                      f"{r['clips_per_s']} | {r['x_videomamba']} | {r['peak_mem_GiB']} | {r['latency_b1_ms']} |",
+                      flush=True)
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "input": f"{args.frames}x{args.img}x{args.img}", "precision": args.precision}
+            "input": f"{args.frames}x{args.img}x{args.img}", "precision": args.precision,
+            "command": " ".join(["python", "benchmarks/bench_model.py", *(argv if argv is not None else sys.argv[1:])])}
     print(json.dumps(meta))
     if args.out:
         with open(args.out, "w") as f:
