@@ -39,6 +39,7 @@ _DIFFMAX = ["--model.arch.stem_input", "rgb_diff", "--model.arch.pool", "max"]
 # name -> (variant, extra flags)
 CONDITIONS: dict[str, tuple[str, list[str]]] = {
     "cnn3d": ("cnn3d", ["--optim.lr", "1.6e-2", "--epochs", "150"]),   # its calibrated schedule (BENCHMARKS.md)
+    "cnn3d_diff": ("cnn3d", ["--optim.lr", "1.6e-2", "--epochs", "150", "--model.arch.stem_input", "rgb_diff"]),
     "videomamba": ("videomamba", []),
     "msf_mamba": ("msf_mamba", []),
     "msf_mamba_theta0": ("msf_mamba", ["--model.arch.fusion_theta", "0"]),
@@ -66,7 +67,7 @@ STUDIES = {
             "msf_uniform", "msf_lr3e-2"],
     "claims": ["cnn3d", "videomamba", "msf_mamba", "msf_mamba_theta0", "msf_mamba_plus"],
     "claims_conv3": ["cnn3d", "vm_conv3", "msf_conv3", "msf_conv3_theta0", "plus_conv3"],
-    "claims_diffmax": ["cnn3d", "vm_conv3_diffmax", "msf_conv3_diffmax", "msf_conv3_diffmax_theta0",
+    "claims_diffmax": ["cnn3d", "cnn3d_diff", "vm_conv3_diffmax", "msf_conv3_diffmax", "msf_conv3_diffmax_theta0",
                        "plus_conv3_diffmax"],
 }
 

@@ -6,7 +6,7 @@
 The data is the benchmark itself (the micro preset at 112 px, 8 of 32 frames, 4 unseen test subjects); the model is
 shrunk so that a 2-core CPU trains one in ~25 min: width 64 and depth 4 instead of tiny's 192 x 24 (~0.25M
 parameters, the size of the cnn3d baseline's 0.12M), the conv stem with a temporal kernel of 3 (the micro recipe's),
-AdamW lr 1e-3 at batch 32, 30 epochs. Each (condition, seed) is one ``benchmarks/calibrate_micro.py`` process on
+AdamW lr 1e-3 at batch 32, 30 epochs; cnn3d tiny itself at its calibrated 2e-3 for 150 epochs. Each (condition, seed) is one ``benchmarks/calibrate_micro.py`` process on
 one thread (``--parallel`` at a time); a run whose JSON is already in ``OUT/runs`` is kept, so an interrupted study
 resumes. Writes ``OUT/results.json`` and ``OUT/table.md``. What it can say: which changes matter at this size;
 what it cannot: the tiny model's figures (those are the GPU studies, ``fine_motion.py``).
@@ -23,16 +23,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROXY = ["--arch", "stem=conv", "--arch", "stem_temporal_kernel=3", "--arch", "embed_dim=64", "--arch", "depth=4",
-         "--lr", "1e-3", "--eval-every", "5", "--workers", "1", "--device", "cpu"]
+COMMON = ["--eval-every", "5", "--workers", "1", "--device", "cpu"]
+SSM = ["--arch", "stem=conv", "--arch", "stem_temporal_kernel=3", "--arch", "embed_dim=64", "--arch", "depth=4",
+       "--lr", "1e-3", "--epochs", "30"]
+CNN = ["--model", "cnn3d", "--lr", "2e-3", "--epochs", "150", "--eval-every", "10"]   # its in-memory calibration
 DIFF, MAX = ["--arch", "stem_input=rgb_diff"], ["--arch", "pool=max"]
-CONDITIONS: dict[str, list[str]] = {   # name -> calibrate_micro flags on top of PROXY
-    "msf": ["--model", "msf_mamba"],
-    "msf_diff": ["--model", "msf_mamba", *DIFF],
-    "msf_max": ["--model", "msf_mamba", *MAX],
-    "msf_diffmax": ["--model", "msf_mamba", *DIFF, *MAX],
-    "msf_diffmax_theta0": ["--model", "msf_mamba", *DIFF, *MAX, "--arch", "fusion_theta=0"],
-    "vm_diffmax": ["--model", "videomamba", *DIFF, *MAX],
+CONDITIONS: dict[str, list[str]] = {   # name -> calibrate_micro flags after COMMON (a later flag wins)
+    "msf": ["--model", "msf_mamba", *SSM],
+    "msf_diff": ["--model", "msf_mamba", *SSM, *DIFF],
+    "msf_max": ["--model", "msf_mamba", *SSM, *MAX],
+    "msf_diffmax": ["--model", "msf_mamba", *SSM, *DIFF, *MAX],
+    "msf_diffmax_theta0": ["--model", "msf_mamba", *SSM, *DIFF, *MAX, "--arch", "fusion_theta=0"],
+    "vm_diffmax": ["--model", "videomamba", *SSM, *DIFF, *MAX],
+    "cnn3d": CNN,
+    "cnn3d_diff": [*CNN, *DIFF],
 }
 
 
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated, of: {', '.join(CONDITIONS)}")
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=None, help="override every condition's epochs (SSMs 30, cnn3d 150)")
     ap.add_argument("--parallel", type=int, default=2, help="runs at once, one thread each")
     ap.add_argument("--cache", default="/tmp/microcache", help="rendered clips, shared by every run")
     ap.add_argument("--out", default="reports/fine_motion_proxy")
@@ -65,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     jobs = [(n, int(s)) for s in args.seeds.split(",") for n in names]
-    commands = {job: [*cal, *PROXY, *CONDITIONS[job[0]], "--epochs", str(args.epochs), "--seed", str(job[1]),
+    epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+    commands = {job: [*cal, *COMMON, *CONDITIONS[job[0]], *epochs, "--seed", str(job[1]),
                       "--out", str(out / "runs" / f"{job[0]}_s{job[1]}.json")] for job in jobs}
     pending = [j for j in jobs if not (out / "runs" / f"{j[0]}_s{j[1]}.json").is_file()]
     running: dict = {}
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if path.is_file():
             runs[f"{name}_s{seed}"] = {"condition": name, "seed": seed, "command": commands[(name, seed)][1:],
                                        **summarise(json.loads(path.read_text()))}
-    (out / "results.json").write_text(json.dumps({"proxy": PROXY, "conditions": CONDITIONS, "runs": runs}, indent=1))
+    (out / "results.json").write_text(json.dumps({"common": COMMON, "conditions": CONDITIONS, "runs": runs}, indent=1))
     lines = ["| condition | flags | test top-1 % (final) | per seed | best of evaluations | train top-1 % | "
              "first epoch > 25% test | wall s per run |", "|---|---|---|---|---|---|---|---|"]
     for name in names:

@@ -16,6 +16,7 @@ import torch.nn as nn
 from msf_scale.catalog import CNN3D_SIZES
 from msf_scale.models._registry import ModelOptionError, register_model
 from msf_scale.models.msf_mamba import MSFMamba
+from msf_scale.models.stem import STEM_INPUTS, stem_input
 _STRIDES = ((1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2))
 
 
@@ -27,6 +28,8 @@ class CNN3DConfig:
     num_frames: int = 8
     img_size: int = 224
     in_chans: int = 3
+    stem_input: str = "rgb"       # [ours] "rgb_diff": the first conv also sees frame differences (models/stem.py),
+                                  # so the baseline can be given the same input as an SSM run with that option
     drop_path_rate: float = 0.0   # accepted for train.py's uniform call; a plain CNN has no residual branch to drop
     head_drop: float = 0.0
     grad_checkpointing: bool = False   # accepted like drop_path_rate: nothing to checkpoint in four convolutions
@@ -36,6 +39,8 @@ class CNN3DConfig:
         if len(self.widths) != len(_STRIDES) or min(self.widths) < 1:
             raise ModelOptionError(f"cnn3d widths must be {len(_STRIDES)} positive channel counts, "
                                    f"got {self.widths}")
+        if self.stem_input not in STEM_INPUTS:
+            raise ModelOptionError(f"stem_input must be one of {STEM_INPUTS}, got {self.stem_input!r}")
 
 
 class CNN3D(nn.Module):
@@ -45,7 +50,7 @@ class CNN3D(nn.Module):
         super().__init__()
         self.cfg = cfg
         fk = {"device": device, "dtype": dtype}
-        layers, c_in = [], cfg.in_chans
+        layers, c_in = [], cfg.in_chans * (2 if cfg.stem_input == "rgb_diff" else 1)
         for c_out, stride in zip(cfg.widths, _STRIDES):
             layers += [nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False, **fk),
                        nn.BatchNorm3d(c_out, **fk), nn.ReLU(inplace=True)]
@@ -58,7 +63,7 @@ class CNN3D(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        return self.features(x)                       # [B, C, T', H', W']
+        return self.features(stem_input(x, self.cfg.stem_input))   # [B, C, T', H', W']
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x.mean(dim=(2, 3, 4)))
@@ -92,7 +97,7 @@ class CNN3D(nn.Module):
         """Forward multiply-accumulates for one clip (MAC = 1 FLOP, fvcore's convention): the convolutions and
         the head; BatchNorm folds into the convolution at inference and is not counted."""
         cfg = self.cfg
-        macs, c_in = 0, cfg.in_chans
+        macs, c_in = 0, cfg.in_chans * (2 if cfg.stem_input == "rgb_diff" else 1)
         for c_out, (t, h, w) in zip(cfg.widths, self.output_grid()):
             macs += t * h * w * c_out * c_in * 27
             c_in = c_out

@@ -18,7 +18,7 @@ from msf_scale.catalog import SSM_SIZES as MODEL_SIZES
 from msf_scale.catalog import SSM_VARIANTS as VARIANTS
 from msf_scale.models._registry import ModelOptionError, register_model
 from msf_scale.models.blocks import BiMamba, Block, StateFusion, check_fusion_init
-from msf_scale.models.stem import ConvStem
+from msf_scale.models.stem import STEM_INPUTS, ConvStem, stem_input
 
 
 @dataclass
@@ -101,7 +101,7 @@ class MSFMambaConfig:
             raise ModelOptionError(f"fusion_norm must be 'branch' or 'none', got {self.fusion_norm!r}")
         if self.pool not in ("cls", "mean", "max") or (self.pool == "cls" and not self.class_token):
             raise ModelOptionError(f"pool must be 'mean', 'max' or 'cls' (needs class_token), got {self.pool!r}")
-        if self.stem_input not in ("rgb", "rgb_diff"):
+        if self.stem_input not in STEM_INPUTS:
             raise ModelOptionError(f"stem_input must be 'rgb' or 'rgb_diff', got {self.stem_input!r}")
         self.fused_block_ids()   # validates fusion_blocks
 
@@ -190,9 +190,7 @@ class MSFMamba(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Video [B, 3, T, H, W] -> normalised tokens [B, prefix + T'H'W', d] (spatial-first order)."""
         self.check_input(x)
-        if self.cfg.stem_input == "rgb_diff":
-            x = torch.cat([x, torch.diff(x, dim=2, prepend=x[:, :, :1])], dim=1)
-        x = self.patch_embed(x)                                  # [B, d, T', H', W']
+        x = self.patch_embed(stem_input(x, self.cfg.stem_input))   # [B, d, T', H', W']
         b, d, t, gh, gw = x.shape
         x = x.permute(0, 2, 3, 4, 1).reshape(b, t, gh * gw, d)
         x = (x + self.pos_embed[:, None] + self.temporal_pos_embedding).reshape(b, t * gh * gw, d)

@@ -17,6 +17,17 @@ import torch.nn as nn
 from msf_scale.models._registry import ModelOptionError
 
 
+STEM_INPUTS = ("rgb", "rgb_diff")
+
+
+def stem_input(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """What the first layer sees: the clip (``rgb``, the paper's), or ``rgb_diff`` [ours]: the clip and each frame
+    minus the previous one (3 more channels, zero for the first frame), where a static background cancels."""
+    if kind == "rgb_diff":
+        return torch.cat([x, torch.diff(x, dim=2, prepend=x[:, :, :1])], dim=1)
+    return x
+
+
 class ConvStem(nn.Module):
     """[B, 3, T, H, W] -> [B, d, T, H/p, W/p] through log2(p) strided convolutions and a 1 x 1 projection."""
 

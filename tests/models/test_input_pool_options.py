@@ -63,3 +63,20 @@ def test_max_pool_leaves_a_class_token_out():
     tokens = model.forward_features(torch.randn(2, 3, 4, 32, 32))
     tokens[:, 0] = 1e6                                         # a class token that would win every max
     torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), tokens[:, 1:].amax(dim=1))
+
+
+def test_cnn3d_takes_the_same_difference_input():
+    """The baseline can be given the SSM's input: its first conv sees [x, x_t - x_{t-1}], FLOPs count it, and a
+    bad value is refused like the SSM's."""
+    from test_cnn3d import _conv_macs   # tests/models is on sys.path (pytest's prepend import mode)
+
+    torch.manual_seed(0)
+    model = create_model("cnn3d", size="tiny", num_classes=4, num_frames=4, img_size=32, stem_input="rgb_diff").eval()
+    seen = {}
+    model.features[0].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    x = torch.randn(2, 3, 4, 32, 32)
+    assert model.flops_per_clip() == _conv_macs(model, x)
+    torch.testing.assert_close(seen["x"][:, 3:, 1:], x[:, :, 1:] - x[:, :, :-1])
+    assert torch.equal(seen["x"][:, 3:, 0], torch.zeros_like(x[:, :, 0]))
+    with pytest.raises(ValueError, match="stem_input must be"):
+        create_model("cnn3d", size="tiny", stem_input="flow")
