@@ -35,7 +35,8 @@ RECIPE = ["--epochs", "40", "--schedule.warmup_epochs", "2", "--train.batch_size
           "--log.log_every", "20", "--data.num_workers", "2"]
 
 _CONV3 = ["--model.arch.stem", "conv", "--model.arch.stem_temporal_kernel", "3"]
-_DIFFMAX = ["--model.arch.stem_input", "rgb_diff", "--model.arch.pool", "max"]
+_MAX = ["--model.arch.pool", "max"]
+_DIFFMAX = ["--model.arch.stem_input", "rgb_diff", *_MAX]
 # name -> (variant, extra flags)
 CONDITIONS: dict[str, tuple[str, list[str]]] = {
     "cnn3d": ("cnn3d", ["--optim.lr", "1.6e-2", "--epochs", "150"]),   # its calibrated schedule (BENCHMARKS.md)
@@ -57,6 +58,11 @@ CONDITIONS: dict[str, tuple[str, list[str]]] = {
     "vm_conv3_diffmax": ("videomamba", [*_CONV3, *_DIFFMAX]),
     "msf_conv3_diffmax_theta0": ("msf_mamba", [*_CONV3, *_DIFFMAX, "--model.arch.fusion_theta", "0"]),
     "plus_conv3_diffmax": ("msf_mamba_plus", [*_CONV3, *_DIFFMAX]),
+    # [ours] max pooling alone (the CPU proxy's main factor, docs/BENCHMARKS.md "Fine motion")
+    "msf_conv3_max": ("msf_mamba", [*_CONV3, *_MAX]),
+    "vm_conv3_max": ("videomamba", [*_CONV3, *_MAX]),
+    "msf_conv3_max_theta0": ("msf_mamba", [*_CONV3, *_MAX, "--model.arch.fusion_theta", "0"]),
+    "plus_conv3_max": ("msf_mamba_plus", [*_CONV3, *_MAX]),
     "msf_uniform": ("msf_mamba", ["--model.arch.fusion_init", "uniform"]),
     "msf_lr3e-2": ("msf_mamba", ["--optim.lr", "3e-2"]),
     "msf_conv3_lr3e-2": ("msf_mamba", ["--model.arch.stem", "conv", "--model.arch.stem_temporal_kernel", "3",
@@ -67,6 +73,7 @@ STUDIES = {
             "msf_uniform", "msf_lr3e-2"],
     "claims": ["cnn3d", "videomamba", "msf_mamba", "msf_mamba_theta0", "msf_mamba_plus"],
     "claims_conv3": ["cnn3d", "vm_conv3", "msf_conv3", "msf_conv3_theta0", "plus_conv3"],
+    "claims_max": ["cnn3d", "vm_conv3_max", "msf_conv3_max", "msf_conv3_max_theta0", "plus_conv3_max"],
     "claims_diffmax": ["cnn3d", "cnn3d_diff", "vm_conv3_diffmax", "msf_conv3_diffmax", "msf_conv3_diffmax_theta0",
                        "plus_conv3_diffmax"],
 }

@@ -35,6 +35,8 @@ CONDITIONS: dict[str, list[str]] = {   # name -> calibrate_micro flags after COM
     "msf_diffmax": ["--model", "msf_mamba", *SSM, *DIFF, *MAX],
     "msf_diffmax_theta0": ["--model", "msf_mamba", *SSM, *DIFF, *MAX, "--arch", "fusion_theta=0"],
     "vm_diffmax": ["--model", "videomamba", *SSM, *DIFF, *MAX],
+    "msf_max_theta0": ["--model", "msf_mamba", *SSM, *MAX, "--arch", "fusion_theta=0"],
+    "vm_max": ["--model", "videomamba", *SSM, *MAX],
     "cnn3d": CNN,
     "cnn3d_diff": [*CNN, *DIFF],
 }
