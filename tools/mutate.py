@@ -207,6 +207,21 @@ MUTANTS = [
     M("mp4_decodes_bgr", "eval", "msf_scale/data/video.py",
       'reformat(frame, width=width, height=height, format="rgb24"', 'reformat(frame, width=width, height=height, format="bgr24"',
       ["tests/data/test_views_values.py"]),
+    # --- session 5: the grouped scan, the pooling and input options ------------------------------------------
+    M("grouped_bwd_not_flipped_back", "model", "msf_scale/models/blocks.py",
+      "return y_fwd + y_bwd.flip(-1)", "return y_fwd + y_bwd", ["tests/ops/test_grouped_scan.py"]),
+    M("per_group_reads_group_0", "ops", "msf_scale/ops/scan.py",
+      "*map(split, (u, delta, A)), B.unbind(1), C.unbind(1),", "*map(split, (u, delta, A)), [B[:, 0]] * groups, C.unbind(1),",
+      ["tests/ops/test_grouped_scan.py"]),
+    M("ref_groups_interleaved", "ops", "msf_scale/ops/scan.py",
+      "bc.repeat_interleave(dim // bc.shape[1], dim=1)", "bc.repeat(1, dim // bc.shape[1], 1, 1)",
+      ["tests/ops/test_grouped_scan.py"]),
+    M("max_pool_is_mean", "model", "msf_scale/models/msf_mamba.py",
+      'x = tokens.amax(dim=1) if pool == "max" else tokens.mean(dim=1)', "x = tokens.mean(dim=1)",
+      ["tests/models/test_input_pool_options.py"]),
+    M("frame_diff_wraps_around", "model", "msf_scale/models/stem.py",
+      "torch.diff(x, dim=2, prepend=x[:, :, :1])", "torch.diff(x, dim=2, prepend=x[:, :, -1:])",
+      ["tests/models/test_input_pool_options.py"]),
 ]
 
 
