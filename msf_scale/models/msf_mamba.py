@@ -78,6 +78,10 @@ class MSFMambaConfig:
     grad_checkpointing: bool = False
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):   # a flag's value reaches here raw: "maybe" must not read as True
+            value = getattr(self, f.name)
+            if f.type in ("bool", "bool | None") and not (isinstance(value, bool) or value is None and "None" in f.type):
+                raise ModelOptionError(f"{f.name} must be true or false, got {value!r}")
         if self.variant not in VARIANTS:
             raise ModelOptionError(f"model.variant: unknown {self.variant!r}; expected one of {sorted(VARIANTS)}")
         scales, aswm = VARIANTS[self.variant]
