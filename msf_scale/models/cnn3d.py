@@ -16,7 +16,7 @@ import torch.nn as nn
 from msf_scale.catalog import CNN3D_SIZES
 from msf_scale.models._registry import ModelOptionError, register_model
 from msf_scale.models.msf_mamba import MSFMamba
-from msf_scale.models.stem import STEM_INPUTS, stem_input
+from msf_scale.models.stem import STEM_INPUTS, stem_channels, stem_input
 _STRIDES = ((1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2))
 
 
@@ -50,7 +50,7 @@ class CNN3D(nn.Module):
         super().__init__()
         self.cfg = cfg
         fk = {"device": device, "dtype": dtype}
-        layers, c_in = [], cfg.in_chans * (2 if cfg.stem_input == "rgb_diff" else 1)
+        layers, c_in = [], stem_channels(cfg.in_chans, cfg.stem_input)
         for c_out, stride in zip(cfg.widths, _STRIDES):
             layers += [nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False, **fk),
                        nn.BatchNorm3d(c_out, **fk), nn.ReLU(inplace=True)]
@@ -97,7 +97,7 @@ class CNN3D(nn.Module):
         """Forward multiply-accumulates for one clip (MAC = 1 FLOP, fvcore's convention): the convolutions and
         the head; BatchNorm folds into the convolution at inference and is not counted."""
         cfg = self.cfg
-        macs, c_in = 0, cfg.in_chans * (2 if cfg.stem_input == "rgb_diff" else 1)
+        macs, c_in = 0, stem_channels(cfg.in_chans, cfg.stem_input)
         for c_out, (t, h, w) in zip(cfg.widths, self.output_grid()):
             macs += t * h * w * c_out * c_in * 27
             c_in = c_out

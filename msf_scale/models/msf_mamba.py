@@ -18,7 +18,7 @@ from msf_scale.catalog import SSM_SIZES as MODEL_SIZES
 from msf_scale.catalog import SSM_VARIANTS as VARIANTS
 from msf_scale.models._registry import ModelOptionError, register_model
 from msf_scale.models.blocks import BiMamba, Block, StateFusion, check_fusion_init
-from msf_scale.models.stem import STEM_INPUTS, ConvStem, stem_input
+from msf_scale.models.stem import STEM_INPUTS, ConvStem, stem_channels, stem_input
 
 
 @dataclass
@@ -141,7 +141,7 @@ class MSFMamba(nn.Module):
         d = cfg.embed_dim
         t, gh, gw = cfg.grid
         self.num_prefix = int(cfg.class_token)
-        stem_chans = cfg.in_chans * (2 if cfg.stem_input == "rgb_diff" else 1)
+        stem_chans = stem_channels(cfg.in_chans, cfg.stem_input)
         if cfg.stem == "conv":
             self.patch_embed = ConvStem(stem_chans, d, cfg.patch_size, cfg.stem_temporal_kernel, **fk)
         else:

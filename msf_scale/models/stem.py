@@ -28,6 +28,11 @@ def stem_input(x: torch.Tensor, kind: str) -> torch.Tensor:
     return x
 
 
+def stem_channels(in_chans: int, kind: str) -> int:
+    """Channels of :func:`stem_input`'s output: the difference doubles them."""
+    return in_chans * (2 if kind == "rgb_diff" else 1)
+
+
 class ConvStem(nn.Module):
     """[B, 3, T, H, W] -> [B, d, T, H/p, W/p] through log2(p) strided convolutions and a 1 x 1 projection."""
 
