@@ -37,6 +37,7 @@ CONDITIONS: dict[str, list[str]] = {   # name -> calibrate_micro flags after COM
     "vm_diffmax": ["--model", "videomamba", *SSM, *DIFF, *MAX],
     "msf_max_theta0": ["--model", "msf_mamba", *SSM, *MAX, "--arch", "fusion_theta=0"],
     "vm_max": ["--model", "videomamba", *SSM, *MAX],
+    "plus_max": ["--model", "msf_mamba_plus", *SSM, *MAX],   # claim 3: scales 3, 5, 7 + ASWM
     "cnn3d": CNN,
     "cnn3d_diff": [*CNN, *DIFF],
 }
