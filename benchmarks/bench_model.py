@@ -5,7 +5,7 @@
         --precision fp32 --steps 2                                      # the CPU figure of the model issue
 
 A step is forward + backward + AdamW on random clips (no data loading). Latency: eval mode, batch 1, median of
---latency-reps calls. Prints a markdown table; --out writes JSON.
+--latency-reps calls of msf_scale.inference's runner (``--latency-mode``: a CUDA graph's replay on GPU, eager on CPU). Prints a markdown table; --out writes JSON.
 
 Setups compare execution choices on the same models in the same run (issue 19): ``--setup NAME:key=value,...``
 (repeatable) takes model options (``grouped_scan=true``, ``fusion_backend=triton``, ...) and ``compile=true``
@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from msf_scale.inference import build_runner
 from msf_scale.models import create_model
 
 
@@ -84,21 +85,26 @@ def bench_one(variant, size, args, batch, options=None, compiled=False):
     sync(device)
     step_s = (time.perf_counter() - t0) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    model.eval()
-    x1 = x[:1]
+    del opt   # its state would share the GPU with the latency runner
     lat = []
-    with torch.no_grad(), amp:
+    try:
+        # batch-1 inference as the latency harness runs it (msf_scale.inference): eager, or a CUDA graph's replay
+        run = build_runner(model, x[:1].clone(), mode=args.latency_mode,
+                           dtype=torch.bfloat16 if args.precision == "bf16" else None)
         for i in range(args.latency_reps + 3):
             sync(device)
             t0 = time.perf_counter()
-            model(x1)
+            run(x[:1])
             sync(device)
             if i >= 3:
                 lat.append(time.perf_counter() - t0)
+        latency = round(1e3 * sorted(lat)[len(lat) // 2], 2)
+    except Exception as e:   # noqa: BLE001 - a latency that cannot be taken is reported, the step time stands
+        latency = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     row = {"variant": variant, "size": size, "batch": batch, "params_M": round(params / 1e6, 2),
            "step_ms": round(1e3 * step_s, 1), "clips_per_s": round(batch / step_s, 1),
-           "peak_mem_GiB": round(peak, 2), "latency_b1_ms": round(1e3 * sorted(lat)[len(lat) // 2], 2)}
-    del model, opt
+           "peak_mem_GiB": round(peak, 2), "latency_b1_ms": latency, "latency_mode": args.latency_mode}
+    del model
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -118,17 +124,20 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--latency-reps", type=int, default=20)
+    ap.add_argument("--latency-mode", choices=("eager", "graph"), default=None,
+                    help="batch-1 latency as msf_scale.inference runs it (default: graph on cuda, eager on cpu)")
     ap.add_argument("--setup", action="append", default=None,
                     help="NAME:key=value,... model options (and compile=true) of one setup; repeatable (doc above)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     setups = [parse_setup(t) for t in (args.setup or ["eager:"])]
+    args.latency_mode = args.latency_mode or ("graph" if args.device == "cuda" else "eager")
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     rows = []
     print("| setup | variant | size | batch | params (M) | step (ms) | clips/s | x videomamba | peak mem (GiB) | "
-          "batch-1 latency (ms) |")
+          f"batch-1 latency, {args.latency_mode} (ms) |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     reference: dict[str, float] = {}   # size -> the first setup's videomamba clips/s
     for size in args.sizes.split(","):
