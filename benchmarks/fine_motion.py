@@ -133,6 +133,16 @@ def summarise(run_dir: Path) -> dict:
             "loss": final.get("loss"), "wall_s": final.get("wall_s"), "eval_curve": curve}
 
 
+def seed_cell(run: dict) -> str:
+    """One run's entry in the table: its final test top-1, or for a stopped or failed run what it reached (the
+    last evaluation of its curve), so a device call cut short still says how far each run got."""
+    if run["test_top1"] is not None:
+        return str(run["test_top1"])
+    state = "killed" if "killed" in str(run.get("status")) else "failed"
+    curve = run.get("eval_curve") or []
+    return f"{state} (epoch {curve[-1][0]}: {curve[-1][1]})" if curve else state
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", choices=sorted(STUDIES), default=None, help="a named list of conditions")
@@ -225,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         acc = [r["test_top1"] for r in rs if r["test_top1"] is not None]
         test = (f"{statistics.fmean(acc):.1f} +- {statistics.stdev(acc):.1f}" if len(acc) > 1
                 else f"{acc[0]:.1f}" if acc else "failed")
-        per_seed = ", ".join(("killed" if "killed" in str(r["status"]) else "failed") if r["test_top1"] is None
-                             else str(r["test_top1"]) for r in rs)
+        per_seed = ", ".join(seed_cell(r) for r in rs)
         variant, flags = CONDITIONS[name]
         lines.append(f"| {name} | {variant} | {' '.join(flags + args.extra.split()) or '-'} | {test} | {per_seed} | "
                      f"{mean_of([r['train_top1'] for r in rs])} | {mean_of([r['fusion_share'] for r in rs], '{:.3f}')} "

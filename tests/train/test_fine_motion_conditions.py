@@ -35,3 +35,12 @@ def test_condition_parses_and_builds(name):
 def test_studies_name_known_conditions():
     for study, names in FM.STUDIES.items():
         assert set(names) <= set(FM.CONDITIONS), study
+
+
+def test_a_stopped_run_reports_how_far_it_got():
+    done = {"test_top1": 97.4, "status": "exit 0", "eval_curve": [(5, 60.0), (20, 97.4)]}
+    killed = {"test_top1": None, "status": "killed after 310 s (--timeout)", "eval_curve": [(5, 50.5), (15, 96.9)]}
+    failed = {"test_top1": None, "status": "exit 1", "eval_curve": []}
+    assert FM.seed_cell(done) == "97.4"
+    assert FM.seed_cell(killed) == "killed (epoch 15: 96.9)"
+    assert FM.seed_cell(failed) == "failed"
