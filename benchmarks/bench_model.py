@@ -62,6 +62,7 @@ def bench_one(variant, size, args, batch, options=None, compiled=False):
     params = model.num_params()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     if compiled:
+        torch._dynamo.reset()   # a fresh cache per model: otherwise dynamo's recompile limit sends later ones to eager
         model = torch.compile(model)
     amp = (torch.autocast(device, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext())
     x = torch.randn(batch, 3, args.frames, args.img, args.img, device=device)
@@ -87,24 +88,22 @@ def bench_one(variant, size, args, batch, options=None, compiled=False):
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     del opt   # its state would share the GPU with the latency runner
     lat = []
-    try:
-        # batch-1 inference as the latency harness runs it (msf_scale.inference): eager, or a CUDA graph's replay
-        run = build_runner(model, x[:1].clone(), mode=args.latency_mode,
-                           dtype=torch.bfloat16 if args.precision == "bf16" else None)
-        for i in range(args.latency_reps + 3):
-            sync(device)
-            t0 = time.perf_counter()
-            run(x[:1])
-            sync(device)
-            if i >= 3:
-                lat.append(time.perf_counter() - t0)
-        latency = round(1e3 * sorted(lat)[len(lat) // 2], 2)
-    except Exception as e:   # noqa: BLE001 - a latency that cannot be taken is reported, the step time stands
-        latency = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    # batch-1 inference as the latency harness runs it (msf_scale.inference): eager, or a CUDA graph's replay. Not
+    # caught: a failed capture can leave torch's allocator mid-capture, and every later row would be wrong.
+    run = build_runner(model, x[:1].clone(), mode=args.latency_mode,
+                       dtype=torch.bfloat16 if args.precision == "bf16" else None)
+    for i in range(args.latency_reps + 3):
+        sync(device)
+        t0 = time.perf_counter()
+        run(x[:1])
+        sync(device)
+        if i >= 3:
+            lat.append(time.perf_counter() - t0)
+    latency = round(1e3 * sorted(lat)[len(lat) // 2], 2)
     row = {"variant": variant, "size": size, "batch": batch, "params_M": round(params / 1e6, 2),
            "step_ms": round(1e3 * step_s, 1), "clips_per_s": round(batch / step_s, 1),
            "peak_mem_GiB": round(peak, 2), "latency_b1_ms": latency, "latency_mode": args.latency_mode}
-    del model
+    del model, run   # the runner holds the model and its graph's memory pool
     if device == "cuda":
         torch.cuda.empty_cache()
     return row

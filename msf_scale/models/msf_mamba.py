@@ -65,7 +65,7 @@ class MSFMambaConfig:
     # recipe and steps; docs/BENCHMARKS.md, "Learnability"), and a first-position class token never sees the
     # CFD-fused states directly (it bypasses fusion and reads them only through later blocks' scans).
     class_token: bool = False
-    pool: str = "mean"                # "mean" (of the video tokens) | "max" (per channel, [ours]) | "cls" (needs
+    pool: str = "mean"                # "mean" (of the video tokens) | "max" (per channel; the other reading) | "cls" (needs
                                       # class_token)
     head_drop: float = 0.0
     pos_embed_std: float = 0.02
@@ -73,7 +73,7 @@ class MSFMambaConfig:
     # execution
     scan_backend: str = "auto"
     grouped_scan: bool = False        # both scan directions as one grouped call (blocks.BiMamba); same result and
-                                      # parameters, fewer launches; off until timed on a GPU (issue 19)
+                                      # parameters, fewer launches; off: on the H200 no training gain (issue 19)
     fusion_backend: str = "auto"
     grad_checkpointing: bool = False
 

@@ -40,8 +40,8 @@ def resolve_backend(backend: str | None, device: torch.device | None = None, k: 
     backend = requested_backend(backend, ENV_VAR, BACKENDS, "state-fusion")
     if backend == "auto":
         on_gpu = device is not None and device.type == "cuda"
-        # The fused Triton backend (issue 19) is chosen only by name until it is measured on a GPU: on the H200
-        # (2026-12-01) one of its bf16 gradient checks missed its bound and its speed is not measured yet.
+        # The fused Triton backend (issue 19) is chosen only by name: on the H200 (2026-12-05) it is 3.1x conv for
+        # MCFM + ASWM, but one bf16 gradient check misses its bound (theta's gradient 2.7% off, bound 2%).
         return _chosen("conv" if on_gpu or k > 3 else "shift", "cuda" if on_gpu else "cpu", k)
     return backend
 
