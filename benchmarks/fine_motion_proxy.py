@@ -57,7 +57,7 @@ def summarise(result: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conditions", default=",".join(DEFAULT), help=f"comma-separated, of: {', '.join(CONDITIONS)} "
-                    "(default: all but plus_max, whose 5^3 / 7^3 fusion costs ~1.6x an msf run on CPU)")
+                    "(default: all but plus_max, whose 5^3 / 7^3 fusion made it ~1.3x slower than msf per epoch on CPU)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--epochs", type=int, default=None, help="override every condition's epochs (SSMs 30, cnn3d 150)")
     ap.add_argument("--parallel", type=int, default=2, help="runs at once, one thread each")
