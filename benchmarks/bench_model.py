@@ -5,7 +5,8 @@
         --precision fp32 --steps 2                                      # the CPU figure of the model issue
 
 A step is forward + backward + AdamW on random clips (no data loading). Latency: eval mode, batch 1, median of
---latency-reps calls of msf_scale.inference's runner (``--latency-mode``: a CUDA graph's replay on GPU, eager on CPU). Prints a markdown table; --out writes JSON.
+--latency-reps calls of msf_scale.inference's runner (``--latency-mode``: a CUDA graph's replay on GPU, eager on
+CPU). Prints a markdown table; --out writes JSON.
 
 Setups compare execution choices on the same models in the same run (issue 19): ``--setup NAME:key=value,...``
 (repeatable) takes model options (``grouped_scan=true``, ``fusion_backend=triton``, ...) and ``compile=true``
