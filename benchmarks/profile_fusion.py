@@ -1,0 +1,150 @@
+"""Where the time goes (GPU): per-kernel CUDA time of the fused fusion op, or of one model training step (issue 19).
+
+    python benchmarks/profile_fusion.py --out DIR                       # MCFM + ASWM, (32, 384, 8, 14, 14) bf16
+    python benchmarks/profile_fusion.py --out DIR --model msf_mamba_plus --size small --fusion-backend triton
+
+torch.profiler over --steps calls after --warmup; kernels grouped by name with their launch count and CUDA time
+per call, sorted by time, as a Markdown table (DIR/profile_<what>.md) and JSON; for the fused op also each Triton
+kernel's registers, spills and shared memory (what limits occupancy). The fused op is timed forward + backward of
+``multiscale_fusion_triton`` (every gradient), the model as bench_model.py's step (bf16 autocast, AdamW).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def kernel_table(prof, steps: int, top: int) -> list[dict]:
+    """Device kernels grouped by name: calls per step, ms per step, share of the total (device time only)."""
+    rows: dict[str, dict] = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        r = rows.setdefault(ev.name, {"kernel": ev.name, "calls": 0, "us": 0.0})
+        r["calls"] += 1
+        r["us"] += ev.device_time
+    total = sum(r["us"] for r in rows.values()) or 1.0
+    out = sorted(rows.values(), key=lambda r: -r["us"])
+    for r in out:
+        r["share"] = round(r["us"] / total, 4)
+        r["ms_per_step"] = round(r["us"] / 1e3 / steps, 4)
+        r["calls_per_step"] = r["calls"] / steps
+        del r["us"]
+    return out[:top] + ([{"kernel": f"(total of {len(out)} kernels)", "calls_per_step": sum(
+        r["calls_per_step"] for r in out), "ms_per_step": round(total / 1e3 / steps, 4), "share": 1.0}])
+
+
+def triton_kernel_info() -> list[dict]:
+    """Registers, spills, shared memory and warps of every compiled variant of the fusion kernels."""
+    from msf_scale.ops import _fusion_triton as ft
+    info = []
+    for name in ("_fwd", "_combine", "_aswm_dot", "_aswm_grad", "_bwd", "_bwd_dh", "_bwd_dw"):
+        fn = getattr(ft, name, None)
+        for caches in getattr(fn, "device_caches", {}).values():
+            for k in caches[0].values():
+                try:
+                    info.append({"kernel": name, "regs": k.n_regs, "spills": k.n_spills,
+                                 "shared_bytes": k.metadata.shared, "num_warps": k.metadata.num_warps,
+                                 "num_stages": k.metadata.num_stages})
+                except Exception as e:   # noqa: BLE001 - Triton's cache layout differs across versions
+                    info.append({"kernel": name, "error": repr(e)[:120]})
+    return info
+
+
+def fusion_step(args, dev):
+    from msf_scale.models.blocks import StateFusion
+    from msf_scale.ops._fusion_triton import multiscale_fusion_triton
+    b, c, t, hh, ww = map(int, args.shape.split(","))
+    scales = tuple(map(int, args.scales.split(",")))
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    fusion = StateFusion(c, scales, theta=0.7, theta_learnable=True, use_aswm=True, init="uniform", device=dev,
+                         dtype=dtype)
+    h = torch.randn(b, c, t, hh, ww, device=dev, dtype=dtype, requires_grad=True)
+    gout = torch.randn_like(h)
+    params = [h, *fusion.kernels, fusion.theta, fusion.aswm.weight, fusion.aswm.bias]
+
+    def step():
+        out = multiscale_fusion_triton(h, list(fusion.kernels), fusion.theta, fusion.aswm.weight, fusion.aswm.bias)
+        torch.autograd.grad(out, params, gout)
+    return step, f"fusion_{'_'.join(map(str, scales))}"
+
+
+def model_step(args, dev):
+    from msf_scale.models import create_model
+    extra = {"fusion_backend": args.fusion_backend} if args.model != "videomamba" else {}
+    model = create_model(args.model, size=args.size, num_classes=32, num_frames=args.frames, img_size=args.img,
+                         device=dev, **extra)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randn(args.batch, 3, args.frames, args.img, args.img, device=dev)
+    y = torch.randint(0, 32, (args.batch,), device=dev)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, f"{args.model}_{args.size}_b{args.batch}"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shape", default="32,384,8,14,14", help="fused op: B,C,T,H,W")
+    ap.add_argument("--scales", default="3,5,7")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--model", default=None, help="profile a model's training step instead (e.g. msf_mamba_plus)")
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--img", type=int, default=224)
+    ap.add_argument("--fusion-backend", default="auto")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_fusion.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    step, what = model_step(args, dev) if args.model else fusion_step(args, dev)
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    rows = kernel_table(prof, args.steps, args.top)
+    info = [] if args.model else triton_kernel_info()
+    meta = {"what": what, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": args.steps, "args": vars(args)}
+    lines = [f"{what}: CUDA kernels per step ({meta['device']}, {args.steps} steps, torch.profiler)", "",
+             "| kernel | calls / step | ms / step | share |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['kernel'][:90]} | {r['calls_per_step']:g} | {r['ms_per_step']:.3f} | {100 * r['share']:.1f}% |"
+              for r in rows]
+    if info:
+        lines += ["", "| triton kernel | regs | spills | shared bytes | warps | stages |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {i['kernel']} | {i.get('regs')} | {i.get('spills')} | {i.get('shared_bytes')} | "
+                  f"{i.get('num_warps')} | {i.get('num_stages')} |" for i in info]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"profile_{what}.md"), "w") as f:
+        f.write(text + "\n")
+    doc = {"meta": meta, "kernels": rows, "triton": info}
+    with open(os.path.join(args.out, f"profile_{what}.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    return doc
+
+
+if __name__ == "__main__":
+    main()
