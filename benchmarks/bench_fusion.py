@@ -9,6 +9,7 @@ for forward + backward, every gradient (input, kernels, theta, ASWM weight and b
     triton+torch    the triton backend for the scales (one launch), ASWM in torch (what StateFusion runs today
                     with backend="triton")
     triton          ops/_fusion_triton.multiscale_fusion_triton: scales and ASWM fused
+    gemm            StateFusion(backend="gemm"): block-Toeplitz bands as batched cuBLAS GEMMs, ASWM in that layout
 CUDA events around each call, the backends taking turns within every rep (a slow spell hits all alike); the
 median of --reps (>= 50) after --warmup. Prints a Markdown table with each row's ratio to `conv` and writes
 DIR/bench_fusion.json and DIR/bench_fusion.md. The first (compiling) call of the Triton kernels is timed apart.
@@ -55,7 +56,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--shape", default="32,384,8,14,14", help="B,C,T,H,W")
     ap.add_argument("--scales", default="3,5,7")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--backends", default="conv,ref,triton+torch,triton")
+    ap.add_argument("--backends", default="conv,ref,triton+torch,triton,gemm")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-sweep", action="store_true", help="skip the launch-settings sweep of the triton kernels")

@@ -1,12 +1,13 @@
 """Where the time goes (GPU): per-kernel CUDA time of the fused fusion op, or of one model training step (issue 19).
 
-    python benchmarks/profile_fusion.py --out DIR                       # MCFM + ASWM, (32, 384, 8, 14, 14) bf16
+    python benchmarks/profile_fusion.py --out DIR --fusion-backend triton   # MCFM + ASWM, (32, 384, 8, 14, 14) bf16
     python benchmarks/profile_fusion.py --out DIR --model msf_mamba_plus --size small --fusion-backend triton
 
 torch.profiler over --steps calls after --warmup; kernels grouped by name with their launch count and CUDA time
 per call, sorted by time, as a Markdown table (DIR/profile_<what>.md) and JSON; for the fused op also each Triton
-kernel's registers, spills and shared memory (what limits occupancy). The fused op is timed forward + backward of
-``multiscale_fusion_triton`` (every gradient), the model as bench_model.py's step (bf16 autocast, AdamW).
+kernel's registers, spills and shared memory (what limits occupancy). The fused op is timed forward + backward
+(every gradient) of ``multiscale_fusion_triton`` or StateFusion with --fusion-backend; the model as
+bench_model.py's step (bf16 autocast, AdamW).
 """
 from __future__ import annotations
 
@@ -72,9 +73,14 @@ def fusion_step(args, dev):
     params = [h, *fusion.kernels, fusion.theta, fusion.aswm.weight, fusion.aswm.bias]
 
     def step():
-        out = multiscale_fusion_triton(h, list(fusion.kernels), fusion.theta, fusion.aswm.weight, fusion.aswm.bias)
+        if args.fusion_backend == "triton":
+            out = multiscale_fusion_triton(h, list(fusion.kernels), fusion.theta, fusion.aswm.weight,
+                                           fusion.aswm.bias)
+        else:
+            fusion.backend = args.fusion_backend
+            out = fusion(h)
         torch.autograd.grad(out, params, gout)
-    return step, f"fusion_{'_'.join(map(str, scales))}"
+    return step, f"fusion_{args.fusion_backend}_{'_'.join(map(str, scales))}"
 
 
 def model_step(args, dev):
@@ -106,7 +112,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--img", type=int, default=224)
-    ap.add_argument("--fusion-backend", default="auto")
+    ap.add_argument("--fusion-backend", default="triton", help="the fused op's or the model's fusion backend")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)

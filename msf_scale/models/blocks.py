@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from msf_scale.models._registry import ModelOptionError
 from msf_scale.ops import causal_depthwise_conv1d, selective_scan, state_fusion
+from msf_scale.ops._fusion_gemm import multiscale_fusion_gemm
+from msf_scale.ops.state_fusion import resolve_backend
 
 
 class DropPath(nn.Module):
@@ -182,9 +184,13 @@ class StateFusion(nn.Module):
 
     def scale_weights(self, fused: list[torch.Tensor]) -> torch.Tensor:
         """alpha [B, M, T, H, W]: positive, summing to one over the M scales at every position."""
-        return torch.softmax(self.aswm(torch.cat(fused, dim=1)).float(), dim=1)
+        logits = self.aswm(torch.cat(fused, dim=1))
+        return torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:      # h [B, C, T, H, W] -> fused [B, C, T, H, W]
+        if (self.aswm is not None and not torch.jit.is_tracing()   # tracing (FLOP counting) takes the named op
+                and resolve_backend(self.backend, h.device, self.scales[0]) == "gemm"):
+            return multiscale_fusion_gemm(h, list(self.kernels), self.theta, self.aswm.weight, self.aswm.bias)
         fused = state_fusion(h, list(self.kernels), self.theta, backend=self.backend)
         if self.aswm is None:
             return fused[0]

@@ -16,6 +16,8 @@ so each scale is one depthwise 'same' convolution with an adjusted kernel: exact
     ``conv``  as F.conv3d (cuDNN on GPU)
     ``shift`` as k^3 shifted multiply-adds (CPU: PyTorch's depthwise conv3d backward is slow there)
     ``ref``   :func:`state_fusion_ref`, the equation as written: conv3d minus theta * H * (off-centre weight sum).
+    ``triton`` every scale in one Triton launch (``_fusion_triton.py``; CUDA).
+    ``gemm``  every scale as batched tensor-core GEMMs on block-Toeplitz bands (``_fusion_gemm.py``; any device).
 A fused kernel joins these later; on an H100 cuDNN's depthwise conv3d is far off its memory floor.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 from msf_scale.ops._choice import requested_backend
 
-BACKENDS = ("auto", "conv", "shift", "ref", "triton")   # triton: ops/_fusion_triton.py, every scale in one launch
+BACKENDS = ("auto", "conv", "shift", "ref", "triton", "gemm")   # triton, gemm: every scale at once (own modules)
 ENV_VAR = "MSF_SCALE_FUSION_BACKEND"
 log = logging.getLogger(__name__)
 
@@ -79,9 +81,13 @@ def state_fusion(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backen
 
 
 def _dispatch(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backend: str | None) -> list[torch.Tensor]:
-    if kernels and resolve_backend(backend, h.device, kernels[0].shape[-1]) == "triton":   # all scales at once
+    chosen = resolve_backend(backend, h.device, kernels[0].shape[-1]) if kernels else None
+    if chosen == "triton":   # all scales at once
         from msf_scale.ops._fusion_triton import state_fusion_triton   # lazy: triton is optional
         return state_fusion_triton(h, kernels, theta)
+    if chosen == "gemm":
+        from msf_scale.ops._fusion_gemm import state_fusion_gemm
+        return state_fusion_gemm(h, kernels, theta)
     out = []
     for w in kernels:
         name = resolve_backend(backend, h.device, w.shape[-1])

@@ -1,0 +1,182 @@
+"""Multiscale CFD state fusion as batched GEMMs on the tensor cores: the ``gemm`` backend of :func:`state_fusion`.
+
+Why: a depthwise k^3 conv has too little arithmetic per loaded value for the tensor cores, and CUDA cores are slow
+at it (cuDNN's depthwise conv3d: 46 ms forward + backward for MCFM + ASWM at (32, 384, 8, 14, 14) bf16 on an H200).
+Here each channel's (y, x) plane is one matrix axis: for a window frame offset o_t the 2-D part of the kernel is a
+[S, S] block-Toeplitz matrix (S = H * W; entry (s', s) = w[o_t, y' - y, x' - x] inside the window, else 0), so
+
+    F_m[c] = A_m[c] @ Band_m[c]      A_m[c] [(t, b), (o_t, s')] = h[b, c, t + o_t, s']   (frames zero-padded)
+                                     Band_m[c] [(o_t, s'), s]  = the k_m blocks stacked
+
+one batched GEMM per scale with the channels as the batch (M = T * B rows, K = k * S, N = S). The bands are
+mostly zeros (49 of 196 taps a column for k = 7 at 14 x 14), but dense tensor-core MACs are ~15x cheaper than
+CUDA-core ones, cuBLAS accumulates in fp32, and nothing is launched per channel. One im2col of the largest window
+serves every scale (a smaller window is a K-sub-range of the same matrix). Backward, per channel:
+
+    dh   = [im2col(dF_1) | ... | im2col(dF_m)] @ [Band'_1; ...; Band'_m]     one GEMM over every scale
+           (Band' = the band of the frame-reversed kernel with s and s' swapped)
+    dw_m = the diagonals of A_m^T @ dF_m: tap (o_t, o_y, o_x) sums dB[(o_t, s'), s] over the pairs s' - s it maps
+
+The CFD term is folded into each kernel's centre tap beforehand (state_fusion.cfd_kernel, differentiable), as
+the conv backend does. Layout: the GEMMs work on [C, T * B, S_pad] (S padded to a multiple of 16 for the tensor
+cores' alignment; padded columns stay zero); inputs and outputs are converted from and to [B, C, T, H, W]. The
+ASWM runs in that layout too (a [M, M*C] @ [M*C, T*B*S] product, softmax over M, weighted sum) through autograd.
+Pure PyTorch: runs on any device (the tests run it in float64 on CPU against ``ref``).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+PAD = 16   # S is padded to a multiple of this (bf16 GEMM operands 16-byte aligned, tensor-core friendly)
+
+
+def _padded(s: int) -> int:
+    return -(-s // PAD) * PAD
+
+
+@lru_cache(maxsize=32)
+def _band_index(h: int, w: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """idx [SP, SP]: the tap (o_y, o_x) = (y' - y + r) * k + (x' - x + r) that entry (s', s) of a band holds, or k*k
+    (a zero slot) outside the window or the grid; pos [k*k, S] and pos_mask: the flat entries s' * SP + s of each
+    tap (padded to S with masked-out zeros), to sum a band-shaped gradient back onto the taps."""
+    r, s, sp = k // 2, h * w, _padded(h * w)
+    ys, xs = torch.arange(s) // w, torch.arange(s) % w
+    dy = ys[:, None] - ys[None, :] + r   # [s', s]
+    dx = xs[:, None] - xs[None, :] + r
+    inside = (dy >= 0) & (dy < k) & (dx >= 0) & (dx < k)
+    tap = torch.where(inside, dy * k + dx, torch.full_like(dy, k * k))
+    idx = torch.full((sp, sp), k * k, dtype=torch.long)
+    idx[:s, :s] = tap
+    flat = (torch.arange(s)[:, None] * sp + torch.arange(s)[None, :])[inside]
+    order = tap[inside]
+    pos = torch.zeros(k * k, s, dtype=torch.long)
+    mask = torch.zeros(k * k, s, dtype=torch.bool)
+    for e in range(k * k):
+        sel = flat[order == e]
+        pos[e, :sel.numel()] = sel
+        mask[e, :sel.numel()] = True
+    return idx.to(device), pos.to(device), mask.to(device)
+
+
+def _bands(wf: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[C, 1, k, k, k] plain depthwise kernel -> [C, k * SP, SP]: the k block-Toeplitz bands stacked (o_t-major)."""
+    c, k = wf.shape[0], wf.shape[-1]
+    taps = F.pad(wf.to(dtype).reshape(c, k, k * k), (0, 1))     # [C, k, k*k + 1]: the last slot is the zero
+    sp = idx.shape[0]
+    return taps[:, :, idx.reshape(-1)].reshape(c, k * sp, sp)
+
+
+def _im2col(xp: torch.Tensor, k: int, t: int) -> torch.Tensor:
+    """xp [C, T + k - 1, B, SP] (frames zero-padded) -> [C, T * B, k * SP], row (t, b) = frames t .. t + k - 1."""
+    xp = xp.contiguous()
+    c, _, b, sp = xp.shape
+    s0, s1, s2, _ = xp.stride()
+    cols = xp.as_strided((c, t, b, k, sp), (s0, s1, s2, s1, 1))
+    return cols.reshape(c, t * b, k * sp)
+
+
+def to_gemm_layout(h: torch.Tensor, pad_t: int = 0) -> torch.Tensor:
+    """[B, C, T, H, W] -> [C, T + 2 pad_t, B, SP]: zero frames on both ends, zero columns beyond S."""
+    b, c, t, hh, ww = h.shape
+    s = hh * ww
+    x = h.reshape(b, c, t, s).permute(1, 2, 0, 3)
+    return F.pad(x, (0, _padded(s) - s, 0, 0, pad_t, pad_t))
+
+
+def from_gemm_layout(f: torch.Tensor, shape) -> torch.Tensor:
+    """[C, T * B, SP] -> [B, C, T, H, W] (contiguous)."""
+    b, c, t, hh, ww = shape
+    return f.reshape(c, t, b, -1)[..., :hh * ww].permute(2, 0, 1, 3).reshape(b, c, t, hh, ww)
+
+
+class _ToeplitzFusion(torch.autograd.Function):
+    """(h [B, C, T, H, W], plain depthwise kernels [C, 1, k, k, k] ...) -> one F_m [C, T * B, SP] per kernel."""
+
+    @staticmethod
+    def forward(ctx, h, ks, *wfs):
+        with torch.autocast(h.device.type, enabled=False):   # the operands' dtypes are chosen here, not by autocast
+            return _ToeplitzFusion._forward(ctx, h, ks, *wfs)
+
+    @staticmethod
+    def _forward(ctx, h, ks, *wfs):
+        b, c, t, hh, ww = h.shape
+        km = max(ks)
+        hp = to_gemm_layout(h, km // 2)
+        cols = _im2col(hp, km, t)                       # [C, T*B, km*SP]: every scale's K-range
+        sp = hp.shape[-1]
+        outs = []
+        for k, wf in zip(ks, wfs):
+            off = (km - k) // 2 * sp
+            band = _bands(wf, _band_index(hh, ww, k, h.device)[0], h.dtype)
+            outs.append(torch.bmm(cols[:, :, off:off + k * sp], band))
+        ctx.save_for_backward(h, *wfs)
+        ctx.ks = ks
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *gfs):
+        h, *wfs = ctx.saved_tensors
+        ks = ctx.ks
+        b, c, t, hh, ww = h.shape
+        km, sp, dev = max(ks), _padded(hh * ww), h.device
+        gfs = [torch.zeros((c, t * b, sp), device=dev, dtype=h.dtype) if g is None else g.to(h.dtype).contiguous()
+               for g in gfs]
+        gh = gws = None
+        if ctx.needs_input_grad[0]:
+            # dh = sum over scales and frame offsets of dF shifted back, times the transposed, frame-reversed bands
+            grads_cols, bands = [], []
+            for k, wf, g in zip(ks, wfs, gfs):
+                idx = _band_index(hh, ww, k, dev)[0]
+                gp = F.pad(g.reshape(c, t, b, sp), (0, 0, 0, 0, k // 2, k // 2))
+                grads_cols.append(_im2col(gp, k, t))
+                bands.append(_bands(wf.flip(2), idx.t(), h.dtype))
+            g_all = torch.bmm(torch.cat(grads_cols, dim=2), torch.cat(bands, dim=1))   # [C, T*B, SP]
+            gh = from_gemm_layout(g_all, h.shape)
+        if any(ctx.needs_input_grad[2:]):
+            cols = _im2col(to_gemm_layout(h, km // 2), km, t)
+            gws = []
+            for k, wf, g in zip(ks, wfs, gfs):
+                _, pos, mask = _band_index(hh, ww, k, dev)
+                off = (km - k) // 2 * sp
+                db = torch.bmm(cols[:, :, off:off + k * sp].transpose(1, 2), g)          # [C, k*SP, SP]
+                acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+                vals = db.reshape(c, k, sp * sp)[:, :, pos.reshape(-1)].reshape(c, k, k * k, -1)
+                gw = (vals.to(acc) * mask).sum(-1)                                     # [C, k, k*k]
+                gws.append(gw.reshape(wf.shape).to(wf.dtype))
+        return (gh, None, *(gws or [None] * len(wfs)))
+
+
+def _folded(kernels, theta):
+    from msf_scale.ops.state_fusion import cfd_kernel   # lazy: state_fusion imports this module lazily too
+    return [cfd_kernel(w, theta) for w in kernels]
+
+
+def fused_states_gemm(h: torch.Tensor, kernels, theta) -> list[torch.Tensor]:
+    """Every scale's F_m in the GEMM layout [C, T * B, SP] (differentiable)."""
+    ks = tuple(int(w.shape[-1]) for w in kernels)
+    return list(_ToeplitzFusion.apply(h.contiguous(), ks, *_folded(kernels, theta)))
+
+
+def state_fusion_gemm(h: torch.Tensor, kernels, theta) -> list[torch.Tensor]:
+    """The ``gemm`` backend of state_fusion: one fused tensor per kernel, shaped like h."""
+    return [from_gemm_layout(f, h.shape) for f in fused_states_gemm(h, kernels, theta)]
+
+
+def multiscale_fusion_gemm(h: torch.Tensor, kernels, theta, aswm_weight: torch.Tensor,
+                           aswm_bias: torch.Tensor | None) -> torch.Tensor:
+    """MCFM + ASWM as StateFusion.forward computes it, the ASWM done in the GEMM layout: logits = A @ cat(F_m)
+    (the 1x1x1 conv), softmax over scales in float32 (float64 inputs: float64), out = sum_m alpha_m F_m; one conversion back at the end."""
+    fs = fused_states_gemm(h, kernels, theta)
+    m, c = len(fs), h.shape[1]
+    stacked = torch.stack(fs)                                               # [M, C, T*B, SP]
+    wa = aswm_weight.reshape(m, m * c).to(h.dtype)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    logits = (wa @ stacked.reshape(m * c, -1)).to(acc)                      # [M, T*B*SP]
+    if aswm_bias is not None:
+        logits = logits + aswm_bias.to(acc)[:, None]
+    alpha = torch.softmax(logits, dim=0).to(h.dtype).reshape(m, 1, *fs[0].shape[1:])
+    out = (alpha * stacked).sum(0)
+    return from_gemm_layout(out, h.shape)
