@@ -61,12 +61,26 @@ def _band_index(h: int, w: int, k: int, device: torch.device) -> tuple[torch.Ten
     return idx.to(device), pos.to(device), mask.to(device)
 
 
-def _bands(wf: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[C, 1, k, k, k] plain depthwise kernel -> [C, k * SP, SP]: the k block-Toeplitz bands stacked (o_t-major)."""
-    c, k = wf.shape[0], wf.shape[-1]
-    taps = F.pad(wf.to(dtype).reshape(c, k, k * k), (0, 1))     # [C, k, k*k + 1]: the last slot is the zero
-    sp = idx.shape[0]
-    return taps[:, :, idx.reshape(-1)].reshape(c, k * sp, sp)
+@lru_cache(maxsize=32)
+def _stacked_index(h: int, w: int, ks: tuple[int, ...], transpose: bool, device: torch.device) -> torch.Tensor:
+    """[sum(k) * SP, SP] indices into the concatenated, zero-slotted taps of every kernel (scale m's row blocks are
+    its k frame offsets; block j indexes taps[offset_m + j * (k^2 + 1) + tap]), transposed blocks for dh."""
+    blocks, offset = [], 0
+    for k in ks:
+        idx = _band_index(h, w, k, device)[0]
+        idx = idx.t() if transpose else idx
+        blocks += [offset + j * (k * k + 1) + idx for j in range(k)]
+        offset += k * (k * k + 1)
+    return torch.cat(blocks, dim=0).contiguous()
+
+
+def _bands(wfs, ks, hh: int, ww: int, dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
+    """Plain depthwise kernels [C, 1, k, k, k] -> [C, sum(k) * SP, SP]: each kernel's k block-Toeplitz bands stacked
+    (frame-offset-major), every scale in one gather. transpose: each block transposed (s and s' swapped)."""
+    c = wfs[0].shape[0]
+    taps = torch.cat([F.pad(wf.to(dtype).reshape(c, k, k * k), (0, 1)).reshape(c, -1) for k, wf in zip(ks, wfs)], 1)
+    idx = _stacked_index(hh, ww, tuple(ks), transpose, wfs[0].device)
+    return taps[:, idx.reshape(-1)].reshape(c, idx.shape[0], idx.shape[1])
 
 
 def _im2col(xp: torch.Tensor, k: int, t: int) -> torch.Tensor:
@@ -107,11 +121,12 @@ class _ToeplitzFusion(torch.autograd.Function):
         hp = to_gemm_layout(h, km // 2)
         cols = _im2col(hp, km, t)                       # [C, T*B, km*SP]: every scale's K-range
         sp = hp.shape[-1]
-        outs = []
-        for k, wf in zip(ks, wfs):
+        bands = _bands(wfs, ks, hh, ww, h.dtype)         # [C, sum(k)*SP, SP]
+        outs, row = [], 0
+        for k in ks:
             off = (km - k) // 2 * sp
-            band = _bands(wf, _band_index(hh, ww, k, h.device)[0], h.dtype)
-            outs.append(torch.bmm(cols[:, :, off:off + k * sp], band))
+            outs.append(torch.bmm(cols[:, :, off:off + k * sp], bands[:, row:row + k * sp]))
+            row += k * sp
         ctx.save_for_backward(h, *wfs)
         ctx.ks = ks
         return tuple(outs)
@@ -127,13 +142,15 @@ class _ToeplitzFusion(torch.autograd.Function):
         gh = gws = None
         if ctx.needs_input_grad[0]:
             # dh = sum over scales and frame offsets of dF shifted back, times the transposed, frame-reversed bands
-            grads_cols, bands = [], []
-            for k, wf, g in zip(ks, wfs, gfs):
-                idx = _band_index(hh, ww, k, dev)[0]
+            cols = torch.empty((c, t, b, sum(ks), sp), device=dev, dtype=h.dtype)
+            j = 0
+            for k, g in zip(ks, gfs):
                 gp = F.pad(g.reshape(c, t, b, sp), (0, 0, 0, 0, k // 2, k // 2))
-                grads_cols.append(_im2col(gp, k, t))
-                bands.append(_bands(wf.flip(2), idx.t(), h.dtype))
-            g_all = torch.bmm(torch.cat(grads_cols, dim=2), torch.cat(bands, dim=1))   # [C, T*B, SP]
+                s0, s1, s2, _ = gp.stride()
+                cols[:, :, :, j:j + k] = gp.as_strided((c, t, b, k, sp), (s0, s1, s2, s1, 1))
+                j += k
+            bands = _bands([wf.flip(2) for wf in wfs], ks, hh, ww, h.dtype, transpose=True)
+            g_all = torch.bmm(cols.reshape(c, t * b, -1), bands)                      # [C, T*B, SP]
             gh = from_gemm_layout(g_all, h.shape)
         if any(ctx.needs_input_grad[2:]):
             cols = _im2col(to_gemm_layout(h, km // 2), km, t)

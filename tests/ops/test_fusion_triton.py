@@ -249,8 +249,23 @@ def _gpu_vs_float64(shape, scales, dtype, use_aswm, theta=0.7):
     gouts = [torch.randn_like(b) for b in want]
     ga = torch.autograd.grad(got, inputs, [g.to(dtype) for g in gouts])
     gb = torch.autograd.grad(want, inputs64, gouts)
+    # bf16: a gradient may also be as far off as 1.25x the `conv` backend's own bf16 error (same inputs, the
+    # backend `auto` picks today): a reduction over every element (theta's) can cancel below 2^-8 in either.
+    conv = _conv_errors(inputs, gb, gouts, use_aswm, dtype) if dtype == torch.bfloat16 else [0.0] * len(gb)
     for i, (a, b) in enumerate(zip(ga, gb)):
-        assert rel(a, b) < gtol, f"grad of input {i}: rel err {rel(a, b):.2e}"
+        bound = max(gtol, 1.25 * conv[i])
+        assert rel(a, b) < bound, f"grad of input {i}: rel err {rel(a, b):.2e} (conv backend: {conv[i]:.2e})"
+
+
+def _conv_errors(inputs, gb, gouts, use_aswm, dtype):
+    """The conv backend's relative error of each gradient in `dtype` against the float64 reference's `gb`."""
+    h, *rest = [x.detach().clone().requires_grad_() for x in inputs]
+    n = len(rest) - (3 if use_aswm else 1)
+    ks, th = rest[:n], rest[n]
+    fused = state_fusion(h, ks, th, backend="conv")
+    got = [aswm_ref(fused, rest[n + 1], rest[n + 2])] if use_aswm else fused
+    ga = torch.autograd.grad(got, [h, *rest], [g.to(dtype) for g in gouts])
+    return [rel(a, b) for a, b in zip(ga, gb)]
 
 
 @pytest.mark.gpu
