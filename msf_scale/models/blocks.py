@@ -189,7 +189,8 @@ class StateFusion(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:      # h [B, C, T, H, W] -> fused [B, C, T, H, W]
         if (self.aswm is not None and not torch.jit.is_tracing()   # tracing (FLOP counting) takes the named op
-                and resolve_backend(self.backend, h.device, self.scales[0]) == "gemm"):
+                and resolve_backend(self.backend, h.device, self.scales[0], h.shape[0] * h.shape[2],
+                                    h.shape[3] * h.shape[4]) == "gemm"):
             return multiscale_fusion_gemm(h, list(self.kernels), self.theta, self.aswm.weight, self.aswm.bias)
         fused = state_fusion(h, list(self.kernels), self.theta, backend=self.backend)
         if self.aswm is None:

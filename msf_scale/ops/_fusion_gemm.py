@@ -38,49 +38,47 @@ def _padded(s: int) -> int:
 
 
 @lru_cache(maxsize=32)
-def _band_index(h: int, w: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """idx [SP, SP]: the tap (o_y, o_x) = (y' - y + r) * k + (x' - x + r) that entry (s', s) of a band holds, or k*k
-    (a zero slot) outside the window or the grid; pos [k*k, S] and pos_mask: the flat entries s' * SP + s of each
-    tap (padded to S with masked-out zeros), to sum a band-shaped gradient back onto the taps."""
+def _tap_positions(h: int, w: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos [k*k, S] and its mask: for each tap (o_y, o_x), the flat entries s~' * SP + s of a band-shaped
+    [SP, SP] matrix (rows in reversed order s~' = S - 1 - s', columns natural) that the tap occupies, padded to S
+    with masked-out entries: to sum a band-shaped gradient back onto the taps."""
     r, s, sp = k // 2, h * w, _padded(h * w)
     ys, xs = torch.arange(s) // w, torch.arange(s) % w
     dy = ys[:, None] - ys[None, :] + r   # [s', s]
     dx = xs[:, None] - xs[None, :] + r
     inside = (dy >= 0) & (dy < k) & (dx >= 0) & (dx < k)
-    tap = torch.where(inside, dy * k + dx, torch.full_like(dy, k * k))
-    idx = torch.full((sp, sp), k * k, dtype=torch.long)
-    idx[:s, :s] = tap
-    flat = (torch.arange(s)[:, None] * sp + torch.arange(s)[None, :])[inside]
-    order = tap[inside]
+    flat = ((s - 1 - torch.arange(s))[:, None] * sp + torch.arange(s)[None, :])[inside]
+    order = (dy * k + dx)[inside]
     pos = torch.zeros(k * k, s, dtype=torch.long)
     mask = torch.zeros(k * k, s, dtype=torch.bool)
     for e in range(k * k):
         sel = flat[order == e]
         pos[e, :sel.numel()] = sel
         mask[e, :sel.numel()] = True
-    return idx.to(device), pos.to(device), mask.to(device)
+    return pos.to(device), mask.to(device)
 
 
-@lru_cache(maxsize=32)
-def _stacked_index(h: int, w: int, ks: tuple[int, ...], transpose: bool, device: torch.device) -> torch.Tensor:
-    """[sum(k) * SP, SP] indices into the concatenated, zero-slotted taps of every kernel (scale m's row blocks are
-    its k frame offsets; block j indexes taps[offset_m + j * (k^2 + 1) + tap]), transposed blocks for dh."""
-    blocks, offset = [], 0
-    for k in ks:
-        idx = _band_index(h, w, k, device)[0]
-        idx = idx.t() if transpose else idx
-        blocks += [offset + j * (k * k + 1) + idx for j in range(k)]
-        offset += k * (k * k + 1)
-    return torch.cat(blocks, dim=0).contiguous()
-
-
-def _bands(wfs, ks, hh: int, ww: int, dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
-    """Plain depthwise kernels [C, 1, k, k, k] -> [C, sum(k) * SP, SP]: each kernel's k block-Toeplitz bands stacked
-    (frame-offset-major), every scale in one gather. transpose: each block transposed (s and s' swapped)."""
-    c = wfs[0].shape[0]
-    taps = torch.cat([F.pad(wf.to(dtype).reshape(c, k, k * k), (0, 1)).reshape(c, -1) for k, wf in zip(ks, wfs)], 1)
-    idx = _stacked_index(hh, ww, tuple(ks), transpose, wfs[0].device)
-    return taps[:, idx.reshape(-1)].reshape(c, idx.shape[0], idx.shape[1])
+def _bands(wfs, ks, hh: int, ww: int, dtype: torch.dtype) -> torch.Tensor:
+    """Plain depthwise kernels [C, 1, k, k, k] -> [C, sum(k) * SP, SP]: each kernel's k bands stacked
+    (frame-offset-major), rows in reversed spatial order (s~' = S - 1 - s'), columns natural. Reversing one axis
+    makes each band a Hankel matrix, entry (s~', s) = Q[y~' + y, x~' + x] for Q the kernel's frame, flipped, on a
+    zero canvas of (2H - 1) x (2W - 1): an overlapping strided view of Q, materialised by one strided copy per
+    scale (no index tensor). Padded rows and columns are zero."""
+    c, sp, s = wfs[0].shape[0], _padded(hh * ww), hh * ww
+    bands = torch.empty((c, sum(ks), sp, sp), device=wfs[0].device, dtype=dtype)
+    bands[:, :, s:] = 0
+    bands[:, :, :s, s:] = 0
+    j = 0
+    for k, wf in zip(ks, wfs):
+        r = k // 2
+        canvas = torch.zeros((c, k, 2 * hh - 1 + 2 * r, 2 * ww - 1 + 2 * r), device=wf.device, dtype=dtype)
+        canvas[:, :, hh - 1:hh - 1 + k, ww - 1:ww - 1 + k] = wf.reshape(c, k, k, k).flip(-2, -1).to(dtype)
+        q = canvas[:, :, r:r + 2 * hh - 1, r:r + 2 * ww - 1]
+        sc, sj, sa, _ = canvas.stride()
+        hankel = canvas.as_strided((c, k, hh, ww, hh, ww), (sc, sj, sa, 1, sa, 1), q.storage_offset())
+        bands[:, j:j + k, :s, :s].unflatten(2, (hh, ww)).unflatten(4, (hh, ww)).copy_(hankel)
+        j += k
+    return bands.reshape(c, sum(ks) * sp, sp)
 
 
 def _im2col(xp: torch.Tensor, k: int, t: int) -> torch.Tensor:
@@ -92,18 +90,24 @@ def _im2col(xp: torch.Tensor, k: int, t: int) -> torch.Tensor:
     return cols.reshape(c, t * b, k * sp)
 
 
-def to_gemm_layout(h: torch.Tensor, pad_t: int = 0) -> torch.Tensor:
-    """[B, C, T, H, W] -> [C, T + 2 pad_t, B, SP]: zero frames on both ends, zero columns beyond S."""
+def to_gemm_layout(h: torch.Tensor, pad_t: int = 0, reverse: bool = False) -> torch.Tensor:
+    """[B, C, T, H, W] -> [C, T + 2 pad_t, B, SP]: zero frames on both ends, zero columns beyond S; reverse: the
+    spatial positions in reversed order (the K side of a Hankel band)."""
     b, c, t, hh, ww = h.shape
     s = hh * ww
-    x = h.reshape(b, c, t, s).permute(1, 2, 0, 3)
-    return F.pad(x, (0, _padded(s) - s, 0, 0, pad_t, pad_t))
+    x = h.reshape(b, c, t, s)
+    if reverse:
+        x = x.flip(-1)
+    return F.pad(x.permute(1, 2, 0, 3), (0, _padded(s) - s, 0, 0, pad_t, pad_t))
 
 
-def from_gemm_layout(f: torch.Tensor, shape) -> torch.Tensor:
-    """[C, T * B, SP] -> [B, C, T, H, W] (contiguous)."""
+def from_gemm_layout(f: torch.Tensor, shape, reverse: bool = False) -> torch.Tensor:
+    """[C, T * B, SP] -> [B, C, T, H, W] (contiguous); reverse: f holds the spatial positions in reversed order."""
     b, c, t, hh, ww = shape
-    return f.reshape(c, t, b, -1)[..., :hh * ww].permute(2, 0, 1, 3).reshape(b, c, t, hh, ww)
+    x = f.reshape(c, t, b, -1)[..., :hh * ww]
+    if reverse:
+        x = x.flip(-1)
+    return x.permute(2, 0, 1, 3).reshape(b, c, t, hh, ww)
 
 
 class _ToeplitzFusion(torch.autograd.Function):
@@ -118,7 +122,7 @@ class _ToeplitzFusion(torch.autograd.Function):
     def _forward(ctx, h, ks, *wfs):
         b, c, t, hh, ww = h.shape
         km = max(ks)
-        hp = to_gemm_layout(h, km // 2)
+        hp = to_gemm_layout(h, km // 2, reverse=True)
         cols = _im2col(hp, km, t)                       # [C, T*B, km*SP]: every scale's K-range
         sp = hp.shape[-1]
         bands = _bands(wfs, ks, hh, ww, h.dtype)         # [C, sum(k)*SP, SP]
@@ -141,7 +145,8 @@ class _ToeplitzFusion(torch.autograd.Function):
                for g in gfs]
         gh = gws = None
         if ctx.needs_input_grad[0]:
-            # dh = sum over scales and frame offsets of dF shifted back, times the transposed, frame-reversed bands
+            # dh = sum over scales and frame offsets of dF shifted back, times the frame-reversed kernels' bands
+            # (the same Hankel form with dF's natural order on the K side and dh's reversed order on the N side)
             cols = torch.empty((c, t, b, sum(ks), sp), device=dev, dtype=h.dtype)
             j = 0
             for k, g in zip(ks, gfs):
@@ -149,14 +154,14 @@ class _ToeplitzFusion(torch.autograd.Function):
                 s0, s1, s2, _ = gp.stride()
                 cols[:, :, :, j:j + k] = gp.as_strided((c, t, b, k, sp), (s0, s1, s2, s1, 1))
                 j += k
-            bands = _bands([wf.flip(2) for wf in wfs], ks, hh, ww, h.dtype, transpose=True)
-            g_all = torch.bmm(cols.reshape(c, t * b, -1), bands)                      # [C, T*B, SP]
-            gh = from_gemm_layout(g_all, h.shape)
+            bands = _bands([wf.flip(2) for wf in wfs], ks, hh, ww, h.dtype)
+            g_all = torch.bmm(cols.reshape(c, t * b, -1), bands)                      # [C, T*B, SP], reversed
+            gh = from_gemm_layout(g_all, h.shape, reverse=True)
         if any(ctx.needs_input_grad[2:]):
-            cols = _im2col(to_gemm_layout(h, km // 2), km, t)
+            cols = _im2col(to_gemm_layout(h, km // 2, reverse=True), km, t)
             gws = []
             for k, wf, g in zip(ks, wfs, gfs):
-                _, pos, mask = _band_index(hh, ww, k, dev)
+                pos, mask = _tap_positions(hh, ww, k, dev)
                 off = (km - k) // 2 * sp
                 db = torch.bmm(cols[:, :, off:off + k * sp].transpose(1, 2), g)          # [C, k*SP, SP]
                 acc = torch.float64 if h.dtype == torch.float64 else torch.float32

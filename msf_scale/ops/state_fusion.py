@@ -8,17 +8,18 @@ i.e. off-centre frames enter as differences from the centre state (for theta = 1
 grid border. Shapes: h [batch, C, T, H, W]; each kernel [C, 1, k, k, k] (k odd); theta a float or 0-d tensor
 (learnable). Returns one fused tensor per kernel, each shaped like h.
 
-Backends (``backend=``; ``auto``, the default, means ``$MSF_SCALE_FUSION_BACKEND`` when set, else ``conv`` on GPU and
-``shift`` on CPU for 3 x 3 x 3 windows, logged once). A new backend is a name in BACKENDS, a branch in ``_dispatch``
-and, if optional, a lazily imported private module (``_fusion_triton.py``). Both fold
+Backends (``backend=``; ``auto``, the default, means ``$MSF_SCALE_FUSION_BACKEND`` when set, else on GPU ``gemm`` for
+training-sized batches and ``triton`` for small ones, on CPU ``shift`` for 3 x 3 x 3 windows and ``conv`` otherwise;
+see resolve_backend, logged once). A new backend is a name in BACKENDS, a branch in ``_dispatch``
+and, if optional, a lazily imported private module (``_fusion_triton.py``). All but ``ref`` fold
 the difference term into the kernel's centre tap (the CFD term only ever touches H(p0), which is never padded),
-so each scale is one depthwise 'same' convolution with an adjusted kernel: exact, autograd for free.
+so each scale is one depthwise 'same' convolution with an adjusted kernel: exact, and theta's gradient comes from
+autograd through that fold.
     ``conv``  as F.conv3d (cuDNN on GPU)
     ``shift`` as k^3 shifted multiply-adds (CPU: PyTorch's depthwise conv3d backward is slow there)
     ``ref``   :func:`state_fusion_ref`, the equation as written: conv3d minus theta * H * (off-centre weight sum).
     ``triton`` every scale in one Triton launch (``_fusion_triton.py``; CUDA).
     ``gemm``  every scale as batched tensor-core GEMMs on block-Toeplitz bands (``_fusion_gemm.py``; any device).
-A fused kernel joins these later; on an H100 cuDNN's depthwise conv3d is far off its memory floor.
 """
 from __future__ import annotations
 
@@ -36,16 +37,31 @@ ENV_VAR = "MSF_SCALE_FUSION_BACKEND"
 log = logging.getLogger(__name__)
 
 
-def resolve_backend(backend: str | None, device: torch.device | None = None, k: int = 3) -> str:
-    """The concrete backend for one kernel of window k. ``auto``: conv on GPU; on CPU shifts for 3 x 3 x 3 only
-    (autograd through 125 or 343 shifted slices costs more than PyTorch's slow depthwise conv3d)."""
+GEMM_MIN_ROWS = 64    # T * B: below it the bands' bytes (fixed, whatever the batch) outweigh the GEMMs' gain
+GEMM_MAX_GRID = 256   # H * W: the bands grow with its square (C * sum(k) * (H W)^2 values)
+
+
+def resolve_backend(backend: str | None, device: torch.device | None = None, k: int = 3, rows: int | None = None,
+                    grid: int | None = None) -> str:
+    """The concrete backend for one kernel of window k on tensors with rows = T * B and grid = H * W. ``auto``:
+    on GPU ``gemm`` for training-sized batches (rows >= GEMM_MIN_ROWS, grid <= GEMM_MAX_GRID), else ``triton``
+    (``conv`` without triton); on CPU shifts for 3 x 3 x 3 only (autograd through 125 or 343 shifted slices costs
+    more than PyTorch's slow depthwise conv3d). Measured on the H200 (docs/BENCHMARKS.md, session 7): MCFM + ASWM
+    forward + backward at batch 32, conv 46 ms, triton 15 ms, gemm below both; at batch 1 triton < conv < gemm."""
     backend = requested_backend(backend, ENV_VAR, BACKENDS, "state-fusion")
     if backend == "auto":
-        on_gpu = device is not None and device.type == "cuda"
-        # The fused Triton backend (issue 19) is chosen only by name: on the H200 (2026-12-05) it is 3.1x conv for
-        # MCFM + ASWM, but one bf16 gradient check misses its bound (theta's gradient 2.7% off, bound 2%).
-        return _chosen("conv" if on_gpu or k > 3 else "shift", "cuda" if on_gpu else "cpu", k)
+        if device is None or device.type != "cuda":
+            return _chosen("shift" if k <= 3 else "conv", "cpu", k)
+        if rows is not None and rows >= GEMM_MIN_ROWS and (grid is None or grid <= GEMM_MAX_GRID):
+            return _chosen("gemm", "cuda", k)
+        return _chosen("triton" if _has_triton() else "conv", "cuda", k)
     return backend
+
+
+@lru_cache(maxsize=None)
+def _has_triton() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
 
 
 @lru_cache(maxsize=None)
@@ -81,7 +97,8 @@ def state_fusion(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backen
 
 
 def _dispatch(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backend: str | None) -> list[torch.Tensor]:
-    chosen = resolve_backend(backend, h.device, kernels[0].shape[-1]) if kernels else None
+    rows, grid = h.shape[0] * h.shape[2], h.shape[3] * h.shape[4]
+    chosen = resolve_backend(backend, h.device, kernels[0].shape[-1], rows, grid) if kernels else None
     if chosen == "triton":   # all scales at once
         from msf_scale.ops._fusion_triton import state_fusion_triton   # lazy: triton is optional
         return state_fusion_triton(h, kernels, theta)
@@ -90,7 +107,7 @@ def _dispatch(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backend: 
         return state_fusion_gemm(h, kernels, theta)
     out = []
     for w in kernels:
-        name = resolve_backend(backend, h.device, w.shape[-1])
+        name = resolve_backend(backend, h.device, w.shape[-1], rows, grid)
         if name == "ref":
             out.extend(state_fusion_ref(h, [w], theta))
         elif name == "shift":

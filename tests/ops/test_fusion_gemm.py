@@ -36,7 +36,8 @@ def aswm_ref(fused, weight, bias):
 
 SHAPES = [(2, 3, 4, 5, 6),      # S = 30: padded to 32
           (3, 2, 1, 4, 4),      # one frame (every off-centre frame is padding); S = 16: no padded column
-          (1, 4, 2, 7, 3)]      # frames fewer than the window
+          (1, 4, 2, 7, 3),      # frames fewer than the window
+          (1, 2, 3, 2, 1)]      # a grid smaller than every window but 3 x 3
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -196,15 +196,23 @@ def test_interpreter_falls_back_beyond_three_scales():
 
 # ------------------------------------------------------------------------------------------------ dispatcher
 
-def test_triton_is_chosen_by_name_only_until_measured_on_a_gpu():
-    """`auto` keeps the cuDNN path on CUDA: the Triton backend is not yet verified on a GPU (one bf16 gradient
-    check missed its bound on the H200, 2026-12-01; speed unmeasured). It stays selectable by name."""
+def test_auto_picks_by_device_batch_and_grid(monkeypatch):
+    """`auto` on CUDA: gemm for training-sized batches (T * B >= 64) on grids up to 16 x 16, triton below (conv
+    without triton); on CPU shifts for 3 x 3 x 3 and conv otherwise. A name wins over the rule."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert "triton" in fusion_mod.BACKENDS
-    assert fusion_mod.resolve_backend("auto", cpu, 3) == "shift"
-    assert fusion_mod.resolve_backend("auto", cpu, 7) == "conv"
-    assert fusion_mod.resolve_backend("auto", cuda, 7) == "conv"
+    assert {"triton", "gemm"} <= set(fusion_mod.BACKENDS)
+    assert fusion_mod.resolve_backend("auto", cpu, 3, rows=256) == "shift"
+    assert fusion_mod.resolve_backend("auto", cpu, 7, rows=256) == "conv"
+    assert fusion_mod.resolve_backend("auto", cuda, 7, rows=256, grid=196) == "gemm"
+    assert fusion_mod.resolve_backend("auto", cuda, 3, rows=64, grid=256) == "gemm"
+    small = "triton" if HAS_TRITON else "conv"
+    assert fusion_mod.resolve_backend("auto", cuda, 7, rows=8, grid=196) == small      # batch 1, 8 frames
+    assert fusion_mod.resolve_backend("auto", cuda, 7, rows=256, grid=784) == small    # 28 x 28: bands too large
+    assert fusion_mod.resolve_backend("auto", cuda, 7) == small
+    monkeypatch.setattr(fusion_mod, "_has_triton", lambda: False)
+    assert fusion_mod.resolve_backend("auto", cuda, 7, rows=8, grid=196) == "conv"
     assert fusion_mod.resolve_backend("triton", cuda, 7) == "triton"
+    assert fusion_mod.resolve_backend("conv", cuda, 7, rows=256, grid=196) == "conv"
 
 
 # ------------------------------------------------------------------------------------------------ GPU, compiled
