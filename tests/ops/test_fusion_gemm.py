@@ -140,5 +140,7 @@ def test_gpu_bf16_no_worse_than_conv():
         if backend == "gemm":
             gemm_errs = errs
     bounds = [max(1e-2, 1.25 * errs[0])] + [max(2e-2, 1.25 * e) for e in errs[1:]]
+    print(f"rel err vs float64 (out, h, kernels 3/5/7, theta, aswm w, b): gemm {[f'{e:.1e}' for e in gemm_errs]}, "
+          f"conv {[f'{e:.1e}' for e in errs]}")
     bad = [(i, g, b) for i, (g, b) in enumerate(zip(gemm_errs, bounds)) if g >= b]
     assert not bad, f"(input, gemm rel err, bound): {bad}; conv's errors {errs}"
