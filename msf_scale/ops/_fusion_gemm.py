@@ -73,9 +73,8 @@ def _bands(wfs, ks, hh: int, ww: int, dtype: torch.dtype) -> torch.Tensor:
         r = k // 2
         canvas = torch.zeros((c, k, 2 * hh - 1 + 2 * r, 2 * ww - 1 + 2 * r), device=wf.device, dtype=dtype)
         canvas[:, :, hh - 1:hh - 1 + k, ww - 1:ww - 1 + k] = wf.reshape(c, k, k, k).flip(-2, -1).to(dtype)
-        q = canvas[:, :, r:r + 2 * hh - 1, r:r + 2 * ww - 1]
-        sc, sj, sa, _ = canvas.stride()
-        hankel = canvas.as_strided((c, k, hh, ww, hh, ww), (sc, sj, sa, 1, sa, 1), q.storage_offset())
+        sc, sj, sa, _ = canvas.stride()   # Q = canvas[:, :, r:, r:] (a fresh tensor: its offset is r * sa + r)
+        hankel = canvas.as_strided((c, k, hh, ww, hh, ww), (sc, sj, sa, 1, sa, 1), r * sa + r)
         bands[:, j:j + k, :s, :s].unflatten(2, (hh, ww)).unflatten(4, (hh, ww)).copy_(hankel)
         j += k
     return bands.reshape(c, sum(ks) * sp, sp)

@@ -144,3 +144,19 @@ def test_gpu_bf16_no_worse_than_conv():
           f"conv {[f'{e:.1e}' for e in errs]}")
     bad = [(i, g, b) for i, (g, b) in enumerate(zip(gemm_errs, bounds)) if g >= b]
     assert not bad, f"(input, gemm rel err, bound): {bad}; conv's errors {errs}"
+
+
+def test_compiles_with_fullgraph():
+    """The models compile with fullgraph=True; the gemm path (auto's GPU choice for training) must trace whole:
+    compiled output and gradients equal eager's."""
+    torch.manual_seed(0)
+    fusion = StateFusion(8, (3, 5, 7), 0.7, True, use_aswm=True, backend="gemm", init="uniform")
+    h = torch.randn(2, 8, 4, 5, 5, requires_grad=True)
+    want = fusion(h)
+    want_grads = torch.autograd.grad(want.square().sum(), [h, *fusion.parameters()])
+    torch._dynamo.reset()
+    got = torch.compile(fusion, fullgraph=True)(h)
+    got_grads = torch.autograd.grad(got.square().sum(), [h, *fusion.parameters()])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
