@@ -9,7 +9,7 @@ grid border. Shapes: h [batch, C, T, H, W]; each kernel [C, 1, k, k, k] (k odd);
 (learnable). Returns one fused tensor per kernel, each shaped like h.
 
 Backends (``backend=``; ``auto``, the default, means ``$MSF_SCALE_FUSION_BACKEND`` when set, else on GPU ``gemm`` for
-training-sized batches and ``triton`` for small ones, on CPU ``shift`` for 3 x 3 x 3 windows and ``conv`` otherwise;
+training-sized batches and ``conv`` for small ones, on CPU ``shift`` for 3 x 3 x 3 windows and ``conv`` otherwise;
 see resolve_backend, logged once). A new backend is a name in BACKENDS, a branch in ``_dispatch``
 and, if optional, a lazily imported private module (``_fusion_triton.py``). All but ``ref`` fold
 the difference term into the kernel's centre tap (the CFD term only ever touches H(p0), which is never padded),
@@ -44,24 +44,20 @@ GEMM_MAX_GRID = 256   # H * W: the bands grow with its square (C * sum(k) * (H W
 def resolve_backend(backend: str | None, device: torch.device | None = None, k: int = 3, rows: int | None = None,
                     grid: int | None = None) -> str:
     """The concrete backend for one kernel of window k on tensors with rows = T * B and grid = H * W. ``auto``:
-    on GPU ``gemm`` for training-sized batches (rows >= GEMM_MIN_ROWS, grid <= GEMM_MAX_GRID), else ``triton``
-    (``conv`` without triton); on CPU shifts for 3 x 3 x 3 only (autograd through 125 or 343 shifted slices costs
-    more than PyTorch's slow depthwise conv3d). Measured on the H200 (docs/BENCHMARKS.md, session 7): MCFM + ASWM
-    forward + backward at batch 32, conv 46 ms, triton 15 ms, gemm below both; at batch 1 triton < conv < gemm."""
+    on GPU ``gemm`` for training-sized batches (rows >= GEMM_MIN_ROWS, grid <= GEMM_MAX_GRID), else ``conv``; on
+    CPU shifts for 3 x 3 x 3 only (autograd through 125 or 343 shifted slices costs more than PyTorch's slow
+    depthwise conv3d). Measured on the H200 (docs/BENCHMARKS.md, session 7): MCFM + ASWM forward + backward at
+    batch 32, conv 46 ms, triton 15 ms, gemm 7.5 ms; at batch 1 gemm is the slowest (its bands do not shrink)."""
     backend = requested_backend(backend, ENV_VAR, BACKENDS, "state-fusion")
     if backend == "auto":
         if device is None or device.type != "cuda":
             return _chosen("shift" if k <= 3 else "conv", "cpu", k)
         if rows is not None and rows >= GEMM_MIN_ROWS and (grid is None or grid <= GEMM_MAX_GRID):
             return _chosen("gemm", "cuda", k)
-        return _chosen("triton" if _has_triton() else "conv", "cuda", k)
+        # Not triton, though it is faster at batch 1 (H200, session 7): in bf16 its theta gradient was 6% off the
+        # float64 value on a two-scale ASWM case where conv's was 0.8% (tests/ops/test_fusion_triton.py)
+        return _chosen("conv", "cuda", k)
     return backend
-
-
-@lru_cache(maxsize=None)
-def _has_triton() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("triton") is not None
 
 
 @lru_cache(maxsize=None)

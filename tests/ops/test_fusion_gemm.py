@@ -3,7 +3,7 @@
 CPU, float64, to 1e-12 relative: the forward and every gradient (input, each kernel, theta; with ASWM also its
 1x1 conv's weight and bias), several scale sets, theta 0 and not, grids whose H * W is and is not a multiple of
 the padding (16), one frame and frames fewer than the window. GPU (marked gpu): bf16 against float64 at the
-bench shape's width, bounded like the triton backend's (no worse than 1.25x the conv backend's own bf16 error).
+bench shape's width, within 1e-2 (forward) and 2e-2 (each gradient) relative, the conv backend's errors printed.
 """
 from __future__ import annotations
 
@@ -114,11 +114,12 @@ def test_bf16_operands_accumulate_in_fp32():
 
 @pytest.mark.gpu
 def test_gpu_bf16_no_worse_than_conv():
-    """bf16 on CUDA at the bench width, forward and every gradient vs float64; bound 1e-2 / 2e-2 relative or 1.25x the
-    conv backend's own bf16 error."""
+    """bf16 on CUDA at the bench width, forward and every gradient vs float64 within 1e-2 / 2e-2 relative (measured
+    on the H200: gemm 6e-3 - 9e-3 everywhere; conv 6e-2 on theta's gradient)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     shape, scales = (4, 384, 8, 14, 14), (3, 5, 7)
+    torch.manual_seed(0)
     h, ks = make(shape, scales, dtype=torch.bfloat16, device="cuda")
     th = torch.tensor(0.7, device="cuda", requires_grad=True)
     m, c = len(scales), shape[1]
@@ -139,7 +140,7 @@ def test_gpu_bf16_no_worse_than_conv():
         errs = [rel(got, want)] + [rel(a, b) for a, b in zip(ga, gb)]
         if backend == "gemm":
             gemm_errs = errs
-    bounds = [max(1e-2, 1.25 * errs[0])] + [max(2e-2, 1.25 * e) for e in errs[1:]]
+    bounds = [1e-2] + [2e-2] * (len(errs) - 1)   # fixed: no allowance for conv's own error (its theta's: 6e-2)
     print(f"rel err vs float64 (out, h, kernels 3/5/7, theta, aswm w, b): gemm {[f'{e:.1e}' for e in gemm_errs]}, "
           f"conv {[f'{e:.1e}' for e in errs]}")
     bad = [(i, g, b) for i, (g, b) in enumerate(zip(gemm_errs, bounds)) if g >= b]

@@ -196,21 +196,19 @@ def test_interpreter_falls_back_beyond_three_scales():
 
 # ------------------------------------------------------------------------------------------------ dispatcher
 
-def test_auto_picks_by_device_batch_and_grid(monkeypatch):
-    """`auto` on CUDA: gemm for training-sized batches (T * B >= 64) on grids up to 16 x 16, triton below (conv
-    without triton); on CPU shifts for 3 x 3 x 3 and conv otherwise. A name wins over the rule."""
+def test_auto_picks_by_device_batch_and_grid():
+    """`auto` on CUDA: gemm for training-sized batches (T * B >= 64) on grids up to 16 x 16, conv below (triton only
+    by name: its bf16 theta gradient misses the bound on the GPU); on CPU shifts for 3 x 3 x 3 and conv otherwise.
+    A name wins over the rule."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert {"triton", "gemm"} <= set(fusion_mod.BACKENDS)
     assert fusion_mod.resolve_backend("auto", cpu, 3, rows=256) == "shift"
     assert fusion_mod.resolve_backend("auto", cpu, 7, rows=256) == "conv"
     assert fusion_mod.resolve_backend("auto", cuda, 7, rows=256, grid=196) == "gemm"
     assert fusion_mod.resolve_backend("auto", cuda, 3, rows=64, grid=256) == "gemm"
-    small = "triton" if HAS_TRITON else "conv"
-    assert fusion_mod.resolve_backend("auto", cuda, 7, rows=8, grid=196) == small      # batch 1, 8 frames
-    assert fusion_mod.resolve_backend("auto", cuda, 7, rows=256, grid=784) == small    # 28 x 28: bands too large
-    assert fusion_mod.resolve_backend("auto", cuda, 7) == small
-    monkeypatch.setattr(fusion_mod, "_has_triton", lambda: False)
-    assert fusion_mod.resolve_backend("auto", cuda, 7, rows=8, grid=196) == "conv"
+    assert fusion_mod.resolve_backend("auto", cuda, 7, rows=8, grid=196) == "conv"      # batch 1, 8 frames
+    assert fusion_mod.resolve_backend("auto", cuda, 7, rows=256, grid=784) == "conv"    # 28 x 28: bands too large
+    assert fusion_mod.resolve_backend("auto", cuda, 7) == "conv"
     assert fusion_mod.resolve_backend("triton", cuda, 7) == "triton"
     assert fusion_mod.resolve_backend("conv", cuda, 7, rows=256, grid=196) == "conv"
 
@@ -234,6 +232,7 @@ def _gpu_vs_float64(shape, scales, dtype, use_aswm, theta=0.7):
     each ~2^-9 relative; accumulation is fp32."""
     from msf_scale.ops._fusion_triton import multiscale_fusion_triton
 
+    torch.manual_seed(0)   # the ASWM weights and output gradients too: one fixed case per shape, not a new draw each run
     h, ks = make(shape, scales, dtype, device="cuda")
     th = torch.tensor(theta, device="cuda", requires_grad=True)
     c, m = shape[1], len(scales)
