@@ -37,25 +37,22 @@ def _padded(s: int) -> int:
     return -(-s // PAD) * PAD
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=32)   # eager: built once; torch.compile traces it (fixed shapes, no data-dependent indexing)
 def _tap_positions(h: int, w: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """pos [k*k, S] and its mask: for each tap (o_y, o_x), the flat entries s~' * SP + s of a band-shaped
-    [SP, SP] matrix (rows in reversed order s~' = S - 1 - s', columns natural) that the tap occupies, padded to S
-    with masked-out entries: to sum a band-shaped gradient back onto the taps."""
+    """pos [k*k, S] and its mask: for tap (o_y, o_x) and output position s = (y, x), the flat entry s~' * SP + s of a
+    band-shaped [SP, SP] matrix (rows in reversed order s~' = S - 1 - s', columns natural) where the tap meets s,
+    with s' = (y + o_y - r, x + o_x - r); masked where s' falls off the grid: to sum a band-shaped gradient back
+    onto the taps."""
     r, s, sp = k // 2, h * w, _padded(h * w)
-    ys, xs = torch.arange(s) // w, torch.arange(s) % w
-    dy = ys[:, None] - ys[None, :] + r   # [s', s]
-    dx = xs[:, None] - xs[None, :] + r
-    inside = (dy >= 0) & (dy < k) & (dx >= 0) & (dx < k)
-    flat = ((s - 1 - torch.arange(s))[:, None] * sp + torch.arange(s)[None, :])[inside]
-    order = (dy * k + dx)[inside]
-    pos = torch.zeros(k * k, s, dtype=torch.long)
-    mask = torch.zeros(k * k, s, dtype=torch.bool)
-    for e in range(k * k):
-        sel = flat[order == e]
-        pos[e, :sel.numel()] = sel
-        mask[e, :sel.numel()] = True
-    return pos.to(device), mask.to(device)
+    pos_s = torch.arange(s, device=device)
+    oy = torch.arange(k, device=device).view(k, 1, 1)
+    ox = torch.arange(k, device=device).view(1, k, 1)
+    ys = (pos_s // w).view(1, 1, s) + oy - r
+    xs = (pos_s % w).view(1, 1, s) + ox - r
+    mask = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+    sprime = ys * w + xs
+    pos = torch.where(mask, (s - 1 - sprime) * sp + pos_s, torch.zeros_like(sprime))
+    return pos.reshape(k * k, s), mask.reshape(k * k, s)
 
 
 def _bands(wfs, ks, hh: int, ww: int, dtype: torch.dtype) -> torch.Tensor:
@@ -136,12 +133,16 @@ class _ToeplitzFusion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *gfs):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):   # also when called under autocast
+            return _ToeplitzFusion._backward(ctx, *gfs)
+
+    @staticmethod
+    def _backward(ctx, *gfs):
         h, *wfs = ctx.saved_tensors
         ks = ctx.ks
         b, c, t, hh, ww = h.shape
         km, sp, dev = max(ks), _padded(hh * ww), h.device
-        gfs = [torch.zeros((c, t * b, sp), device=dev, dtype=h.dtype) if g is None else g.to(h.dtype).contiguous()
-               for g in gfs]
+        gfs = [g.to(h.dtype).contiguous() for g in gfs]   # unused outputs arrive as zeros (materialised grads)
         gh = gws = None
         if ctx.needs_input_grad[0]:
             # dh = sum over scales and frame offsets of dF shifted back, times the frame-reversed kernels' bands
@@ -156,6 +157,7 @@ class _ToeplitzFusion(torch.autograd.Function):
             bands = _bands([wf.flip(2) for wf in wfs], ks, hh, ww, h.dtype)
             g_all = torch.bmm(cols.reshape(c, t * b, -1), bands)                      # [C, T*B, SP], reversed
             gh = from_gemm_layout(g_all, h.shape, reverse=True)
+            del cols, bands, g_all   # ~1 GB at (32, 384, 8, 14, 14): not held through the kernels' gradients
         if any(ctx.needs_input_grad[2:]):
             cols = _im2col(to_gemm_layout(h, km // 2, reverse=True), km, t)
             gws = []
@@ -165,7 +167,7 @@ class _ToeplitzFusion(torch.autograd.Function):
                 db = torch.bmm(cols[:, :, off:off + k * sp].transpose(1, 2), g)          # [C, k*SP, SP]
                 acc = torch.float64 if h.dtype == torch.float64 else torch.float32
                 vals = db.reshape(c, k, sp * sp)[:, :, pos.reshape(-1)].reshape(c, k, k * k, -1)
-                gw = (vals.to(acc) * mask).sum(-1)                                     # [C, k, k*k]
+                gw = torch.where(mask, vals.to(acc), 0).sum(-1)                         # [C, k, k*k]
                 gws.append(gw.reshape(wf.shape).to(wf.dtype))
         return (gh, None, *(gws or [None] * len(wfs)))
 
