@@ -61,7 +61,6 @@ def triton_kernel_info() -> list[dict]:
 
 def fusion_step(args, dev):
     from msf_scale.models.blocks import StateFusion
-    from msf_scale.ops._fusion_triton import multiscale_fusion_triton
     b, c, t, hh, ww = map(int, args.shape.split(","))
     scales = tuple(map(int, args.scales.split(",")))
     dtype = getattr(torch, args.dtype)
@@ -74,6 +73,7 @@ def fusion_step(args, dev):
 
     def step():
         if args.fusion_backend == "triton":
+            from msf_scale.ops._fusion_triton import multiscale_fusion_triton   # triton only where asked for
             out = multiscale_fusion_triton(h, list(fusion.kernels), fusion.theta, fusion.aswm.weight,
                                            fusion.aswm.bias)
         else:

@@ -37,6 +37,7 @@ ENV_VAR = "MSF_SCALE_FUSION_BACKEND"
 log = logging.getLogger(__name__)
 
 
+# Estimates, not measured thresholds: timed were rows 8 (gemm slowest) and 256 (gemm fastest) on a 14 x 14 grid.
 GEMM_MIN_ROWS = 64    # T * B: below it the bands' bytes (fixed, whatever the batch) outweigh the GEMMs' gain
 GEMM_MAX_GRID = 256   # H * W: the bands grow with its square (C * sum(k) * (H W)^2 values)
 
@@ -54,8 +55,9 @@ def resolve_backend(backend: str | None, device: torch.device | None = None, k: 
             return _chosen("shift" if k <= 3 else "conv", "cpu", k)
         if rows is not None and rows >= GEMM_MIN_ROWS and (grid is None or grid <= GEMM_MAX_GRID):
             return _chosen("gemm", "cuda", k)
-        # Not triton, though it is faster at batch 1 (H200, session 7): in bf16 its theta gradient was 6% off the
-        # float64 value on a two-scale ASWM case where conv's was 0.8% (tests/ops/test_fusion_triton.py)
+        # Not triton, though it is faster at batch 1 (H200, session 7): its bf16 GPU check failed (theta's gradient
+        # 6% off float64 on a two-scale ASWM case where conv's was 0.8%; a badly conditioned sum, one draw) and it is a
+        # graph break under torch.compile
         return _chosen("conv", "cuda", k)
     return backend
 
