@@ -17,7 +17,7 @@ serves every scale (a smaller window is a K-sub-range of the same matrix). Backw
            (Band' = the band of the frame-reversed kernel with s and s' swapped)
     dw_m = the diagonals of A_m^T @ dF_m: tap (o_t, o_y, o_x) sums dB[(o_t, s'), s] over the pairs s' - s it maps
 
-The CFD term is folded into each kernel's centre tap beforehand (state_fusion.cfd_kernel, differentiable), as
+The CFD term is folded into each kernel's centre tap beforehand (ops/_cfd.cfd_kernel, differentiable), as
 the conv backend does. Layout: the GEMMs work on [C, T * B, S_pad] (S padded to a multiple of 16 for the tensor
 cores' alignment; padded columns stay zero); inputs and outputs are converted from and to [B, C, T, H, W]. The
 ASWM runs in that layout too (a [M, M*C] @ [M*C, T*B*S] product, softmax over M, weighted sum) through autograd.
@@ -29,6 +29,8 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+from msf_scale.ops._cfd import cfd_kernel
 
 PAD = 16   # S is padded to a multiple of this (bf16 GEMM operands 16-byte aligned, tensor-core friendly)
 
@@ -173,7 +175,6 @@ class _ToeplitzFusion(torch.autograd.Function):
 
 
 def _folded(kernels, theta):
-    from msf_scale.ops.state_fusion import cfd_kernel   # lazy: state_fusion imports this module lazily too
     return [cfd_kernel(w, theta) for w in kernels]
 
 

@@ -41,8 +41,11 @@ Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpret
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from msf_scale.ops._cfd import cfd_kernel
 
 MAX_SCALES = 3
 # Launch settings of the two heavy kernels, (num_warps, num_stages); None: the defaults in _Geom (no spills on sm_90
@@ -517,7 +520,6 @@ class _FusedCFD(torch.autograd.Function):
 
 
 def _packed(h, kernels, theta):
-    from msf_scale.ops.state_fusion import cfd_kernel   # lazy: state_fusion imports this module lazily too
     c = h.shape[1]
     dtype = torch.float64 if h.dtype == torch.float64 else torch.float32   # taps are rounded to h's dtype in-kernel
     return torch.cat([cfd_kernel(w, theta).reshape(c, -1) for w in kernels], dim=1).to(dtype).contiguous()
@@ -533,8 +535,8 @@ def _check_device(h):
 def state_fusion_triton(h: torch.Tensor, kernels, theta) -> list[torch.Tensor]:
     """The ``triton`` backend of state_fusion: every scale in one launch, one fused tensor per kernel."""
     if not supported(h, kernels):   # more than three windows, or a grid too wide for one tile: the conv path
-        from msf_scale.ops.state_fusion import _dispatch
-        return _dispatch(h, kernels, theta, "conv")
+        return [F.conv3d(h, cfd_kernel(w, theta).to(h.dtype), padding=w.shape[-1] // 2, groups=h.shape[1])
+                for w in kernels]
     _check_device(h)
     ks = tuple(int(w.shape[-1]) for w in kernels)
     h = h.contiguous()

@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from msf_scale.ops._cfd import cfd_kernel
 from msf_scale.ops._choice import requested_backend
 
 BACKENDS = ("auto", "conv", "shift", "ref", "triton", "gemm")   # triton, gemm: every scale at once (own modules)
@@ -73,16 +74,6 @@ def _chosen(choice: str, device_type: str, k: int) -> str:
     if not torch.compiler.is_compiling():
         _logged(choice, device_type, k)
     return choice
-
-
-def cfd_kernel(weight: torch.Tensor, theta) -> torch.Tensor:
-    """The equivalent plain depthwise kernel: w with theta * (sum of off-centre-frame taps) taken from its centre."""
-    k = weight.shape[-1]
-    c = k // 2
-    off_centre = weight.sum(dim=(-1, -2, -3)) - weight[..., c, :, :].sum(dim=(-1, -2))   # [C, 1]
-    centre = torch.zeros_like(weight)
-    centre[..., c, c, c] = 1.0
-    return weight - theta * off_centre[..., None, None, None] * centre
 
 
 def state_fusion(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backend: str | None = "auto"
