@@ -14,8 +14,13 @@ CUDA-core ones, cuBLAS accumulates in fp32, and nothing is launched per channel.
 serves every scale (a smaller window is a K-sub-range of the same matrix). Backward, per channel:
 
     dh   = [im2col(dF_1) | ... | im2col(dF_m)] @ [Band'_1; ...; Band'_m]     one GEMM over every scale
-           (Band' = the band of the frame-reversed kernel with s and s' swapped)
+           (Band' = the band of the frame-reversed kernel, with s and s' swapped)
     dw_m = the diagonals of A_m^T @ dF_m: tap (o_t, o_y, o_x) sums dB[(o_t, s'), s] over the pairs s' - s it maps
+
+As built (_bands), the K side of every band is in reversed spatial order (s~ = S - 1 - s), which makes each block a
+Hankel matrix, entry (s~', s) = Q[y~' + y, x~' + x]: symmetric in its two positions, so the swap above costs
+nothing (Band' is _bands of the frame-flipped kernels, with dF on the K side in natural order and dh coming out
+reversed), and each block is an overlapping strided view of one small canvas Q (no index tensor).
 
 The CFD term is folded into each kernel's centre tap beforehand (ops/_cfd.cfd_kernel, differentiable), as
 the conv backend does. Layout: the GEMMs work on [C, T * B, S_pad] (S padded to a multiple of 16 for the tensor
