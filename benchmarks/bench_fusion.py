@@ -10,6 +10,7 @@ for forward + backward, every gradient (input, kernels, theta, ASWM weight and b
                     with backend="triton")
     triton          ops/_fusion_triton.multiscale_fusion_triton: scales and ASWM fused
     gemm            StateFusion(backend="gemm"): block-Toeplitz bands as batched cuBLAS GEMMs, ASWM in that layout
+    igemm           StateFusion(backend="igemm"): the same products as implicit GEMMs in Triton, ASWM in torch
 CUDA events around each call, the backends taking turns within every rep (a slow spell hits all alike); the
 median of --reps (>= 50) after --warmup. Prints a Markdown table with each row's ratio to `conv` and writes
 DIR/bench_fusion.json and DIR/bench_fusion.md. The first (compiling) call of the Triton kernels is timed apart.
@@ -56,10 +57,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--shape", default="32,384,8,14,14", help="B,C,T,H,W")
     ap.add_argument("--scales", default="3,5,7")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--backends", default="conv,ref,triton+torch,triton,gemm")
+    ap.add_argument("--backends", default="conv,ref,triton+torch,triton,gemm,igemm")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--no-sweep", action="store_true", help="skip the launch-settings sweep of the triton kernels")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the launch-settings sweeps of the Triton backends")
     ap.add_argument("--sweep-budget-s", type=float, default=75.0,
                     help="start no further sweep point after this many seconds of the run")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script itself")
@@ -132,7 +133,31 @@ def main(argv=None) -> dict:
         for name in backends:
             results.setdefault(name, {})[mode] = statistics.median(times[name])
 
-    # launch settings (num_warps, num_stages) of the two heavy kernels, one kernel varied at a time (fwd + bwd)
+    def run_sweep(name, config, points):
+        """fwd + bwd of backend `name` with each point's settings in `config` (the module's dict), restored after."""
+        defaults, found = dict(config), []
+        for point in points:
+            if time.perf_counter() - t_start > args.sweep_budget_s:
+                break
+            config.update(point)
+            row = {"backend": name, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in point.items()}}
+            try:
+                t0 = time.perf_counter()
+                fwd_bwd(name)
+                sync()
+                first = time.perf_counter() - t0
+                for _ in range(args.warmup):
+                    fwd_bwd(name)
+                ms = statistics.median(timer(lambda: fwd_bwd(name)) for _ in range(args.reps))
+                found.append(dict(row, fwd_bwd_ms=round(ms, 4), first_call_s=round(first, 2)))
+            except Exception as e:   # a setting that does not compile or fit is a finding, not a crash
+                found.append(dict(row, error=repr(e)[:200]))
+            finally:
+                config.clear()
+                config.update(defaults)
+        return found
+
+    # launch settings of the Triton kernels, one kernel (or one tile shape) varied at a time
     sweep = []
     if "triton" in backends and not args.no_sweep:
         from msf_scale.ops import _fusion_triton as ft
@@ -141,24 +166,14 @@ def main(argv=None) -> dict:
         points += [{"aswm_group": cg} for cg in (4, 8, 32)]
         points += [{"bwd": cfg, "bwd_batch": bb} for cfg, bb in (((4, 2), 1), ((4, 3), 1), ((8, 3), 1), ((4, 3), 2),
                                                                   ((8, 2), 2), ((8, 3), 2), ((8, 3), 4))]
-        for point in points:
-            if time.perf_counter() - t_start > args.sweep_budget_s:
-                break
-            ft.CONFIG.update(point)
-            row = {k: (list(v) if isinstance(v, tuple) else v) for k, v in point.items()}
-            try:
-                t0 = time.perf_counter()
-                fwd_bwd("triton")
-                sync()
-                first = time.perf_counter() - t0
-                for _ in range(args.warmup):
-                    fwd_bwd("triton")
-                ms = statistics.median(timer(lambda: fwd_bwd("triton")) for _ in range(args.reps))
-                sweep.append(dict(row, fwd_bwd_ms=round(ms, 4), first_call_s=round(first, 2)))
-            except Exception as e:   # a setting that does not compile or fit is a finding, not a crash
-                sweep.append(dict(row, error=repr(e)[:200]))
-            finally:
-                ft.CONFIG.update(fwd=None, bwd=None, bwd_batch=None, fwd_shared=None, aswm_group=None)
+        sweep += run_sweep("triton", ft.CONFIG, points)
+    if "igemm" in backends and not args.no_sweep:
+        from msf_scale.ops import _fusion_igemm as fi
+        points = [dict(BM=bm, BN=bn, BK=bk, warps=w, stages=st) for bm, bn, bk, w, st in (
+            (64, 64, 32, 4, 3), (128, 64, 32, 4, 2), (128, 64, 32, 8, 3), (64, 128, 32, 4, 2), (128, 128, 32, 8, 2),
+            (64, 64, 64, 4, 2), (128, 64, 64, 8, 2), (32, 64, 32, 4, 2))]
+        points += [dict(BR=br, grad_programs=gp) for br, gp in ((16, 2048), (64, 2048), (32, 1024), (32, 8192))]
+        sweep += run_sweep("igemm", fi.CONFIG, points)
 
     ref_name = "conv" if "conv" in backends else backends[0]
     rows = []
@@ -191,11 +206,13 @@ def main(argv=None) -> dict:
                      f"{r[f'speedup_vs_{ref_name}_fwd']:.1f}x | {r[f'speedup_vs_{ref_name}_fwd_bwd']:.1f}x | "
                      f"{r[f'rel_diff_vs_{backends[0]}_out']:.1e} / {r[f'rel_diff_vs_{backends[0]}_grads_max']:.1e} |")
     if sweep:
-        lines += ["", "triton launch settings (ops/_fusion_triton.CONFIG), one kernel varied at a time, the rest at "
-                  "their defaults; (warps, stages):", "", "| setting | fwd+bwd ms |", "|---|---:|"]
+        lines += ["", "Triton launch settings (the module's CONFIG: ops/_fusion_triton's (warps, stages) per kernel, "
+                  "ops/_fusion_igemm's tiles), one point at a time, the rest at their defaults:", "",
+                  "| backend | setting | fwd+bwd ms |", "|---|---|---:|"]
         for r in sweep:
-            setting = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("fwd_bwd_ms", "first_call_s", "error"))
-            lines.append(f"| {setting} | {r.get('fwd_bwd_ms', r.get('error'))} |")
+            setting = ", ".join(f"{k}={v}" for k, v in r.items()
+                                if k not in ("backend", "fwd_bwd_ms", "first_call_s", "error"))
+            lines.append(f"| {r['backend']} | {setting} | {r.get('fwd_bwd_ms', r.get('error'))} |")
     table = "\n".join(lines)
     print(table)
     os.makedirs(args.out, exist_ok=True)

@@ -43,11 +43,21 @@ def kernel_table(prof, steps: int, top: int) -> list[dict]:
 
 
 def triton_kernel_info() -> list[dict]:
-    """Registers, spills, shared memory and warps of every compiled variant of the fusion kernels."""
-    from msf_scale.ops import _fusion_triton as ft
+    """Registers, spills, shared memory and warps of every compiled variant of the fusion kernels (the triton and
+    igemm backends' kernels that ran in this process)."""
     info = []
-    for name in ("_fwd", "_combine", "_aswm_dot", "_aswm_grad", "_bwd", "_bwd_dh", "_bwd_dw"):
-        fn = getattr(ft, name, None)
+    kernels = [("msf_scale.ops._fusion_triton", ("_fwd", "_combine", "_aswm_dot", "_aswm_grad", "_bwd")),
+               ("msf_scale.ops._fusion_igemm", ("_plane_conv", "_tap_grad"))]
+    for module, names in kernels:
+        for name in names:
+            info += _compiled_variants(sys.modules.get(module), name)
+    return info
+
+
+def _compiled_variants(module, name: str) -> list[dict]:
+    info = []
+    if module is not None:
+        fn = getattr(module, name, None)
         for caches in getattr(fn, "device_caches", {}).values():
             for k in caches[0].values():
                 try:

@@ -20,6 +20,8 @@ autograd through that fold.
     ``ref``   :func:`state_fusion_ref`, the equation as written: conv3d minus theta * H * (off-centre weight sum).
     ``triton`` every scale in one Triton launch (``_fusion_triton.py``; CUDA).
     ``gemm``  every scale as batched tensor-core GEMMs on block-Toeplitz bands (``_fusion_gemm.py``; any device).
+    ``igemm`` the same products as implicit GEMMs in Triton, operands built in registers (``_fusion_igemm.py``;
+              CUDA; by name only until measured on the GPU).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from msf_scale.ops._cfd import cfd_kernel
 from msf_scale.ops._choice import requested_backend
 
-BACKENDS = ("auto", "conv", "shift", "ref", "triton", "gemm")   # triton, gemm: every scale at once (own modules)
+BACKENDS = ("auto", "conv", "shift", "ref", "triton", "gemm", "igemm")   # the last three: own modules
 ENV_VAR = "MSF_SCALE_FUSION_BACKEND"
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,9 @@ def _dispatch(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backend: 
     if chosen == "gemm":
         from msf_scale.ops._fusion_gemm import state_fusion_gemm
         return state_fusion_gemm(h, kernels, theta)
+    if chosen == "igemm":
+        from msf_scale.ops._fusion_igemm import state_fusion_igemm   # lazy: triton is optional
+        return state_fusion_igemm(h, kernels, theta)
     out = []
     for w in kernels:
         name = resolve_backend(backend, h.device, w.shape[-1], rows, grid)

@@ -1,0 +1,141 @@
+"""The ``igemm`` fusion backend (ops/_fusion_igemm.py: implicit GEMMs in Triton) against ``ref``.
+
+On CPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET): float64 to 1e-12
+relative, the forward and every gradient (input, each kernel, theta), several scale sets, theta 0 and not, the
+grids of fusion_cases.SHAPES plus more rows and positions than one tile holds and a row wider than 16; ASWM
+through StateFusion; fp32 within 1e-5. On the GPU (marked gpu): bf16 at the bench's width within the fixed bounds
+the gemm backend meets (bf16 and fp32 kernels), and fp32.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fusion_cases import SHAPES, aswm_ref, bf16_errors, make, over_bounds, rel  # noqa: E402
+
+from msf_scale.models.blocks import StateFusion  # noqa: E402
+from msf_scale.ops import state_fusion, state_fusion_ref  # noqa: E402
+from msf_scale.ops import _fusion_igemm  # noqa: E402
+
+# beyond fusion_cases.SHAPES: a 14 x 14 grid (the models') with rows over one 64-row tile, W = 20 (x' reach 26 > 16)
+WIDE = [(3, 2, 30, 14, 14), (1, 1, 2, 3, 20)]
+
+
+def _check(shape, scales, theta, seed=0):
+    h, ks = make(shape, scales, seed=seed)
+    th = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
+    got = state_fusion(h, ks, th, backend="igemm")
+    want = state_fusion_ref(h, ks, th)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and rel(a, b) < 1e-12, f"output: rel err {rel(a, b):.2e}"
+    gouts = [torch.randn_like(b) for b in want]
+    ga = torch.autograd.grad(got, [h, *ks, th], gouts)
+    gb = torch.autograd.grad(want, [h, *ks, th], gouts)
+    for i, (a, b) in enumerate(zip(ga, gb)):
+        assert b.abs().max() > 0 or theta == 0.0
+        assert rel(a, b) < 1e-12, f"gradient of input {i}: rel err {rel(a, b):.2e}"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scales", [(3,), (5,), (3, 5, 7), (7, 3)])
+@pytest.mark.parametrize("theta", [0.0, 0.7])
+def test_matches_ref_float64(shape, scales, theta):
+    _check(shape, scales, theta)
+
+
+@pytest.mark.parametrize("shape", WIDE)
+def test_matches_ref_float64_over_several_tiles(shape):
+    _check(shape, (3, 5, 7), 0.7, seed=1)
+
+
+def test_unused_outputs_get_no_gradient():
+    """Only F_1 feeds the loss: the other kernel's gradient is zero, h's and theta's those of F_1 alone."""
+    h, ks = make((2, 3, 3, 4, 5), (3, 5))
+    th = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    f1 = state_fusion(h, ks, th, backend="igemm")[0]
+    ga = torch.autograd.grad(f1.square().sum(), [h, *ks, th])
+    gb = torch.autograd.grad(state_fusion_ref(h, ks[:1], th)[0].square().sum(), [h, ks[0], th])
+    assert rel(ga[0], gb[0]) < 1e-12 and rel(ga[1], gb[1]) < 1e-12 and rel(ga[3], gb[2]) < 1e-12
+    assert ga[2].abs().max() == 0
+
+
+def test_state_fusion_module_with_aswm():
+    """StateFusion(backend="igemm") with ASWM equals the conv backend's module in float64, output and gradients."""
+    torch.manual_seed(0)
+    mods = [StateFusion(4, (3, 5, 7), 0.7, True, use_aswm=True, backend=b, init="uniform", dtype=torch.float64)
+            for b in ("igemm", "conv")]
+    mods[1].load_state_dict(mods[0].state_dict())
+    x = torch.randn(2, 4, 3, 5, 5, dtype=torch.float64)
+    outs = [m(x) for m in mods]
+    assert rel(outs[0], outs[1]) < 1e-12
+    for o in outs:
+        o.square().sum().backward()
+    for (name, p0), p1 in zip(mods[0].named_parameters(), mods[1].parameters()):
+        assert rel(p0.grad, p1.grad) < 1e-12, name
+
+
+def test_shapes_it_does_not_take_go_to_gemm(monkeypatch):
+    """Four windows, or a row wider than MAX_REACH with the window's reach: the gemm backend, same result."""
+    h, ks = make((1, 2, 2, 3, 4), (3, 3, 5, 3))
+    assert not _fusion_igemm.supported(h, ks)
+    got = state_fusion(h, ks, 0.3, backend="igemm")
+    for a, b in zip(got, state_fusion_ref(h, ks, 0.3)):
+        assert rel(a, b) < 1e-12
+    monkeypatch.setattr(_fusion_igemm, "MAX_REACH", 8)
+    h, ks = make((1, 2, 2, 3, 7), (3,))
+    assert not _fusion_igemm.supported(h, ks)
+    assert rel(state_fusion(h, ks, 0.3, backend="igemm")[0], state_fusion_ref(h, ks, 0.3)[0]) < 1e-12
+
+
+def test_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    h, ks = make((1, 2, 2, 3, 4), (3,))
+    if h.device.type != "cuda":
+        with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+            state_fusion(h, ks, 0.3, backend="igemm")
+
+
+def _igemm(h, ks, th, aw, ab):
+    return aswm_ref(state_fusion(h, ks, th, backend="igemm"), aw, ab)
+
+
+def _fp32_errors(device, shape):
+    """fp32 states and kernels (IEEE dots) against float64 from the same inputs: relative errors of the outputs and
+    of the gradients of h, each kernel and theta."""
+    h, ks = make(shape, (3, 5, 7), dtype=torch.float32, device=device)
+    th = torch.tensor(0.7, device=device, requires_grad=True)
+    got = state_fusion(h, ks, th, backend="igemm")
+    x64 = [x.detach().double().requires_grad_() for x in (h, *ks, th)]
+    want = state_fusion_ref(x64[0], x64[1:4], x64[4])
+    gouts = [torch.randn_like(b) for b in want]
+    ga = torch.autograd.grad(got, [h, *ks, th], [g.float() for g in gouts])
+    gb = torch.autograd.grad(want, x64, gouts)
+    return [rel(a, b) for a, b in zip(got, want)] + [rel(a, b) for a, b in zip(ga[:4], gb[:4])]
+
+
+def test_fp32_matches_float64():
+    """CPU (interpreter; its bf16 arithmetic is not the GPU's, so bf16 is checked on the GPU only): fp32 in, every
+    output and gradient (theta's aside: it cancels) within 1e-5 of float64."""
+    errs = _fp32_errors("cpu", (2, 3, 4, 6, 7))
+    assert max(errs) < 1e-5, [f"{e:.1e}" for e in errs]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels_fp32", [False, True])
+def test_gpu_bf16_within_fixed_bounds(kernels_fp32):
+    """CUDA, the bench width (384 channels): as the CPU test; prints the errors."""
+    errs = bf16_errors(_igemm, "cuda", 384, kernels_fp32)
+    print(f"igemm rel err vs float64 (out, h, k3, k5, k7, theta (conditioned), aswm w, b): "
+          f"{[f'{e:.1e}' for e in errs]}")
+    bad = over_bounds(errs)
+    assert not bad, f"(index, rel err) over the bound: {bad}"
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_matches_float64():
+    """CUDA, fp32 states with IEEE dots (TF32 off): within 1e-5 of float64, as on CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    errs = _fp32_errors("cuda", (4, 32, 8, 14, 14))
+    assert max(errs) < 1e-5, [f"{e:.1e}" for e in errs]
