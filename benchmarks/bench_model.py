@@ -91,8 +91,8 @@ def bench_one(variant, size, args, batch, options=None, compiled=False):
     lat = []
     # batch-1 inference as the latency harness runs it (msf_scale.inference): eager, or a CUDA graph's replay. Not
     # caught: a failed capture can leave torch's allocator mid-capture, and every later row would be wrong.
-    run = build_runner(model, x[:1].clone(), mode=args.latency_mode,
-                       dtype=torch.bfloat16 if args.precision == "bf16" else None)
+    run = build_runner(model, x[:1].clone(), mode=args.latency_mode,   # the setup says whether the scan is grouped
+                       dtype=torch.bfloat16 if args.precision == "bf16" else None, grouped_scan=None)
     for i in range(args.latency_reps + 3):
         sync(device)
         t0 = time.perf_counter()

@@ -26,9 +26,24 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def group_scans(model: nn.Module, on: bool = True) -> int:
+    """Switch every bidirectional mixer (models.blocks.BiMamba) in ``model`` to computing both scan directions as one
+    grouped call (``on``) or one call each: the same parameters and result, fewer launches. Returns how many."""
+    mixers = [m for m in model.modules() if hasattr(m, "grouped_scan")]
+    for m in mixers:
+        m.grouped_scan = on
+    return len(mixers)
+
+
 def build_runner(model: nn.Module, example: torch.Tensor, mode: str = "eager", dtype: torch.dtype | None = None,
-                 warmup: int = 3, compile_mode: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+                 warmup: int = 3, compile_mode: str | None = None, grouped_scan: bool | None = True
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable ``video -> logits`` for inputs shaped like ``example`` (on the model's device).
+
+    The model is put in eval mode and, with ``grouped_scan`` True (the default), its mixers run both scan directions
+    as one grouped call (:func:`group_scans`; False: one call each, None: as the model is configured): the same
+    logits; measured on the H200 it cut batch-1 graph latency 4-11% across variants and sizes (docs/BENCHMARKS.md,
+    session 6), while training gains nothing from it.
 
     eager: model(x). graph: CUDA graph captured after ``warmup`` calls on a side stream; each call copies x into the
     captured input and replays (the returned tensor is the graph's output buffer). compile: torch.compile(model)
@@ -38,6 +53,8 @@ def build_runner(model: nn.Module, example: torch.Tensor, mode: str = "eager", d
     if mode not in MODES:
         raise ValueError(f"unknown inference mode {mode!r}; expected one of {MODES}")
     model.eval()
+    if grouped_scan is not None:
+        group_scans(model, grouped_scan)
     device = example.device
     amp = lambda: _autocast(device, dtype)   # noqa: E731 - a fresh context per call
 
@@ -58,7 +75,8 @@ def build_runner(model: nn.Module, example: torch.Tensor, mode: str = "eager", d
         def run(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad(), amp():
                 return compiled(x)
-        for _ in range(3 if compile_mode == "reduce-overhead" else 1):   # cudagraph trees record on a later call
+        # cudagraph trees record on the third call; warmup as asked beyond that
+        for _ in range(max(warmup, 3 if compile_mode == "reduce-overhead" else 1)):
             run(example)
         return run
 

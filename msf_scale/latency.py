@@ -663,6 +663,7 @@ def run_command(args) -> int:
     rows: list[Row] = []
     env = environment(device)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
+    settings["grouped_scan"] = True   # build_runner's default: both scan directions as one grouped call
     with tqdm(desc="latency", unit="row", dynamic_ncols=True) as bar:
         for source in sources:
             try:

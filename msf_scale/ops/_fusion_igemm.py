@@ -8,7 +8,8 @@ Here the same products run with the operands built tile by tile in registers, ne
 
     forward   F_m[b, c, t, s]  = sum_{o_t, s'} h[b, c, t + o_t - r, s'] * Band_m[c, o_t][s', s]
     input     dh[b, c, t, s']  = sum_m (the same with dF_m and the kernels flipped in t, y and x)
-    kernels   dw_m[c, o_t, o_y, o_x] = sum_{b, t, y, x} dF_m[b, c, t, y, x] * h[b, c, t + o_t - r, y + o_y - r, x + o_x - r]
+    kernels   dw_m[c, o_t, o_y, o_x] = sum_{b, t, y, x} dF_m[b, c, t, y, x]
+                                                     * h[b, c, t + o_t - r, y + o_y - r, x + o_x - r]
 
 ``_plane_conv`` (forward, input gradient): a program owns one channel, a tile of rows (b, t) and a tile of output
 positions s = (y, x); it loops over frame offsets o_t and over the input positions s' whose image rows can reach
@@ -83,7 +84,8 @@ def _band_dot(acc, x_ptr, w_ptr, c, b, t, rmask, y, xx, n0, nlast, C, T, H, W,
 @triton.jit
 def _plane_conv(x0, x1, x2, w0, w1, w2, out_ptr, C, T, H, W, ROWS,
                 NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-                NK0: tl.constexpr, NK1: tl.constexpr, NK2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+                NK0: tl.constexpr, NK1: tl.constexpr, NK2: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """out[b, c, t, s] = sum over the NS (input x_m, kernel w_m) pairs of the depthwise 'same' correlation of x_m
     with w_m (every tensor [B, C, T, H, W] contiguous, kernels [C, K_m^3]). Grid (row tiles, position tiles, C)."""
     pid_m = tl.program_id(0)
@@ -189,13 +191,13 @@ def _conv(xs, ws, ks, out):
     """out = sum_m correlate(xs[m], ws[m]) (one launch; every tensor [B, C, T, H, W])."""
     b, c, t, hh, ww = out.shape
     acc, prec = _precision(out.dtype)
-    bm, bn = CONFIG["BM"], CONFIG["BN"]
+    bm, bn = min(CONFIG["BM"], max(16, _pow2(b * t))), CONFIG["BN"]   # batch 1: 8 rows fill a 16-row tile
     kk = list(ks) + [0] * (MAX_SCALES - len(ks))
     nk = [_k_steps(hh, ww, k, bn, CONFIG["BK"]) if k else 0 for k in kk]
     grid = (triton.cdiv(b * t, bm), triton.cdiv(hh * ww, bn), c)
     _plane_conv[grid](*_three(xs), *_three(ws), out, c, t, hh, ww, b * t, NS=len(ks), K0=kk[0], K1=kk[1], K2=kk[2],
-                      NK0=nk[0], NK1=nk[1], NK2=nk[2], BM=bm, BN=bn, BK=CONFIG["BK"], PREC=prec, ACC=acc, num_warps=CONFIG["warps"],
-                      num_stages=CONFIG["stages"])
+                      NK0=nk[0], NK1=nk[1], NK2=nk[2], BM=bm, BN=bn, BK=CONFIG["BK"], PREC=prec, ACC=acc,
+                      num_warps=CONFIG["warps"], num_stages=CONFIG["stages"])
     return out
 
 

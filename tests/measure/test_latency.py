@@ -129,3 +129,22 @@ def test_a_mode_that_fails_is_a_row_with_its_error(monkeypatch):
                            ["eager", "compile"], 1, 0, 2, 0, None)
     assert [(r.mode, r.median_ms is None) for r in rows] == [("eager", False), ("compile", True)]
     assert rows[1].error == "compile failed: RuntimeError: inductor: cannot compile this"
+
+
+@pytest.mark.parametrize("variant", ["videomamba", "msf_mamba_plus"])
+def test_runner_groups_the_scans_with_the_same_logits(variant):
+    """build_runner's default switches every mixer to the grouped scan (both directions in one call): the logits
+    of the ungrouped model; grouped_scan=None leaves the model as configured, False ungroups."""
+    torch.manual_seed(0)
+    model = create_model(variant, size="tiny", fusion_init="uniform", **TINY).eval()
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    assert not any(blk.mixer.grouped_scan for blk in model.blocks)
+    assert torch.equal(build_runner(model, x, "eager", grouped_scan=None)(x), want)
+    assert not any(blk.mixer.grouped_scan for blk in model.blocks)
+    got = build_runner(model, x, "eager")(x)
+    assert all(blk.mixer.grouped_scan for blk in model.blocks)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    build_runner(model, x, "eager", grouped_scan=False)
+    assert not any(blk.mixer.grouped_scan for blk in model.blocks)
