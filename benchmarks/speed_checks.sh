@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 19's checks in one GPU call (~7-9 minutes of an H100/H200): the GPU tests of the ops and the inference
+# runners, then the fusion backends side by side (with the igemm tile sweep), the igemm op's kernel profile, and the
+# models' training clips/s and batch-1 graph latency under `auto` and with the fusion on igemm.
+# Usage (repository root; python with torch + CUDA + triton + mamba-ssm, the package importable):
+#   bash benchmarks/speed_checks.sh OUT
+# Knobs (environment): PARTS="tests fusion profile model" (any subset), SIZES="tiny,small" (bench_model),
+#   SWEEP_S=90 (igemm tile sweep budget), PYTHON=python.
+# Each part runs under its own `timeout` and the next runs whatever its exit code; OUT/status.txt lists each part's
+# exit code and seconds. Every part's output is tee'd into OUT/<part>.log as it is printed.
+set -uo pipefail
+OUT=${1:?usage: bash benchmarks/speed_checks.sh OUT}
+PARTS=${PARTS:-"tests fusion profile model"}
+SIZES=${SIZES:-tiny,small}
+SWEEP_S=${SWEEP_S:-90}
+PY=${PYTHON:-python}
+mkdir -p "$OUT"
+: > "$OUT/status.txt"
+
+part() {   # part NAME TIMEOUT_S CMD...: run, tee the log, record rc and seconds
+  local name=$1 limit=$2 t0 rc
+  shift 2
+  case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
+  t0=$(date +%s)
+  echo "== $name: $*"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  echo "$name rc=$rc $(( $(date +%s) - t0 )) s" | tee -a "$OUT/status.txt"
+}
+
+part tests 120 "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/ops/test_fusion_igemm.py \
+  tests/ops/test_fusion_gemm.py tests/ops/test_gpu_ops.py tests/measure/test_latency.py -s
+part fusion 150 "$PY" benchmarks/bench_fusion.py --out "$OUT/fusion" --backends conv,gemm,igemm \
+  --sweep-budget-s "$SWEEP_S"
+part profile 45 "$PY" benchmarks/profile_fusion.py --out "$OUT/profile_igemm" --fusion-backend igemm
+part model 230 "$PY" benchmarks/bench_model.py --sizes "$SIZES" --steps 5 --latency-reps 20 --setup auto: \
+  --setup igemm:fusion_backend=igemm --setup igemm_grouped:fusion_backend=igemm,grouped_scan=true \
+  --out "$OUT/bench_model.json"
+cat "$OUT/status.txt"
