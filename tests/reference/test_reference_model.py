@@ -96,8 +96,11 @@ def test_cpu_model_matches_reference_every_scan(case, scan):
 
 @pytest.mark.parametrize("case, fusion", [("msf_mamba", "conv"), ("msf_mamba", "shift"), ("msf_mamba", "ref"),
                                           ("msf_mamba", "gemm"), ("msf_mamba_plus", "conv"),
-                                          ("msf_mamba_plus", "ref"), ("msf_mamba_plus", "gemm")])
+                                          ("msf_mamba_plus", "ref"), ("msf_mamba_plus", "gemm"),
+                                          ("msf_mamba", "igemm"), ("msf_mamba_plus", "igemm")])
 def test_cpu_model_matches_reference_every_fusion(case, fusion):
+    if fusion == "igemm":   # Triton kernels: under its interpreter on CPU (tests/conftest.py)
+        pytest.importorskip("triton")
     model = build(case)
     model.set_backends(scan="torch", fusion=fusion)
     compare(case, model)
