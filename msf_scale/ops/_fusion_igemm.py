@@ -30,8 +30,9 @@ The CFD term is folded into the centre tap beforehand (ops/_cfd.cfd_kernel, diff
 comes from autograd through the fold), as every fast backend does. Tensors stay in the model's [B, C, T, H, W]
 layout: no conversion copies. The ASWM is StateFusion's (a 1x1x1 conv and a softmax in torch).
 
-Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the CPU tests run it). Opaque to torch.compile
-(a graph break), like the ``triton`` backend.
+Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the CPU tests run it). Under torch.compile the
+op is two custom ops (``msf_scale::igemm_fusion`` and its backward; fake impls, autograd registered): the model
+traces whole (fullgraph=True), the kernels run as they do in eager.
 """
 from __future__ import annotations
 
@@ -212,35 +213,62 @@ def _kernel_grad(h, g, k):
     splits = triton.cdiv(rows, chunk)
     part = torch.empty((splits, c, k ** 3), device=h.device,
                        dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
+    # tl.dot wants every side >= 16: XW >= 16 rows of Q, and AP * XP >= 16 columns (XP >= 16 suffices)
     _tap_grad[(c, k, splits)](h, g, part, c, t, hh, ww, rows, chunk, K=k, XW=max(16, _pow2(ww)),
-                              AP=_pow2(k), XP=_pow2(ww + 2 * (k // 2)), BR=br, PREC=prec, ACC=acc,
+                              AP=_pow2(k), XP=max(16, _pow2(ww + 2 * (k // 2))), BR=br, PREC=prec, ACC=acc,
                               num_warps=CONFIG["warps"], num_stages=CONFIG["stages"])
     return part.sum(dim=0)
 
 
-class _PlaneFusion(torch.autograd.Function):
-    """(h [B, C, T, H, W], window sizes, plain depthwise kernels [C, 1, k, k, k] ...) -> one F_m per kernel."""
+# ---- the op pair torch.compile sees: opaque custom ops (their impls run the Triton kernels outside dynamo's trace),
+# with fake impls for shapes and autograd registered on the forward, so a compiled model traces through the fusion
+# (fullgraph=True) instead of breaking the graph at every block. Eager runs the same ops.
+@torch.library.custom_op("msf_scale::igemm_fusion", mutates_args=())
+def _fusion_op(h: torch.Tensor, taps: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
+    """(h [B, C, T, H, W] contiguous, plain depthwise kernels as taps [C, k^3] in fp32 (fp64 for fp64 h), windows)
+    -> one F_m per kernel, shaped like h."""
+    _check_device(h)
+    return [_conv([h], [w], (k,), torch.empty_like(h)) for k, w in zip(ks, taps)]
 
-    @staticmethod
-    def forward(ctx, h, ks, *wfs):
-        taps = [w.detach().reshape(w.shape[0], -1).to(_tap_dtype(h)).contiguous() for w in wfs]
-        outs = tuple(_conv([h], [w], (k,), torch.empty_like(h)) for k, w in zip(ks, taps))
-        ctx.save_for_backward(h, *wfs)
-        ctx.ks = ks
-        return outs
 
-    @staticmethod
-    def backward(ctx, *gfs):
-        h, *wfs = ctx.saved_tensors
-        ks = ctx.ks
-        gfs = [torch.zeros_like(h) if g is None else g.to(h.dtype).contiguous() for g in gfs]
-        gh = None
-        if ctx.needs_input_grad[0]:   # dh(q) = sum_p dF(q - p) w(p): the correlation with the flipped kernels
-            flipped = [w.detach().flip(2, 3, 4).reshape(w.shape[0], -1).to(_tap_dtype(h)).contiguous() for w in wfs]
-            gh = _conv(gfs, flipped, ks, torch.empty_like(h))
-        gws = [_kernel_grad(h, g, k).reshape(w.shape).to(w.dtype) if ctx.needs_input_grad[2 + i] else None
-               for i, (k, w, g) in enumerate(zip(ks, wfs, gfs))]
-        return (gh, None, *gws)
+@_fusion_op.register_fake
+def _(h, taps, ks):
+    return [torch.empty_like(h) for _ in ks]
+
+
+@torch.library.custom_op("msf_scale::igemm_fusion_backward", mutates_args=())
+def _fusion_backward_op(h: torch.Tensor, taps: list[torch.Tensor], ks: list[int], grads: list[torch.Tensor],
+                        input_grad: bool) -> list[torch.Tensor]:
+    """[dh (empty unless input_grad), dtaps_1, ..., dtaps_M] from the outputs' gradients (zeros for unused ones).
+    dh(q) = sum_m sum_p dF_m(q - p) w_m(p): the correlation of dF_m with the flipped kernels, every scale in one
+    launch; each kernel's gradient from _tap_grad."""
+    c = h.shape[1]
+    gh = h.new_empty(0)
+    if input_grad:
+        flipped = [w.reshape(c, k, k, k).flip(1, 2, 3).reshape(c, -1).contiguous() for k, w in zip(ks, taps)]
+        gh = _conv(grads, flipped, tuple(ks), torch.empty_like(h))
+    return [gh] + [_kernel_grad(h, g, k).to(w.dtype) for k, w, g in zip(ks, taps, grads)]
+
+
+@_fusion_backward_op.register_fake
+def _(h, taps, ks, grads, input_grad):
+    return [torch.empty_like(h) if input_grad else h.new_empty(0)] + [torch.empty_like(w) for w in taps]
+
+
+def _setup_context(ctx, inputs, output):
+    h, taps, ks = inputs
+    ctx.save_for_backward(h, *taps)
+    ctx.ks = ks
+
+
+def _backward(ctx, grads):
+    h, *taps = ctx.saved_tensors
+    gfs = [torch.zeros_like(h) if g is None else g.to(h.dtype).contiguous() for g in grads]
+    gh, *gtaps = _fusion_backward_op(h, taps, ctx.ks, gfs, ctx.needs_input_grad[0])
+    return (gh if ctx.needs_input_grad[0] else None), gtaps, None
+
+
+_fusion_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _tap_dtype(h: torch.Tensor) -> torch.dtype:
@@ -252,14 +280,14 @@ def _check_device(h: torch.Tensor) -> None:
         raise RuntimeError("the igemm fusion backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
 
 
-@torch.compiler.disable   # opaque to torch.compile (a graph break), never traced into the launches
 def state_fusion_igemm(h: torch.Tensor, kernels, theta) -> list[torch.Tensor]:
     """The ``igemm`` backend of state_fusion: one fused tensor per kernel, shaped like h. Shapes it does not take
     (more than three windows, rows wider than MAX_REACH with the window's reach) go to the ``gemm`` backend."""
     if not supported(h, kernels):
         from msf_scale.ops._fusion_gemm import state_fusion_gemm
         return state_fusion_gemm(h, kernels, theta)
-    _check_device(h)
-    ks = tuple(int(w.shape[-1]) for w in kernels)
-    with torch.autocast(h.device.type, enabled=False):
-        return list(_PlaneFusion.apply(h.contiguous(), ks, *(cfd_kernel(w, theta) for w in kernels)))
+    ks = [int(w.shape[-1]) for w in kernels]
+    c, dtype = h.shape[1], _tap_dtype(h)
+    with torch.autocast(h.device.type, enabled=False):   # taps keep fp32 under autocast (rounded in the kernel)
+        taps = [cfd_kernel(w, theta).reshape(c, -1).to(dtype).contiguous() for w in kernels]
+        return _fusion_op(h.contiguous(), taps, ks)
