@@ -50,6 +50,10 @@ def test_matches_ref_float64_over_several_tiles(shape):
     _check(shape, (3, 5, 7), 0.7, seed=1)
 
 
+def test_matches_ref_float64_one_by_one_window():
+    _check((2, 3, 4, 5, 6), (1, 3), 0.7)
+
+
 def test_unused_outputs_get_no_gradient():
     """Only F_1 feeds the loss: the other kernel's gradient is zero, h's and theta's those of F_1 alone."""
     h, ks = make((2, 3, 3, 4, 5), (3, 5))
