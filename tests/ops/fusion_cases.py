@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from msf_scale.ops import state_fusion_ref
+from msf_scale.models.blocks import StateFusion
+from msf_scale.ops import state_fusion, state_fusion_ref
 from msf_scale.ops._cfd import cfd_kernel
 
 
@@ -30,6 +31,49 @@ def aswm_ref(fused, weight, bias):
 # (N, C, T, H, W) cases for float64 agreement: padding and no padding of S, one frame, frames fewer than the
 # window, a grid smaller than every window but 3 x 3
 SHAPES = [(2, 3, 4, 5, 6), (3, 2, 1, 4, 4), (1, 4, 2, 7, 3), (1, 2, 3, 2, 1)]
+
+def check_matches_ref(backend, shape, scales, theta, seed=0):
+    """state_fusion(backend) against ``ref`` in float64 to 1e-12 relative: every output and every gradient (h, each
+    kernel, theta; each non-zero in the reference unless theta is 0)."""
+    h, ks = make(shape, scales, seed=seed)
+    th = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
+    got = state_fusion(h, ks, th, backend=backend)
+    want = state_fusion_ref(h, ks, th)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and rel(a, b) < 1e-12, f"output: rel err {rel(a, b):.2e}"
+    gouts = [torch.randn_like(b) for b in want]
+    ga = torch.autograd.grad(got, [h, *ks, th], gouts)
+    gb = torch.autograd.grad(want, [h, *ks, th], gouts)
+    for i, (a, b) in enumerate(zip(ga, gb)):
+        assert b.abs().max() > 0 or theta == 0.0
+        assert rel(a, b) < 1e-12, f"gradient of input {i}: rel err {rel(a, b):.2e}"
+
+
+def check_unused_outputs_get_no_gradient(backend):
+    """Only F_1 feeds the loss: the other kernel's gradient is zero, h's and theta's those of F_1 alone."""
+    h, ks = make((2, 3, 3, 4, 5), (3, 5))
+    th = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    f1 = state_fusion(h, ks, th, backend=backend)[0]
+    ga = torch.autograd.grad(f1.square().sum(), [h, *ks, th])
+    gb = torch.autograd.grad(state_fusion_ref(h, ks[:1], th)[0].square().sum(), [h, ks[0], th])
+    assert rel(ga[0], gb[0]) < 1e-12 and rel(ga[1], gb[1]) < 1e-12 and rel(ga[3], gb[2]) < 1e-12
+    assert ga[2].abs().max() == 0
+
+
+def check_module_matches_conv(backend, channels):
+    """StateFusion(backend) with ASWM equals the conv backend's module in float64, output and every gradient."""
+    torch.manual_seed(0)
+    mods = [StateFusion(channels, (3, 5, 7), 0.7, True, use_aswm=True, backend=b, init="uniform",
+                        dtype=torch.float64) for b in (backend, "conv")]
+    mods[1].load_state_dict(mods[0].state_dict())
+    x = torch.randn(2, channels, 4, 5, 5, dtype=torch.float64)
+    outs = [m(x) for m in mods]
+    assert rel(outs[0], outs[1]) < 1e-12
+    for o in outs:
+        o.square().sum().backward()
+    for (name, p0), p1 in zip(mods[0].named_parameters(), mods[1].parameters()):
+        assert rel(p0.grad, p1.grad) < 1e-12, name
+
 
 BF16_BOUNDS = [1e-2] + [2e-2] * 7   # output; dh, dk3, dk5, dk7, dtheta (conditioned, see bf16_errors), dA, db
 

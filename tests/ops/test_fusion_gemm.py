@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fusion_cases import SHAPES, aswm_ref, bf16_errors, make, over_bounds, rel
+from fusion_cases import (SHAPES, aswm_ref, bf16_errors, check_matches_ref, check_module_matches_conv,
+                          check_unused_outputs_get_no_gradient, make, over_bounds, rel)
 
 from msf_scale.models.blocks import StateFusion
-from msf_scale.ops import state_fusion, state_fusion_ref
+from msf_scale.ops import state_fusion_ref
 from msf_scale.ops._fusion_gemm import multiscale_fusion_gemm
 
 
@@ -21,28 +22,11 @@ from msf_scale.ops._fusion_gemm import multiscale_fusion_gemm
 @pytest.mark.parametrize("scales", [(3,), (5,), (3, 5, 7), (7, 3)])
 @pytest.mark.parametrize("theta", [0.0, 0.7])
 def test_matches_ref_float64(shape, scales, theta):
-    h, ks = make(shape, scales)
-    th = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
-    got = state_fusion(h, ks, th, backend="gemm")
-    want = state_fusion_ref(h, ks, th)
-    for a, b in zip(got, want):
-        assert a.shape == b.shape and rel(a, b) < 1e-12
-    gouts = [torch.randn_like(b) for b in want]
-    ga = torch.autograd.grad(got, [h, *ks, th], gouts)
-    gb = torch.autograd.grad(want, [h, *ks, th], gouts)
-    for i, (a, b) in enumerate(zip(ga, gb)):
-        assert rel(a, b) < 1e-12, f"gradient of input {i}: rel err {rel(a, b):.2e}"
+    check_matches_ref("gemm", shape, scales, theta)
 
 
 def test_unused_outputs_get_no_gradient():
-    """Only F_1 feeds the loss: the other kernels' gradients are zero, h's and theta's those of F_1 alone."""
-    h, ks = make((2, 3, 3, 4, 5), (3, 5))
-    th = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
-    f1 = state_fusion(h, ks, th, backend="gemm")[0]
-    ga = torch.autograd.grad(f1.square().sum(), [h, *ks, th])
-    gb = torch.autograd.grad(state_fusion_ref(h, ks[:1], th)[0].square().sum(), [h, ks[0], th])
-    assert rel(ga[0], gb[0]) < 1e-12 and rel(ga[1], gb[1]) < 1e-12 and rel(ga[3], gb[2]) < 1e-12
-    assert ga[2].abs().max() == 0
+    check_unused_outputs_get_no_gradient("gemm")
 
 
 @pytest.mark.parametrize("scales", [(3, 5), (3, 5, 7)])
@@ -64,18 +48,7 @@ def test_aswm_matches_ref_float64(scales, bias):
 
 
 def test_state_fusion_module_takes_the_gemm_path():
-    """StateFusion(backend="gemm") with ASWM equals the conv backend's module in float64, output and gradients."""
-    torch.manual_seed(0)
-    mods = [StateFusion(8, (3, 5, 7), 0.7, True, use_aswm=True, backend=b, init="uniform", dtype=torch.float64)
-            for b in ("gemm", "conv")]
-    mods[1].load_state_dict(mods[0].state_dict())
-    x = torch.randn(2, 8, 4, 5, 5, dtype=torch.float64)
-    outs = [m(x) for m in mods]
-    assert rel(outs[0], outs[1]) < 1e-12
-    for o in outs:
-        o.square().sum().backward()
-    for (name, p0), p1 in zip(mods[0].named_parameters(), mods[1].parameters()):
-        assert rel(p0.grad, p1.grad) < 1e-12, name
+    check_module_matches_conv("gemm", 8)
 
 
 def _gemm(h, ks, th, aw, ab):

@@ -13,7 +13,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from fusion_cases import SHAPES, aswm_ref, bf16_errors, make, over_bounds, rel  # noqa: E402
+from fusion_cases import (SHAPES, aswm_ref, bf16_errors, check_matches_ref, check_module_matches_conv,  # noqa: E402
+                          check_unused_outputs_get_no_gradient, make, over_bounds, rel)
 
 from msf_scale.models.blocks import StateFusion  # noqa: E402
 from msf_scale.ops import state_fusion, state_fusion_ref  # noqa: E402
@@ -24,18 +25,7 @@ WIDE = [(3, 2, 30, 14, 14), (1, 1, 2, 3, 20)]
 
 
 def _check(shape, scales, theta, seed=0):
-    h, ks = make(shape, scales, seed=seed)
-    th = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
-    got = state_fusion(h, ks, th, backend="igemm")
-    want = state_fusion_ref(h, ks, th)
-    for a, b in zip(got, want):
-        assert a.shape == b.shape and rel(a, b) < 1e-12, f"output: rel err {rel(a, b):.2e}"
-    gouts = [torch.randn_like(b) for b in want]
-    ga = torch.autograd.grad(got, [h, *ks, th], gouts)
-    gb = torch.autograd.grad(want, [h, *ks, th], gouts)
-    for i, (a, b) in enumerate(zip(ga, gb)):
-        assert b.abs().max() > 0 or theta == 0.0
-        assert rel(a, b) < 1e-12, f"gradient of input {i}: rel err {rel(a, b):.2e}"
+    check_matches_ref("igemm", shape, scales, theta, seed)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -55,29 +45,11 @@ def test_matches_ref_float64_one_by_one_window():
 
 
 def test_unused_outputs_get_no_gradient():
-    """Only F_1 feeds the loss: the other kernel's gradient is zero, h's and theta's those of F_1 alone."""
-    h, ks = make((2, 3, 3, 4, 5), (3, 5))
-    th = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
-    f1 = state_fusion(h, ks, th, backend="igemm")[0]
-    ga = torch.autograd.grad(f1.square().sum(), [h, *ks, th])
-    gb = torch.autograd.grad(state_fusion_ref(h, ks[:1], th)[0].square().sum(), [h, ks[0], th])
-    assert rel(ga[0], gb[0]) < 1e-12 and rel(ga[1], gb[1]) < 1e-12 and rel(ga[3], gb[2]) < 1e-12
-    assert ga[2].abs().max() == 0
+    check_unused_outputs_get_no_gradient("igemm")
 
 
 def test_state_fusion_module_with_aswm():
-    """StateFusion(backend="igemm") with ASWM equals the conv backend's module in float64, output and gradients."""
-    torch.manual_seed(0)
-    mods = [StateFusion(4, (3, 5, 7), 0.7, True, use_aswm=True, backend=b, init="uniform", dtype=torch.float64)
-            for b in ("igemm", "conv")]
-    mods[1].load_state_dict(mods[0].state_dict())
-    x = torch.randn(2, 4, 3, 5, 5, dtype=torch.float64)
-    outs = [m(x) for m in mods]
-    assert rel(outs[0], outs[1]) < 1e-12
-    for o in outs:
-        o.square().sum().backward()
-    for (name, p0), p1 in zip(mods[0].named_parameters(), mods[1].parameters()):
-        assert rel(p0.grad, p1.grad) < 1e-12, name
+    check_module_matches_conv("igemm", 4)
 
 
 def test_shapes_it_does_not_take_go_to_gemm(monkeypatch):
