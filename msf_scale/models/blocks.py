@@ -75,27 +75,46 @@ class BiMamba(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
     def _both_directions(self, xs: torch.Tensor) -> torch.Tensor:   # xs [B, E, L] -> y_fwd + y_bwd flipped back
-        """_Direction.forward for fwd on xs and bwd on xs flipped, as one op of each kind: channels [0, E) are the
-        forward direction, [E, 2E) the backward one, and the scan reads B/C group 0 or 1 accordingly."""
-        f, b = self.fwd, self.bwd
+        """_Direction.forward for fwd on xs and bwd on xs flipped, as one op of each kernel kind: channels [0, E) are
+        the forward direction, [E, 2E) the backward one, and the scan reads B/C group 0 or 1 accordingly."""
         batch, width, length = xs.shape
+        conv_weight, conv_bias, x_proj, dt_proj, A, D, delta_bias = self._packed_params()
         x = torch.cat([xs, xs.flip(-1)], dim=1)                                    # [B, 2E, L]
-        conv_weight = torch.cat([f.conv1d.weight, b.conv1d.weight])                # [2E, 1, K]
-        x = F.silu(causal_depthwise_conv1d(x, conv_weight, torch.cat([f.conv1d.bias, b.conv1d.bias])))
+        x = F.silu(causal_depthwise_conv1d(x, conv_weight, conv_bias))
         # the projections as bmm over the direction axis (exact in fvcore's count; its einsum handle rounds)
         rows = x.view(batch, 2, width, length).permute(1, 0, 3, 2).reshape(2, batch * length, width)
-        x_proj = torch.stack([f.x_proj.weight, b.x_proj.weight]).transpose(1, 2)     # [2, E, R + 2N]
         dt, B, C = torch.bmm(rows, x_proj).view(2, batch, length, -1).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)                     # [2, B, L, R | N | N]
-        dt_proj = torch.stack([f.dt_proj.weight, b.dt_proj.weight]).transpose(1, 2)  # [2, R, E]
         delta = torch.bmm(dt.reshape(2, batch * length, self.dt_rank), dt_proj)     # [2, B*L, E]
         delta = delta.view(2, batch, length, width).permute(1, 0, 3, 2).reshape(batch, 2 * width, length)
         B, C = (t.permute(1, 0, 3, 2) for t in (B, C))                             # [B, 2, N, L]
-        A = -torch.exp(torch.cat([f.A_log, b.A_log]).float())                     # [2E, N]
-        D, delta_bias = (torch.cat(pair).float() for pair in ((f.D, b.D), (f.dt_proj.bias, b.dt_proj.bias)))
         y = selective_scan(x, delta, A, B, C, D, None, delta_bias, delta_softplus=True, backend=self.scan_backend)
         y_fwd, y_bwd = y.chunk(2, dim=1)
         return y_fwd + y_bwd.flip(-1)
+
+    def _packed_params(self) -> tuple[torch.Tensor, ...]:
+        """Both directions' parameters side by side (conv weight [2E, 1, K] and bias, x_proj [2, E, R + 2N], dt_proj
+        [2, R, E], A = -exp(A_log) [2E, N], D, delta_bias): seven concatenations and an exp per block and forward.
+        Without autograd (inference) and outside torch.compile they are built once and reused until a parameter
+        changes (its storage or in-place version): at batch 1 each is a kernel launch, ~a third of a grouped block's."""
+        params = [p for d in (self.fwd, self.bwd) for p in (d.conv1d.weight, d.conv1d.bias, d.x_proj.weight,
+                                                            d.dt_proj.weight, d.A_log, d.D, d.dt_proj.bias)]
+        # under torch.compile the packing is part of the graph (fused, and no guards on storages and versions)
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if cacheable:
+            key = tuple((p.data_ptr(), p._version) for p in params)
+            cached = self.__dict__.get("_packed_cache")
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        f, b = self.fwd, self.bwd
+        packed = (torch.cat([f.conv1d.weight, b.conv1d.weight]), torch.cat([f.conv1d.bias, b.conv1d.bias]),
+                  torch.stack([f.x_proj.weight, b.x_proj.weight]).transpose(1, 2),
+                  torch.stack([f.dt_proj.weight, b.dt_proj.weight]).transpose(1, 2),
+                  -torch.exp(torch.cat([f.A_log, b.A_log]).float()),
+                  torch.cat([f.D, b.D]).float(), torch.cat([f.dt_proj.bias, b.dt_proj.bias]).float())
+        if cacheable:
+            self.__dict__["_packed_cache"] = (key, packed)   # not a buffer: no state_dict entry, no .to() move
+        return packed
 
 
 class _Direction(nn.Module):

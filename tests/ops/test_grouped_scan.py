@@ -193,3 +193,37 @@ def test_model_config_reaches_every_mixer():
     assert not any(blk.mixer.grouped_scan for blk in separate.blocks)
     x = torch.randn(2, 3, 4, 32, 32)
     torch.testing.assert_close(grouped(x), separate(x), rtol=1e-5, atol=1e-6)
+
+
+def test_packed_params_are_reused_at_inference_and_follow_the_weights():
+    """Without autograd the grouped mixer packs both directions' parameters once (the same tensors on the next call)
+    and repacks after any change to a parameter (in place, load_state_dict): outputs equal a fresh mixer's; with
+    autograd it packs every call, so gradients reach the parameters."""
+    separate, grouped = _mixer_pair("torch")
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    with torch.no_grad():
+        first = grouped._packed_params()
+        assert all(a is b for a, b in zip(grouped._packed_params(), first))
+        assert rel(grouped(x), separate(x)) < 1e-12
+        for name in ("bwd.A_log", "fwd.x_proj.weight", "bwd.conv1d.bias"):
+            grouped.get_parameter(name).mul_(1.5)
+            separate.get_parameter(name).mul_(1.5)
+            assert rel(grouped(x), separate(x)) < 1e-12, name
+        fresh = copy.deepcopy(separate)
+        for p in fresh.parameters():
+            p.add_(0.05)
+        grouped.load_state_dict(fresh.state_dict())
+        assert rel(grouped(x), fresh(x)) < 1e-12
+    assert not any(a is b for a, b in zip(grouped._packed_params(), first))
+    grouped(x).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in grouped.parameters())
+
+
+def test_grouped_mixer_compiles_whole_at_inference():
+    """Under torch.compile the packing is traced (no cache, no side effect): fullgraph, the eager output."""
+    separate, grouped = _mixer_pair("torch")
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(grouped, fullgraph=True, backend="aot_eager")(x)
+        assert rel(got, separate(x)) < 1e-12
