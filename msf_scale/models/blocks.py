@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from msf_scale.models._registry import ModelOptionError
 from msf_scale.ops import causal_depthwise_conv1d, selective_scan, state_fusion
+from msf_scale.ops._cfd import cfd_kernel
 from msf_scale.ops._fusion_gemm import multiscale_fusion_gemm
 from msf_scale.ops.state_fusion import resolve_backend
 
@@ -206,12 +207,29 @@ class StateFusion(nn.Module):
         logits = self.aswm(torch.cat(fused, dim=1))
         return torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=1)
 
+    def folded_kernels(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Every scale's kernel with the CFD term folded in (ops._cfd.cfd_kernel), in ``dtype``: what each fast backend
+        computes per call. Without autograd (inference) and outside torch.compile it is built once per dtype and reused
+        until a kernel or theta changes (storage or in-place version): at batch 1 the fold's ~8 small ops per scale
+        are kernel launches."""
+        params = [*self.kernels, self.theta]
+        key = (dtype, *((p.data_ptr(), p._version) for p in params))
+        cached = self.__dict__.get("_folded_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        folded = [cfd_kernel(w, self.theta).to(dtype) for w in self.kernels]
+        self.__dict__["_folded_cache"] = (key, folded)   # not a buffer: no state_dict entry, no .to() move
+        return folded
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:      # h [B, C, T, H, W] -> fused [B, C, T, H, W]
+        kernels, theta = list(self.kernels), self.theta
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            kernels, theta = self.folded_kernels(h.dtype), 0.0   # theta 0.0: the backends fold nothing more
         if (self.aswm is not None and not torch.jit.is_tracing()   # tracing (FLOP counting) takes the named op
                 and resolve_backend(self.backend, h.device, self.scales[0], h.shape[0] * h.shape[2],
                                     h.shape[3] * h.shape[4]) == "gemm"):
-            return multiscale_fusion_gemm(h, list(self.kernels), self.theta, self.aswm.weight, self.aswm.bias)
-        fused = state_fusion(h, list(self.kernels), self.theta, backend=self.backend)
+            return multiscale_fusion_gemm(h, kernels, theta, self.aswm.weight, self.aswm.bias)
+        fused = state_fusion(h, kernels, theta, backend=self.backend)
         if self.aswm is None:
             return fused[0]
         alpha = self.scale_weights(fused).to(h.dtype)

@@ -9,7 +9,10 @@ import torch
 
 
 def cfd_kernel(weight: torch.Tensor, theta) -> torch.Tensor:
-    """The equivalent plain depthwise kernel: w with theta * (sum of off-centre-frame taps) taken from its centre."""
+    """The equivalent plain depthwise kernel: w with theta * (sum of off-centre-frame taps) taken from its centre.
+    A plain number 0 returns w itself (nothing to fold: how StateFusion passes kernels it folded already)."""
+    if not isinstance(theta, torch.Tensor) and theta == 0:
+        return weight
     k = weight.shape[-1]
     c = k // 2
     off_centre = weight.sum(dim=(-1, -2, -3)) - weight[..., c, :, :].sum(dim=(-1, -2))   # [C, 1]

@@ -78,6 +78,22 @@ def check_module_matches_conv(backend, channels):
 BF16_BOUNDS = [1e-2] + [2e-2] * 7   # output; dh, dk3, dk5, dk7, dtheta (conditioned, see bf16_errors), dA, db
 
 
+def theta_term_scale(h64, ks64, th64, gouts, combine=None) -> float:
+    """sum_{m,c} |off_{m,c} dL/dw'_{m,c,centre}| in float64: the magnitudes of the terms theta's gradient
+    -sum_{m,c} off_{m,c} dL/dw'_{m,c,centre} adds up. They cancel (~100x), so a low-precision backend's theta error
+    is measured against this sum, what rounding the terms can reach, not against the small result. ``combine``: the
+    fused outputs -> what gouts is the gradient of (the ASWM), default the list itself."""
+    folded = [cfd_kernel(w, th64).detach().requires_grad_() for w in ks64]
+    outs = state_fusion_ref(h64, folded, 0.0)
+    gf = torch.autograd.grad(combine(outs) if combine else outs, folded, gouts)
+    total = 0.0
+    for w, g in zip(ks64, gf):
+        k = w.shape[-1]
+        off = w.sum(dim=(1, 2, 3, 4)) - w[:, 0, k // 2].sum(dim=(1, 2))
+        total += (off * g[:, 0, k // 2, k // 2, k // 2]).abs().sum().item()
+    return total
+
+
 def bf16_errors(fused, device, c, kernels_fp32, seed=0):
     """``fused(h, kernels, theta, aswm_weight, aswm_bias)`` (MCFM + ASWM) with bf16 states (kernels bf16, or fp32 as
     the model's parameters are under autocast) against float64 from the same rounded inputs: relative errors of
@@ -99,13 +115,7 @@ def bf16_errors(fused, device, c, kernels_fp32, seed=0):
     want = aswm_ref(state_fusion_ref(x64[0], x64[1:4], x64[4]), x64[5], x64[6])
     gout = torch.randn_like(want)
     gb = torch.autograd.grad(want, x64, gout)
-    folded = [cfd_kernel(w, x64[4]).detach().requires_grad_() for w in x64[1:4]]
-    gf = torch.autograd.grad(aswm_ref(state_fusion_ref(x64[0], folded, 0.0), x64[5], x64[6]), folded, gout)
-    theta_scale = 0.0
-    for w, g in zip(x64[1:4], gf):
-        k = w.shape[-1]
-        off = w.sum(dim=(1, 2, 3, 4)) - w[:, 0, k // 2].sum(dim=(1, 2))
-        theta_scale += (off * g[:, 0, k // 2, k // 2, k // 2]).abs().sum().item()
+    theta_scale = theta_term_scale(x64[0], x64[1:4], x64[4], gout, lambda fs: aswm_ref(fs, x64[5], x64[6]))
     got = fused(h, ks, th, aw, ab)
     ga = torch.autograd.grad(got, inputs, gout.to(torch.bfloat16))
     errs = [rel(got, want)] + [rel(a, b) for a, b in zip(ga, gb)]

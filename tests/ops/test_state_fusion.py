@@ -113,3 +113,42 @@ def test_zero_init_starts_as_the_backbone_and_still_learns():
     fusion.zero_grad()
     fusion(h).mul(torch.randn_like(h)).sum().backward()
     assert fusion.aswm.weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", ["conv", "shift", "ref", "gemm"])
+@pytest.mark.parametrize("use_aswm", [False, True])
+def test_inference_reuses_the_folded_kernels_and_follows_them(backend, use_aswm):
+    """Without autograd StateFusion folds the CFD term into its kernels once per dtype and reuses them (the same
+    tensors on the next call), refolding after any change to a kernel or theta; outputs equal the autograd path's
+    (which folds every call) to float64 rounding."""
+    torch.manual_seed(0)
+    scales = (3, 5) if use_aswm else (3,)
+    fusion = StateFusion(4, scales, 0.7, True, use_aswm=use_aswm, backend=backend, init="uniform",
+                         dtype=torch.float64)
+    h = torch.randn(2, 4, 3, 5, 5, dtype=torch.float64)
+
+    def both():
+        with torch.no_grad():
+            fast = fusion(h)
+        return fast, fusion(h).detach()
+
+    fast, want = both()
+    assert torch.allclose(fast, want, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        first = fusion.folded_kernels(torch.float64)
+        assert all(a is b for a, b in zip(fusion.folded_kernels(torch.float64), first))
+        assert fusion.folded_kernels(torch.float32)[0].dtype == torch.float32
+        fusion.theta.fill_(0.2)
+        fast, want = both()
+        assert torch.allclose(fast, want, rtol=1e-12, atol=1e-12)
+        fusion.kernels[-1].mul_(-1.0)
+    fast, want = both()
+    assert torch.allclose(fast, want, rtol=1e-12, atol=1e-12)
+    assert not any(a is b for a, b in zip(fusion.folded_kernels(torch.float64), first))
+
+
+def test_cfd_fold_of_plain_zero_is_the_kernel_itself():
+    from msf_scale.ops._cfd import cfd_kernel
+    w = torch.randn(4, 1, 3, 3, 3)
+    assert cfd_kernel(w, 0.0) is w and cfd_kernel(w, 0) is w
+    assert torch.equal(cfd_kernel(w, torch.tensor(0.0)), w)   # a tensor theta folds (its gradient is needed)
