@@ -133,6 +133,59 @@ def main(argv=None) -> dict:
         for name in backends:
             results.setdefault(name, {})[mode] = statistics.median(times[name])
 
+    def write(sweep, final=True):
+        """Rows, meta and table of this run (and the sweep so far) into --out; printed when final."""
+        ref_name = "conv" if "conv" in backends else backends[0]
+        rows = []
+        for name in backends:
+            r = results[name]
+            rows.append({"backend": name, "fwd_ms": round(r["fwd"], 4), "fwd_bwd_ms": round(r["fwd_bwd"], 4),
+                         f"speedup_vs_{ref_name}_fwd": round(results[ref_name]["fwd"] / r["fwd"], 2),
+                         f"speedup_vs_{ref_name}_fwd_bwd": round(results[ref_name]["fwd_bwd"] / r["fwd_bwd"], 2),
+                         "first_call_s": round(compile_s[name], 2),
+                         f"rel_diff_vs_{backends[0]}_out": agree[name]["out"],
+                         f"rel_diff_vs_{backends[0]}_grads_max": agree[name]["grads_max"]})
+        try:
+            import triton
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = None
+        clock = "CUDA events" if dev.type == "cuda" else "perf_counter, a CPU smoke run"
+        meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+                "cuda": torch.version.cuda,
+                "triton": triton_version, "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "shape": [b, c, t, hh, ww], "scales": list(scales), "dtype": args.dtype, "aswm": True,
+                "reps": args.reps, "warmup": args.warmup, "statistic": f"median of {clock} times, ms",
+                "wall_s": round(time.perf_counter() - t_start, 1)}
+        lines = [f"MCFM + ASWM (scales {','.join(map(str, scales))}) at {tuple(meta['shape'])} {args.dtype}, "
+                 f"{meta['device']}, median of {args.reps} ({clock})", "",
+                 f"| backend | fwd ms | fwd+bwd ms | x {ref_name} (fwd) | x {ref_name} (fwd+bwd) | rel diff vs "
+                 f"{backends[0]} (out / grads) |", "|---|---:|---:|---:|---:|---|"]
+        for r in rows:
+            lines.append(f"| {r['backend']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+                         f"{r[f'speedup_vs_{ref_name}_fwd']:.1f}x | {r[f'speedup_vs_{ref_name}_fwd_bwd']:.1f}x | "
+                         f"{r[f'rel_diff_vs_{backends[0]}_out']:.1e} / {r[f'rel_diff_vs_{backends[0]}_grads_max']:.1e} |")
+        if sweep:
+            lines += ["", "Triton launch settings (the module's CONFIG: ops/_fusion_triton's (warps, stages) per kernel, "
+                      "ops/_fusion_igemm's tiles), one point at a time, the rest at their defaults:", "",
+                      "| backend | setting | fwd+bwd ms |", "|---|---|---:|"]
+            for r in sweep:
+                setting = ", ".join(f"{k}={v}" for k, v in r.items()
+                                    if k not in ("backend", "fwd_bwd_ms", "first_call_s", "error"))
+                lines.append(f"| {r['backend']} | {setting} | {r.get('fwd_bwd_ms', r.get('error'))} |")
+        table = "\n".join(lines)
+        if final:
+            print(table)
+        os.makedirs(args.out, exist_ok=True)
+        doc = {"meta": meta, "rows": rows, "sweep": sweep}
+        with open(os.path.join(args.out, "bench_fusion.json"), "w") as f:
+            json.dump(doc, f, indent=1)
+        with open(os.path.join(args.out, "bench_fusion.md"), "w") as f:
+            f.write(table + "\n")
+        if final:
+            print(f"wrote {args.out}/bench_fusion.json ({meta['wall_s']} s)")
+        return doc
+
     def run_sweep(name, config, points):
         """fwd + bwd of backend `name` with each point's settings in `config` (the module's dict), restored after."""
         defaults, found = dict(config), []
@@ -157,8 +210,10 @@ def main(argv=None) -> dict:
                 config.update(defaults)
         return found
 
-    # launch settings of the Triton kernels, one kernel (or one tile shape) varied at a time
+    # launch settings of the Triton kernels, one kernel (or one tile shape) varied at a time; the backends' timings
+    # are written first, so a run stopped during the sweep keeps them
     sweep = []
+    write(sweep, final=False)
     if "triton" in backends and not args.no_sweep:
         from msf_scale.ops import _fusion_triton as ft
         points = [{"fwd": cfg} for cfg in ((4, 2), (4, 3), (8, 2), (8, 3))]
@@ -169,60 +224,14 @@ def main(argv=None) -> dict:
         sweep += run_sweep("triton", ft.CONFIG, points)
     if "igemm" in backends and not args.no_sweep:
         from msf_scale.ops import _fusion_igemm as fi
+        # tiles without spills by ptxas's count for sm_90 at this shape (bf16), the defaults aside
         points = [dict(BM=bm, BN=bn, BK=bk, warps=w, stages=st) for bm, bn, bk, w, st in (
-            (64, 64, 32, 4, 3), (128, 64, 32, 4, 2), (128, 64, 32, 8, 3), (64, 128, 32, 4, 2), (128, 128, 32, 8, 2),
-            (64, 64, 64, 4, 2), (128, 64, 64, 8, 2), (32, 64, 32, 4, 2))]
-        points += [dict(BR=br, grad_programs=gp) for br, gp in ((16, 2048), (64, 2048), (32, 1024), (32, 8192))]
+            (64, 64, 32, 8, 3), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 16, 4, 2), (64, 32, 32, 4, 2))]
+        points += [dict(BR=br, grad_warps=w, grad_programs=gp) for br, w, gp in (
+            (32, 4, 2048), (16, 4, 8192), (16, 4, 512), (16, 8, 2048))]
         sweep += run_sweep("igemm", fi.CONFIG, points)
 
-    ref_name = "conv" if "conv" in backends else backends[0]
-    rows = []
-    for name in backends:
-        r = results[name]
-        rows.append({"backend": name, "fwd_ms": round(r["fwd"], 4), "fwd_bwd_ms": round(r["fwd_bwd"], 4),
-                     f"speedup_vs_{ref_name}_fwd": round(results[ref_name]["fwd"] / r["fwd"], 2),
-                     f"speedup_vs_{ref_name}_fwd_bwd": round(results[ref_name]["fwd_bwd"] / r["fwd_bwd"], 2),
-                     "first_call_s": round(compile_s[name], 2),
-                     f"rel_diff_vs_{backends[0]}_out": agree[name]["out"],
-                     f"rel_diff_vs_{backends[0]}_grads_max": agree[name]["grads_max"]})
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    clock = "CUDA events" if dev.type == "cuda" else "perf_counter, a CPU smoke run"
-    meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "triton": triton_version, "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "shape": [b, c, t, hh, ww], "scales": list(scales), "dtype": args.dtype, "aswm": True,
-            "reps": args.reps, "warmup": args.warmup, "statistic": f"median of {clock} times, ms",
-            "wall_s": round(time.perf_counter() - t_start, 1)}
-    lines = [f"MCFM + ASWM (scales {','.join(map(str, scales))}) at {tuple(meta['shape'])} {args.dtype}, "
-             f"{meta['device']}, median of {args.reps} ({clock})", "",
-             f"| backend | fwd ms | fwd+bwd ms | x {ref_name} (fwd) | x {ref_name} (fwd+bwd) | rel diff vs "
-             f"{backends[0]} (out / grads) |", "|---|---:|---:|---:|---:|---|"]
-    for r in rows:
-        lines.append(f"| {r['backend']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-                     f"{r[f'speedup_vs_{ref_name}_fwd']:.1f}x | {r[f'speedup_vs_{ref_name}_fwd_bwd']:.1f}x | "
-                     f"{r[f'rel_diff_vs_{backends[0]}_out']:.1e} / {r[f'rel_diff_vs_{backends[0]}_grads_max']:.1e} |")
-    if sweep:
-        lines += ["", "Triton launch settings (the module's CONFIG: ops/_fusion_triton's (warps, stages) per kernel, "
-                  "ops/_fusion_igemm's tiles), one point at a time, the rest at their defaults:", "",
-                  "| backend | setting | fwd+bwd ms |", "|---|---|---:|"]
-        for r in sweep:
-            setting = ", ".join(f"{k}={v}" for k, v in r.items()
-                                if k not in ("backend", "fwd_bwd_ms", "first_call_s", "error"))
-            lines.append(f"| {r['backend']} | {setting} | {r.get('fwd_bwd_ms', r.get('error'))} |")
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(args.out, exist_ok=True)
-    doc = {"meta": meta, "rows": rows, "sweep": sweep}
-    with open(os.path.join(args.out, "bench_fusion.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-    with open(os.path.join(args.out, "bench_fusion.md"), "w") as f:
-        f.write(table + "\n")
-    print(f"wrote {args.out}/bench_fusion.json ({meta['wall_s']} s)")
-    return doc
+    return write(sweep)
 
 
 if __name__ == "__main__":

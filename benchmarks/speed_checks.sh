@@ -28,7 +28,7 @@ part() {   # part NAME TIMEOUT_S CMD...: run, tee the log, record rc and seconds
   echo "$name rc=$rc $(( $(date +%s) - t0 )) s" | tee -a "$OUT/status.txt"
 }
 
-part tests 120 "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/ops/test_fusion_igemm.py \
+part tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_fusion_igemm.py \
   tests/ops/test_fusion_gemm.py tests/ops/test_gpu_ops.py tests/measure/test_latency.py -s
 part fusion 150 "$PY" benchmarks/bench_fusion.py --out "$OUT/fusion" --backends conv,gemm,igemm \
   --sweep-budget-s "$SWEEP_S"

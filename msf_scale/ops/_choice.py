@@ -1,4 +1,5 @@
-"""Which backend a call of an op asked for: the shared rule of every op's dispatcher.
+"""Which backend a call of an op asked for: the shared rule of every op's dispatcher; and whether fp32 matmuls may
+use TF32 (the Triton kernels follow torch's setting).
 
 `auto` (every op's default, and the models') or None means the op's environment variable when it is set, so that
 one variable switches every call; an explicit backend name wins over the variable.
@@ -6,6 +7,8 @@ one variable switches every call; an explicit backend name wins over the variabl
 from __future__ import annotations
 
 import os
+
+import torch
 
 
 def requested_backend(backend: str | None, env_var: str, known: tuple[str, ...], op: str) -> str:
@@ -16,3 +19,12 @@ def requested_backend(backend: str | None, env_var: str, known: tuple[str, ...],
         raise ValueError(f"unknown {op} backend {backend!r}; expected one of {known}"
                          + (f" (from ${env_var})" if os.environ.get(env_var, "").lower() == backend else ""))
     return backend
+
+
+def tf32_matmul_allowed() -> bool:
+    """torch's TF32 setting for fp32 matmuls, through either API: the legacy flag raises once the new
+    ``fp32_precision`` one has been set."""
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"

@@ -4,7 +4,8 @@ Why: the ``gemm`` backend (_fusion_gemm.py) puts the fusion on the tensor cores 
 channel's (y, x) plane, but it materialises its operands: an im2col of the input and [k * S, S] block-Toeplitz
 bands per channel and scale (~0.5 GB at (32, 384, 8, 14, 14) bf16, again for the backward). On the H200 its GEMMs
 took ~1.1 ms of its 7.5 ms; building and copying those buffers most of the rest (docs/BENCHMARKS.md, session 7).
-Here the same products run with the operands built tile by tile in registers, never in memory:
+Here the same products run with the operands built tile by tile on chip (loaded or gathered into registers, staged
+in shared memory for the tensor cores), never as whole buffers in memory:
 
     forward   F_m[b, c, t, s]  = sum_{o_t, s'} h[b, c, t + o_t - r, s'] * Band_m[c, o_t][s', s]
     input     dh[b, c, t, s']  = sum_m (the same with dF_m and the kernels flipped in t, y and x)
@@ -36,6 +37,7 @@ traces whole (fullgraph=True), the kernels run as they do in eager.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -43,12 +45,17 @@ import triton
 import triton.language as tl
 
 from msf_scale.ops._cfd import cfd_kernel
+from msf_scale.ops._choice import tf32_matmul_allowed
 
 MAX_SCALES = 3
 MAX_REACH = 64          # W + 2 r: the kernel-gradient tile holds (o_y, x') columns for every window row
-# Tiles (rows, positions, K step) of _plane_conv and (rows per step) of _tap_grad; tuned on the GPU later, exposed
-# so benchmarks/bench_fusion.py can sweep them.
-CONFIG: dict = {"BM": 64, "BN": 64, "BK": 32, "BR": 32, "warps": 4, "stages": 2, "grad_programs": 2048}
+# Tiles of _plane_conv (rows, positions, K step; warps, stages) and of _tap_grad (rows per step; warps, stages;
+# programs aimed at). Chosen without a GPU by ptxas's count for sm_90 (bf16, (32, 384, 8, 14, 14)): no spills, the
+# forward on wgmma (177-186 registers at 8 warps; 4 warps spilled 28-100 bytes), _tap_grad at 168 registers with
+# 16-row steps (255 with 32). Not yet timed: benchmarks/bench_fusion.py sweeps them.
+CONFIG: dict = {"BM": 64, "BN": 64, "BK": 32, "warps": 8, "stages": 2,
+                "BR": 16, "grad_warps": 4, "grad_stages": 2, "grad_programs": 2048}
+MAX_GRAD_TILE = 4096    # Q's [XW, AP * XP] accumulator in _tap_grad: 16 x 256 at 14 x 14, k = 7; larger ones spill
 
 
 def _pow2(n: int) -> int:
@@ -158,11 +165,19 @@ def _tap_grad(h_ptr, g_ptr, part_ptr, C, T, H, W, NR, CHUNK: tl.constexpr,
         tl.store(out + e, v, mask=a_idx < K)
 
 
+def _grad_tile(w: int, k: int) -> tuple[int, int, int]:
+    """(XW, AP, XP) of _tap_grad: rows of Q (x, >= 16), window rows (pow2), reach columns (x', pow2, >= 16)."""
+    return max(16, _pow2(w)), _pow2(k), max(16, _pow2(w + 2 * (k // 2)))
+
+
 def supported(h: torch.Tensor, kernels) -> bool:
-    """1..3 windows, and a grid whose row plus the window's reach fits one kernel-gradient tile."""
-    return (h.dim() == 5 and 1 <= len(kernels) <= MAX_SCALES and h.numel() > 0
-            and h.shape[4] + 2 * (max(int(w.shape[-1]) for w in kernels) // 2) <= MAX_REACH
-            and h.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    """1..3 windows, and a grid row that with the window's reach fits one kernel-gradient tile (MAX_REACH,
+    MAX_GRAD_TILE)."""
+    if not (h.dim() == 5 and 1 <= len(kernels) <= MAX_SCALES and h.numel() > 0
+            and h.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)):
+        return False
+    k = max(int(w.shape[-1]) for w in kernels)
+    return h.shape[4] + 2 * (k // 2) <= MAX_REACH and math.prod(_grad_tile(h.shape[4], k)) <= MAX_GRAD_TILE
 
 
 def _precision(dtype: torch.dtype):
@@ -170,7 +185,7 @@ def _precision(dtype: torch.dtype):
     if dtype == torch.float64:
         return tl.float64, "ieee"
     if dtype == torch.float32:
-        return tl.float32, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return tl.float32, "tf32" if tf32_matmul_allowed() else "ieee"
     return tl.float32, "tf32"   # bf16 / fp16 operands: ignored
 
 
@@ -189,7 +204,8 @@ def _k_steps(hh: int, ww: int, k: int, bn: int, bk: int) -> int:
 
 
 def _conv(xs, ws, ks, out):
-    """out = sum_m correlate(xs[m], ws[m]) (one launch; every tensor [B, C, T, H, W])."""
+    """out = sum_m correlate(xs[m], ws[m]) (one launch; every tensor [B, C, T, H, W] contiguous)."""
+    assert all(x.is_contiguous() for x in (*xs, *ws, out)), "the kernels index contiguous tensors"
     b, c, t, hh, ww = out.shape
     acc, prec = _precision(out.dtype)
     bm, bn = min(CONFIG["BM"], max(16, _pow2(b * t))), CONFIG["BN"]   # batch 1: 8 rows fill a 16-row tile
@@ -203,7 +219,8 @@ def _conv(xs, ws, ks, out):
 
 
 def _kernel_grad(h, g, k):
-    """dw [C, k^3] (fp32, fp64 for fp64) of one scale from dF = g."""
+    """dw [C, k^3] (fp32, fp64 for fp64) of one scale from dF = g (both contiguous)."""
+    assert h.is_contiguous() and g.is_contiguous(), "the kernels index contiguous tensors"
     b, c, t, hh, ww = h.shape
     acc, prec = _precision(h.dtype)
     br = CONFIG["BR"]
@@ -213,10 +230,9 @@ def _kernel_grad(h, g, k):
     splits = triton.cdiv(rows, chunk)
     part = torch.empty((splits, c, k ** 3), device=h.device,
                        dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
-    # tl.dot wants every side >= 16: XW >= 16 rows of Q, and AP * XP >= 16 columns (XP >= 16 suffices)
-    _tap_grad[(c, k, splits)](h, g, part, c, t, hh, ww, rows, chunk, K=k, XW=max(16, _pow2(ww)),
-                              AP=_pow2(k), XP=max(16, _pow2(ww + 2 * (k // 2))), BR=br, PREC=prec, ACC=acc,
-                              num_warps=CONFIG["warps"], num_stages=CONFIG["stages"])
+    xw, ap, xp = _grad_tile(ww, k)   # tl.dot wants every side >= 16
+    _tap_grad[(c, k, splits)](h, g, part, c, t, hh, ww, rows, chunk, K=k, XW=xw, AP=ap, XP=xp, BR=br, PREC=prec,
+                              ACC=acc, num_warps=CONFIG["grad_warps"], num_stages=CONFIG["grad_stages"])
     return part.sum(dim=0)
 
 

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from msf_scale.ops._cfd import cfd_kernel
+from msf_scale.ops._choice import tf32_matmul_allowed
 
 MAX_SCALES = 3
 # Launch settings of the two heavy kernels, (num_warps, num_stages); None: the defaults in _Geom (no spills on sm_90
@@ -407,7 +408,7 @@ class _Geom:
             self.ACC, self.PREC = tl.float64, "ieee"
         elif h.dtype == torch.float32:
             self.ACC = tl.float32
-            self.PREC = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+            self.PREC = "tf32" if tf32_matmul_allowed() else "ieee"
         else:
             self.ACC, self.PREC = tl.float32, "tf32"
         self.acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32

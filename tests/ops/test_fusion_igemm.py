@@ -40,6 +40,12 @@ def test_matches_ref_float64_over_several_tiles(shape):
     _check(shape, (3, 5, 7), 0.7, seed=1)
 
 
+def test_matches_ref_float64_kernel_gradient_over_many_row_steps(monkeypatch):
+    """One kernel-gradient program per (channel, frame offset): each walks every (clip, frame, row) in many steps."""
+    monkeypatch.setitem(_fusion_igemm.CONFIG, "grad_programs", 1)
+    _check((2, 3, 4, 5, 6), (3, 5), 0.7)
+
+
 def test_matches_ref_float64_one_by_one_window():
     _check((2, 3, 4, 5, 6), (1, 3), 0.7)
 
@@ -53,16 +59,21 @@ def test_state_fusion_module_with_aswm():
 
 
 def test_shapes_it_does_not_take_go_to_gemm(monkeypatch):
-    """Four windows, or a row wider than MAX_REACH with the window's reach: the gemm backend, same result."""
+    """Four windows, or a row wider than MAX_REACH with the window's reach, or a kernel-gradient tile over
+    MAX_GRAD_TILE: the gemm backend, same result."""
     h, ks = make((1, 2, 2, 3, 4), (3, 3, 5, 3))
     assert not _fusion_igemm.supported(h, ks)
     got = state_fusion(h, ks, 0.3, backend="igemm")
     for a, b in zip(got, state_fusion_ref(h, ks, 0.3)):
         assert rel(a, b) < 1e-12
-    monkeypatch.setattr(_fusion_igemm, "MAX_REACH", 8)
     h, ks = make((1, 2, 2, 3, 7), (3,))
-    assert not _fusion_igemm.supported(h, ks)
-    assert rel(state_fusion(h, ks, 0.3, backend="igemm")[0], state_fusion_ref(h, ks, 0.3)[0]) < 1e-12
+    assert _fusion_igemm.supported(h, ks)
+    for limit, value in (("MAX_REACH", 8), ("MAX_GRAD_TILE", 16 * 4 * 16 - 1)):
+        with monkeypatch.context() as m:
+            m.setattr(_fusion_igemm, limit, value)
+            assert not _fusion_igemm.supported(h, ks)
+            assert rel(state_fusion(h, ks, 0.3, backend="igemm")[0], state_fusion_ref(h, ks, 0.3)[0]) < 1e-12
+    assert not _fusion_igemm.supported(*make((1, 1, 1, 2, 50), (7,)))   # Q [64, 8 * 64]: would spill
 
 
 def test_needs_cuda_or_the_interpreter(monkeypatch):
@@ -110,9 +121,9 @@ def test_gpu_bf16_within_fixed_bounds(kernels_fp32):
 
 
 @pytest.mark.gpu
-def test_gpu_fp32_matches_float64():
+def test_gpu_fp32_matches_float64(monkeypatch):
     """CUDA, fp32 states with IEEE dots (TF32 off): within 1e-5 of float64, as on CPU."""
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     errs = _fp32_errors("cuda", (4, 32, 8, 14, 14))
     assert max(errs) < 1e-5, [f"{e:.1e}" for e in errs]
 
@@ -143,3 +154,18 @@ def test_compiles_with_fullgraph():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_compiles_with_inductor():
+    """The default backend (inductor) compiles around the custom ops too (fp32; the ops run the kernels)."""
+    torch.manual_seed(0)
+    fusion = StateFusion(4, (3, 5), 0.7, True, use_aswm=True, backend="igemm", init="uniform")
+    h = torch.randn(2, 4, 3, 5, 5, requires_grad=True)
+    want = fusion(h)
+    want_grads = torch.autograd.grad(want.square().sum(), [h, *fusion.parameters()])
+    torch._dynamo.reset()
+    got = torch.compile(fusion, fullgraph=True)(h)
+    got_grads = torch.autograd.grad(got.square().sum(), [h, *fusion.parameters()])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
