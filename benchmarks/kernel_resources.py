@@ -1,0 +1,134 @@
+"""Registers, spills and shared memory of the igemm fusion kernels for a GPU, compiled ahead of time: no GPU needed.
+
+    python benchmarks/kernel_resources.py                          # sm_90, bf16, (32, 384, 8, 14, 14), scales 3,5,7
+    python benchmarks/kernel_resources.py --arch 90 --dtype bfloat16 --shape 1,384,8,14,14 --tiles 64,64,32,8,2
+
+Why: tile sizes that spill registers to local memory are slow on every GPU run, and ptxas says so at compile time.
+Triton compiles a kernel for a named target on any machine (its ASTSource + GPUTarget), and the ptxas it ships
+reports per-kernel registers and spill bytes (-v). Each row is one kernel as ops/_fusion_igemm.py would launch it
+at --shape: the forward per window (one scale), the input gradient (every scale in one program) and each window's
+kernel gradient; whether the tensor-core path is wgmma (Hopper) or mma.sync. Compile-time facts, not timings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)   # compile for real, even when called from a test environment
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from msf_scale.ops import _fusion_igemm as fi  # noqa: E402
+
+DTYPES = {"bfloat16": ("*bf16", tl.float32, "tf32"), "float16": ("*fp16", tl.float32, "tf32"),
+          "float32": ("*fp32", tl.float32, "ieee"), "tf32": ("*fp32", tl.float32, "tf32"),
+          "float64": ("*fp64", tl.float64, "ieee")}
+
+
+def _compile(fn, signature: dict, constants: dict, arch: int, warps: int, stages: int):
+    signature = dict(signature, **{name: "constexpr" for name in constants})
+    src = triton.compiler.ASTSource(fn, signature, constexprs=constants)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def _resources(kernel, arch: int) -> dict:
+    """ptxas -v on the kernel's PTX: registers and spill bytes; shared memory from Triton; the MMA instruction."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptx = kernel.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    suffix = "a" if arch == 90 else ""
+    log = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", f.name, "-o", os.devnull],
+                         capture_output=True, text=True).stderr
+    os.unlink(f.name)
+    regs = re.findall(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {"registers": int(regs[-1]) if regs else None,
+            "spill_store_bytes": int(spills[-1][0]) if spills else None,
+            "spill_load_bytes": int(spills[-1][1]) if spills else None,
+            "shared_bytes": kernel.metadata.shared,
+            "mma": "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none (CUDA cores)"}
+
+
+def plane_conv(shape, ks, dtype: str, arch: int, cfg: dict):
+    """_plane_conv as _fusion_igemm._conv launches it for windows ks (one: the forward; several: the input grad)."""
+    ptr, acc, prec = DTYPES[dtype]
+    b, _, t, hh, ww = shape
+    bm = min(cfg["BM"], max(16, fi._pow2(b * t)))
+    kk = list(ks) + [0] * (fi.MAX_SCALES - len(ks))
+    nk = [fi._k_steps(hh, ww, k, cfg["BN"], cfg["BK"]) if k else 0 for k in kk]
+    taps = "*fp64" if dtype == "float64" else "*fp32"
+    signature = {"x0": ptr, "x1": ptr, "x2": ptr, "w0": taps, "w1": taps, "w2": taps, "out_ptr": ptr,
+                 "C": "i32", "T": "i32", "H": "i32", "W": "i32", "ROWS": "i32"}
+    constants = dict(NS=len(ks), K0=kk[0], K1=kk[1], K2=kk[2], NK0=nk[0], NK1=nk[1], NK2=nk[2], BM=bm,
+                     BN=cfg["BN"], BK=cfg["BK"], PREC=prec, ACC=acc)
+    return _compile(fi._plane_conv, signature, constants, arch, cfg["warps"], cfg["stages"])
+
+
+def tap_grad(shape, k: int, dtype: str, arch: int, cfg: dict):
+    """_tap_grad as _fusion_igemm._kernel_grad launches it for window k."""
+    ptr, acc, prec = DTYPES[dtype]
+    b, c, t, hh, ww = shape
+    rows, br = b * t * hh, cfg["BR"]
+    splits = max(1, min(triton.cdiv(cfg["grad_programs"], c * k), triton.cdiv(rows, br)))
+    chunk = triton.cdiv(triton.cdiv(rows, splits), br) * br
+    xw, ap, xp = fi._grad_tile(ww, k)
+    signature = {"h_ptr": ptr, "g_ptr": ptr, "part_ptr": "*fp64" if dtype == "float64" else "*fp32",
+                 "C": "i32", "T": "i32", "H": "i32", "W": "i32", "NR": "i32"}
+    constants = dict(CHUNK=chunk, K=k, XW=xw, AP=ap, XP=xp, BR=br, PREC=prec, ACC=acc)
+    return _compile(fi._tap_grad, signature, constants, arch, cfg["grad_warps"], cfg["grad_stages"])
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--shape", default="32,384,8,14,14", help="B,C,T,H,W")
+    ap.add_argument("--scales", default="3,5,7")
+    ap.add_argument("--tiles", action="append", default=None,
+                    help="BM,BN,BK,warps,stages of the plane conv (repeatable; default: CONFIG's)")
+    ap.add_argument("--grad-tiles", action="append", default=None,
+                    help="BR,warps,stages of the kernel gradient (repeatable; default: CONFIG's)")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    args = ap.parse_args(argv)
+    shape = tuple(map(int, args.shape.split(",")))
+    ks = tuple(map(int, args.scales.split(",")))
+    cfg = dict(fi.CONFIG)
+    rows = []
+
+    def row(kernel: str, setting: str, compiled) -> None:
+        rows.append({"kernel": kernel, "setting": setting, **_resources(compiled, args.arch)})
+
+    for tiles in args.tiles or [",".join(str(cfg[k]) for k in ("BM", "BN", "BK", "warps", "stages"))]:
+        bm, bn, bk, warps, stages = map(int, tiles.split(","))
+        c = dict(cfg, BM=bm, BN=bn, BK=bk, warps=warps, stages=stages)
+        for k in ks:
+            row(f"forward k={k}", tiles, plane_conv(shape, (k,), args.dtype, args.arch, c))
+        row(f"input grad k={','.join(map(str, ks))}", tiles, plane_conv(shape, ks, args.dtype, args.arch, c))
+    for tiles in args.grad_tiles or [",".join(str(cfg[k]) for k in ("BR", "grad_warps", "grad_stages"))]:
+        br, warps, stages = map(int, tiles.split(","))
+        c = dict(cfg, BR=br, grad_warps=warps, grad_stages=stages)
+        for k in ks:
+            row(f"kernel grad k={k}", tiles, tap_grad(shape, k, args.dtype, args.arch, c))
+    if args.json:
+        print(json.dumps(rows))
+        return rows
+    print(f"igemm kernels for sm_{args.arch}, {args.dtype}, shape {shape} (ptxas -v; compile-time facts)\n")
+    print("| kernel | tiles | registers | spill stores / loads (B) | shared (B) | MMA |\n|---|---|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['kernel']} | {r['setting']} | {r['registers']} | {r['spill_store_bytes']} / "
+              f"{r['spill_load_bytes']} | {r['shared_bytes']} | {r['mma']} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
