@@ -38,7 +38,7 @@ class BiMamba(nn.Module):
     """VideoMamba's "bimamba v2" mixer: one shared input projection, then a selective scan per direction with its
     own conv1d / x_proj / dt_proj / A / D; the two outputs are averaged, gated by silu(z) and projected back.
 
-    ``grouped_scan`` computes both directions at once (one conv over 2E channels, batched projections, one grouped
+    ``inference_cache``: off by default; see _packed_params. ``grouped_scan`` computes both directions at once (one conv over 2E channels, batched projections, one grouped
     selective_scan with G=2, as VMamba does): the same parameters and result, fewer kernel launches. Off by default: on
     the H200 it gave no training gain (grouped / separate time 0.98-1.06), 4-11% lower graph latency."""
 
@@ -47,6 +47,7 @@ class BiMamba(nn.Module):
                  scan_backend: str = "auto", grouped_scan: bool = False, device=None, dtype=None):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
+        self.inference_cache = False
         self.d_inner = expand * d_model
         self.d_state = d_state
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
@@ -96,12 +97,13 @@ class BiMamba(nn.Module):
     def _packed_params(self) -> tuple[torch.Tensor, ...]:
         """Both directions' parameters side by side (conv weight [2E, 1, K] and bias, x_proj [2, E, R + 2N], dt_proj
         [2, R, E], A = -exp(A_log) [2E, N], D, delta_bias): seven concatenations and an exp per block and forward.
-        Without autograd (inference) and outside torch.compile they are built once and reused until a parameter
-        changes (its storage or in-place version): at batch 1 each is a kernel launch, ~a third of a grouped block's."""
+        With ``inference_cache`` on (msf_scale.inference.cache_for_inference), without autograd and outside
+        torch.compile they are built once and reused until a parameter changes (its storage or in-place version): at
+        batch 1 each is a kernel launch, ~a third of a grouped block's."""
         params = [p for d in (self.fwd, self.bwd) for p in (d.conv1d.weight, d.conv1d.bias, d.x_proj.weight,
                                                             d.dt_proj.weight, d.A_log, d.D, d.dt_proj.bias)]
         # under torch.compile the packing is part of the graph (fused, and no guards on storages and versions)
-        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        cacheable = self.inference_cache and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable:
             key = tuple((p.data_ptr(), p._version) for p in params)
             cached = self.__dict__.get("_packed_cache")
@@ -175,6 +177,7 @@ class StateFusion(nn.Module):
         super().__init__()
         check_fusion_init(init)
         self.init = init
+        self.inference_cache = False   # see folded_kernels
         if use_aswm and len(scales) < 2:
             raise ModelOptionError(f"ASWM weights several scales; got fusion_scales={scales}")
         self.scales = tuple(scales)
@@ -209,9 +212,9 @@ class StateFusion(nn.Module):
 
     def folded_kernels(self, dtype: torch.dtype) -> list[torch.Tensor]:
         """Every scale's kernel with the CFD term folded in (ops._cfd.cfd_kernel), in ``dtype``: what each fast backend
-        computes per call. Without autograd (inference) and outside torch.compile it is built once per dtype and reused
-        until a kernel or theta changes (storage or in-place version): at batch 1 the fold's ~8 small ops per scale
-        are kernel launches."""
+        computes per call. Built once per dtype and reused until a kernel or theta changes (storage or in-place
+        version); forward uses it with ``inference_cache`` on (msf_scale.inference.cache_for_inference), without
+        autograd and outside torch.compile: at batch 1 the fold's ~8 small ops per scale are kernel launches."""
         params = [*self.kernels, self.theta]
         key = (dtype, *((p.data_ptr(), p._version) for p in params))
         cached = self.__dict__.get("_folded_cache")
@@ -223,7 +226,8 @@ class StateFusion(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:      # h [B, C, T, H, W] -> fused [B, C, T, H, W]
         kernels, theta = list(self.kernels), self.theta
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        if (self.inference_cache and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing()):
             kernels, theta = self.folded_kernels(h.dtype), 0.0   # theta 0.0: the backends fold nothing more
         if (self.aswm is not None and not torch.jit.is_tracing()   # tracing (FLOP counting) takes the named op
                 and resolve_backend(self.backend, h.device, self.scales[0], h.shape[0] * h.shape[2],

@@ -28,8 +28,9 @@ with x' running over the window's reach (-r .. W - 1 + r): every tap's gradient 
 slice are added in torch (deterministic, no atomics).
 
 The CFD term is folded into the centre tap beforehand (ops/_cfd.cfd_kernel, differentiable, so theta's gradient
-comes from autograd through the fold), as every fast backend does. Tensors stay in the model's [B, C, T, H, W]
-layout: no conversion copies. The ASWM is StateFusion's (a 1x1x1 conv and a softmax in torch).
+comes from autograd through the fold), as every fast backend does. The kernels index a contiguous [B, C, T, H, W]
+tensor, no other layout (the model's channels-last view of the states is copied once). The ASWM is StateFusion's
+(a 1x1x1 conv and a softmax in torch).
 
 Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the CPU tests run it). Under torch.compile the
 op is two custom ops (``msf_scale::igemm_fusion`` and its backward; fake impls, autograd registered): the model

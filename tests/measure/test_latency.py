@@ -133,8 +133,9 @@ def test_a_mode_that_fails_is_a_row_with_its_error(monkeypatch):
 
 @pytest.mark.parametrize("variant", ["videomamba", "msf_mamba_plus"])
 def test_runner_groups_the_scans_with_the_same_logits(variant):
-    """build_runner's default switches every mixer to the grouped scan (both directions in one call): the logits
-    of the ungrouped model; grouped_scan=None leaves the model as configured, False ungroups."""
+    """build_runner's default switches every mixer to the grouped scan (both directions in one call) and turns the
+    inference caches on: the logits of the plain model; grouped_scan=None leaves the model as configured, False
+    ungroups; inference_cache=False turns the caches off and drops them."""
     torch.manual_seed(0)
     model = create_model(variant, size="tiny", fusion_init="uniform", **TINY).eval()
     x = torch.randn(2, 3, 4, 32, 32)
@@ -144,7 +145,10 @@ def test_runner_groups_the_scans_with_the_same_logits(variant):
     assert torch.equal(build_runner(model, x, "eager", grouped_scan=None)(x), want)
     assert not any(blk.mixer.grouped_scan for blk in model.blocks)
     got = build_runner(model, x, "eager")(x)
-    assert all(blk.mixer.grouped_scan for blk in model.blocks)
+    assert all(blk.mixer.grouped_scan and blk.mixer.inference_cache for blk in model.blocks)
+    assert all(blk.fusion.inference_cache for blk in model.blocks if blk.fusion is not None)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    build_runner(model, x, "eager", grouped_scan=False)
-    assert not any(blk.mixer.grouped_scan for blk in model.blocks)
+    assert "_packed_cache" in model.blocks[0].mixer.__dict__
+    build_runner(model, x, "eager", grouped_scan=False, inference_cache=False)
+    assert not any(blk.mixer.grouped_scan or blk.mixer.inference_cache for blk in model.blocks)
+    assert "_packed_cache" not in model.blocks[0].mixer.__dict__

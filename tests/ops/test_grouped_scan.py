@@ -196,12 +196,14 @@ def test_model_config_reaches_every_mixer():
 
 
 def test_packed_params_are_reused_at_inference_and_follow_the_weights():
-    """Without autograd the grouped mixer packs both directions' parameters once (the same tensors on the next call)
-    and repacks after any change to a parameter (in place, load_state_dict): outputs equal a fresh mixer's; with
-    autograd it packs every call, so gradients reach the parameters."""
+    """With inference_cache on and without autograd the grouped mixer packs both directions' parameters once (the
+    same tensors on the next call) and repacks after any change to a parameter (in place, load_state_dict): outputs
+    equal a fresh mixer's; with autograd it packs every call, so gradients reach the parameters."""
     separate, grouped = _mixer_pair("torch")
     x = torch.randn(2, 11, 16, dtype=torch.float64)
     with torch.no_grad():
+        assert grouped._packed_params()[0] is not grouped._packed_params()[0]   # off unless asked for
+        grouped.inference_cache = True
         first = grouped._packed_params()
         assert all(a is b for a, b in zip(grouped._packed_params(), first))
         assert rel(grouped(x), separate(x)) < 1e-12

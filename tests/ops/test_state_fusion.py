@@ -118,14 +118,18 @@ def test_zero_init_starts_as_the_backbone_and_still_learns():
 @pytest.mark.parametrize("backend", ["conv", "shift", "ref", "gemm"])
 @pytest.mark.parametrize("use_aswm", [False, True])
 def test_inference_reuses_the_folded_kernels_and_follows_them(backend, use_aswm):
-    """Without autograd StateFusion folds the CFD term into its kernels once per dtype and reuses them (the same
-    tensors on the next call), refolding after any change to a kernel or theta; outputs equal the autograd path's
-    (which folds every call) to float64 rounding."""
+    """With inference_cache on and without autograd StateFusion folds the CFD term into its kernels once per dtype
+    and reuses them (the same tensors on the next call), refolding after any change to a kernel or theta; outputs
+    equal the autograd path's (which folds every call) to float64 rounding."""
     torch.manual_seed(0)
     scales = (3, 5) if use_aswm else (3,)
     fusion = StateFusion(4, scales, 0.7, True, use_aswm=use_aswm, backend=backend, init="uniform",
                          dtype=torch.float64)
     h = torch.randn(2, 4, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        fusion(h)
+    assert "_folded_cache" not in fusion.__dict__   # off unless asked for (evaluation inside training)
+    fusion.inference_cache = True
 
     def both():
         with torch.no_grad():
