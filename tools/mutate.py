@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 REF = "tests/reference/test_reference_model.py"
 REF_TORCH = [REF, "-k", "every_scan and torch"]
 NUMERICS = "tests/train/test_numerics.py"
+IGEMM = "tests/ops/test_fusion_igemm.py"
 
 
 @dataclass
@@ -71,14 +72,14 @@ MUTANTS = [
     M("dt_bias_dropped", "model", "msf_scale/models/blocks.py",
       "self.dt_proj.bias.float(), delta_softplus=True", "None, delta_softplus=True", REF_TORCH),
     M("aswm_softmax_over_width", "model", "msf_scale/models/blocks.py",
-      "torch.softmax(self.aswm(torch.cat(fused, dim=1)).float(), dim=1)",
-      "torch.softmax(self.aswm(torch.cat(fused, dim=1)).float(), dim=-1)", REF_TORCH),
+      "torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=1)",
+      "torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)", REF_TORCH),
     M("drop_path_no_rescale", "model", "msf_scale/models/blocks.py",
       "return x * keep / (1 - self.p)", "return x * keep", [NUMERICS, "-k", "drop_path"]),
     M("temporal_embedding_dropped", "model", "msf_scale/models/msf_mamba.py",
       "x + self.pos_embed[:, None] + self.temporal_pos_embedding", "x + self.pos_embed[:, None]", REF_TORCH),
     M("mean_pool_includes_cls", "model", "msf_scale/models/msf_mamba.py",
-      "x[:, self.num_prefix:].mean(dim=1)", "x.mean(dim=1)", REF_TORCH),
+      "tokens = x[:, self.num_prefix:]", "tokens = x", REF_TORCH),
     M("fusion_every_K_off_by_one", "model", "msf_scale/models/msf_mamba.py",
       "list(range(n - 1, self.depth, n))", "list(range(n, self.depth, n))", [REF, "-k", "fusion_blocks"]),
     M("flops_without_scan_factor", "model", "msf_scale/models/msf_mamba.py",
@@ -104,10 +105,10 @@ MUTANTS = [
     M("norm_eps_default_changed", "model", "msf_scale/models/msf_mamba.py",
       "norm_eps: float = 1e-5", "norm_eps: float = 1e-6", [REF, "-k", "defaults or init_follows"]),
     # --- the operators -------------------------------------------------------------------------------------
-    M("cfd_theta_sign", "ops", "msf_scale/ops/state_fusion.py",
+    M("cfd_theta_sign", "ops", "msf_scale/ops/_cfd.py",
       "return weight - theta * off_centre[..., None, None, None] * centre",
       "return weight + theta * off_centre[..., None, None, None] * centre", ["tests/ops/test_state_fusion.py"]),
-    M("cfd_centre_frame_in_sum", "ops", "msf_scale/ops/state_fusion.py",
+    M("cfd_centre_frame_in_sum", "ops", "msf_scale/ops/_cfd.py",
       "off_centre = weight.sum(dim=(-1, -2, -3)) - weight[..., c, :, :].sum(dim=(-1, -2))",
       "off_centre = weight.sum(dim=(-1, -2, -3))", ["tests/ops/test_state_fusion.py"]),
     M("shift_conv_mirrored_time", "ops", "msf_scale/ops/state_fusion.py",
@@ -121,8 +122,8 @@ MUTANTS = [
     M("numba_path_softplus_dropped", "ops", "msf_scale/ops/_scan_numba.py",
       "delta = F.softplus(delta)", "delta = delta", ["tests/ops/test_selective_scan.py", "-k", "numba"]),
     M("scan_ref_input_not_scaled_by_delta", "ops", "msf_scale/ops/scan.py",
-      "h = torch.exp(dt * A) * h + dt * B[:, None, :, t] * u[:, :, t, None]",
-      "h = torch.exp(dt * A) * h + B[:, None, :, t] * u[:, :, t, None]", [REF, "-k", "every_scan and ref"]),
+      "h = torch.exp(dt * A) * h + dt * B[..., t] * u[:, :, t, None]",
+      "h = torch.exp(dt * A) * h + B[..., t] * u[:, :, t, None]", [REF, "-k", "every_scan and ref"]),
     M("torch_scan_log2e_off", "ops", "msf_scale/ops/_scan_torch.py",
       "LOG2E = 1.0 / math.log(2.0)", "LOG2E = 1.0 / math.log(2.01)",
       ["tests/ops/test_selective_scan.py", "-k", "torch and reference"]),
@@ -222,6 +223,29 @@ MUTANTS = [
     M("frame_diff_wraps_around", "model", "msf_scale/models/stem.py",
       "torch.diff(x, dim=2, prepend=x[:, :, :1])", "torch.diff(x, dim=2, prepend=x[:, :, -1:])",
       ["tests/models/test_input_pool_options.py"]),
+    # --- session 8: the igemm fusion backend (Triton kernels under the interpreter), the inference caches ------------
+    M("igemm_dh_kernel_not_flipped_in_time", "ops", "msf_scale/ops/_fusion_igemm.py",
+      "w.reshape(c, k, k, k).flip(1, 2, 3)", "w.reshape(c, k, k, k).flip(2, 3)", [IGEMM, "-k", "float64"]),
+    M("igemm_input_rows_one_short", "ops", "msf_scale/ops/_fusion_igemm.py",
+      "k_hi = tl.minimum(nlast // W + R + 1, H) * W", "k_hi = tl.minimum(nlast // W + R, H) * W",
+      [IGEMM, "-k", "float64"]),
+    M("igemm_row_steps_not_advanced", "ops", "msf_scale/ops/_fusion_igemm.py",
+      "rr = r_start + step * BR + tl.arange(0, BR)", "rr = r_start + tl.arange(0, BR)", [IGEMM, "-k", "float64"]),
+    M("igemm_tap_diagonal_off_by_one", "ops", "msf_scale/ops/_fusion_igemm.py",
+      "sel = (nx[None, :] == x[:, None] + (e - R)) & xm[:, None]",
+      "sel = (nx[None, :] == x[:, None] + (e - R + 1)) & xm[:, None]", [IGEMM, "-k", "float64"]),
+    M("packed_cache_ignores_in_place_changes", "model", "msf_scale/models/blocks.py",
+      "key = tuple((p.data_ptr(), p._version) for p in params)", "key = tuple(p.data_ptr() for p in params)",
+      ["tests/ops/test_grouped_scan.py", "-k", "packed"]),
+    M("folded_cache_ignores_in_place_changes", "model", "msf_scale/models/blocks.py",
+      "key = (dtype, *((p.data_ptr(), p._version) for p in params))", "key = (dtype, *(p.data_ptr() for p in params))",
+      ["tests/ops/test_state_fusion.py", "-k", "folded"]),
+    M("folded_kernels_folded_twice", "model", "msf_scale/models/blocks.py",
+      "kernels, theta = self.folded_kernels(h.dtype), 0.0", "kernels = self.folded_kernels(h.dtype)",
+      ["tests/ops/test_state_fusion.py", "-k", "folded"]),
+    M("inference_cache_always_on", "model", "msf_scale/models/blocks.py",
+      "cacheable = self.inference_cache and not torch.is_grad_enabled()", "cacheable = not torch.is_grad_enabled()",
+      ["tests/ops/test_grouped_scan.py", "-k", "packed"]),
 ]
 
 
