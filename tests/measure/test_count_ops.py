@@ -1,0 +1,28 @@
+"""benchmarks/count_ops.py counts the operators of a batch-1 eval forward (the launches a GPU would make). Checked
+here: the scan counts as one op per call, and what the inference caches remove is really gone (a deterministic
+count, not a timing)."""
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _count_ops():
+    spec = importlib.util.spec_from_file_location("count_ops", ROOT / "benchmarks" / "count_ops.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_scan_is_one_op_and_the_caches_remove_the_parameter_work():
+    count = _count_ops().count
+    separate = count("msf_mamba_plus", "tiny", False, 4, 32)
+    grouped = count("msf_mamba_plus", "tiny", True, 4, 32)
+    depth = 24
+    assert separate["msf_scale::selective_scan"] == 2 * depth and grouped["msf_scale::selective_scan"] == depth
+    # grouped with the caches: no parameter concatenation, stack or exp per block (one cat: the input and its flip)
+    assert grouped["aten::stack"] == 0 and grouped["aten::exp"] == 0
+    assert grouped["aten::cat"] <= 3 * depth   # the input's, the ASWM's and the class token's, per fusion block
+    # the CFD fold (sums and subtractions of the kernels) is not redone per forward
+    assert grouped["aten::sub"] == 0 and separate["aten::sub"] == 0
+    assert sum(grouped.values()) < sum(separate.values())
