@@ -36,8 +36,8 @@ def group_scans(model: nn.Module, on: bool = True) -> int:
 
 
 def cache_for_inference(model: nn.Module, on: bool = True) -> int:
-    """Let every module with an ``inference_cache`` (the grouped mixer's packed parameters, StateFusion's CFD-folded
-    kernels) build it once and reuse it in forwards without autograd, until a parameter's storage or in-place version
+    """Let every module with an ``inference_cache`` (the grouped mixer's packed parameters, each direction's A,
+    StateFusion's CFD-folded kernels; models.blocks.cached_for_inference) build it once and reuse it in forwards without autograd, until a parameter's storage or in-place version
     changes; ``on=False`` also drops what was cached. For a model whose weights stay put while it serves: evaluation
     inside training does not use it (DeepSpeed ZeRO-3 regathers parameters into reused storage, which that key would
     not notice). Returns how many modules."""
@@ -45,8 +45,8 @@ def cache_for_inference(model: nn.Module, on: bool = True) -> int:
     for m in mods:
         m.inference_cache = on
         if not on:
-            m.__dict__.pop("_packed_cache", None)
-            m.__dict__.pop("_folded_cache", None)
+            for slot in [k for k in m.__dict__ if k.startswith("_inference_")]:
+                del m.__dict__[slot]
     return len(mods)
 
 

@@ -15,6 +15,24 @@ from msf_scale.ops._fusion_gemm import multiscale_fusion_gemm
 from msf_scale.ops.state_fusion import resolve_backend
 
 
+def cached_for_inference(module: nn.Module, slot: str, params, build, *extra_key):
+    """``build()``, or its earlier result while ``module.inference_cache`` is on (msf_scale.inference.
+    cache_for_inference), autograd is off, torch.compile is not tracing and none of ``params`` has changed storage or
+    in-place version since (``extra_key`` joins the key, e.g. a dtype). Why: at batch 1 every op on the parameters
+    (concatenations, exp, the CFD fold) is a kernel launch per forward. Kept in ``module.__dict__[slot]`` (slots start
+    with ``_inference_``): not a buffer, so no state_dict entry and no .to() move."""
+    if not (getattr(module, "inference_cache", False) and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        return build()
+    key = (*extra_key, *((p.data_ptr(), p._version) for p in params))
+    cached = module.__dict__.get(slot)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = build()
+    module.__dict__[slot] = (key, value)
+    return value
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample, rescaling the kept ones."""
 
@@ -38,9 +56,10 @@ class BiMamba(nn.Module):
     """VideoMamba's "bimamba v2" mixer: one shared input projection, then a selective scan per direction with its
     own conv1d / x_proj / dt_proj / A / D; the two outputs are averaged, gated by silu(z) and projected back.
 
-    ``inference_cache``: off by default; see _packed_params. ``grouped_scan`` computes both directions at once (one conv over 2E channels, batched projections, one grouped
+    ``grouped_scan`` computes both directions at once (one conv over 2E channels, batched projections, one grouped
     selective_scan with G=2, as VMamba does): the same parameters and result, fewer kernel launches. Off by default: on
-    the H200 it gave no training gain (grouped / separate time 0.98-1.06), 4-11% lower graph latency."""
+    the H200 it gave no training gain (grouped / separate time 0.98-1.06), 4-11% lower graph latency.
+    ``inference_cache`` (off by default): see cached_for_inference."""
 
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4, dt_rank: int | None = None,
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
@@ -97,27 +116,16 @@ class BiMamba(nn.Module):
     def _packed_params(self) -> tuple[torch.Tensor, ...]:
         """Both directions' parameters side by side (conv weight [2E, 1, K] and bias, x_proj [2, E, R + 2N], dt_proj
         [2, R, E], A = -exp(A_log) [2E, N], D, delta_bias): seven concatenations and an exp per block and forward.
-        With ``inference_cache`` on (msf_scale.inference.cache_for_inference), without autograd and outside
-        torch.compile they are built once and reused until a parameter changes (its storage or in-place version): at
-        batch 1 each is a kernel launch, ~a third of a grouped block's."""
-        params = [p for d in (self.fwd, self.bwd) for p in (d.conv1d.weight, d.conv1d.bias, d.x_proj.weight,
-                                                            d.dt_proj.weight, d.A_log, d.D, d.dt_proj.bias)]
-        # under torch.compile the packing is part of the graph (fused, and no guards on storages and versions)
-        cacheable = self.inference_cache and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if cacheable:
-            key = tuple((p.data_ptr(), p._version) for p in params)
-            cached = self.__dict__.get("_packed_cache")
-            if cached is not None and cached[0] == key:
-                return cached[1]
+        Cached for inference (cached_for_inference): at batch 1 they are ~a third of a grouped block's launches."""
         f, b = self.fwd, self.bwd
-        packed = (torch.cat([f.conv1d.weight, b.conv1d.weight]), torch.cat([f.conv1d.bias, b.conv1d.bias]),
-                  torch.stack([f.x_proj.weight, b.x_proj.weight]).transpose(1, 2),
-                  torch.stack([f.dt_proj.weight, b.dt_proj.weight]).transpose(1, 2),
-                  -torch.exp(torch.cat([f.A_log, b.A_log]).float()),
-                  torch.cat([f.D, b.D]).float(), torch.cat([f.dt_proj.bias, b.dt_proj.bias]).float())
-        if cacheable:
-            self.__dict__["_packed_cache"] = (key, packed)   # not a buffer: no state_dict entry, no .to() move
-        return packed
+        params = [p for d in (f, b) for p in (d.conv1d.weight, d.conv1d.bias, d.x_proj.weight, d.dt_proj.weight,
+                                              d.A_log, d.D, d.dt_proj.bias)]
+        return cached_for_inference(self, "_inference_packed", params, lambda: (
+            torch.cat([f.conv1d.weight, b.conv1d.weight]), torch.cat([f.conv1d.bias, b.conv1d.bias]),
+            torch.stack([f.x_proj.weight, b.x_proj.weight]).transpose(1, 2),
+            torch.stack([f.dt_proj.weight, b.dt_proj.weight]).transpose(1, 2),
+            -torch.exp(torch.cat([f.A_log, b.A_log]).float()),
+            torch.cat([f.D, b.D]).float(), torch.cat([f.dt_proj.bias, b.dt_proj.bias]).float()))
 
 
 class _Direction(nn.Module):
@@ -130,6 +138,7 @@ class _Direction(nn.Module):
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True, **fk)
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **fk)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **fk)
+        self.inference_cache = False   # see cached_for_inference
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state, device=fk["device"], dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(d_inner, device=fk["device"], dtype=torch.float32))
         self.dt_rank, self.d_state = dt_rank, d_state
@@ -152,7 +161,7 @@ class _Direction(nn.Module):
         x = F.silu(causal_depthwise_conv1d(x, self.conv1d.weight, self.conv1d.bias))
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)       # bias goes to the scan as delta_bias
-        A = -torch.exp(self.A_log.float())
+        A = cached_for_inference(self, "_inference_A", [self.A_log], lambda: -torch.exp(self.A_log.float()))
         return selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), None,
                               self.dt_proj.bias.float(), delta_softplus=True, backend=backend)
 
@@ -177,7 +186,7 @@ class StateFusion(nn.Module):
         super().__init__()
         check_fusion_init(init)
         self.init = init
-        self.inference_cache = False   # see folded_kernels
+        self.inference_cache = False   # see cached_for_inference
         if use_aswm and len(scales) < 2:
             raise ModelOptionError(f"ASWM weights several scales; got fusion_scales={scales}")
         self.scales = tuple(scales)
@@ -212,17 +221,10 @@ class StateFusion(nn.Module):
 
     def folded_kernels(self, dtype: torch.dtype) -> list[torch.Tensor]:
         """Every scale's kernel with the CFD term folded in (ops._cfd.cfd_kernel), in ``dtype``: what each fast backend
-        computes per call. Built once per dtype and reused until a kernel or theta changes (storage or in-place
-        version); forward uses it with ``inference_cache`` on (msf_scale.inference.cache_for_inference), without
-        autograd and outside torch.compile: at batch 1 the fold's ~8 small ops per scale are kernel launches."""
-        params = [*self.kernels, self.theta]
-        key = (dtype, *((p.data_ptr(), p._version) for p in params))
-        cached = self.__dict__.get("_folded_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        folded = [cfd_kernel(w, self.theta).to(dtype) for w in self.kernels]
-        self.__dict__["_folded_cache"] = (key, folded)   # not a buffer: no state_dict entry, no .to() move
-        return folded
+        computes per call (the fold's ~8 small ops per scale). Cached for inference (cached_for_inference), which is
+        when forward uses it."""
+        return cached_for_inference(self, "_inference_folded", [*self.kernels, self.theta],
+                                    lambda: [cfd_kernel(w, self.theta).to(dtype) for w in self.kernels], dtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:      # h [B, C, T, H, W] -> fused [B, C, T, H, W]
         kernels, theta = list(self.kernels), self.theta

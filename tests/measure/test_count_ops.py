@@ -25,4 +25,5 @@ def test_scan_is_one_op_and_the_caches_remove_the_parameter_work():
     assert grouped["aten::cat"] <= 3 * depth   # the input's, the ASWM's and the class token's, per fusion block
     # the CFD fold (sums and subtractions of the kernels) is not redone per forward
     assert grouped["aten::sub"] == 0 and separate["aten::sub"] == 0
+    assert separate["aten::exp"] == 0   # each direction's A = -exp(A_log) is cached too
     assert sum(grouped.values()) < sum(separate.values())

@@ -148,7 +148,7 @@ def test_runner_groups_the_scans_with_the_same_logits(variant):
     assert all(blk.mixer.grouped_scan and blk.mixer.inference_cache for blk in model.blocks)
     assert all(blk.fusion.inference_cache for blk in model.blocks if blk.fusion is not None)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert "_packed_cache" in model.blocks[0].mixer.__dict__
+    assert "_inference_packed" in model.blocks[0].mixer.__dict__
     build_runner(model, x, "eager", grouped_scan=False, inference_cache=False)
     assert not any(blk.mixer.grouped_scan or blk.mixer.inference_cache for blk in model.blocks)
-    assert "_packed_cache" not in model.blocks[0].mixer.__dict__
+    assert "_inference_packed" not in model.blocks[0].mixer.__dict__

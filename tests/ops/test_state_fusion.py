@@ -128,7 +128,7 @@ def test_inference_reuses_the_folded_kernels_and_follows_them(backend, use_aswm)
     h = torch.randn(2, 4, 3, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         fusion(h)
-    assert "_folded_cache" not in fusion.__dict__   # off unless asked for (evaluation inside training)
+    assert "_inference_folded" not in fusion.__dict__   # off unless asked for (evaluation inside training)
     fusion.inference_cache = True
 
     def both():
