@@ -299,7 +299,7 @@ def _check_device(h: torch.Tensor) -> None:
 
 def state_fusion_igemm(h: torch.Tensor, kernels, theta) -> list[torch.Tensor]:
     """The ``igemm`` backend of state_fusion: one fused tensor per kernel, shaped like h. Shapes it does not take
-    (more than three windows, rows wider than MAX_REACH with the window's reach) go to the ``gemm`` backend."""
+    (more than three windows, a grid row too wide for one kernel-gradient tile: see supported) go to ``gemm``."""
     if not supported(h, kernels):
         from msf_scale.ops._fusion_gemm import state_fusion_gemm
         return state_fusion_gemm(h, kernels, theta)
