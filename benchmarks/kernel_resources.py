@@ -100,8 +100,20 @@ def main(argv=None) -> list[dict]:
                     help="BR,warps,stages of the kernel gradient (repeatable; default: CONFIG's)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = ap.parse_args(argv)
-    shape = tuple(map(int, args.shape.split(",")))
-    ks = tuple(map(int, args.scales.split(",")))
+
+    def ints(text: str, n: int | None, what: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if not values or (n is not None and len(values) != n):
+            ap.error(f"{what} must be {n or 'some'} comma-separated integers, got {text!r}")
+        return values
+
+    shape = ints(args.shape, 5, "--shape")
+    ks = ints(args.scales, None, "--scales")
+    if not 1 <= len(ks) <= fi.MAX_SCALES or any(k % 2 == 0 or k < 1 for k in ks):
+        ap.error(f"--scales must be 1..{fi.MAX_SCALES} odd windows, got {args.scales!r}")
     cfg = dict(fi.CONFIG)
     rows = []
 
@@ -109,13 +121,13 @@ def main(argv=None) -> list[dict]:
         rows.append({"kernel": kernel, "setting": setting, **_resources(compiled, args.arch)})
 
     for tiles in args.tiles or [",".join(str(cfg[k]) for k in ("BM", "BN", "BK", "warps", "stages"))]:
-        bm, bn, bk, warps, stages = map(int, tiles.split(","))
+        bm, bn, bk, warps, stages = ints(tiles, 5, "--tiles")
         c = dict(cfg, BM=bm, BN=bn, BK=bk, warps=warps, stages=stages)
         for k in ks:
             row(f"forward k={k}", tiles, plane_conv(shape, (k,), args.dtype, args.arch, c))
         row(f"input grad k={','.join(map(str, ks))}", tiles, plane_conv(shape, ks, args.dtype, args.arch, c))
     for tiles in args.grad_tiles or [",".join(str(cfg[k]) for k in ("BR", "grad_warps", "grad_stages"))]:
-        br, warps, stages = map(int, tiles.split(","))
+        br, warps, stages = ints(tiles, 3, "--grad-tiles")
         c = dict(cfg, BR=br, grad_warps=warps, grad_stages=stages)
         for k in ks:
             row(f"kernel grad k={k}", tiles, tap_grad(shape, k, args.dtype, args.arch, c))
