@@ -19,6 +19,8 @@ from msf_scale.catalog import SSM_VARIANTS as VARIANTS
 from msf_scale.models._registry import ModelOptionError, register_model
 from msf_scale.models.blocks import BiMamba, Block, StateFusion, check_fusion_init
 from msf_scale.models.stem import STEM_INPUTS, ConvStem, stem_channels, stem_input
+from msf_scale.ops.scan import BACKENDS as SCAN_BACKENDS
+from msf_scale.ops.state_fusion import BACKENDS as FUSION_BACKENDS
 
 
 @dataclass
@@ -107,6 +109,9 @@ class MSFMambaConfig:
             raise ModelOptionError(f"pool must be 'mean', 'max' or 'cls' (needs class_token), got {self.pool!r}")
         if self.stem_input not in STEM_INPUTS:
             raise ModelOptionError(f"stem_input must be 'rgb' or 'rgb_diff', got {self.stem_input!r}")
+        for name, known in (("scan_backend", SCAN_BACKENDS), ("fusion_backend", FUSION_BACKENDS)):
+            if getattr(self, name).lower() not in known:   # else the first forward would fail, mid-run
+                raise ModelOptionError(f"{name} must be one of {known}, got {getattr(self, name)!r}")
         self.fused_block_ids()   # validates fusion_blocks
 
     @property

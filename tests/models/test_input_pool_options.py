@@ -53,7 +53,9 @@ def test_fvcore_counts_the_options_as_the_analytic_count(stem):
 @pytest.mark.parametrize("field,value,match", [("stem_input", "flow", "stem_input must be"),
                                                ("pool", "median", "pool must be"),
                                                ("grouped_scan", "maybe", "grouped_scan must be true or false"),
-                                               ("class_token", "yes", "class_token must be true or false")])
+                                               ("class_token", "yes", "class_token must be true or false"),
+                                               ("fusion_backend", "igem", "fusion_backend must be one of"),
+                                               ("scan_backend", "mamba", "scan_backend must be one of")])
 def test_unknown_option_values_are_refused_in_one_line(field, value, match):
     with pytest.raises(ValueError, match=match):
         create_model("msf_mamba", size="tiny", device="meta", **{field: value})
