@@ -4,7 +4,8 @@
 # models' training clips/s and batch-1 graph latency under `auto` and with the fusion on igemm.
 # Usage (repository root; python with torch + CUDA + triton + mamba-ssm, the package importable):
 #   bash benchmarks/speed_checks.sh OUT
-# Knobs (environment): PARTS="tests fusion profile model" (any subset), SIZES="tiny,small" (bench_model),
+# Knobs (environment): PARTS="tests fusion profile model" (any subset; "compiled", not in the default, is a second
+#   call's worth: torch.compile'd training beside eager, small, every variant), SIZES="tiny,small" (bench_model),
 #   SWEEP_S=90 (igemm tile sweep budget), PYTHON=python.
 # Each part runs under its own `timeout` and the next runs whatever its exit code; OUT/status.txt lists each part's
 # exit code and seconds. Every part's output is tee'd into OUT/<part>.log as it is printed.
@@ -36,4 +37,7 @@ part profile 45 "$PY" benchmarks/profile_fusion.py --out "$OUT/profile_igemm" --
 part model 230 "$PY" benchmarks/bench_model.py --sizes "$SIZES" --steps 5 --latency-reps 20 --setup auto: \
   --setup igemm:fusion_backend=igemm --setup igemm_grouped:fusion_backend=igemm,grouped_scan=true \
   --out "$OUT/bench_model.json"
+part compiled 540 "$PY" benchmarks/bench_model.py --sizes small --steps 5 --latency-reps 20 --setup auto: \
+  --setup compiled:compile=true --setup igemm_compiled:fusion_backend=igemm,compile=true \
+  --out "$OUT/bench_model_compiled.json"
 cat "$OUT/status.txt"
