@@ -62,7 +62,8 @@ def build_runner(model: nn.Module, example: torch.Tensor, mode: str = "eager", d
     parameter work is done once (:func:`cache_for_inference`): fewer launches, the same logits.
 
     eager: model(x). graph: CUDA graph captured after ``warmup`` calls on a side stream; each call copies x into the
-    captured input and replays (the returned tensor is the graph's output buffer). compile: torch.compile(model)
+    captured input and replays (the returned tensor is the graph's output buffer); with the inference caches on it
+    replays the weights as they were at capture: build a new runner after changing them. compile: torch.compile(model)
     with ``compile_mode`` (default on CUDA "reduce-overhead": the fused kernels replayed as CUDA graphs, PyTorch's
     mode for small batches, whose outputs the next call may overwrite like graph's; on CPU PyTorch's default),
     compiled and recorded here on ``example``, not inside the first timed call."""
@@ -115,4 +116,7 @@ def build_runner(model: nn.Module, example: torch.Tensor, mode: str = "eager", d
         graph.replay()
         return static_out
     run.graph = graph   # keep the graph (and its memory pool) alive with the runner
+    # the captured kernels read the inference caches' tensors (not the parameters): keep them alive with the graph,
+    # whatever later rebuilds the caches
+    run.cached = [v for m in model.modules() for k, v in m.__dict__.items() if k.startswith("_inference_")]
     return run

@@ -15,16 +15,24 @@ from msf_scale.ops._fusion_gemm import multiscale_fusion_gemm
 from msf_scale.ops.state_fusion import resolve_backend
 
 
+def inference_cache_applies(module: nn.Module) -> bool:
+    """Whether ``module`` may use its inference cache now: ``inference_cache`` on, autograd off, and neither
+    torch.compile nor torch.jit tracing (the one would gain nothing, the other would bake the values in as constants)."""
+    return (getattr(module, "inference_cache", False) and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+
 def cached_for_inference(module: nn.Module, slot: str, params, build, *extra_key):
-    """``build()``, or its earlier result while ``module.inference_cache`` is on (msf_scale.inference.
-    cache_for_inference), autograd is off, torch.compile is not tracing and none of ``params`` has changed storage or
-    in-place version since (``extra_key`` joins the key, e.g. a dtype). Why: at batch 1 every op on the parameters
-    (concatenations, exp, the CFD fold) is a kernel launch per forward. Kept in ``module.__dict__[slot]`` (slots start
-    with ``_inference_``): not a buffer, so no state_dict entry and no .to() move."""
-    if not (getattr(module, "inference_cache", False) and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()):
+    """``build()``, or its earlier result while the cache applies (inference_cache_applies; msf_scale.inference.
+    cache_for_inference turns it on) and none of ``params`` has changed identity, storage or in-place version since
+    (``extra_key`` joins the key, e.g. a dtype). Why: at batch 1 every op on the parameters (concatenations, exp, the
+    CFD fold) is a kernel launch per forward. Not noticed: writes through ``p.data`` (they bump no version counter).
+    Parameters that are inference tensors (a model built under torch.inference_mode) have no version counter: no
+    cache. Kept in ``module.__dict__[slot]`` (slots start with ``_inference_``): not a buffer, so no state_dict entry
+    and no .to() move."""
+    if not inference_cache_applies(module) or any(p.is_inference() for p in params):
         return build()
-    key = (*extra_key, *((p.data_ptr(), p._version) for p in params))
+    key = (*extra_key, *((id(p), p.data_ptr(), p._version) for p in params))
     cached = module.__dict__.get(slot)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -228,8 +236,7 @@ class StateFusion(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:      # h [B, C, T, H, W] -> fused [B, C, T, H, W]
         kernels, theta = list(self.kernels), self.theta
-        if (self.inference_cache and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing()):
+        if inference_cache_applies(self):
             kernels, theta = self.folded_kernels(h.dtype), 0.0   # theta 0.0: the backends fold nothing more
         if (self.aswm is not None and not torch.jit.is_tracing()   # tracing (FLOP counting) takes the named op
                 and resolve_backend(self.backend, h.device, self.scales[0], h.shape[0] * h.shape[2],

@@ -99,6 +99,26 @@ def test_fast_modes_give_the_eager_logits_on_gpu(mode, variant):
     torch.testing.assert_close(run(x).float(), eager, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.gpu
+def test_graph_runner_keeps_the_captured_weights_alive():
+    """A graph runner with the inference caches reads their tensors; a later weight change and eager forward rebuild
+    the caches (freeing the old tensors but for the runner's references): replays still give the captured weights'
+    logits, not freed memory's."""
+    torch.manual_seed(0)
+    model = create_model("msf_mamba_plus", size="tiny", fusion_init="uniform", **TINY).cuda().eval()
+    x = torch.randn(1, 3, 4, 32, 32, device="cuda")
+    run = build_runner(model, x, "graph", torch.bfloat16)
+    want = run(x).float().clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+        model(x)                                   # rebuilds every cache
+        torch.cuda.empty_cache()
+        junk = [torch.randn(1 << 20, device="cuda") for _ in range(64)]   # reuse what was freed
+    torch.testing.assert_close(run(x).float(), want, rtol=0, atol=0)
+    del junk
+
+
 def test_whole_path_from_a_video_file(tmp_path):
     """--video-file: decode + test views + forward, one row (eager) with the video's views as its batch."""
     from msf_scale.data.video import encode_mp4

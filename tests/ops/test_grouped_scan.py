@@ -207,10 +207,15 @@ def test_packed_params_are_reused_at_inference_and_follow_the_weights():
         first = grouped._packed_params()
         assert all(a is b for a, b in zip(grouped._packed_params(), first))
         assert rel(grouped(x), separate(x)) < 1e-12
-        for name in ("bwd.A_log", "fwd.x_proj.weight", "bwd.conv1d.bias"):
+        separate.inference_cache = separate.fwd.inference_cache = separate.bwd.inference_cache = True   # A cached
+        separate(x)
+        for name, _ in grouped.named_parameters():   # one at a time: a key that misses one parameter fails here
             grouped.get_parameter(name).mul_(1.5)
             separate.get_parameter(name).mul_(1.5)
-            assert rel(grouped(x), separate(x)) < 1e-12, name
+            want = copy.deepcopy(separate)
+            want.inference_cache = want.fwd.inference_cache = want.bwd.inference_cache = False
+            assert rel(grouped(x), want(x)) < 1e-12, name
+            assert rel(separate(x), want(x)) < 1e-12, name
         fresh = copy.deepcopy(separate)
         for p in fresh.parameters():
             p.add_(0.05)
@@ -222,10 +227,38 @@ def test_packed_params_are_reused_at_inference_and_follow_the_weights():
 
 
 def test_grouped_mixer_compiles_whole_at_inference():
-    """Under torch.compile the packing is traced (no cache, no side effect): fullgraph, the eager output."""
+    """With the cache on, under torch.compile the packing is traced (no cache, no side effect): fullgraph, the
+    eager output."""
     separate, grouped = _mixer_pair("torch")
+    grouped.inference_cache = True
     x = torch.randn(2, 11, 16, dtype=torch.float64)
     torch._dynamo.reset()
     with torch.no_grad():
         got = torch.compile(grouped, fullgraph=True, backend="aot_eager")(x)
         assert rel(got, separate(x)) < 1e-12
+
+
+def test_traced_mixer_reads_the_parameters_not_the_cache():
+    """torch.jit.trace (legacy export) under no_grad with the cache on: the trace keeps the parameters as inputs
+    (the cache would bake them in as constants), so a later weight change reaches the traced mixer."""
+    separate, grouped = _mixer_pair("torch")
+    grouped.inference_cache = True
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    with torch.no_grad():
+        grouped(x)
+        traced = torch.jit.trace(grouped, x, check_trace=False)
+        for p, q in zip(grouped.parameters(), separate.parameters()):
+            p.mul_(1.25)
+            q.mul_(1.25)
+        assert rel(traced(x), separate(x)) < 1e-12
+
+
+def test_a_model_built_in_inference_mode_runs_without_the_cache():
+    """Parameters created under torch.inference_mode are inference tensors (no version counter): no cache, no
+    error, the same output."""
+    with torch.inference_mode():
+        separate, grouped = _mixer_pair("torch")
+        grouped.inference_cache = True
+        x = torch.randn(2, 11, 16, dtype=torch.float64)
+        assert rel(grouped(x), separate(x)) < 1e-12
+        assert "_inference_packed" not in grouped.__dict__
