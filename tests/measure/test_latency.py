@@ -100,22 +100,23 @@ def test_fast_modes_give_the_eager_logits_on_gpu(mode, variant):
 
 
 @pytest.mark.gpu
-def test_graph_runner_keeps_the_captured_weights_alive():
-    """A graph runner with the inference caches reads their tensors; a later weight change and eager forward rebuild
-    the caches (freeing the old tensors but for the runner's references): replays still give the captured weights'
-    logits, not freed memory's."""
+def test_graph_runner_keeps_the_cached_tensors_it_captured_alive():
+    """A graph runner with the inference caches reads their tensors. After a weight change, an eager forward
+    rebuilds the caches and frees the old tensors but for the runner's references: replays give what they gave
+    before that rebuild (the memory they read was not reused), bit for bit."""
     torch.manual_seed(0)
     model = create_model("msf_mamba_plus", size="tiny", fusion_init="uniform", **TINY).cuda().eval()
     x = torch.randn(1, 3, 4, 32, 32, device="cuda")
     run = build_runner(model, x, "graph", torch.bfloat16)
-    want = run(x).float().clone()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.5)
+    before = run(x).float().clone()
+    with torch.no_grad():
         model(x)                                   # rebuilds every cache
         torch.cuda.empty_cache()
-        junk = [torch.randn(1 << 20, device="cuda") for _ in range(64)]   # reuse what was freed
-    torch.testing.assert_close(run(x).float(), want, rtol=0, atol=0)
+        junk = [torch.randn(1 << 20, device="cuda") for _ in range(64)]   # take what was freed
+    torch.testing.assert_close(run(x).float(), before, rtol=0, atol=0)
     del junk
 
 
