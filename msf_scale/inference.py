@@ -63,7 +63,7 @@ def build_runner(model: nn.Module, example: torch.Tensor, mode: str = "eager", d
 
     eager: model(x). graph: CUDA graph captured after ``warmup`` calls on a side stream; each call copies x into the
     captured input and replays (the returned tensor is the graph's output buffer); with the inference caches on it
-    replays the weights as they were at capture: build a new runner after changing them. compile: torch.compile(model)
+    reads their tensors as captured while reading the other weights live: build a new runner after changing weights. compile: torch.compile(model)
     with ``compile_mode`` (default on CUDA "reduce-overhead": the fused kernels replayed as CUDA graphs, PyTorch's
     mode for small batches, whose outputs the next call may overwrite like graph's; on CPU PyTorch's default),
     compiled and recorded here on ``example``, not inside the first timed call."""
