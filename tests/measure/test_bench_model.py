@@ -1,22 +1,10 @@
 """benchmarks/bench_model.py compares execution setups side by side on a lent GPU, where a setup that silently
 did not reach the model (a misparsed option, a bool left as the string "false") would be a wrong ratio in the
 issue's table. Its parsing and one CPU row are checked here; its timings are benchmarks, not tests."""
-import importlib.util
-from pathlib import Path
-
 import pytest
+from benchmark_scripts import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench_model():
-    spec = importlib.util.spec_from_file_location("bench_model", ROOT / "benchmarks" / "bench_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-BM = _bench_model()
+BM = load_benchmark("bench_model")
 
 
 def test_setup_options_parse_to_typed_model_options():

@@ -1,21 +1,10 @@
 """benchmarks/count_ops.py counts the operators of a batch-1 eval forward (the launches a GPU would make). Checked
 here: the scan counts as one op per call, and what the inference caches remove is really gone (a deterministic
 count, not a timing)."""
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _count_ops():
-    spec = importlib.util.spec_from_file_location("count_ops", ROOT / "benchmarks" / "count_ops.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from benchmark_scripts import load_benchmark
 
 def test_scan_is_one_op_and_the_caches_remove_the_parameter_work():
-    count = _count_ops().count
+    count = load_benchmark("count_ops").count
     separate = count("msf_mamba_plus", "tiny", False, 4, 32)
     grouped = count("msf_mamba_plus", "tiny", True, 4, 32)
     depth = 24

@@ -75,6 +75,23 @@ def check_module_matches_conv(backend, channels):
         assert rel(p0.grad, p1.grad) < 1e-12, name
 
 
+def check_compiled_matches_eager(backend, channels, scales, dtype=torch.float32, compile_backend="inductor",
+                                 out_tol=(1e-5, 1e-5), grad_tol=(1e-4, 1e-4)):
+    """StateFusion(backend) with ASWM under torch.compile(fullgraph=True): output and every gradient equal eager's
+    within (rtol, atol)."""
+    torch.manual_seed(0)
+    fusion = StateFusion(channels, scales, 0.7, True, use_aswm=True, backend=backend, init="uniform", dtype=dtype)
+    h = torch.randn(2, channels, 3 if dtype == torch.float64 else 4, 5, 5, dtype=dtype, requires_grad=True)
+    want = fusion(h)
+    want_grads = torch.autograd.grad(want.square().sum(), [h, *fusion.parameters()])
+    torch._dynamo.reset()
+    got = torch.compile(fusion, fullgraph=True, backend=compile_backend)(h)
+    got_grads = torch.autograd.grad(got.square().sum(), [h, *fusion.parameters()])
+    torch.testing.assert_close(got, want, rtol=out_tol[0], atol=out_tol[1])
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=grad_tol[0], atol=grad_tol[1])
+
+
 BF16_BOUNDS = [1e-2] + [2e-2] * 7   # output; dh, dk3, dk5, dk7, dtheta (conditioned, see bf16_errors), dA, db
 
 

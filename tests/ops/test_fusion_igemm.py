@@ -13,10 +13,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from fusion_cases import (SHAPES, aswm_ref, bf16_errors, check_matches_ref, check_module_matches_conv,  # noqa: E402
-                          check_unused_outputs_get_no_gradient, make, over_bounds, rel)
+from fusion_cases import (SHAPES, aswm_ref, bf16_errors, check_compiled_matches_eager, check_matches_ref,  # noqa: E402
+                          check_module_matches_conv, check_unused_outputs_get_no_gradient, make, over_bounds, rel)
 
-from msf_scale.models.blocks import StateFusion  # noqa: E402
 from msf_scale.ops import state_fusion, state_fusion_ref  # noqa: E402
 from msf_scale.ops import _fusion_igemm  # noqa: E402
 
@@ -142,33 +141,12 @@ def test_opcheck_forward_and_backward_ops():
 def test_compiles_with_fullgraph():
     """StateFusion(backend="igemm") with ASWM traces whole under torch.compile(fullgraph=True) (the kernels behind
     custom ops): compiled output and gradients equal eager's."""
-    torch.manual_seed(0)
-    fusion = StateFusion(4, (3, 5, 7), 0.7, True, use_aswm=True, backend="igemm", init="uniform",
-                         dtype=torch.float64)
-    h = torch.randn(2, 4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
-    want = fusion(h)
-    want_grads = torch.autograd.grad(want.square().sum(), [h, *fusion.parameters()])
-    torch._dynamo.reset()
-    got = torch.compile(fusion, fullgraph=True, backend="aot_eager")(h)
-    got_grads = torch.autograd.grad(got.square().sum(), [h, *fusion.parameters()])
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    check_compiled_matches_eager("igemm", 4, (3, 5, 7), torch.float64, "aot_eager", (1e-12, 1e-12), (1e-12, 1e-12))
 
 
 def test_compiles_with_inductor():
     """The default backend (inductor) compiles around the custom ops too (fp32; the ops run the kernels)."""
-    torch.manual_seed(0)
-    fusion = StateFusion(4, (3, 5), 0.7, True, use_aswm=True, backend="igemm", init="uniform")
-    h = torch.randn(2, 4, 3, 5, 5, requires_grad=True)
-    want = fusion(h)
-    want_grads = torch.autograd.grad(want.square().sum(), [h, *fusion.parameters()])
-    torch._dynamo.reset()
-    got = torch.compile(fusion, fullgraph=True)(h)
-    got_grads = torch.autograd.grad(got.square().sum(), [h, *fusion.parameters()])
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    check_compiled_matches_eager("igemm", 4, (3, 5), out_tol=(1e-5, 1e-6), grad_tol=(1e-4, 1e-5))
 
 
 def test_default_tiles_compile_for_hopper_without_spills():

@@ -1,24 +1,12 @@
 """benchmarks/fine_motion.py's conditions are command lines handed to train.py in a device call: a misspelt flag
 or option value would only surface there, as a lost run. Each one must parse and build its model here."""
-import importlib.util
-from pathlib import Path
-
 import pytest
+from benchmark_scripts import load_benchmark
 
 from msf_scale.config import load_config
 from msf_scale.models import build_model
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _fine_motion():
-    spec = importlib.util.spec_from_file_location("fine_motion", ROOT / "benchmarks" / "fine_motion.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-FM = _fine_motion()
+FM = load_benchmark("fine_motion")
 
 
 @pytest.mark.parametrize("name", sorted(FM.CONDITIONS))
