@@ -75,6 +75,11 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=6, help="most frequent operators listed per row")
     ap.add_argument("--out", default=None, help="JSON with every row's full count")
     args = ap.parse_args(argv)
+    from msf_scale.catalog import SSM_SIZES, SSM_VARIANTS
+    for name, given, known in (("--variants", args.variants, SSM_VARIANTS), ("--sizes", args.sizes, SSM_SIZES)):
+        bad = [v for v in given.split(",") if v not in known]
+        if bad:
+            ap.error(f"{name}: unknown {bad}; expected some of {sorted(known)}")
     rows = []
     for size in args.sizes.split(","):
         for variant in args.variants.split(","):

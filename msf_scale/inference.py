@@ -37,8 +37,9 @@ def group_scans(model: nn.Module, on: bool = True) -> int:
 
 def cache_for_inference(model: nn.Module, on: bool = True) -> int:
     """Let every module with an ``inference_cache`` (the grouped mixer's packed parameters, each direction's A,
-    StateFusion's CFD-folded kernels; models.blocks.cached_for_inference) build it once and reuse it in forwards without autograd, until a parameter's storage or in-place version
-    changes; ``on=False`` also drops what was cached. For a model whose weights stay put while it serves: evaluation
+    StateFusion's CFD-folded kernels; models.blocks.cached_for_inference) build it once and reuse it in forwards
+    without autograd, until a parameter's identity, storage or in-place version changes; ``on=False`` also drops what
+    was cached. For a model whose weights stay put while it serves: evaluation
     inside training does not use it (DeepSpeed ZeRO-3 regathers parameters into reused storage, which that key would
     not notice). Returns how many modules."""
     mods = [m for m in model.modules() if hasattr(m, "inference_cache")]
@@ -63,10 +64,11 @@ def build_runner(model: nn.Module, example: torch.Tensor, mode: str = "eager", d
 
     eager: model(x). graph: CUDA graph captured after ``warmup`` calls on a side stream; each call copies x into the
     captured input and replays (the returned tensor is the graph's output buffer); with the inference caches on it
-    reads their tensors as captured while reading the other weights live: build a new runner after changing weights. compile: torch.compile(model)
-    with ``compile_mode`` (default on CUDA "reduce-overhead": the fused kernels replayed as CUDA graphs, PyTorch's
-    mode for small batches, whose outputs the next call may overwrite like graph's; on CPU PyTorch's default),
-    compiled and recorded here on ``example``, not inside the first timed call."""
+    reads their tensors as captured while reading the other weights live: build a new runner after changing weights.
+    compile: torch.compile(model) with ``compile_mode`` (default on CUDA "reduce-overhead": the fused kernels
+    replayed as CUDA graphs, PyTorch's mode for small batches, whose outputs the next call may overwrite like
+    graph's; on CPU PyTorch's default), compiled and recorded here on ``example``, not inside the first timed
+    call."""
     if mode not in MODES:
         raise ValueError(f"unknown inference mode {mode!r}; expected one of {MODES}")
     model.eval()

@@ -17,7 +17,8 @@ from msf_scale.ops.state_fusion import resolve_backend
 
 def inference_cache_applies(module: nn.Module) -> bool:
     """Whether ``module`` may use its inference cache now: ``inference_cache`` on, autograd off, and neither
-    torch.compile nor torch.jit tracing (the one would gain nothing, the other would bake the values in as constants)."""
+    torch.compile nor torch.jit tracing (the one would gain nothing, the other would bake the values in as
+    constants)."""
     return (getattr(module, "inference_cache", False) and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 

@@ -1,7 +1,8 @@
 """The CFD fold: the MCFM's difference term moved into a plain depthwise kernel's centre tap (SPEC.md, MCFM).
 
 Its own module because every fusion backend folds the same way (state_fusion's conv and shift, _fusion_triton,
-_fusion_gemm), and the fused backends must not import the dispatcher that imports them.
+_fusion_gemm, _fusion_igemm; StateFusion's inference cache), and the fused backends must not import the dispatcher
+that imports them.
 """
 from __future__ import annotations
 
