@@ -1,13 +1,12 @@
 """Registers, spills and shared memory of the igemm fusion kernels for a GPU, compiled ahead of time: no GPU needed.
 
     python benchmarks/kernel_resources.py                          # sm_90, bf16, (32, 384, 8, 14, 14), scales 3,5,7
-    python benchmarks/kernel_resources.py --arch 90 --dtype bfloat16 --shape 1,384,8,14,14 --tiles 64,64,32,8,2
+    python benchmarks/kernel_resources.py --arch 90 --dtype bfloat16 --shape 1,384,8,14,14 --tiles 64,64,4,2
 
 Why: tile sizes that spill registers to local memory are slow on every GPU run, and ptxas says so at compile time.
 Triton compiles a kernel for a named target on any machine (its ASTSource + GPUTarget), and the ptxas it ships
 reports per-kernel registers and spill bytes (-v). Each row is one kernel as ops/_fusion_igemm.py would launch it
-at --shape: the forward per window (one scale), the input gradient (every scale in one program) and each window's
-kernel gradient; whether the tensor-core path is wgmma (Hopper) or mma.sync. Compile-time facts, not timings.
+at --shape: the forward, the input gradient and the kernel gradients (each every window in one launch); whether the tensor-core path is wgmma (Hopper) or mma.sync. Compile-time facts, not timings.
 """
 from __future__ import annotations
 
@@ -59,32 +58,35 @@ def _resources(kernel, arch: int) -> dict:
             "mma": "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none (CUDA cores)"}
 
 
-def plane_conv(shape, ks, dtype: str, arch: int, cfg: dict):
-    """_plane_conv as _fusion_igemm._conv launches it for windows ks (one: the forward; several: the input grad)."""
+def row_conv(shape, ks, dtype: str, arch: int, cfg: dict, shared: bool):
+    """_row_conv as _fusion_igemm._conv launches it for windows ks (shared: the forward; else the input grad)."""
     ptr, acc, prec = DTYPES[dtype]
     b, _, t, hh, ww = shape
-    bm = min(cfg["BM"], max(16, fi._pow2(b * t)))
-    kk = list(ks) + [0] * (fi.MAX_SCALES - len(ks))
-    nk = [fi._k_steps(hh, ww, k, cfg["BN"], cfg["BK"]) if k else 0 for k in kk]
-    taps = "*fp64" if dtype == "float64" else "*fp32"
-    signature = {"x0": ptr, "x1": ptr, "x2": ptr, "w0": taps, "w1": taps, "w2": taps, "out_ptr": ptr,
-                 "C": "i32", "T": "i32", "H": "i32", "W": "i32", "ROWS": "i32"}
-    constants = dict(NS=len(ks), K0=kk[0], K1=kk[1], K2=kk[2], NK0=nk[0], NK1=nk[1], NK2=nk[2], BM=bm,
-                     BN=cfg["BN"], BK=cfg["BK"], PREC=prec, ACC=acc)
-    return _compile(fi._plane_conv, signature, constants, arch, cfg["warps"], cfg["stages"])
+    g = fi.Geometry(hh, ww, ks)
+    bm = max(16, min(cfg["BM"], fi._pow2(b * t * hh)))
+    kk = list(ks) + [1] * (fi.MAX_SCALES - len(ks))
+    signature = {**{f"x{i}": ptr for i in range(3)}, **{f"b{i}": ptr for i in range(3)},
+                 **{f"o{i}": ptr for i in range(3)},
+                 "C": "i32", "T": "i32", "H": "i32", "W": "i32", "HP": "i32", "ROWS": "i32"}
+    constants = dict(SHARED=shared, NS=len(ks), K0=kk[0], K1=kk[1], K2=kk[2], R=g.r, XP=g.xp, NP=g.np, XN=g.xn,
+                     BM=bm, BK=min(cfg["BK"], g.np), PREC=prec, ACC=acc)
+    return _compile(fi._row_conv, signature, constants, arch, cfg["warps"], cfg["stages"])
 
 
-def tap_grad(shape, k: int, dtype: str, arch: int, cfg: dict):
-    """_tap_grad as _fusion_igemm._kernel_grad launches it for window k."""
+def tap_grad(shape, ks, dtype: str, arch: int, cfg: dict):
+    """_tap_grad as _fusion_igemm._kernel_grads launches it for windows ks (every window in one launch)."""
     ptr, acc, prec = DTYPES[dtype]
     b, c, t, hh, ww = shape
-    rows, br = b * t * hh, cfg["BR"]
-    splits = max(1, min(triton.cdiv(cfg["grad_programs"], c * k), triton.cdiv(rows, br)))
+    g = fi.Geometry(hh, ww, ks)
+    rows, br, kmax = b * t * hh, cfg["BR"], 2 * g.r + 1
+    splits = max(1, min(triton.cdiv(cfg["grad_programs"], c * kmax), triton.cdiv(rows, br)))
     chunk = triton.cdiv(triton.cdiv(rows, splits), br) * br
-    xw, ap, xp = fi._grad_tile(ww, k)
-    signature = {"h_ptr": ptr, "g_ptr": ptr, "part_ptr": "*fp64" if dtype == "float64" else "*fp32",
-                 "C": "i32", "T": "i32", "H": "i32", "W": "i32", "NR": "i32"}
-    constants = dict(CHUNK=chunk, K=k, XW=xw, AP=ap, XP=xp, BR=br, PREC=prec, ACC=acc)
+    kk = list(ks) + [1] * (fi.MAX_SCALES - len(ks))
+    part = "*fp64" if dtype == "float64" else "*fp32"
+    signature = {"hp_ptr": ptr, **{f"g{i}": ptr for i in range(3)}, **{f"p{i}": part for i in range(3)},
+                 "C": "i32", "T": "i32", "H": "i32", "W": "i32", "HP": "i32", "NR": "i32"}
+    constants = dict(CHUNK=chunk, NS=len(ks), K0=kk[0], K1=kk[1], K2=kk[2], R=g.r, XP=g.xp, NP=g.np, XN=g.xn,
+                     BR=br, PREC=prec, ACC=acc)
     return _compile(fi._tap_grad, signature, constants, arch, cfg["grad_warps"], cfg["grad_stages"])
 
 
@@ -95,7 +97,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--shape", default="32,384,8,14,14", help="B,C,T,H,W")
     ap.add_argument("--scales", default="3,5,7")
     ap.add_argument("--tiles", action="append", default=None,
-                    help="BM,BN,BK,warps,stages of the plane conv (repeatable; default: CONFIG's)")
+                    help="BM,BK,warps,stages of the row conv (repeatable; default: CONFIG's)")
     ap.add_argument("--grad-tiles", action="append", default=None,
                     help="BR,warps,stages of the kernel gradient (repeatable; default: CONFIG's)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
@@ -120,17 +122,16 @@ def main(argv=None) -> list[dict]:
     def row(kernel: str, setting: str, compiled) -> None:
         rows.append({"kernel": kernel, "setting": setting, **_resources(compiled, args.arch)})
 
-    for tiles in args.tiles or [",".join(str(cfg[k]) for k in ("BM", "BN", "BK", "warps", "stages"))]:
-        bm, bn, bk, warps, stages = ints(tiles, 5, "--tiles")
-        c = dict(cfg, BM=bm, BN=bn, BK=bk, warps=warps, stages=stages)
-        for k in ks:
-            row(f"forward k={k}", tiles, plane_conv(shape, (k,), args.dtype, args.arch, c))
-        row(f"input grad k={','.join(map(str, ks))}", tiles, plane_conv(shape, ks, args.dtype, args.arch, c))
+    scales = ",".join(map(str, ks))
+    for tiles in args.tiles or [",".join(str(cfg[k]) for k in ("BM", "BK", "warps", "stages"))]:
+        bm, bk, warps, stages = ints(tiles, 4, "--tiles")
+        c = dict(cfg, BM=bm, BK=bk, warps=warps, stages=stages)
+        row(f"forward k={scales}", tiles, row_conv(shape, ks, args.dtype, args.arch, c, shared=True))
+        row(f"input grad k={scales}", tiles, row_conv(shape, ks, args.dtype, args.arch, c, shared=False))
     for tiles in args.grad_tiles or [",".join(str(cfg[k]) for k in ("BR", "grad_warps", "grad_stages"))]:
         br, warps, stages = ints(tiles, 3, "--grad-tiles")
         c = dict(cfg, BR=br, grad_warps=warps, grad_stages=stages)
-        for k in ks:
-            row(f"kernel grad k={k}", tiles, tap_grad(shape, k, args.dtype, args.arch, c))
+        row(f"kernel grad k={scales}", tiles, tap_grad(shape, ks, args.dtype, args.arch, c))
     if args.json:
         print(json.dumps(rows))
         return rows

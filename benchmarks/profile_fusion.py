@@ -47,7 +47,7 @@ def triton_kernel_info() -> list[dict]:
     igemm backends' kernels that ran in this process)."""
     info = []
     kernels = [("msf_scale.ops._fusion_triton", ("_fwd", "_combine", "_aswm_dot", "_aswm_grad", "_bwd")),
-               ("msf_scale.ops._fusion_igemm", ("_plane_conv", "_tap_grad"))]
+               ("msf_scale.ops._fusion_igemm", ("_row_conv", "_tap_grad"))]
     for module, names in kernels:
         for name in names:
             info += _compiled_variants(sys.modules.get(module), name)

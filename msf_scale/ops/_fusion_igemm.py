@@ -42,6 +42,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -49,98 +50,189 @@ from msf_scale.ops._cfd import cfd_kernel
 from msf_scale.ops._choice import tf32_matmul_allowed
 
 MAX_SCALES = 3
-MAX_REACH = 64          # W + 2 r: the kernel-gradient tile holds (o_y, x') columns for every window row
-# Tiles of _plane_conv (rows, positions, K step; warps, stages) and of _tap_grad (rows per step; warps, stages;
-# programs aimed at). Chosen without a GPU by ptxas's count for sm_90 (bf16, (32, 384, 8, 14, 14)): no spills, the
-# forward on wgmma (177-186 registers at 8 warps; 4 warps spilled 28-100 bytes), _tap_grad at 168 registers with
-# 16-row steps (255 with 32). Not yet timed: benchmarks/bench_fusion.py sweeps them.
-CONFIG: dict = {"BM": 64, "BN": 64, "BK": 32, "warps": 8, "stages": 2,
-                "BR": 16, "grad_warps": 4, "grad_stages": 2, "grad_programs": 2048}
-MAX_GRAD_TILE = 4096    # Q's [XW, AP * XP] accumulator in _tap_grad: 16 x 256 at 14 x 14, k = 7; larger ones spill
+MAX_REACH = 64          # W + 2 R, padded to XP columns: one padded image row of the window's reach
+MAX_GRAD_TILE = 4096    # _tap_grad's [XN, NP] accumulator per scale: 16 x 256 at 14 x 14, R = 3; larger ones spill
+# Tiles: _row_conv (BM rows per program, BK columns per K step; warps, stages), _tap_grad (BR rows per step; warps, stages; programs aimed
+# at). Set from the tile sweep of benchmarks/bench_fusion.py on the lent GPU (docs/BENCHMARKS.md).
+CONFIG: dict = {"BM": 64, "BK": 32, "warps": 8, "stages": 2, "BR": 32, "grad_warps": 8, "grad_stages": 2,
+                "grad_programs": 4096}
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-@triton.jit
-def _band_dot(acc, x_ptr, w_ptr, c, b, t, rmask, y, xx, n0, nlast, C, T, H, W,
-              K: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """acc[(b, t), s] += sum_{o_t, s'} x[b, c, t + o_t - R, s'] * w[c, o_t, y' - y + R, x' - x + R] over the
-    input rows that reach the tile's positions s (image rows n0 // W - R .. nlast // W + R): at most NK steps of
-    BK positions (a constant loop count; the interpreter takes no runtime one)."""
-    R: tl.constexpr = K // 2
-    S = H * W
-    k_lo = tl.maximum(n0 // W - R, 0) * W
-    k_hi = tl.minimum(nlast // W + R + 1, H) * W
-    wc = w_ptr + c * (K * K * K)
-    for j in range(K):
-        tt = t + (j - R)
-        tm = rmask & (tt >= 0) & (tt < T)
-        row = ((b * C + c) * T + tt).to(tl.int64) * S
-        for step in range(NK):
-            sp = k_lo + step * BK + tl.arange(0, BK)
-            spm = sp < k_hi
-            a = tl.load(x_ptr + row[:, None] + sp[None, :], mask=tm[:, None] & spm[None, :], other=0.0)
-            dy = (sp // W)[:, None] - y[None, :] + R
-            dx = (sp % W)[:, None] - xx[None, :] + R
-            bm = (dy >= 0) & (dy < K) & (dx >= 0) & (dx < K) & spm[:, None]
-            band = tl.load(wc + j * (K * K) + dy * K + dx, mask=bm, other=0.0).to(a.dtype)
-            acc += tl.dot(a, band, input_precision=PREC, out_dtype=ACC)
-    return acc
+class Geometry:
+    """The padded layout both kernels read: states [B, C, T, H + 2R, XP], zero outside the grid, R the largest
+    window's radius, XP = pow2(W + 2R) >= 16 columns; the window's image rows o_y = 0 .. 2R of one output row are then
+    one contiguous run of (2R + 1) * XP elements, read as NP = pow2 of that columns (the A tile's K axis, (o_y, x''));
+    outputs are XN = pow2(W) >= 16 columns wide (the N axis)."""
+
+    def __init__(self, hh: int, ww: int, ks):
+        self.r = max(ks) // 2
+        self.hp = hh + 2 * self.r
+        self.xp = max(16, _pow2(ww + 2 * self.r))
+        self.np = _pow2((2 * self.r + 1) * self.xp)
+        self.xn = max(16, _pow2(ww))
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.r
+        return F.pad(x, (r, self.xp - x.shape[-1] - r, r, r)).contiguous()
+
+
+_BAND_INDEX: dict = {}
+
+
+def _band_index(k: int, g: Geometry, ww: int, device) -> torch.Tensor:
+    """[k, NP, XN] indices into a window's k^3 taps (k^3: a zero appended): Band[o_t][(o_y, x''), x] = w[o_t, o_y - d,
+    x'' - x - d] inside the window, d = R - k // 2 (the window centred in the largest one's frame), x < W."""
+    key = (k, g.r, g.xp, g.np, g.xn, ww, str(device))
+    if key not in _BAND_INDEX:
+        d = g.r - k // 2
+        j = torch.arange(k)[:, None, None]
+        n = torch.arange(g.np)[None, :, None]
+        x = torch.arange(g.xn)[None, None, :]
+        oy, ox = n // g.xp - d, n % g.xp - x - d
+        inside = (n < (2 * g.r + 1) * g.xp) & (oy >= 0) & (oy < k) & (ox >= 0) & (ox < k) & (x < ww)
+        _BAND_INDEX[key] = torch.where(inside, (j * k + oy) * k + ox, k ** 3).to(device)
+    return _BAND_INDEX[key]
+
+
+def _bands(taps, ks, g: Geometry, ww: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each window's banded kernel matrices [C, k, NP, XN] in ``dtype`` (the A tile's; fp32 taps rounded here)."""
+    out = []
+    for w, k in zip(taps, ks):
+        padded = torch.cat([w, w.new_zeros(w.shape[0], 1)], dim=1)
+        out.append(padded[:, _band_index(k, g, ww, w.device)].to(dtype).contiguous())
+    return out
 
 
 @triton.jit
-def _plane_conv(x0, x1, x2, w0, w1, w2, out_ptr, C, T, H, W, ROWS,
-                NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-                NK0: tl.constexpr, NK1: tl.constexpr, NK2: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """out[b, c, t, s] = sum over the NS (input x_m, kernel w_m) pairs of the depthwise 'same' correlation of x_m
-    with w_m (every tensor [B, C, T, H, W] contiguous, kernels [C, K_m^3]). Grid (row tiles, position tiles, C)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    c = tl.program_id(2)
-    S = H * W
-    rows = pid_m * BM + tl.arange(0, BM)
+def _a_tile(x_ptr, c, b, t, y, rmask, n, nmask, C, T, HP, XP: tl.constexpr, OT: tl.constexpr, R: tl.constexpr):
+    """A[row, (o_y, x'')] = x_padded[b, c, t + OT - R, y + o_y, x''] (zero for frames outside the clip)."""
+    tt = t + (OT - R)
+    m = rmask & (tt >= 0) & (tt < T)
+    base = (((b * C + c) * T + tt).to(tl.int64) * HP + y) * XP
+    return tl.load(x_ptr + base[:, None] + n[None, :], mask=m[:, None] & nmask[None, :], other=0.0)
+
+
+@triton.jit
+def _band_tile(band_ptr, c, j, n, xo, K: tl.constexpr, NP: tl.constexpr, XN: tl.constexpr):
+    return tl.load(band_ptr + ((c * K + j).to(tl.int64) * NP + n[:, None]) * XN + xo[None, :])
+
+
+@triton.jit
+def _store_rows(out_ptr, acc, c, b, t, y, rmask, xo, C, T, H, W):
+    base = ((b * C + c) * T + t).to(tl.int64) * (H * W) + y * W
+    tl.store(out_ptr + base[:, None] + xo[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & (xo < W)[None, :])
+
+
+@triton.jit
+def _row_conv(x0, x1, x2, b0, b1, b2, o0, o1, o2, C, T, H, W, HP, ROWS,
+              SHARED: tl.constexpr, NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+              R: tl.constexpr, XP: tl.constexpr, NP: tl.constexpr, XN: tl.constexpr, BM: tl.constexpr,
+              BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """Depthwise 'same' correlations of padded inputs with banded kernels, per program one channel and BM output
+    rows (b, t, y), all x. SHARED (forward): one input x0, every window's output o_m; its A tile per frame offset
+    is loaded once for all windows. Otherwise (input gradient): input x_m per window, the sum in o0. Per frame
+    offset o_t of the largest window: acc_m += A_{o_t} [BM, NP] @ Band_m[o_t - d_m] [NP, XN], in K steps of BK."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    rows = pid * BM + tl.arange(0, BM)
     rmask = rows < ROWS
-    b = rows // T
-    t = rows % T
-    n0 = pid_n * BN
-    s = n0 + tl.arange(0, BN)
-    smask = s < S
-    y = s // W
-    xx = s % W
-    nlast = tl.minimum(n0 + BN, S) - 1
-    acc = tl.zeros((BM, BN), dtype=ACC)
-    acc = _band_dot(acc, x0, w0, c, b, t, rmask, y, xx, n0, nlast, C, T, H, W, K0, NK0, BK, PREC, ACC)
-    if NS >= 2:
-        acc = _band_dot(acc, x1, w1, c, b, t, rmask, y, xx, n0, nlast, C, T, H, W, K1, NK1, BK, PREC, ACC)
-    if NS >= 3:
-        acc = _band_dot(acc, x2, w2, c, b, t, rmask, y, xx, n0, nlast, C, T, H, W, K2, NK2, BK, PREC, ACC)
-    base = ((b * C + c) * T + t).to(tl.int64) * S
-    tl.store(out_ptr + base[:, None] + s[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=rmask[:, None] & smask[None, :])
+    y = rows % H
+    bt = rows // H
+    t = bt % T
+    b = bt // T
+    xo = tl.arange(0, XN)
+    D0: tl.constexpr = R - K0 // 2
+    D1: tl.constexpr = R - K1 // 2
+    D2: tl.constexpr = R - K2 // 2
+    acc0 = tl.zeros((BM, XN), dtype=ACC)
+    acc1 = tl.zeros((BM, XN), dtype=ACC)
+    acc2 = tl.zeros((BM, XN), dtype=ACC)
+    for ot in tl.static_range(2 * R + 1):
+        for kc in range(NP // BK):   # K steps of BK columns (o_y, x''): a loop Triton pipelines
+            n = kc * BK + tl.arange(0, BK)
+            nmask = n < (2 * R + 1) * XP
+            if SHARED:
+                a = _a_tile(x0, c, b, t, y, rmask, n, nmask, C, T, HP, XP, ot, R)
+            if (ot >= D0) and (ot < D0 + K0):
+                if not SHARED:
+                    a = _a_tile(x0, c, b, t, y, rmask, n, nmask, C, T, HP, XP, ot, R)
+                band = _band_tile(b0, c, ot - D0, n, xo, K0, NP, XN)
+                acc0 += tl.dot(a, band, input_precision=PREC, out_dtype=ACC)
+            if NS >= 2 and (ot >= D1) and (ot < D1 + K1):
+                if not SHARED:
+                    a = _a_tile(x1, c, b, t, y, rmask, n, nmask, C, T, HP, XP, ot, R)
+                band = _band_tile(b1, c, ot - D1, n, xo, K1, NP, XN)
+                if SHARED:
+                    acc1 += tl.dot(a, band, input_precision=PREC, out_dtype=ACC)
+                else:
+                    acc0 += tl.dot(a, band, input_precision=PREC, out_dtype=ACC)
+            if NS >= 3 and (ot >= D2) and (ot < D2 + K2):
+                if not SHARED:
+                    a = _a_tile(x2, c, b, t, y, rmask, n, nmask, C, T, HP, XP, ot, R)
+                band = _band_tile(b2, c, ot - D2, n, xo, K2, NP, XN)
+                if SHARED:
+                    acc2 += tl.dot(a, band, input_precision=PREC, out_dtype=ACC)
+                else:
+                    acc0 += tl.dot(a, band, input_precision=PREC, out_dtype=ACC)
+    _store_rows(o0, acc0, c, b, t, y, rmask, xo, C, T, H, W)
+    if SHARED and NS >= 2:
+        _store_rows(o1, acc1, c, b, t, y, rmask, xo, C, T, H, W)
+    if SHARED and NS >= 3:
+        _store_rows(o2, acc2, c, b, t, y, rmask, xo, C, T, H, W)
 
 
 @triton.jit
-def _tap_grad(h_ptr, g_ptr, part_ptr, C, T, H, W, NR, CHUNK: tl.constexpr,
-              K: tl.constexpr, XW: tl.constexpr, AP: tl.constexpr, XP: tl.constexpr, BR: tl.constexpr,
+def _grad_rows(g_ptr, c, b, t, y, rm, xo, C, T, H, W):
+    base = ((b * C + c) * T + t).to(tl.int64) * (H * W) + y * W
+    return tl.load(g_ptr + base[:, None] + xo[None, :], mask=rm[:, None] & (xo < W)[None, :], other=0.0)
+
+
+@triton.jit
+def _diagonals(acc, part_ptr, split, c, ot, C, K: tl.constexpr, D: tl.constexpr, XP: tl.constexpr,
+               NP: tl.constexpr, XN: tl.constexpr, W):
+    """part[split, c, ot - D, o_y - D, e] = sum_x Q[x, (o_y, x + e + D)] for the window's rows o_y and taps e."""
+    n = tl.arange(0, NP)
+    nx = n % XP
+    x = tl.arange(0, XN)
+    oy = tl.arange(0, NP // XP)
+    out = part_ptr + (((split * C + c) * K + (ot - D)).to(tl.int64) * K + (oy - D)) * K
+    om = (oy >= D) & (oy < D + K)
+    for e in tl.static_range(K):
+        sel = (nx[None, :] == x[:, None] + (e + D)) & (x < W)[:, None]
+        v = tl.sum(tl.where(sel, acc, 0.0), axis=0)                  # [NP]: summed over x
+        v = tl.sum(tl.reshape(v, (NP // XP, XP)), axis=1)            # [NP // XP]: per window row
+        tl.store(out + e, v, mask=om)
+
+
+@triton.jit
+def _tap_grad(hp_ptr, g0, g1, g2, p0, p1, p2, C, T, H, W, HP, NR, CHUNK: tl.constexpr,
+              NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, R: tl.constexpr,
+              XP: tl.constexpr, NP: tl.constexpr, XN: tl.constexpr, BR: tl.constexpr,
               PREC: tl.constexpr, ACC: tl.constexpr):
-    """part[split, c, o_t, o_y, o_x] = the kernel gradient from rows (b, t, y) [split * CHUNK, +CHUNK) of channel c
-    at frame offset o_t (program ids: c, o_t, split). Q[x, (o_y, x')] = sum_rows dF[row, x] h[row shifted, x']
-    accumulates on the tensor cores; each tap is one diagonal of Q."""
+    """Kernel gradients of every window from rows (b, t, y) [split * CHUNK, +CHUNK) of channel c at frame offset
+    o_t of the largest window (program ids: c, o_t, split): Q_m[x, (o_y, x'')] = sum_rows dF_m[row, x]
+    h_padded[row shifted by (o_t, o_y), x''] on the tensor cores, the A tile of h shared by the windows that
+    reach o_t; each tap is a diagonal of Q_m (_diagonals), written to part_m[split]."""
     c = tl.program_id(0)
-    j = tl.program_id(1)
+    ot = tl.program_id(1)
     split = tl.program_id(2)
-    R: tl.constexpr = K // 2
-    S = H * W
-    x = tl.arange(0, XW)
-    xm = x < W
-    n = tl.arange(0, AP * XP)
-    na = n // XP                  # window row o_y of column n
-    nx = n % XP - R               # input column x' of column n
-    nm = (na < K) & (nx >= 0) & (nx < W)
-    acc = tl.zeros((XW, AP * XP), dtype=ACC)
+    D0: tl.constexpr = R - K0 // 2
+    D1: tl.constexpr = R - K1 // 2
+    D2: tl.constexpr = R - K2 // 2
+    in0 = (ot >= D0) & (ot < D0 + K0)
+    in1 = (NS >= 2) & (ot >= D1) & (ot < D1 + K1)
+    in2 = (NS >= 3) & (ot >= D2) & (ot < D2 + K2)
+    n = tl.arange(0, NP)
+    nmask = n < (2 * R + 1) * XP
+    xo = tl.arange(0, XN)
+    acc0 = tl.zeros((XN, NP), dtype=ACC)
+    acc1 = tl.zeros((XN, NP), dtype=ACC)
+    acc2 = tl.zeros((XN, NP), dtype=ACC)
     r_start = split * CHUNK
     for step in range(CHUNK // BR):   # CHUNK: a multiple of BR
         rr = r_start + step * BR + tl.arange(0, BR)
@@ -149,36 +241,35 @@ def _tap_grad(h_ptr, g_ptr, part_ptr, C, T, H, W, NR, CHUNK: tl.constexpr,
         bt = rr // H
         t = bt % T
         b = bt // T
-        grow = ((b * C + c) * T + t).to(tl.int64) * S + y * W
-        g = tl.load(g_ptr + grow[:, None] + x[None, :], mask=rm[:, None] & xm[None, :], other=0.0)
-        tt = t + (j - R)
-        hrow = ((b * C + c) * T + tt).to(tl.int64) * S
-        yy = y[:, None] + (na[None, :] - R)
-        hm = (rm & (tt >= 0) & (tt < T))[:, None] & (yy >= 0) & (yy < H) & nm[None, :]
-        hv = tl.load(h_ptr + hrow[:, None] + yy * W + nx[None, :], mask=hm, other=0.0)
-        acc += tl.dot(tl.trans(g), hv, input_precision=PREC, out_dtype=ACC)
-    a_idx = tl.arange(0, AP)
-    out = part_ptr + ((split * C + c) * K + j) * (K * K) + a_idx * K
-    for e in tl.static_range(K):
-        sel = (nx[None, :] == x[:, None] + (e - R)) & xm[:, None]
-        v = tl.sum(tl.where(sel, acc, 0.0), axis=0)              # [AP * XP]: summed over x
-        v = tl.sum(tl.reshape(v, (AP, XP)), axis=1)              # [AP]: per window row
-        tl.store(out + e, v, mask=a_idx < K)
-
-
-def _grad_tile(w: int, k: int) -> tuple[int, int, int]:
-    """(XW, AP, XP) of _tap_grad: rows of Q (x, >= 16), window rows (pow2), reach columns (x', pow2, >= 16)."""
-    return max(16, _pow2(w)), _pow2(k), max(16, _pow2(w + 2 * (k // 2)))
+        tt = t + ot - R
+        hm = rm & (tt >= 0) & (tt < T)
+        base = (((b * C + c) * T + tt).to(tl.int64) * HP + y) * XP
+        hv = tl.load(hp_ptr + base[:, None] + n[None, :], mask=hm[:, None] & nmask[None, :], other=0.0)
+        if in0:
+            acc0 += tl.dot(tl.trans(_grad_rows(g0, c, b, t, y, rm, xo, C, T, H, W)), hv,
+                           input_precision=PREC, out_dtype=ACC)
+        if in1:
+            acc1 += tl.dot(tl.trans(_grad_rows(g1, c, b, t, y, rm, xo, C, T, H, W)), hv,
+                           input_precision=PREC, out_dtype=ACC)
+        if in2:
+            acc2 += tl.dot(tl.trans(_grad_rows(g2, c, b, t, y, rm, xo, C, T, H, W)), hv,
+                           input_precision=PREC, out_dtype=ACC)
+    if in0:
+        _diagonals(acc0, p0, split, c, ot, C, K0, D0, XP, NP, XN, W)
+    if in1:
+        _diagonals(acc1, p1, split, c, ot, C, K1, D1, XP, NP, XN, W)
+    if in2:
+        _diagonals(acc2, p2, split, c, ot, C, K2, D2, XP, NP, XN, W)
 
 
 def supported(h: torch.Tensor, kernels) -> bool:
-    """1..3 windows, and a grid row that with the window's reach fits one kernel-gradient tile (MAX_REACH,
-    MAX_GRAD_TILE)."""
+    """1..3 windows, and a grid row that with the window's reach fits one padded row (MAX_REACH) and one
+    kernel-gradient tile (MAX_GRAD_TILE)."""
     if not (h.dim() == 5 and 1 <= len(kernels) <= MAX_SCALES and h.numel() > 0
             and h.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)):
         return False
-    k = max(int(w.shape[-1]) for w in kernels)
-    return h.shape[4] + 2 * (k // 2) <= MAX_REACH and math.prod(_grad_tile(h.shape[4], k)) <= MAX_GRAD_TILE
+    g = Geometry(h.shape[3], h.shape[4], [int(w.shape[-1]) for w in kernels])
+    return h.shape[4] + 2 * g.r <= MAX_REACH and g.xn * g.np <= MAX_GRAD_TILE
 
 
 def _precision(dtype: torch.dtype):
@@ -191,50 +282,44 @@ def _precision(dtype: torch.dtype):
 
 
 def _three(ts):
-    return list(ts) + [ts[0]] * (MAX_SCALES - len(ts))   # absent scales: any valid pointer, never read
+    return list(ts) + [ts[0]] * (MAX_SCALES - len(ts))   # absent windows: any valid pointer, never read
 
 
-def _k_steps(hh: int, ww: int, k: int, bn: int, bk: int) -> int:
-    """The most K steps of bk input positions any tile of bn output positions needs (as _band_dot bounds them)."""
-    s, r, most = hh * ww, k // 2, 0
-    for n0 in range(0, s, bn):
-        lo = max(n0 // ww - r, 0) * ww
-        hi = min((min(n0 + bn, s) - 1) // ww + r + 1, hh) * ww
-        most = max(most, -(-(hi - lo) // bk))
-    return most
+def _conv(xs, taps, ks, outs, shared: bool):
+    """shared: outs[m] = correlate(xs[0], taps[m]); else outs[0] = sum_m correlate(xs[m], taps[m]). One launch;
+    xs padded (Geometry.pad), outs [B, C, T, H, W] contiguous."""
+    b, c, t, hh, ww = outs[0].shape
+    g = Geometry(hh, ww, ks)
+    acc, prec = _precision(outs[0].dtype)
+    bm = max(16, min(CONFIG["BM"], _pow2(b * t * hh)))
+    bk = min(CONFIG["BK"], g.np)
+    kk = list(ks) + [1] * (MAX_SCALES - len(ks))
+    bands = _bands(taps, ks, g, ww, xs[0].dtype)
+    grid = (triton.cdiv(b * t * hh, bm), c)
+    _row_conv[grid](*_three(xs), *_three(bands), *_three(outs), c, t, hh, ww, g.hp, b * t * hh, SHARED=shared,
+                    NS=len(ks), K0=kk[0], K1=kk[1], K2=kk[2], R=g.r, XP=g.xp, NP=g.np, XN=g.xn, BM=bm, BK=bk,
+                    PREC=prec, ACC=acc, num_warps=CONFIG["warps"], num_stages=CONFIG["stages"])
+    return outs
 
 
-def _conv(xs, ws, ks, out):
-    """out = sum_m correlate(xs[m], ws[m]) (one launch; every tensor [B, C, T, H, W] contiguous)."""
-    assert all(x.is_contiguous() for x in (*xs, *ws, out)), "the kernels index contiguous tensors"
-    b, c, t, hh, ww = out.shape
-    acc, prec = _precision(out.dtype)
-    bm, bn = min(CONFIG["BM"], max(16, _pow2(b * t))), CONFIG["BN"]   # batch 1: 8 rows fill a 16-row tile
-    kk = list(ks) + [0] * (MAX_SCALES - len(ks))
-    nk = [_k_steps(hh, ww, k, bn, CONFIG["BK"]) if k else 0 for k in kk]
-    grid = (triton.cdiv(b * t, bm), triton.cdiv(hh * ww, bn), c)
-    _plane_conv[grid](*_three(xs), *_three(ws), out, c, t, hh, ww, b * t, NS=len(ks), K0=kk[0], K1=kk[1], K2=kk[2],
-                      NK0=nk[0], NK1=nk[1], NK2=nk[2], BM=bm, BN=bn, BK=CONFIG["BK"], PREC=prec, ACC=acc,
-                      num_warps=CONFIG["warps"], num_stages=CONFIG["stages"])
-    return out
-
-
-def _kernel_grad(h, g, k):
-    """dw [C, k^3] (fp32, fp64 for fp64) of one scale from dF = g (both contiguous)."""
-    assert h.is_contiguous() and g.is_contiguous(), "the kernels index contiguous tensors"
-    b, c, t, hh, ww = h.shape
-    acc, prec = _precision(h.dtype)
+def _kernel_grads(hp, grads, ks, shape):
+    """Every window's dw [C, k^3] (fp32, fp64 for fp64) from the padded states and dF_m (contiguous)."""
+    b, c, t, hh, ww = shape
+    g = Geometry(hh, ww, ks)
+    acc, prec = _precision(hp.dtype)
     br = CONFIG["BR"]
     rows = b * t * hh
-    splits = max(1, min(triton.cdiv(CONFIG["grad_programs"], c * k), triton.cdiv(rows, br)))
+    kmax = 2 * g.r + 1
+    splits = max(1, min(triton.cdiv(CONFIG["grad_programs"], c * kmax), triton.cdiv(rows, br)))
     chunk = triton.cdiv(triton.cdiv(rows, splits), br) * br
     splits = triton.cdiv(rows, chunk)
-    part = torch.empty((splits, c, k ** 3), device=h.device,
-                       dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
-    xw, ap, xp = _grad_tile(ww, k)   # tl.dot wants every side >= 16
-    _tap_grad[(c, k, splits)](h, g, part, c, t, hh, ww, rows, chunk, K=k, XW=xw, AP=ap, XP=xp, BR=br, PREC=prec,
-                              ACC=acc, num_warps=CONFIG["grad_warps"], num_stages=CONFIG["grad_stages"])
-    return part.sum(dim=0)
+    pdt = torch.float64 if hp.dtype == torch.float64 else torch.float32
+    parts = [torch.zeros((splits, c, k ** 3), device=hp.device, dtype=pdt) for k in ks]
+    kk = list(ks) + [1] * (MAX_SCALES - len(ks))
+    _tap_grad[(c, kmax, splits)](hp, *_three(grads), *_three(parts), c, t, hh, ww, g.hp, rows, chunk, NS=len(ks),
+                                 K0=kk[0], K1=kk[1], K2=kk[2], R=g.r, XP=g.xp, NP=g.np, XN=g.xn, BR=br, PREC=prec,
+                                 ACC=acc, num_warps=CONFIG["grad_warps"], num_stages=CONFIG["grad_stages"])
+    return [p.sum(dim=0) for p in parts]
 
 
 # ---- the op pair torch.compile sees: opaque custom ops (their impls run the Triton kernels outside dynamo's trace),
@@ -245,7 +330,8 @@ def _fusion_op(h: torch.Tensor, taps: list[torch.Tensor], ks: list[int]) -> list
     """(h [B, C, T, H, W] contiguous, plain depthwise kernels as taps [C, k^3] in fp32 (fp64 for fp64 h), windows)
     -> one F_m per kernel, shaped like h."""
     _check_device(h)
-    return [_conv([h], [w], (k,), torch.empty_like(h)) for k, w in zip(ks, taps)]
+    g = Geometry(h.shape[3], h.shape[4], ks)
+    return _conv([g.pad(h)], taps, ks, [torch.empty_like(h) for _ in ks], shared=True)
 
 
 @_fusion_op.register_fake
@@ -260,11 +346,13 @@ def _fusion_backward_op(h: torch.Tensor, taps: list[torch.Tensor], ks: list[int]
     dh(q) = sum_m sum_p dF_m(q - p) w_m(p): the correlation of dF_m with the flipped kernels, every scale in one
     launch; each kernel's gradient from _tap_grad."""
     c = h.shape[1]
+    geo = Geometry(h.shape[3], h.shape[4], ks)
     gh = h.new_empty(0)
     if input_grad:
         flipped = [w.reshape(c, k, k, k).flip(1, 2, 3).reshape(c, -1).contiguous() for k, w in zip(ks, taps)]
-        gh = _conv(grads, flipped, tuple(ks), torch.empty_like(h))
-    return [gh] + [_kernel_grad(h, g, k).to(w.dtype) for k, w, g in zip(ks, taps, grads)]
+        gh = _conv([geo.pad(g) for g in grads], flipped, ks, [torch.empty_like(h)], shared=False)[0]
+    dws = _kernel_grads(geo.pad(h), grads, ks, h.shape)
+    return [gh] + [dw.to(w.dtype) for dw, w in zip(dws, taps)]
 
 
 @_fusion_backward_op.register_fake
