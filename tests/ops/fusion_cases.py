@@ -25,7 +25,7 @@ def make(shape, scales, dtype=torch.float64, device="cpu", seed=0):
 def aswm_ref(fused, weight, bias):
     """StateFusion's ASWM on ``fused``; fp32 weights meet bf16 states in the states' dtype, as under autocast."""
     dtype = fused[0].dtype
-    logits = F.conv3d(torch.cat(fused, dim=1), weight.to(dtype), bias.to(dtype))
+    logits = F.conv3d(torch.cat(fused, dim=1), weight.to(dtype), None if bias is None else bias.to(dtype))
     alpha = torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=1).to(fused[0].dtype)
     return sum(alpha[:, m:m + 1] * f for m, f in enumerate(fused))
 
