@@ -225,10 +225,12 @@ def main(argv=None) -> dict:
     if "igemm" in backends and not args.no_sweep:
         from msf_scale.ops import _fusion_igemm as fi
         # tiles without spills by ptxas's count for sm_90 at this shape (bf16), the defaults aside
-        points = [dict(BM=bm, BK=bk, warps=w, stages=st) for bm, bk, w, st in (
-            (64, 32, 8, 3), (128, 16, 8, 2), (64, 16, 4, 2), (32, 32, 4, 2), (64, 16, 8, 2))]
+        points = [dict(flat=True, BM=bm, BK=bk, warps=w, stages=st) for bm, bk, w, st in (
+            (64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 4, 3), (128, 32, 8, 3))]
         points += [dict(BR=br, grad_warps=w, grad_programs=gp) for br, w, gp in (
-            (16, 4, 4096), (32, 8, 1024), (32, 8, 16384), (16, 8, 4096))]
+            (16, 4, 4096), (16, 8, 4096), (32, 8, 16384))]
+        points += [dict(BM=bm, BK=bk, warps=w, stages=st) for bm, bk, w, st in (
+            (64, 16, 4, 2), (32, 32, 4, 2), (64, 32, 8, 3))]
         sweep += run_sweep("igemm", fi.CONFIG, points)
 
     return write(sweep)

@@ -69,7 +69,7 @@ def row_conv(shape, ks, dtype: str, arch: int, cfg: dict, shared: bool):
                  **{f"o{i}": ptr for i in range(3)},
                  "C": "i32", "T": "i32", "H": "i32", "W": "i32", "HP": "i32", "ROWS": "i32"}
     constants = dict(SHARED=shared, NS=len(ks), K0=kk[0], K1=kk[1], K2=kk[2], R=g.r, XP=g.xp, NP=g.np, XN=g.xn,
-                     BM=bm, BK=min(cfg["BK"], g.np), PREC=prec, ACC=acc)
+                     BM=bm, BK=min(cfg["BK"], g.np), FLAT=bool(cfg["flat"]), PREC=prec, ACC=acc)
     return _compile(fi._row_conv, signature, constants, arch, cfg["warps"], cfg["stages"])
 
 
@@ -100,6 +100,7 @@ def main(argv=None) -> list[dict]:
                     help="BM,BK,warps,stages of the row conv (repeatable; default: CONFIG's)")
     ap.add_argument("--grad-tiles", action="append", default=None,
                     help="BR,warps,stages of the kernel gradient (repeatable; default: CONFIG's)")
+    ap.add_argument("--flat", action="store_true", help="the row conv's flat loop (CONFIG['flat'])")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = ap.parse_args(argv)
 
@@ -116,7 +117,7 @@ def main(argv=None) -> list[dict]:
     ks = ints(args.scales, None, "--scales")
     if not 1 <= len(ks) <= fi.MAX_SCALES or any(k % 2 == 0 or k < 1 for k in ks):
         ap.error(f"--scales must be 1..{fi.MAX_SCALES} odd windows, got {args.scales!r}")
-    cfg = dict(fi.CONFIG)
+    cfg = dict(fi.CONFIG, **({"flat": True} if args.flat else {}))
     rows = []
 
     def row(kernel: str, setting: str, compiled) -> None:

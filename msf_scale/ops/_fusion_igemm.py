@@ -54,7 +54,7 @@ MAX_REACH = 64          # W + 2 R, padded to XP columns: one padded image row of
 MAX_GRAD_TILE = 4096    # _tap_grad's [XN, NP] accumulator per scale: 16 x 256 at 14 x 14, R = 3; larger ones spill
 # Tiles: _row_conv (BM rows per program, BK columns per K step; warps, stages), _tap_grad (BR rows per step; warps, stages; programs aimed
 # at). Set from the tile sweep of benchmarks/bench_fusion.py on the lent GPU (docs/BENCHMARKS.md).
-CONFIG: dict = {"BM": 64, "BK": 32, "warps": 8, "stages": 2, "BR": 32, "grad_warps": 8, "grad_stages": 2,
+CONFIG: dict = {"BM": 64, "BK": 32, "warps": 8, "stages": 2, "flat": False, "BR": 32, "grad_warps": 8, "grad_stages": 2,
                 "grad_programs": 4096}
 
 
@@ -83,32 +83,35 @@ class Geometry:
 _BAND_INDEX: dict = {}
 
 
-def _band_index(k: int, g: Geometry, ww: int, device) -> torch.Tensor:
+def _band_index(k: int, g: Geometry, ww: int, device, flat: bool) -> torch.Tensor:
     """[k, NP, XN] indices into a window's k^3 taps (k^3: a zero appended): Band[o_t][(o_y, x''), x] = w[o_t, o_y - d,
-    x'' - x - d] inside the window, d = R - k // 2 (the window centred in the largest one's frame), x < W."""
-    key = (k, g.r, g.xp, g.np, g.xn, ww, str(device))
+    x'' - x - d] inside the window, d = R - k // 2 (the window centred in the largest one's frame), x < W. ``flat``:
+    [2R + 1, NP, XN], the frame offsets of the largest window too (zero where this one does not reach)."""
+    key = (k, g.r, g.xp, g.np, g.xn, ww, str(device), flat)
     if key not in _BAND_INDEX:
         d = g.r - k // 2
-        j = torch.arange(k)[:, None, None]
+        j = torch.arange(2 * g.r + 1 if flat else k)[:, None, None] - (d if flat else 0)
         n = torch.arange(g.np)[None, :, None]
         x = torch.arange(g.xn)[None, None, :]
         oy, ox = n // g.xp - d, n % g.xp - x - d
-        inside = (n < (2 * g.r + 1) * g.xp) & (oy >= 0) & (oy < k) & (ox >= 0) & (ox < k) & (x < ww)
+        inside = ((n < (2 * g.r + 1) * g.xp) & (oy >= 0) & (oy < k) & (ox >= 0) & (ox < k) & (x < ww)
+                  & (j >= 0) & (j < k))
         _BAND_INDEX[key] = torch.where(inside, (j * k + oy) * k + ox, k ** 3).to(device)
     return _BAND_INDEX[key]
 
 
-def _bands(taps, ks, g: Geometry, ww: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Each window's banded kernel matrices [C, k, NP, XN] in ``dtype`` (the A tile's; fp32 taps rounded here)."""
+def _bands(taps, ks, g: Geometry, ww: int, dtype: torch.dtype, flat: bool) -> list[torch.Tensor]:
+    """Each window's banded kernel matrices [C, k (flat: 2R + 1), NP, XN] in ``dtype`` (the A tile's; fp32 taps
+    rounded here)."""
     out = []
     for w, k in zip(taps, ks):
         padded = torch.cat([w, w.new_zeros(w.shape[0], 1)], dim=1)
-        out.append(padded[:, _band_index(k, g, ww, w.device)].to(dtype).contiguous())
+        out.append(padded[:, _band_index(k, g, ww, w.device, flat)].to(dtype).contiguous())
     return out
 
 
 @triton.jit
-def _a_tile(x_ptr, c, b, t, y, rmask, n, nmask, C, T, HP, XP: tl.constexpr, OT: tl.constexpr, R: tl.constexpr):
+def _a_tile(x_ptr, c, b, t, y, rmask, n, nmask, C, T, HP, XP: tl.constexpr, OT, R: tl.constexpr):
     """A[row, (o_y, x'')] = x_padded[b, c, t + OT - R, y + o_y, x''] (zero for frames outside the clip)."""
     tt = t + (OT - R)
     m = rmask & (tt >= 0) & (tt < T)
@@ -132,11 +135,13 @@ def _store_rows(out_ptr, acc, c, b, t, y, rmask, xo, C, T, H, W):
 def _row_conv(x0, x1, x2, b0, b1, b2, o0, o1, o2, C, T, H, W, HP, ROWS,
               SHARED: tl.constexpr, NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
               R: tl.constexpr, XP: tl.constexpr, NP: tl.constexpr, XN: tl.constexpr, BM: tl.constexpr,
-              BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+              BK: tl.constexpr, FLAT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """Depthwise 'same' correlations of padded inputs with banded kernels, per program one channel and BM output
     rows (b, t, y), all x. SHARED (forward): one input x0, every window's output o_m; its A tile per frame offset
     is loaded once for all windows. Otherwise (input gradient): input x_m per window, the sum in o0. Per frame
-    offset o_t of the largest window: acc_m += A_{o_t} [BM, NP] @ Band_m[o_t - d_m] [NP, XN], in K steps of BK."""
+    offset o_t of the largest window: acc_m += A_{o_t} [BM, NP] @ Band_m[o_t - d_m] [NP, XN], in K steps of BK.
+    FLAT: one loop over (o_t, K step) that Triton can pipeline end to end, every window's band in the largest
+    window's frames (zero outside its own); else the frame offsets unrolled, each window only where it reaches."""
     pid = tl.program_id(0)
     c = tl.program_id(1)
     rows = pid * BM + tl.arange(0, BM)
@@ -152,33 +157,61 @@ def _row_conv(x0, x1, x2, b0, b1, b2, o0, o1, o2, C, T, H, W, HP, ROWS,
     acc0 = tl.zeros((BM, XN), dtype=ACC)
     acc1 = tl.zeros((BM, XN), dtype=ACC)
     acc2 = tl.zeros((BM, XN), dtype=ACC)
-    for ot in tl.static_range(2 * R + 1):
-        for kc in range(NP // BK):   # K steps of BK columns (o_y, x''): a loop Triton pipelines
-            n = kc * BK + tl.arange(0, BK)
-            nmask = n < (2 * R + 1) * XP
+    KF: tl.constexpr = 2 * R + 1
+    NKC: tl.constexpr = NP // BK
+    if FLAT:
+        for it in range(KF * NKC):
+            ot = it // NKC
+            n = (it % NKC) * BK + tl.arange(0, BK)
+            nmask = n < KF * XP
             if SHARED:
                 a = _a_tile(x0, c, b, t, y, rmask, n, nmask, C, T, HP, XP, ot, R)
-            if (ot >= D0) and (ot < D0 + K0):
-                if not SHARED:
+                acc0 += tl.dot(a, _band_tile(b0, c, ot, n, xo, KF, NP, XN), input_precision=PREC, out_dtype=ACC)
+                if NS >= 2:
+                    acc1 += tl.dot(a, _band_tile(b1, c, ot, n, xo, KF, NP, XN), input_precision=PREC,
+                                   out_dtype=ACC)
+                if NS >= 3:
+                    acc2 += tl.dot(a, _band_tile(b2, c, ot, n, xo, KF, NP, XN), input_precision=PREC,
+                                   out_dtype=ACC)
+            else:   # a window's frames outside its reach: masked loads (no traffic), zero bands
+                a = _a_tile(x0, c, b, t, y, rmask & (ot >= D0) & (ot < D0 + K0), n, nmask, C, T, HP, XP, ot, R)
+                acc0 += tl.dot(a, _band_tile(b0, c, ot, n, xo, KF, NP, XN), input_precision=PREC, out_dtype=ACC)
+                if NS >= 2:
+                    a = _a_tile(x1, c, b, t, y, rmask & (ot >= D1) & (ot < D1 + K1), n, nmask, C, T, HP, XP, ot, R)
+                    acc0 += tl.dot(a, _band_tile(b1, c, ot, n, xo, KF, NP, XN), input_precision=PREC,
+                                   out_dtype=ACC)
+                if NS >= 3:
+                    a = _a_tile(x2, c, b, t, y, rmask & (ot >= D2) & (ot < D2 + K2), n, nmask, C, T, HP, XP, ot, R)
+                    acc0 += tl.dot(a, _band_tile(b2, c, ot, n, xo, KF, NP, XN), input_precision=PREC,
+                                   out_dtype=ACC)
+    else:
+        for ot in tl.static_range(2 * R + 1):
+            for kc in range(NP // BK):   # K steps of BK columns (o_y, x''): a loop Triton pipelines
+                n = kc * BK + tl.arange(0, BK)
+                nmask = n < (2 * R + 1) * XP
+                if SHARED:
                     a = _a_tile(x0, c, b, t, y, rmask, n, nmask, C, T, HP, XP, ot, R)
-                band = _band_tile(b0, c, ot - D0, n, xo, K0, NP, XN)
-                acc0 += tl.dot(a, band, input_precision=PREC, out_dtype=ACC)
-            if NS >= 2 and (ot >= D1) and (ot < D1 + K1):
-                if not SHARED:
-                    a = _a_tile(x1, c, b, t, y, rmask, n, nmask, C, T, HP, XP, ot, R)
-                band = _band_tile(b1, c, ot - D1, n, xo, K1, NP, XN)
-                if SHARED:
-                    acc1 += tl.dot(a, band, input_precision=PREC, out_dtype=ACC)
-                else:
+                if (ot >= D0) and (ot < D0 + K0):
+                    if not SHARED:
+                        a = _a_tile(x0, c, b, t, y, rmask, n, nmask, C, T, HP, XP, ot, R)
+                    band = _band_tile(b0, c, ot - D0, n, xo, K0, NP, XN)
                     acc0 += tl.dot(a, band, input_precision=PREC, out_dtype=ACC)
-            if NS >= 3 and (ot >= D2) and (ot < D2 + K2):
-                if not SHARED:
-                    a = _a_tile(x2, c, b, t, y, rmask, n, nmask, C, T, HP, XP, ot, R)
-                band = _band_tile(b2, c, ot - D2, n, xo, K2, NP, XN)
-                if SHARED:
-                    acc2 += tl.dot(a, band, input_precision=PREC, out_dtype=ACC)
-                else:
-                    acc0 += tl.dot(a, band, input_precision=PREC, out_dtype=ACC)
+                if NS >= 2 and (ot >= D1) and (ot < D1 + K1):
+                    if not SHARED:
+                        a = _a_tile(x1, c, b, t, y, rmask, n, nmask, C, T, HP, XP, ot, R)
+                    band = _band_tile(b1, c, ot - D1, n, xo, K1, NP, XN)
+                    if SHARED:
+                        acc1 += tl.dot(a, band, input_precision=PREC, out_dtype=ACC)
+                    else:
+                        acc0 += tl.dot(a, band, input_precision=PREC, out_dtype=ACC)
+                if NS >= 3 and (ot >= D2) and (ot < D2 + K2):
+                    if not SHARED:
+                        a = _a_tile(x2, c, b, t, y, rmask, n, nmask, C, T, HP, XP, ot, R)
+                    band = _band_tile(b2, c, ot - D2, n, xo, K2, NP, XN)
+                    if SHARED:
+                        acc2 += tl.dot(a, band, input_precision=PREC, out_dtype=ACC)
+                    else:
+                        acc0 += tl.dot(a, band, input_precision=PREC, out_dtype=ACC)
     _store_rows(o0, acc0, c, b, t, y, rmask, xo, C, T, H, W)
     if SHARED and NS >= 2:
         _store_rows(o1, acc1, c, b, t, y, rmask, xo, C, T, H, W)
@@ -294,11 +327,12 @@ def _conv(xs, taps, ks, outs, shared: bool):
     bm = max(16, min(CONFIG["BM"], _pow2(b * t * hh)))
     bk = min(CONFIG["BK"], g.np)
     kk = list(ks) + [1] * (MAX_SCALES - len(ks))
-    bands = _bands(taps, ks, g, ww, xs[0].dtype)
+    flat = bool(CONFIG["flat"])
+    bands = _bands(taps, ks, g, ww, xs[0].dtype, flat)
     grid = (triton.cdiv(b * t * hh, bm), c)
     _row_conv[grid](*_three(xs), *_three(bands), *_three(outs), c, t, hh, ww, g.hp, b * t * hh, SHARED=shared,
                     NS=len(ks), K0=kk[0], K1=kk[1], K2=kk[2], R=g.r, XP=g.xp, NP=g.np, XN=g.xn, BM=bm, BK=bk,
-                    PREC=prec, ACC=acc, num_warps=CONFIG["warps"], num_stages=CONFIG["stages"])
+                    FLAT=flat, PREC=prec, ACC=acc, num_warps=CONFIG["warps"], num_stages=CONFIG["stages"])
     return outs
 
 

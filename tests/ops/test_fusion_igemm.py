@@ -52,6 +52,14 @@ def test_matches_ref_float64_small_tiles(monkeypatch):
     _check((2, 3, 4, 5, 6), (3, 5, 7), 0.7)
 
 
+@pytest.mark.parametrize("scales", [(3, 5, 7), (7, 3), (1, 3), (5,)])
+def test_matches_ref_float64_flat_loop(monkeypatch, scales):
+    """CONFIG["flat"]: one pipelined loop over (frame offset, K step), the bands in the largest window's frames."""
+    monkeypatch.setitem(_fusion_igemm.CONFIG, "flat", True)
+    monkeypatch.setitem(_fusion_igemm.CONFIG, "BK", 16)
+    _check((2, 3, 4, 5, 6), scales, 0.7)
+
+
 def test_matches_ref_float64_one_by_one_window():
     _check((2, 3, 4, 5, 6), (1, 3), 0.7)
 
