@@ -205,10 +205,10 @@ def main(argv=None) -> dict:
                 found.append(dict(row, fwd_bwd_ms=round(ms, 4), first_call_s=round(first, 2)))
             except Exception as e:   # a setting that does not compile or fit is a finding, not a crash
                 found.append(dict(row, error=repr(e)[:200]))
-            print(f"sweep {name} {point}: {found[-1].get('fwd_bwd_ms', found[-1].get('error'))}", flush=True)
             finally:
                 config.clear()
                 config.update(defaults)
+            print(f"sweep {name} {point}: {found[-1].get('fwd_bwd_ms', found[-1].get('error'))}", flush=True)
         return found
 
     # launch settings of the Triton kernels, one kernel (or one tile shape) varied at a time; the backends' timings
