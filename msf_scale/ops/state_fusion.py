@@ -20,8 +20,8 @@ autograd through that fold.
     ``ref``   :func:`state_fusion_ref`, the equation as written: conv3d minus theta * H * (off-centre weight sum).
     ``triton`` every scale in one Triton launch (``_fusion_triton.py``; CUDA).
     ``gemm``  every scale as batched tensor-core GEMMs on block-Toeplitz bands (``_fusion_gemm.py``; any device).
-    ``igemm`` the same products as implicit GEMMs in Triton, operands built in registers (``_fusion_igemm.py``;
-              CUDA; by name only until measured on the GPU).
+    ``igemm`` the same products as row-band implicit GEMMs in Triton over padded states (``_fusion_igemm.py``;
+              CUDA; by name only: measured 1.5x slower than gemm on the H100, docs/BENCHMARKS.md session 9).
 """
 from __future__ import annotations
 
