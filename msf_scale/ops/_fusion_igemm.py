@@ -4,28 +4,26 @@ Why: the ``gemm`` backend (_fusion_gemm.py) puts the fusion on the tensor cores 
 channel's (y, x) plane, but it materialises its operands: an im2col of the input and [k * S, S] block-Toeplitz
 bands per channel and scale (~0.5 GB at (32, 384, 8, 14, 14) bf16, again for the backward). On the H200 its GEMMs
 took ~1.1 ms of its 7.5 ms; building and copying those buffers most of the rest (docs/BENCHMARKS.md, session 7).
-Here the same products run with the operands built tile by tile on chip (loaded or gathered into registers, staged
-in shared memory for the tensor cores), never as whole buffers in memory:
+Here the same products run with the operands loaded tile by tile (staged in shared memory for the tensor cores),
+never built as whole buffers. The states are padded once to [B, C, T, H + 2R, XP] (R: the largest window's radius;
+XP = pow2(W + 2R), zero outside the grid, ``Geometry``): for an output row (b, t, y) the 2R + 1 image rows that
+any window reads are then one contiguous run of (2R + 1) * XP elements, indexed (o_y, x''). With rows (b, t, y) as
+M, the run as K and the output columns x as N:
 
-    forward   F_m[b, c, t, s]  = sum_{o_t, s'} h[b, c, t + o_t - r, s'] * Band_m[c, o_t][s', s]
-    input     dh[b, c, t, s']  = sum_m (the same with dF_m and the kernels flipped in t, y and x)
-    kernels   dw_m[c, o_t, o_y, o_x] = sum_{b, t, y, x} dF_m[b, c, t, y, x]
-                                                     * h[b, c, t + o_t - r, y + o_y - r, x + o_x - r]
+    forward   F_m[(b, t, y), x] = sum_{o_t} A_{o_t}[(b, t, y), (o_y, x'')] @ Band_m[c, o_t][(o_y, x''), x]
+              A_{o_t} = h_padded[b, c, t + o_t - R, y + o_y, x''];  Band_m[o_t][(o_y, x''), x] =
+              w_m[o_t - d, o_y - d, x'' - x - d] inside the window (d = R - k_m // 2), else 0
+    input     dh = sum_m (the same on dF_m padded, the kernels flipped in t, y and x)
+    kernels   Q_m[o_t][x, (o_y, x'')] = sum_{(b, t, y)} dF_m[(b, t, y), x] A_{o_t}[(b, t, y), (o_y, x'')];
+              dw_m[o_t - d, o_y - d, e] = sum_x Q_m[o_t][x, (o_y, x + e + d)]  (a diagonal of Q)
 
-``_plane_conv`` (forward, input gradient): a program owns one channel, a tile of rows (b, t) and a tile of output
-positions s = (y, x); it loops over frame offsets o_t and over the input positions s' whose image rows can reach
-the tile (|y' - y| <= r): the A tile is a plain masked load of h (rows are frames of one clip, s' contiguous), the
-band tile Band[s', s] = w[o_t, y' - y + r, x' - x + r] (zero outside the window) is gathered from the channel's
-k^3 taps, and tl.dot accumulates in fp32 (fp64 for fp64). The input gradient sums every scale in one program.
-
-``_tap_grad`` (kernel gradients): a program owns one channel and one frame offset o_t (and a slice of the rows
-for parallelism); the reduction axis is (b, t, y) and the product is
-
-    Q[x, (o_y, x')] += dF[(b, t, y), x]^T @ h[(b, t + o_t - r, y + o_y - r), x']
-
-with x' running over the window's reach (-r .. W - 1 + r): every tap's gradient is a diagonal sum of Q
-(dw[o_t, o_y, o_x] = sum_x Q[x, (o_y, x + o_x - r)]), taken once at the end of the program; partial sums per row
-slice are added in torch (deterministic, no atomics).
+``_row_conv`` (forward, input gradient): a program owns one channel and BM output rows; per frame offset it loads
+the A tile in K steps of BK columns and multiplies it by the band tiles (gathered once per call into [C, k, NP, XN]
+by ``_bands``) with fp32 accumulation (fp64 for fp64). The forward loads each A tile once for every window (the
+smaller windows sit inside the largest one's frame); the input gradient sums the windows in one program.
+``_tap_grad`` (kernel gradients): a program owns one channel, one frame offset and a slice of the rows; one load of
+the shifted states serves every window that reaches that offset; partial sums per row slice are added in torch
+(deterministic, no atomics).
 
 The CFD term is folded into the centre tap beforehand (ops/_cfd.cfd_kernel, differentiable, so theta's gradient
 comes from autograd through the fold), as every fast backend does. The kernels index a contiguous [B, C, T, H, W]
@@ -52,10 +50,11 @@ from msf_scale.ops._choice import tf32_matmul_allowed
 MAX_SCALES = 3
 MAX_REACH = 64          # W + 2 R, padded to XP columns: one padded image row of the window's reach
 MAX_GRAD_TILE = 4096    # _tap_grad's [XN, NP] accumulator per scale: 16 x 256 at 14 x 14, R = 3; larger ones spill
-# Tiles: _row_conv (BM rows per program, BK columns per K step; warps, stages), _tap_grad (BR rows per step; warps, stages; programs aimed
-# at). Set from the tile sweep of benchmarks/bench_fusion.py on the lent GPU (docs/BENCHMARKS.md).
-CONFIG: dict = {"BM": 64, "BK": 32, "warps": 8, "stages": 2, "flat": False, "BR": 32, "grad_warps": 8, "grad_stages": 2,
-                "grad_programs": 4096}
+# Tiles: _row_conv (BM rows per program, BK columns per K step; warps, stages; ``flat``: its one-loop variant),
+# _tap_grad (BR rows per step; warps, stages; programs aimed at). Chosen by ptxas's count for sm_90 (no spills;
+# benchmarks/kernel_resources.py); timed on the lent H100 in session 9 (docs/BENCHMARKS.md), flat not yet.
+CONFIG: dict = {"BM": 64, "BK": 32, "warps": 8, "stages": 2, "flat": False,
+                "BR": 32, "grad_warps": 8, "grad_stages": 2, "grad_programs": 4096}
 
 
 def _pow2(n: int) -> int:
