@@ -36,7 +36,6 @@ traces whole (fullgraph=True), the kernels run as they do in eager.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
