@@ -5,7 +5,8 @@
 # Usage (repository root; python with torch + CUDA + triton + mamba-ssm, the package importable):
 #   bash benchmarks/speed_checks.sh OUT
 # Knobs (environment): PARTS="tests fusion profile model" (any subset; "compiled", not in the default, is a second
-#   call's worth: torch.compile'd training beside eager, small, every variant), SIZES="tiny,small" (bench_model),
+#   call's worth: torch.compile'd training beside eager, small, every variant; "latency", not in the default either:
+#   batch-1 latency through msf_scale.inference, graph replay and torch.compile, tiny models, ~2.5 minutes), SIZES="tiny,small" (bench_model),
 #   SWEEP_S=90 (igemm tile sweep budget), PYTHON=python.
 # Each part runs under its own `timeout` and the next runs whatever its exit code; OUT/status.txt lists each part's
 # exit code and seconds. Every part's output is tee'd into OUT/<part>.log as it is printed.
@@ -40,4 +41,7 @@ part model 230 "$PY" benchmarks/bench_model.py --sizes "$SIZES" --steps 5 --late
 part compiled 540 "$PY" benchmarks/bench_model.py --sizes small --steps 5 --latency-reps 20 --setup auto: \
   --setup compiled:compile=true --setup igemm_compiled:fusion_backend=igemm,compile=true \
   --out "$OUT/bench_model_compiled.json"
+part latency 170 "$PY" benchmarks/bench_latency.py --out "$OUT/latency" \
+  --models videomamba_tiny,msf_mamba_tiny,msf_mamba_plus_tiny --modes graph,compile --measures clip \
+  --budget-s 160 --compile-cap-s 50
 cat "$OUT/status.txt"
