@@ -230,6 +230,8 @@ MUTANTS = [
       "& (oy >= 0) & (oy < k) &", "& (oy >= 0) & (oy < k - 1) &", [IGEMM, "-k", "float64"]),
     M("igemm_a_tile_frame_off_by_one", "ops", "msf_scale/ops/_fusion_igemm.py",
       "tt = t + (OT - R)", "tt = t + (OT - R + 1)", [IGEMM, "-k", "float64"]),
+    M("igemm_flat_bands_not_centred", "ops", "msf_scale/ops/_fusion_igemm.py",
+      "- (d if flat else 0)", "- 0", [IGEMM, "-k", "flat"]),
     M("igemm_row_steps_not_advanced", "ops", "msf_scale/ops/_fusion_igemm.py",
       "rr = r_start + step * BR + tl.arange(0, BR)", "rr = r_start + tl.arange(0, BR)", [IGEMM, "-k", "float64"]),
     M("igemm_tap_diagonal_off_by_one", "ops", "msf_scale/ops/_fusion_igemm.py",
