@@ -6,7 +6,8 @@
 Why: tile sizes that spill registers to local memory are slow on every GPU run, and ptxas says so at compile time.
 Triton compiles a kernel for a named target on any machine (its ASTSource + GPUTarget), and the ptxas it ships
 reports per-kernel registers and spill bytes (-v). Each row is one kernel as ops/_fusion_igemm.py would launch it
-at --shape: the forward, the input gradient and the kernel gradients (each every window in one launch); whether the tensor-core path is wgmma (Hopper) or mma.sync. Compile-time facts, not timings.
+at --shape: the forward, the input gradient and the kernel gradients (each every window in one launch); whether
+the tensor-core path is wgmma (Hopper) or mma.sync. Compile-time facts, not timings.
 """
 from __future__ import annotations
 
@@ -63,13 +64,13 @@ def row_conv(shape, ks, dtype: str, arch: int, cfg: dict, shared: bool):
     ptr, acc, prec = DTYPES[dtype]
     b, _, t, hh, ww = shape
     g = fi.Geometry(hh, ww, ks)
-    bm = max(16, min(cfg["BM"], fi._pow2(b * t * hh)))
+    bm = max(16, min(fi._pow2(cfg["BM"]), fi._pow2(b * t * hh)))
     kk = list(ks) + [1] * (fi.MAX_SCALES - len(ks))
     signature = {**{f"x{i}": ptr for i in range(3)}, **{f"b{i}": ptr for i in range(3)},
                  **{f"o{i}": ptr for i in range(3)},
                  "C": "i32", "T": "i32", "H": "i32", "W": "i32", "HP": "i32", "ROWS": "i32"}
     constants = dict(SHARED=shared, NS=len(ks), K0=kk[0], K1=kk[1], K2=kk[2], R=g.r, XP=g.xp, NP=g.np, XN=g.xn,
-                     BM=bm, BK=min(cfg["BK"], g.np), FLAT=bool(cfg["flat"]), PREC=prec, ACC=acc)
+                     BM=bm, BK=max(16, min(fi._pow2(cfg["BK"]), g.np)), FLAT=bool(cfg["flat"]), PREC=prec, ACC=acc)
     return _compile(fi._row_conv, signature, constants, arch, cfg["warps"], cfg["stages"])
 
 
@@ -78,7 +79,7 @@ def tap_grad(shape, ks, dtype: str, arch: int, cfg: dict):
     ptr, acc, prec = DTYPES[dtype]
     b, c, t, hh, ww = shape
     g = fi.Geometry(hh, ww, ks)
-    rows, br, kmax = b * t * hh, cfg["BR"], 2 * g.r + 1
+    rows, br, kmax = b * t * hh, max(16, fi._pow2(cfg["BR"])), 2 * g.r + 1
     splits = max(1, min(triton.cdiv(cfg["grad_programs"], c * kmax), triton.cdiv(rows, br)))
     chunk = triton.cdiv(triton.cdiv(rows, splits), br) * br
     kk = list(ks) + [1] * (fi.MAX_SCALES - len(ks))

@@ -230,6 +230,8 @@ MUTANTS = [
       "& (oy >= 0) & (oy < k) &", "& (oy >= 0) & (oy < k - 1) &", [IGEMM, "-k", "float64"]),
     M("igemm_a_tile_frame_off_by_one", "ops", "msf_scale/ops/_fusion_igemm.py",
       "tt = t + (OT - R)", "tt = t + (OT - R + 1)", [IGEMM, "-k", "float64"]),
+    M("igemm_a_tile_reads_past_its_rows", "ops", "msf_scale/ops/_fusion_igemm.py",
+      "mask=m[:, None] & nmask[None, :], other=0.0)", "mask=m[:, None], other=0.0)", [IGEMM, "-k", "outside"]),
     M("igemm_flat_bands_not_centred", "ops", "msf_scale/ops/_fusion_igemm.py",
       "- (d if flat else 0)", "- 0", [IGEMM, "-k", "flat"]),
     M("igemm_row_steps_not_advanced", "ops", "msf_scale/ops/_fusion_igemm.py",

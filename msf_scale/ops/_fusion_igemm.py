@@ -4,8 +4,8 @@ Why: the ``gemm`` backend (_fusion_gemm.py) puts the fusion on the tensor cores 
 channel's (y, x) plane, but it materialises its operands: an im2col of the input and [k * S, S] block-Toeplitz
 bands per channel and scale (~0.5 GB at (32, 384, 8, 14, 14) bf16, again for the backward). On the H200 its GEMMs
 took ~1.1 ms of its 7.5 ms; building and copying those buffers most of the rest (docs/BENCHMARKS.md, session 7).
-Here the same products run with the operands loaded tile by tile (staged in shared memory for the tensor cores),
-never built as whole buffers. The states are padded once to [B, C, T, H + 2R, XP] (R: the largest window's radius;
+Here the A operand is read in place from one padded copy of the states (staged in shared memory for the tensor
+cores); only the banded kernel matrices are built, ~10x smaller than gemm's Toeplitz bands. The states are padded once to [B, C, T, H + 2R, XP] (R: the largest window's radius;
 XP = pow2(W + 2R), zero outside the grid, ``Geometry``): for an output row (b, t, y) the 2R + 1 image rows that
 any window reads are then one contiguous run of (2R + 1) * XP elements, indexed (o_y, x''). With rows (b, t, y) as
 M, the run as K and the output columns x as N:
@@ -47,7 +47,7 @@ from msf_scale.ops._cfd import cfd_kernel
 from msf_scale.ops._choice import tf32_matmul_allowed
 
 MAX_SCALES = 3
-MAX_REACH = 64          # W + 2 R, padded to XP columns: one padded image row of the window's reach
+MAX_REACH = 64          # W + 2 R, padded to XP columns (MAX_GRAD_TILE binds first for R >= 1)
 MAX_GRAD_TILE = 4096    # _tap_grad's [XN, NP] accumulator per scale: 16 x 256 at 14 x 14, R = 3; larger ones spill
 # Tiles: _row_conv (BM rows per program, BK columns per K step; warps, stages; ``flat``: its one-loop variant),
 # _tap_grad (BR rows per step; warps, stages; programs aimed at). Chosen by ptxas's count for sm_90 (no spills;
@@ -322,8 +322,8 @@ def _conv(xs, taps, ks, outs, shared: bool):
     b, c, t, hh, ww = outs[0].shape
     g = Geometry(hh, ww, ks)
     acc, prec = _precision(outs[0].dtype)
-    bm = max(16, min(CONFIG["BM"], _pow2(b * t * hh)))
-    bk = min(CONFIG["BK"], g.np)
+    bm = max(16, min(_pow2(CONFIG["BM"]), _pow2(b * t * hh)))   # tl.dot: powers of two, >= 16
+    bk = max(16, min(_pow2(CONFIG["BK"]), g.np))
     kk = list(ks) + [1] * (MAX_SCALES - len(ks))
     flat = bool(CONFIG["flat"])
     bands = _bands(taps, ks, g, ww, xs[0].dtype, flat)
@@ -339,7 +339,7 @@ def _kernel_grads(hp, grads, ks, shape):
     b, c, t, hh, ww = shape
     g = Geometry(hh, ww, ks)
     acc, prec = _precision(hp.dtype)
-    br = CONFIG["BR"]
+    br = max(16, _pow2(CONFIG["BR"]))   # tl.dot: a power of two, >= 16
     rows = b * t * hh
     kmax = 2 * g.r + 1
     splits = max(1, min(triton.cdiv(CONFIG["grad_programs"], c * kmax), triton.cdiv(rows, br)))
@@ -362,6 +362,7 @@ def _fusion_op(h: torch.Tensor, taps: list[torch.Tensor], ks: list[int]) -> list
     """(h [B, C, T, H, W] contiguous, plain depthwise kernels as taps [C, k^3] in fp32 (fp64 for fp64 h), windows)
     -> one F_m per kernel, shaped like h."""
     _check_device(h)
+    h = h.contiguous()   # the kernels index a contiguous [B, C, T, H, W] layout
     g = Geometry(h.shape[3], h.shape[4], ks)
     return _conv([g.pad(h)], taps, ks, [torch.empty_like(h) for _ in ks], shared=True)
 
@@ -378,6 +379,7 @@ def _fusion_backward_op(h: torch.Tensor, taps: list[torch.Tensor], ks: list[int]
     dh(q) = sum_m sum_p dF_m(q - p) w_m(p): the correlation of dF_m with the flipped kernels, every scale in one
     launch; each kernel's gradient from _tap_grad."""
     c = h.shape[1]
+    h, grads = h.contiguous(), [g.contiguous() for g in grads]   # the kernels index contiguous tensors
     geo = Geometry(h.shape[3], h.shape[4], ks)
     gh = h.new_empty(0)
     if input_grad:
@@ -409,7 +411,7 @@ _fusion_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _tap_dtype(h: torch.Tensor) -> torch.dtype:
-    return torch.float64 if h.dtype == torch.float64 else torch.float32   # rounded to h's dtype in the kernel
+    return torch.float64 if h.dtype == torch.float64 else torch.float32   # rounded to h's dtype in _bands
 
 
 def _check_device(h: torch.Tensor) -> None:
@@ -425,6 +427,6 @@ def state_fusion_igemm(h: torch.Tensor, kernels, theta) -> list[torch.Tensor]:
         return state_fusion_gemm(h, kernels, theta)
     ks = [int(w.shape[-1]) for w in kernels]
     c, dtype = h.shape[1], _tap_dtype(h)
-    with torch.autocast(h.device.type, enabled=False):   # taps keep fp32 under autocast (rounded in the kernel)
+    with torch.autocast(h.device.type, enabled=False):   # taps keep fp32 under autocast (rounded in _bands)
         taps = [cfd_kernel(w, theta).reshape(c, -1).to(dtype).contiguous() for w in kernels]
         return _fusion_op(h.contiguous(), taps, ks)

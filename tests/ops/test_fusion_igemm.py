@@ -19,11 +19,13 @@ from fusion_cases import (SHAPES, aswm_ref, bf16_errors, check_compiled_matches_
 from msf_scale.ops import state_fusion, state_fusion_ref  # noqa: E402
 from msf_scale.ops import _fusion_igemm  # noqa: E402
 
-# beyond fusion_cases.SHAPES: a 14 x 14 grid (the models') with rows over one 64-row tile, W = 20 (reach 26 > 16)
-WIDE = [(3, 2, 30, 14, 14), (1, 1, 2, 3, 20)]
+# beyond fusion_cases.SHAPES: a 14 x 14 grid (the models') with rows over one 64-row tile, W = 16 (reach 22 > 16;
+# W = 20 with the 7 x 7 x 7 window would need a kernel-gradient tile over MAX_GRAD_TILE: the gemm fallback)
+WIDE = [(3, 2, 30, 14, 14), (1, 1, 2, 3, 16)]
 
 
 def _check(shape, scales, theta, seed=0):
+    assert _fusion_igemm.supported(*make(shape, scales)), "the case would test the gemm fallback, not igemm"
     check_matches_ref("igemm", shape, scales, theta, seed)
 
 
@@ -37,6 +39,11 @@ def test_matches_ref_float64(shape, scales, theta):
 @pytest.mark.parametrize("shape", WIDE)
 def test_matches_ref_float64_over_several_tiles(shape):
     _check(shape, (3, 5, 7), 0.7, seed=1)
+
+
+def test_matches_ref_float64_outputs_wider_than_16():
+    """W = 20: 32 output columns per tile (XN), the 3 x 3 x 3 window (R = 1) keeping the tiles within limits."""
+    _check((1, 2, 3, 4, 20), (3,), 0.7, seed=1)
 
 
 def test_matches_ref_float64_kernel_gradient_over_many_row_steps(monkeypatch):
@@ -58,6 +65,37 @@ def test_matches_ref_float64_flat_loop(monkeypatch, scales):
     monkeypatch.setitem(_fusion_igemm.CONFIG, "flat", True)
     monkeypatch.setitem(_fusion_igemm.CONFIG, "BK", 16)
     _check((2, 3, 4, 5, 6), scales, 0.7)
+
+
+@pytest.mark.parametrize("shape", SHAPES + WIDE)
+def test_matches_ref_float64_flat_loop_over_row_tiles(monkeypatch, shape):
+    """The flat loop with 16-row tiles: several row tiles per channel on every grid."""
+    monkeypatch.setitem(_fusion_igemm.CONFIG, "flat", True)
+    monkeypatch.setitem(_fusion_igemm.CONFIG, "BM", 16)
+    _check(shape, (3, 5, 7), 0.7, seed=2)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_reads_nothing_outside_the_padded_states(monkeypatch, flat):
+    """The padded states inside a NaN-filled buffer: a kernel that reads past them (the A tile's column mask
+    dropped, say) turns outputs or gradients NaN, which the interpreter's float64 check alone would not see (the
+    extra columns meet zero band rows)."""
+    pad = _fusion_igemm.Geometry.pad
+
+    def pad_in_nan(self, x):
+        p, guard = pad(self, x), 4096
+        buf = torch.full((p.numel() + 2 * guard,), float("nan"), dtype=p.dtype)
+        inner = buf[guard:guard + p.numel()].view(p.shape)
+        inner.copy_(p)
+        return inner
+
+    monkeypatch.setattr(_fusion_igemm.Geometry, "pad", pad_in_nan)
+    monkeypatch.setitem(_fusion_igemm.CONFIG, "flat", flat)
+    for shape, scales in (((1, 2, 1, 1, 1), (7, 3)), ((2, 2, 3, 4, 5), (3, 5, 7))):
+        h, ks = make(shape, scales)
+        out = state_fusion(h, ks, 0.7, backend="igemm")
+        grads = torch.autograd.grad(sum(o.sum() for o in out), [h, *ks])
+        assert all(t.isfinite().all() for t in (*out, *grads))
 
 
 def test_matches_ref_float64_one_by_one_window():
@@ -174,11 +212,12 @@ def test_default_tiles_compile_for_hopper_without_spills():
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--json"],
-                         capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(rows) == 3
-    for r in rows:
-        assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
-        assert r["mma"] == "wgmma" or r["kernel"].startswith("kernel grad"), r
+    for flat in ([], ["--flat"]):
+        out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--json", *flat],
+                             capture_output=True, text=True, env=env, cwd=root, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows = json.loads(out.stdout.strip().splitlines()[-1])
+        assert len(rows) == 3
+        for r in rows:
+            assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, (flat, r)
+            assert r["mma"] == "wgmma" or r["kernel"].startswith("kernel grad"), (flat, r)
