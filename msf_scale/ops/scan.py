@@ -16,9 +16,13 @@ signature (``_scan_torch``, ``_scan_numba``); this module only picks and casts:
     ``numba`` a compiled one-pass CPU kernel (forward and backward), parallel over batch rows
     ``torch`` a chunked parallel scan in plain PyTorch with a hand-written backward (any device; on CPU the
               faster one when the batch has fewer rows than threads)
+    ``triton`` ops/_scan_triton.py: tiles of associative scans in Triton (GPU, or CPU under TRITON_INTERPRET=1);
+              explicit only (``auto`` does not pick it); reverses groups itself (below)
     ``ref``   :func:`selective_scan_ref`, a per-step loop in the input dtype: the float64 reference for tests
 
-The bidirectional flip lives in the model block, not here.
+``reverse_groups=k`` (grouped B/C only) scans the last k groups backwards in time, from t = L - 1 to 0: the
+bidirectional mixer's backward direction without flipped copies. The triton kernel reads those channels in
+reverse order itself; every other backend gets flipped copies in and flips the output back (same result).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from msf_scale.ops._choice import requested_backend
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "cuda", "numba", "torch", "ref")
+BACKENDS = ("auto", "cuda", "numba", "torch", "triton", "ref")
 ENV_VAR = "MSF_SCALE_SCAN_BACKEND"
 
 
@@ -59,8 +63,21 @@ def _numba_scan():
     return _scan_numba
 
 
+@lru_cache(maxsize=None)
+def _triton_scan():
+    """The Triton scan module, or None when triton is not installed."""
+    try:
+        from msf_scale.ops import _scan_triton
+    except ImportError as err:
+        log.debug("triton unavailable: %s", err)
+        return None
+    return _scan_triton
+
+
 def available_backends() -> list[str]:
     names = ["torch", "ref"]
+    if torch.cuda.is_available() and _triton_scan() is not None:
+        names.insert(0, "triton")
     if _numba_scan() is not None:
         names.insert(0, "numba")
     if torch.cuda.is_available() and _mamba_ssm_scan() is not None:
@@ -97,6 +114,10 @@ def resolve_backend(backend: str | None, device: torch.device, batch: int | None
         if _mamba_ssm_scan() is None:
             raise RuntimeError("selective_scan backend 'cuda' needs mamba-ssm: pip install 'msf_scale[cuda]' "
                                "(or mamba-ssm built for your torch/CUDA)")
+    if backend == "triton":
+        if _triton_scan() is None:
+            raise RuntimeError("selective_scan backend 'triton' needs triton: pip install triton")
+        _triton_scan().check_device(torch.empty(0, device=device))
     if backend == "numba":
         if device.type != "cpu":
             raise RuntimeError("selective_scan backend 'numba' runs on CPU tensors; use 'cuda' or 'torch' on GPU")
@@ -106,22 +127,50 @@ def resolve_backend(backend: str | None, device: torch.device, batch: int | None
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, backend: str | None = "auto"):
+                   return_last_state=False, backend: str | None = "auto", reverse_groups: int = 0):
     """Selective scan with optional skip ``D``, gate ``z``, ``delta_bias`` and softplus on delta.
 
     Returns ``out`` [batch, D, L] in u's dtype, or ``(out, last_state [batch, D, N])`` with return_last_state.
+    ``reverse_groups``: the last k groups of a grouped B/C run backwards in time (their last state is after t = 0).
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if reverse_groups:
+        groups = B.shape[1] if B.dim() == 4 else 0
+        if not 0 < reverse_groups <= groups:
+            raise ValueError(f"reverse_groups={reverse_groups} needs grouped B/C with at least that many groups "
+                             f"(B is {tuple(B.shape)})")
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or resolve_backend(backend, u.device, batch=u.shape[0]) != "triton"):
+            return _by_flipping(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend,
+                                reverse_groups)
     if torch.compiler.is_compiling() and backend != "ref":   # ref is plain PyTorch: dynamo traces it as is
         return _compiled_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend)
     if torch.jit.is_tracing():   # one named node for fvcore (msf_scale/flops.py counts it), whatever the backend
         y, last = torch.ops.msf_scale.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                                      backend or "auto")
         return (y, last) if return_last_state else y
-    return _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend)
+    return _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend,
+                     reverse_groups)
 
 
-def _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend):
+def _by_flipping(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend, reverse):
+    """reverse_groups for a backend that scans forwards only: the reversed groups' channels (the last
+    ``reverse`` of G groups) of u, delta, z and their B, C flipped in time, scanned, and the output flipped back."""
+    groups, dim = B.shape[1], u.shape[1]
+    split = dim - reverse * (dim // groups)
+
+    def flip(t, axis_split):
+        head, tail = t.split([axis_split, t.shape[1] - axis_split], dim=1)
+        return torch.cat([head, tail.flip(-1)], dim=1)
+    u, delta = flip(u, split), flip(delta, split)
+    z = None if z is None else flip(z, split)
+    B, C = flip(B, groups - reverse), flip(C, groups - reverse)
+    y, last = selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, backend)
+    y = flip(y, split)
+    return (y, last) if return_last_state else y
+
+
+def _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend, reverse_groups=0):
     name = resolve_backend(backend, u.device, batch=u.shape[0])
     if B.dim() == 4 and name in ("torch", "numba"):   # kernels without groups: one call per group
         y, last = _per_group(lambda *a: _dispatch(*a, delta_softplus, True, name), u, delta, A, B, C, D, z,
@@ -131,6 +180,9 @@ def _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_s
         return _mamba_ssm_scan()(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "triton":
+        y, last = _triton_scan().scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
+        return (y, last) if return_last_state else y
     dtype_in = u.dtype
     cast = _caster(u)   # bf16/fp16 scan in fp32, as mamba
     kernel = _scan_torch if name == "torch" else _numba_scan()   # one signature: scan(u, ..., delta_softplus)

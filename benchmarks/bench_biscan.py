@@ -1,0 +1,117 @@
+"""Both directions of the bidirectional scan in one call: mamba-ssm's grouped kernel against the Triton scan.
+
+    python benchmarks/bench_biscan.py --out biscan.json                         # on a GPU with mamba-ssm
+    python benchmarks/bench_biscan.py --configs 16,32,8 8,32,4 16,16,4           # Triton tiles BD,BT,warps
+
+The call the bidirectional mixer makes with ``grouped_scan``: u, delta, z [batch, 2E, L] (channels [0, E) the
+forward direction, [E, 2E) the backward one), B, C [batch, 2, N, L], delta_softplus, D, delta_bias; forward +
+backward of sum(y * w). ``cuda`` is mamba-ssm's kernel given the backward half already flipped (what the model
+feeds it); ``triton`` is ops/_scan_triton.py with ``reverse_groups=1`` on the same tensors, which then reads the
+backward half in reverse time order itself (so its numbers are those of a model that needs no flipped copies;
+the flips the cuda path needs are not timed here). Also timed: forward alone. The agreement lines compare the
+Triton scan with mamba-ssm on one set of inputs (reverse_groups=0, so both run the same recurrence): the largest
+difference of y and of every gradient, relative to the largest value of mamba-ssm's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from msf_scale.ops import selective_scan
+from msf_scale.ops import _scan_triton
+
+
+def make_inputs(batch, width, length, n, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    dim = 2 * width
+    tensors = dict(u=r(batch, dim, length).to(device, dtype), delta=(0.5 * r(batch, dim, length)).to(device, dtype),
+                   A=(-torch.rand(dim, n, generator=g) * n).to(device), B=r(batch, 2, n, length).to(device, dtype),
+                   C=r(batch, 2, n, length).to(device, dtype), D=r(dim).to(device), z=r(batch, dim, length).to(device, dtype),
+                   delta_bias=(r(dim) - 4).to(device))
+    for t in tensors.values():
+        t.requires_grad_()
+    return tensors
+
+
+def timed(fn, reps):
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--width", type=int, default=768, help="E = expand x d_model per direction (small: 768)")
+    ap.add_argument("--length", type=int, default=1569)
+    ap.add_argument("--d-state", type=int, default=16)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--configs", nargs="*", default=[], help="Triton tiles BD,BT,warps to try (the default first)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    x = make_inputs(args.batch, args.width, args.length, args.d_state, dtype, "cuda")
+    w = torch.randn(args.batch, 2 * args.width, args.length, device="cuda", dtype=dtype)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+    def call(backend, **kw):
+        return selective_scan(*(x[k] for k in names), delta_softplus=True, backend=backend, **kw)
+
+    def fwd_bwd(backend, **kw):
+        grads = torch.autograd.grad((call(backend, **kw) * w).float().sum(), [x[k] for k in names])
+        return grads
+
+    rows = []
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "shape": [args.batch, 2 * args.width, args.length, args.d_state], "dtype": args.dtype}
+    print(meta, flush=True)
+
+    # agreement with mamba-ssm on the same recurrence (no reversal)
+    with torch.no_grad():
+        y_ref, y_tri = call("cuda"), call("triton", reverse_groups=0)
+    g_ref, g_tri = fwd_bwd("cuda"), fwd_bwd("triton", reverse_groups=0)
+    agree = {"y": ((y_tri.float() - y_ref.float()).abs().max() / y_ref.float().abs().max()).item()}
+    for k, a, b in zip(names, g_tri, g_ref):
+        agree["d" + k] = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+    print("agreement (max |triton - cuda| / max |cuda|):", {k: f"{v:.1e}" for k, v in agree.items()}, flush=True)
+
+    cuda_fwd = timed(lambda: call("cuda"), args.reps)
+    cuda_all = timed(lambda: fwd_bwd("cuda"), args.reps)
+    print(f"cuda   grouped G=2          fwd {cuda_fwd:7.3f} ms   fwd+bwd {cuda_all:7.3f} ms", flush=True)
+    rows.append({"backend": "cuda", "fwd_ms": cuda_fwd, "fwd_bwd_ms": cuda_all})
+    default = dict(_scan_triton.CONFIG)
+    configs = [f"{default['BD']},{default['BT']},{default['warps']}"] + [c for c in args.configs]
+    for cfg in configs:
+        bd, bt, warps = map(int, cfg.split(","))
+        _scan_triton.CONFIG.update(BD=bd, BT=bt, warps=warps)
+        try:
+            fwd = timed(lambda: call("triton", reverse_groups=1), args.reps)
+            both = timed(lambda: fwd_bwd("triton", reverse_groups=1), args.reps)
+        except Exception as err:   # a tile too large for registers or shared memory: report and go on
+            print(f"triton BD={bd} BT={bt} warps={warps}: failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+            continue
+        print(f"triton BD={bd:2d} BT={bt:3d} warps={warps}  fwd {fwd:7.3f} ms   fwd+bwd {both:7.3f} ms   "
+              f"cuda/triton fwd {cuda_fwd / fwd:.2f}x  fwd+bwd {cuda_all / both:.2f}x", flush=True)
+        rows.append({"backend": "triton", "BD": bd, "BT": bt, "warps": warps, "fwd_ms": fwd, "fwd_bwd_ms": both})
+    _scan_triton.CONFIG.update(default)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "agreement": agree, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""The selective scan in Triton: both directions of the bidirectional mixer in one launch, no flipped copies.
+
+Same recurrence and signature as the other backends (ops/scan.py), plus ``reverse_groups``: with grouped B/C
+([batch, G, N, L]) the last ``reverse_groups`` groups are scanned from t = L - 1 down to t = 0, reading and
+writing every tensor in its own time order. The bidirectional mixer's backward direction is then one more group
+of the same call instead of a flipped copy in, a flipped copy out and a second launch (issue 19 item 2).
+
+One program holds ``BD`` channels of one batch row and walks the sequence in tiles of ``BT`` steps: a tile's
+states h [BD, N, BT] come from ``tl.associative_scan`` over (a_t, b_t) = (exp(delta_t A), delta_t u_t B_t) plus the
+carried entry state times the running decay product; y_t = <C_t, h_t> + D u_t, gated by silu(z_t). The forward
+saves each tile's entry state (float32 [batch, D, tiles, N]: L / BT x N floats per channel, ~4x the activations
+of u alone at BT = 32, N = 16) so the backward redoes one tile at a time, newest first, with no [.., N, L]
+buffer: the adjoint G_t = C_t g_t + a_{t+1} G_{t+1} is a reverse associative scan over the tile (a_{t+1} from a
+shifted load of delta), carried across tiles, and a_t h_{t-1} = h_t - b_t gives the decay's gradients without a
+shifted state. dB and dC (shared by a group's channels) are reduced per program and atomically added in float32;
+dA, dD and d(delta_bias) are written per batch row and summed by torch. As mamba-ssm: the last state gets no
+gradient; bf16/fp16/fp32 inputs compute in float32, float64 inputs (the interpreter tests) in float64.
+
+Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the CPU tests run it).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# BD channels x BT steps per tile (pow2), warps per program. Tile elements BD * N * BT set the register use.
+CONFIG = {"BD": 16, "BT": 32, "warps": 8}
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    """(a1, b1) then (a2, b2): h -> a2 (a1 h + b1) + b2."""
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+
+
+@triton.jit
+def _tile_inputs(U, DT, BIAS, Bm, Cm, b, g, d, j, L, rev, A3,
+                 su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+                 N: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr):
+    """One tile's inputs at scan positions j [BT] (time t = j, or L - 1 - j when reversed), masked past L:
+    u, delta, B, C, the time indices, and a, b of the recurrence (identity where masked)."""
+    valid = j < L
+    t = tl.where(rev, L - 1 - j, j)
+    n = tl.arange(0, N)
+    u = tl.load(U + b * su_b + d[:, None] * su_d + t[None, :] * su_l, mask=valid[None, :], other=0.0).to(CDT)
+    raw = tl.load(DT + b * sdt_b + d[:, None] * sdt_d + t[None, :] * sdt_l, mask=valid[None, :],
+                  other=0.0).to(CDT)
+    if HAS_BIAS:
+        raw += tl.load(BIAS + d).to(CDT)[:, None]
+    delta = _softplus(raw) if SOFTPLUS else raw
+    delta = tl.where(valid[None, :], delta, 0.0)
+    Bt = tl.load(Bm + b * sB_b + g * sB_g + n[:, None] * sB_n + t[None, :] * sB_l, mask=valid[None, :],
+                 other=0.0).to(CDT)
+    Ct = tl.load(Cm + b * sC_b + g * sC_g + n[:, None] * sC_n + t[None, :] * sC_l, mask=valid[None, :],
+                 other=0.0).to(CDT)
+    a = tl.exp(delta[:, None, :] * A3)                                    # [BD, N, BT]
+    bb = (delta * u)[:, None, :] * Bt[None, :, :]
+    return u, raw, delta, Bt, Ct, t, valid, a, bb
+
+
+@triton.jit
+def _scan_fwd(U, DT, Z, A, Bm, Cm, Dv, BIAS, Y, LAST, STATES,
+              su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
+              sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sy_b, sy_d, sy_l,
+              L, DIM, DPG, REV_FROM,
+              NT: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, CDT: tl.constexpr):
+    b = tl.program_id(0)
+    d0 = tl.program_id(1) * BD
+    d = d0 + tl.arange(0, BD)
+    g = d0 // DPG
+    rev = g >= REV_FROM
+    n = tl.arange(0, N)
+    A3 = tl.load(A + d[:, None] * N + n[None, :]).to(CDT)[:, :, None]
+    if HAS_D:
+        Dd = tl.load(Dv + d).to(CDT)
+    k = tl.arange(0, BT)
+    h = tl.zeros([BD, N], dtype=CDT)
+    for it in range(NT):
+        if SAVE:
+            tl.store(STATES + ((b * DIM + d[:, None]) * NT + it) * N + n[None, :], h)
+        j = it * BT + k
+        u, raw, delta, Bt, Ct, t, valid, a, bb = _tile_inputs(
+            U, DT, BIAS, Bm, Cm, b, g, d, j, L, rev, A3, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l,
+            sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, N, HAS_BIAS, SOFTPLUS, CDT)
+        decay, hs = tl.associative_scan((a, bb), 2, _combine)
+        hs += decay * h[:, :, None]
+        y = tl.sum(hs * Ct[None, :, :], axis=1)                             # [BD, BT]
+        if HAS_D:
+            y += Dd[:, None] * u
+        if HAS_Z:
+            zz = tl.load(Z + b * sz_b + d[:, None] * sz_d + t[None, :] * sz_l, mask=valid[None, :],
+                         other=0.0).to(CDT)
+            y *= zz / (1.0 + tl.exp(-zz))
+        tl.store(Y + b * sy_b + d[:, None] * sy_d + t[None, :] * sy_l, y, mask=valid[None, :])
+        h = tl.sum(tl.where(k[None, None, :] == BT - 1, hs, 0.0), axis=2)   # masked steps keep the state
+    tl.store(LAST + (b * DIM + d[:, None]) * N + n[None, :], h)
+
+
+@triton.jit
+def _scan_bwd(U, DT, Z, A, Bm, Cm, Dv, BIAS, STATES, DOUT,
+              DU, DDT, DZ, DA, DB, DC, DD, DBIAS,
+              su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
+              sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, so_b, so_d, so_l,
+              L, DIM, G, DPG, REV_FROM,
+              NT: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr):
+    """Gradient outputs: DU, DDT, DZ in the layout [batch, D, L] (contiguous); DA [batch, D, N], DD and DBIAS
+    [batch, D] per batch row; DB, DC [batch, G, N, L] float32, zeroed, added into."""
+    b = tl.program_id(0)
+    d0 = tl.program_id(1) * BD
+    d = d0 + tl.arange(0, BD)
+    g = d0 // DPG
+    rev = g >= REV_FROM
+    n = tl.arange(0, N)
+    A2 = tl.load(A + d[:, None] * N + n[None, :]).to(CDT)
+    A3 = A2[:, :, None]
+    if HAS_D:
+        Dd = tl.load(Dv + d).to(CDT)
+    k = tl.arange(0, BT)
+    adj = tl.zeros([BD, N], dtype=CDT)          # G at the first position of the tile after this one
+    dA = tl.zeros([BD, N], dtype=CDT)
+    dD = tl.zeros([BD], dtype=CDT)
+    dbias = tl.zeros([BD], dtype=CDT)
+    for back in range(NT):
+        it = NT - 1 - back
+        j = it * BT + k
+        u, raw, delta, Bt, Ct, t, valid, a, bb = _tile_inputs(
+            U, DT, BIAS, Bm, Cm, b, g, d, j, L, rev, A3, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l,
+            sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, N, HAS_BIAS, SOFTPLUS, CDT)
+        h0 = tl.load(STATES + ((b * DIM + d[:, None]) * NT + it) * N + n[None, :])
+        decay, h = tl.associative_scan((a, bb), 2, _combine)
+        h += decay * h0[:, :, None]                                          # states h_t of the tile
+        gy = tl.load(DOUT + b * so_b + d[:, None] * so_d + t[None, :] * so_l, mask=valid[None, :],
+                     other=0.0).to(CDT)
+        if HAS_Z:
+            off = (b * DIM + d[:, None]) * L + t[None, :]
+            zz = tl.load(Z + b * sz_b + d[:, None] * sz_d + t[None, :] * sz_l, mask=valid[None, :],
+                         other=0.0).to(CDT)
+            sig = 1.0 / (1.0 + tl.exp(-zz))
+            y = tl.sum(h * Ct[None, :, :], axis=1)
+            if HAS_D:
+                y += Dd[:, None] * u
+            tl.store(DZ + off, gy * y * sig * (1.0 + zz * (1.0 - sig)), mask=valid[None, :])
+            gy = gy * zz * sig                                               # gradient of y before the gate
+        if HAS_D:
+            dD += tl.sum(gy * u, axis=1)
+        tl.atomic_add(DC + ((b * G + g) * N + n[:, None]) * L + t[None, :],
+                      tl.sum(gy[:, None, :] * h, axis=0).to(DC.dtype.element_ty), mask=valid[None, :])
+        # the adjoint: G_t = C_t gy_t + a_{t+1} G_{t+1}, a_{t+1} from the next scan position's delta
+        jn = j + 1
+        tn = tl.where(rev, L - 1 - jn, jn)
+        nxt = jn < L
+        raw_n = tl.load(DT + b * sdt_b + d[:, None] * sdt_d + tn[None, :] * sdt_l, mask=nxt[None, :],
+                        other=0.0).to(CDT)
+        if HAS_BIAS:
+            raw_n += tl.load(BIAS + d).to(CDT)[:, None]
+        delta_n = _softplus(raw_n) if SOFTPLUS else raw_n
+        a_next = tl.where(nxt[None, None, :], tl.exp(delta_n[:, None, :] * A3), 0.0)
+        carry, adj_t = tl.associative_scan((a_next, Ct[None, :, :] * gy[:, None, :]), 2, _combine, reverse=True)
+        adj_t += carry * adj[:, :, None]                                     # G_t [BD, N, BT]
+        adj = tl.sum(tl.where(k[None, None, :] == 0, adj_t, 0.0), axis=2)
+        decayed = h - bb                                                     # a_t h_{t-1}
+        gB = tl.sum(adj_t * Bt[None, :, :], axis=1)                          # [BD, BT]
+        du = gB * delta
+        if HAS_D:
+            du += Dd[:, None] * gy
+        gdecay = adj_t * decayed
+        ddelta = gB * u + tl.sum(gdecay * A3, axis=1)
+        dA += tl.sum(gdecay * delta[:, None, :], axis=2)
+        tl.atomic_add(DB + ((b * G + g) * N + n[:, None]) * L + t[None, :],
+                      tl.sum(adj_t * (delta * u)[:, None, :], axis=0).to(DB.dtype.element_ty), mask=valid[None, :])
+        if SOFTPLUS:
+            ddelta = tl.where(raw > 20.0, ddelta, ddelta / (1.0 + tl.exp(-raw)))
+        ddelta = tl.where(valid[None, :], ddelta, 0.0)
+        dbias += tl.sum(ddelta, axis=1)
+        off = (b * DIM + d[:, None]) * L + t[None, :]
+        tl.store(DU + off, du, mask=valid[None, :])
+        tl.store(DDT + off, ddelta, mask=valid[None, :])
+    tl.store(DA + (b * DIM + d[:, None]) * N + n[None, :], dA)
+    tl.store(DD + b * DIM + d, dD)
+    tl.store(DBIAS + b * DIM + d, dbias)
+
+
+def _block(dim_per_group: int) -> int:
+    """Channels per program: CONFIG's BD, halved until it divides a group's channels (a program reads one
+    group's B and C)."""
+    bd = CONFIG["BD"]
+    while dim_per_group % bd:
+        bd //= 2
+    return bd
+
+
+def _geometry(u, B):
+    batch, dim, length = u.shape
+    groups = B.shape[1]
+    bd = _block(dim // groups)
+    bt = CONFIG["BT"]
+    return batch, dim, length, groups, bd, bt, triton.cdiv(length, bt)
+
+
+def _compute_dtype(u):
+    return tl.float64 if u.dtype == torch.float64 else tl.float32
+
+
+def _strides(*tensors):
+    return [s for t in tensors for s in t.stride()]
+
+
+def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups, save_states):
+    """(y [batch, D, L] in u's dtype, last state [batch, D, N], entry states or None). B, C [batch, G, N, L]."""
+    batch, dim, length, groups, bd, bt, tiles = _geometry(u, B)
+    n = A.shape[1]
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    y = torch.empty_like(u, memory_format=torch.contiguous_format)
+    last = u.new_empty(batch, dim, n, dtype=acc)
+    states = u.new_empty(batch, dim, tiles, n, dtype=acc) if save_states else last
+    dummy = u
+    _scan_fwd[(batch, dim // bd)](
+        u, delta, z if z is not None else dummy, A, B, C, D if D is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, y, last, states,
+        *_strides(u, delta, z if z is not None else u, B, C, y),
+        length, dim, dim // groups, groups - reverse_groups,
+        NT=tiles, N=n, BD=bd, BT=bt, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, SAVE=save_states, CDT=_compute_dtype(u), num_warps=CONFIG["warps"])
+    return y, last, (states if save_states else None)
+
+
+def backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups, states):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias), each None where its input is None."""
+    batch, dim, length, groups, bd, bt, tiles = _geometry(u, B)
+    n = A.shape[1]
+    acc = states.dtype
+    du, ddelta = (torch.empty(u.shape, dtype=t.dtype, device=u.device) for t in (u, delta))
+    dz = torch.empty(z.shape, dtype=z.dtype, device=u.device) if z is not None else None
+    dA = u.new_empty(batch, dim, n, dtype=acc)
+    dD, dbias = (u.new_empty(batch, dim, dtype=acc) for _ in range(2))
+    dB, dC = (u.new_zeros(batch, groups, n, length, dtype=acc) for _ in range(2))
+    dummy = u
+    _scan_bwd[(batch, dim // bd)](
+        u, delta, z if z is not None else dummy, A, B, C, D if D is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, states, dout,
+        du, ddelta, dz if dz is not None else dummy, dA, dB, dC, dD, dbias,
+        *_strides(u, delta, z if z is not None else u, B, C, dout),
+        length, dim, groups, dim // groups, groups - reverse_groups,
+        NT=tiles, N=n, BD=bd, BT=bt, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, CDT=_compute_dtype(u), num_warps=CONFIG["warps"])
+    return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            dD.sum(0).to(D.dtype) if D is not None else None, dz,
+            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None)
+
+
+class _TritonScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups):
+        A = A.contiguous()
+        save = any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+        y, last, states = forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups, save)
+        ctx.options = (delta_softplus, reverse_groups)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.mark_non_differentiable(last)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dout, _dlast):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        grads = backward(dout, u, delta, A, B, C, D, z, delta_bias, *ctx.options, states)
+        return (*grads[:5], grads[5], grads[6], grads[7], None, None)
+
+
+def check_device(u: torch.Tensor) -> None:
+    if u.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the triton scan backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+
+
+def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse_groups=0):
+    """(y, last state): ops/scan.py's contract; B, C [batch, N, L] or grouped [batch, G, N, L]; the last
+    ``reverse_groups`` groups run backwards in time (their "last" state is the one after t = 0)."""
+    check_device(u)
+    grouped = B.dim() == 4
+    if not grouped:
+        B, C = B[:, None], C[:, None]
+    if not 0 <= reverse_groups <= B.shape[1]:
+        raise ValueError(f"reverse_groups={reverse_groups} must be within 0..G={B.shape[1]}")
+    n = A.shape[1]
+    if n & (n - 1):
+        raise ValueError(f"the triton scan needs a power-of-two d_state, got N={n}")
+    return _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
