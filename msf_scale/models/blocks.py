@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from msf_scale.models._registry import ModelOptionError
 from msf_scale.ops import causal_depthwise_conv1d, selective_scan, state_fusion
+from msf_scale.ops.causal_conv1d import anticausal_depthwise_conv1d
+from msf_scale.ops.scan import reverses_in_kernel as scan_reverses_in_kernel
 from msf_scale.ops._cfd import cfd_kernel
 from msf_scale.ops._fusion_gemm import multiscale_fusion_gemm
 from msf_scale.ops.state_fusion import resolve_backend
@@ -109,8 +111,15 @@ class BiMamba(nn.Module):
         the forward direction, [E, 2E) the backward one, and the scan reads B/C group 0 or 1 accordingly."""
         batch, width, length = xs.shape
         conv_weight, conv_bias, x_proj, dt_proj, A, D, delta_bias = self._packed_params()
-        x = torch.cat([xs, xs.flip(-1)], dim=1)                                    # [B, 2E, L]
-        x = F.silu(causal_depthwise_conv1d(x, conv_weight, conv_bias))
+        # a scan that runs group 1 backwards itself (triton) needs no flipped copies: the backward direction's
+        # conv runs backwards in time instead (anticausal) and its output comes back in forward time order
+        reverse = int(scan_reverses_in_kernel(self.scan_backend, xs.device, batch))
+        if reverse:
+            x = torch.cat([causal_depthwise_conv1d(xs, conv_weight[:width], conv_bias[:width]),
+                           anticausal_depthwise_conv1d(xs, conv_weight[width:], conv_bias[width:])], dim=1)
+        else:
+            x = causal_depthwise_conv1d(torch.cat([xs, xs.flip(-1)], dim=1), conv_weight, conv_bias)  # [B, 2E, L]
+        x = F.silu(x)
         # the projections as bmm over the direction axis (exact in fvcore's count; its einsum handle rounds)
         rows = x.view(batch, 2, width, length).permute(1, 0, 3, 2).reshape(2, batch * length, width)
         dt, B, C = torch.bmm(rows, x_proj).view(2, batch, length, -1).split(
@@ -118,9 +127,10 @@ class BiMamba(nn.Module):
         delta = torch.bmm(dt.reshape(2, batch * length, self.dt_rank), dt_proj)     # [2, B*L, E]
         delta = delta.view(2, batch, length, width).permute(1, 0, 3, 2).reshape(batch, 2 * width, length)
         B, C = (t.permute(1, 0, 3, 2) for t in (B, C))                             # [B, 2, N, L]
-        y = selective_scan(x, delta, A, B, C, D, None, delta_bias, delta_softplus=True, backend=self.scan_backend)
+        y = selective_scan(x, delta, A, B, C, D, None, delta_bias, delta_softplus=True, backend=self.scan_backend,
+                           reverse_groups=reverse)
         y_fwd, y_bwd = y.chunk(2, dim=1)
-        return y_fwd + y_bwd.flip(-1)
+        return y_fwd + (y_bwd if reverse else y_bwd.flip(-1))
 
     def _packed_params(self) -> tuple[torch.Tensor, ...]:
         """Both directions' parameters side by side (conv weight [2E, 1, K] and bias, x_proj [2, E, R + 2N], dt_proj

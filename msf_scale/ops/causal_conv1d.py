@@ -1,7 +1,8 @@
 """Mamba's causal depthwise conv1d, with a CPU backend: the op before each direction's scan.
 
 x [B, E, L], weight [E, 1, K], bias [E] -> [B, E, L], where output t sees inputs t-K+1..t (zero-padded on the
-left). On GPU cuDNN's depthwise conv1d is the fast one; on CPU the same result as K shifted multiply-adds,
+left). ``anticausal_depthwise_conv1d`` is the same conv run backwards in time (output t sees t..t+K-1), without
+flipped copies: what the bidirectional mixer's backward direction needs when its scan also runs backwards. On GPU cuDNN's depthwise conv1d is the fast one; on CPU the same result as K shifted multiply-adds,
 because PyTorch's CPU depthwise conv1d backward was ~20% of a CPU training step.
 """
 from __future__ import annotations
@@ -17,12 +18,22 @@ def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return _shifted(x, weight, bias)
 
 
-def _shifted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The CPU backend: sum over taps i of w[:, i] * x shifted right by K-1-i."""
+def anticausal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """causal_depthwise_conv1d(x.flip(-1), weight, bias).flip(-1): output t = bias + sum_k w[k] x[t + K - 1 - k]."""
+    k = weight.shape[-1]
+    if x.is_cuda:
+        return F.conv1d(x, weight.flip(-1), bias, padding=k - 1, groups=x.shape[1])[..., k - 1:]
+    return _shifted(x, weight, bias, anticausal=True)
+
+
+def _shifted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, anticausal: bool = False
+             ) -> torch.Tensor:
+    """The CPU backend: sum over taps i of w[:, i] * x shifted right by K-1-i (anticausal: left by K-1-i)."""
     k, length = weight.shape[-1], x.shape[-1]
-    xp = F.pad(x, (k - 1, 0))
+    xp = F.pad(x, (0, k - 1) if anticausal else (k - 1, 0))
     w = weight[:, 0, :].to(x.dtype)
-    out = xp[..., :length] * w[:, 0, None]
+    start = (lambda i: k - 1 - i) if anticausal else (lambda i: i)
+    out = xp[..., start(0):start(0) + length] * w[:, 0, None]
     for i in range(1, k):
-        out = torch.addcmul(out, xp[..., i:i + length], w[:, i, None])
+        out = torch.addcmul(out, xp[..., start(i):start(i) + length], w[:, i, None])
     return out if bias is None else out + bias.to(x.dtype)[:, None]

@@ -126,6 +126,14 @@ def resolve_backend(backend: str | None, device: torch.device, batch: int | None
     return backend
 
 
+def reverses_in_kernel(backend: str | None, device: torch.device, batch: int) -> bool:
+    """Whether ``reverse_groups`` costs no flipped copies for this backend (the triton scan reads reversed
+    groups backwards itself; under compile or tracing every backend takes the flipping path)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    return resolve_backend(backend, device, batch=batch) == "triton"
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, backend: str | None = "auto", reverse_groups: int = 0):
     """Selective scan with optional skip ``D``, gate ``z``, ``delta_bias`` and softplus on delta.

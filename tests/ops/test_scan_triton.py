@@ -1,0 +1,182 @@
+"""The ``triton`` selective-scan backend (ops/_scan_triton.py) and ``reverse_groups``.
+
+On CPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET), in float64 against
+per-group ``selective_scan_ref`` calls written out here (reversed groups: flipped in, flipped back): the output, the
+last state and every gradient to 1e-12 relative, over lengths inside one tile, on a tile boundary and over several
+tiles, several programs per group (the atomically added dB, dC), a group width that is not a multiple of the tile's
+channels, ungrouped B/C, every optional input present or absent. ``reverse_groups`` on every other backend (by
+flipping) gives the same result; the bidirectional mixer's grouped path on the triton scan (no flipped copies)
+matches its two-call path. On the GPU (marked gpu): bf16 and fp32 against float64 at the models' length.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_selective_scan import make_inputs, rel
+
+pytest.importorskip("triton")
+
+from msf_scale.models.blocks import BiMamba  # noqa: E402
+from msf_scale.ops import _scan_triton, selective_scan, selective_scan_ref  # noqa: E402
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+OPTIONAL = ("D", "z", "delta_bias")
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """4 channels x 8 steps per tile, one warp: several tiles and programs at interpreter-sized shapes."""
+    monkeypatch.setattr(_scan_triton, "CONFIG", {"BD": 4, "BT": 8, "warps": 1})
+
+
+def inputs(batch, groups, width, n, length, dtype=torch.float64, seed=0, device="cpu"):
+    """make_inputs at dim = groups x width with B, C [batch, G, N, L] (G = 0: ungrouped [batch, N, L])."""
+    x = make_inputs(batch, max(groups, 1) * width, n, length, dtype, device=device, seed=seed)
+    if groups:
+        g = torch.Generator().manual_seed(seed + 1)
+        for k in ("B", "C"):
+            x[k] = torch.randn(batch, groups, n, length, generator=g, dtype=torch.float64).to(device, dtype)
+            x[k].requires_grad_()
+    return x
+
+
+def reference(x, reverse, optional, softplus):
+    """Per-group float64 selective_scan_ref calls; the last ``reverse`` groups on time-flipped inputs, their
+    output flipped back. Returns (y, last state)."""
+    B, C = x["B"], x["C"]
+    grouped = B.dim() == 4
+    groups = B.shape[1] if grouped else 1
+    width = x["u"].shape[1] // groups
+    ys, lasts = [], []
+    for g in range(groups):
+        chan = slice(g * width, (g + 1) * width)
+        flip = (lambda t: t.flip(-1)) if g >= groups - reverse else (lambda t: t)
+        opt = {k: (x[k][chan] if x[k].dim() == 1 else flip(x[k][:, chan])) if optional else None for k in OPTIONAL}
+        y, last = selective_scan_ref(flip(x["u"][:, chan]), flip(x["delta"][:, chan]), x["A"][chan],
+                                     flip(B[:, g] if grouped else B), flip(C[:, g] if grouped else C), opt["D"],
+                                     opt["z"], opt["delta_bias"], softplus, True)
+        ys.append(flip(y))
+        lasts.append(last)
+    return torch.cat(ys, dim=1), torch.cat(lasts, dim=1)
+
+
+def check(x, reverse=0, optional=True, softplus=True, backend="triton", tol=1e-12):
+    args = [x[k] if k not in OPTIONAL or optional else None for k in NAMES]
+    present = [a for a in args if a is not None]
+    y, last = selective_scan(*args, delta_softplus=softplus, return_last_state=True, backend=backend,
+                             reverse_groups=reverse)
+    y_ref, last_ref = reference(x, reverse, optional, softplus)
+    assert y.dtype == x["u"].dtype and y.shape == y_ref.shape
+    assert rel(y, y_ref) < tol, f"y: {rel(y, y_ref):.2e}"
+    assert rel(last, last_ref) < tol, f"last state: {rel(last, last_ref):.2e}"
+    w = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grads = torch.autograd.grad(y, present, w.to(y.dtype))
+    ref_grads = torch.autograd.grad(y_ref, present, w)
+    names = [k for k, a in zip(NAMES, args) if a is not None]
+    for name, got, want in zip(names, grads, ref_grads):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        assert rel(got, want) < tol, f"d{name}: {rel(got, want):.2e}"
+
+
+@pytest.mark.parametrize("length", [5, 8, 29])          # inside one tile, on its boundary, four tiles
+@pytest.mark.parametrize("reverse", [0, 1, 2])
+def test_matches_ref_float64(small_tiles, length, reverse):
+    check(inputs(2, 2, 8, 4, length), reverse)         # two programs per group
+
+
+@pytest.mark.parametrize("optional", [False, True])
+@pytest.mark.parametrize("softplus", [False, True])
+def test_optional_inputs_and_softplus(small_tiles, optional, softplus):
+    check(inputs(1, 2, 4, 4, 11, seed=3), 1, optional, softplus)
+
+
+def test_softplus_linear_branch(small_tiles):
+    """delta + bias over 20: softplus is the identity there (as torch's), forward and gradient."""
+    x = inputs(1, 2, 4, 4, 11, seed=4)
+    with torch.no_grad():
+        x["delta"][:, :, ::3] += 30.0
+        x["A"].mul_(1e-2)   # keeps exp(delta A) away from underflow, so the states still carry the branch
+    check(x, 1)
+
+
+def test_ungrouped_and_odd_group_width(small_tiles):
+    check(inputs(2, 0, 6, 4, 13))                      # B, C [batch, N, L]; 6 channels: 2 per program
+    check(inputs(1, 3, 6, 2, 13, seed=5), 2)           # three groups of 6 channels, the last two reversed
+
+
+def test_default_tiles(monkeypatch):
+    """CONFIG as shipped (16 channels x 32 steps), a length over two tiles."""
+    check(inputs(1, 2, 16, 4, 40, seed=6), 1)
+
+
+@pytest.mark.parametrize("backend", ["ref", "torch", "numba"])
+def test_reverse_groups_by_flipping(backend):
+    """Backends that scan forwards only get flipped copies: the same result."""
+    if backend == "numba":
+        pytest.importorskip("numba")
+    check(inputs(2, 2, 4, 4, 9, seed=2), 1, backend=backend, tol=1e-11)
+
+
+def test_reverse_groups_needs_groups():
+    x = inputs(1, 0, 4, 4, 5)
+    with pytest.raises(ValueError, match="reverse_groups=1 needs grouped B/C"):
+        selective_scan(*(x[k] for k in NAMES), reverse_groups=1, backend="ref")
+    x = inputs(1, 2, 4, 4, 5)
+    with pytest.raises(ValueError, match="reverse_groups=3 needs grouped B/C with at least that many"):
+        selective_scan(*(x[k] for k in NAMES), reverse_groups=3, backend="ref")
+
+
+def test_no_states_saved_without_gradients(small_tiles):
+    x = {k: v.detach() for k, v in inputs(1, 2, 4, 4, 9).items()}
+    y, last, states = _scan_triton.forward(*(x[k] for k in NAMES), True, 1, False)
+    assert states is None
+    y_ref, last_ref = reference(x, 1, True, True)
+    assert rel(y, y_ref) < 1e-12 and rel(last, last_ref) < 1e-12
+
+
+def test_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = inputs(1, 2, 4, 4, 5)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        selective_scan(*(x[k] for k in NAMES), backend="triton")
+
+
+def test_bimamba_grouped_on_triton_matches_two_calls(small_tiles):
+    """The mixer's grouped path on the triton scan (anticausal conv, group 1 reversed in the kernel, no flips)
+    against its two-call path (flipped copies, ref scans): output and every parameter's gradient (float64 model;
+    A_log and D stay float32 parameters, so theirs agree to float32 rounding)."""
+    torch.manual_seed(0)
+    two_calls = BiMamba(8, d_state=4, expand=2, scan_backend="ref", dtype=torch.float64)
+    two_calls.reset_parameters()
+    one_call = copy.deepcopy(two_calls)
+    one_call.grouped_scan, one_call.scan_backend = True, "triton"
+    x = torch.randn(2, 13, 8, dtype=torch.float64, requires_grad=True)
+    y_ref, y = two_calls(x), one_call(x)
+    assert rel(y, y_ref) < 1e-12
+    w = torch.randn_like(y)
+    ref_grads = torch.autograd.grad(y_ref, [x, *two_calls.parameters()], w)
+    grads = torch.autograd.grad(y, [x, *one_call.parameters()], w)
+    for (name, _), got, want in zip([("x", x), *two_calls.named_parameters()], grads, ref_grads):
+        tol = 1e-6 if want.dtype == torch.float32 else 1e-12   # A_log and D are float32 parameters: fp32 rounding
+        assert rel(got, want) < tol, f"{name}: {rel(got, want):.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol, grad_tol", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2e-2, 5e-2)])
+def test_gpu_matches_float64(dtype, tol, grad_tol):
+    """The models' length (1569 = 8 x 14 x 14 + 1) on the shipped tiles, one group reversed; A, D, delta_bias fp32
+    (model parameters); y and every gradient within the bounds relative to float64 on CPU."""
+    x = inputs(2, 2, 64, 16, 1569, dtype, device="cuda")
+    for k in ("A", "D", "delta_bias"):
+        x[k] = x[k].detach().float().requires_grad_()
+    y = selective_scan(*(x[k] for k in NAMES), delta_softplus=True, backend="triton", reverse_groups=1)
+    ref_in = {k: v.detach().cpu().double().requires_grad_() for k, v in x.items()}
+    y_ref, _ = reference(ref_in, 1, True, True)
+    assert rel(y.cpu(), y_ref) < tol, f"y: {rel(y.cpu(), y_ref):.2e}"
+    w = torch.randn_like(y_ref)
+    grads = torch.autograd.grad(y, [x[k] for k in NAMES], w.to("cuda", dtype))
+    ref_grads = torch.autograd.grad(y_ref, [ref_in[k] for k in NAMES], w)
+    for name, got, want in zip(NAMES, grads, ref_grads):
+        assert rel(got.cpu(), want) < grad_tol, f"d{name}: {rel(got.cpu(), want):.2e}"
