@@ -4,17 +4,19 @@
 # models' training clips/s and batch-1 graph latency under `auto` and with the fusion on igemm.
 # Usage (repository root; python with torch + CUDA + triton + mamba-ssm, the package importable):
 #   bash benchmarks/speed_checks.sh OUT
-# Knobs (environment): PARTS="tests fusion profile model" (any subset; "compiled", not in the default, is a second
+# Knobs (environment): PARTS="tests biscan fusion profile model" (any subset; "compiled", not in the default, is a second
 #   call's worth: torch.compile'd training beside eager, small, every variant; "latency", not in the default either:
 #   batch-1 latency through msf_scale.inference, graph replay and torch.compile, tiny models, ~2.5 minutes), SIZES="tiny,small" (bench_model),
-#   SWEEP_S=90 (igemm tile sweep budget), PYTHON=python.
+#   SWEEP_S=90 (igemm tile sweep budget), SCAN_TILES (the triton scan's BD,BT,warps tried by bench_biscan),
+#   PYTHON=python.
 # Each part runs under its own `timeout` and the next runs whatever its exit code; OUT/status.txt lists each part's
 # exit code and seconds. Every part's output is tee'd into OUT/<part>.log as it is printed.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/speed_checks.sh OUT}
-PARTS=${PARTS:-"tests fusion profile model"}
+PARTS=${PARTS:-"tests biscan fusion profile model"}
 SIZES=${SIZES:-tiny,small}
 SWEEP_S=${SWEEP_S:-90}
+SCAN_TILES=${SCAN_TILES:-"8,32,4 16,16,4 32,16,8 8,64,8 16,64,8"}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
 : > "$OUT/status.txt"
@@ -31,12 +33,13 @@ part() {   # part NAME TIMEOUT_S CMD...: run, tee the log, record rc and seconds
 }
 
 part tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_fusion_igemm.py \
-  tests/ops/test_fusion_gemm.py tests/ops/test_gpu_ops.py tests/measure/test_latency.py -s
+  tests/ops/test_fusion_gemm.py tests/ops/test_gpu_ops.py tests/ops/test_scan_triton.py tests/measure/test_latency.py -s
+part biscan 90 "$PY" benchmarks/bench_biscan.py --out "$OUT/biscan.json" --configs $SCAN_TILES
 part fusion 150 "$PY" benchmarks/bench_fusion.py --out "$OUT/fusion" --backends conv,gemm,igemm \
   --sweep-budget-s "$SWEEP_S"
 part profile 45 "$PY" benchmarks/profile_fusion.py --out "$OUT/profile_igemm" --fusion-backend igemm
 part model 230 "$PY" benchmarks/bench_model.py --sizes "$SIZES" --steps 5 --latency-reps 20 --setup auto: \
-  --setup igemm:fusion_backend=igemm --setup igemm_grouped:fusion_backend=igemm,grouped_scan=true \
+  --setup igemm:fusion_backend=igemm --setup triton_scan:grouped_scan=true,scan_backend=triton \
   --out "$OUT/bench_model.json"
 part compiled 540 "$PY" benchmarks/bench_model.py --sizes small --steps 5 --latency-reps 20 --setup auto: \
   --setup compiled:compile=true --setup igemm_compiled:fusion_backend=igemm,compile=true \
