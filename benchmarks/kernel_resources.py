@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_resources.py                          # sm_90, bf16, (32, 384, 8, 14, 14), scales 3,5,7
     python benchmarks/kernel_resources.py --arch 90 --dtype bfloat16 --shape 1,384,8,14,14 --tiles 64,64,4,2
+    python benchmarks/kernel_resources.py --scan-tiles 16,32,8 --scan-tiles 4,32,4   # the triton scan instead
 
 Why: tile sizes that spill registers to local memory are slow on every GPU run, and ptxas says so at compile time.
 Triton compiles a kernel for a named target on any machine (its ASTSource + GPUTarget), and the ptxas it ships
@@ -28,6 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from msf_scale.ops import _fusion_igemm as fi  # noqa: E402
+from msf_scale.ops import _scan_triton as st  # noqa: E402
 
 DTYPES = {"bfloat16": ("*bf16", tl.float32, "tf32"), "float16": ("*fp16", tl.float32, "tf32"),
           "float32": ("*fp32", tl.float32, "ieee"), "tf32": ("*fp32", tl.float32, "tf32"),
@@ -91,6 +93,30 @@ def tap_grad(shape, ks, dtype: str, arch: int, cfg: dict):
     return _compile(fi._tap_grad, signature, constants, arch, cfg["grad_warps"], cfg["grad_stages"])
 
 
+def scan_kernels(tiles: tuple[int, int, int], dtype: str, arch: int, length: int, d_state: int):
+    """ops/_scan_triton.py's forward and backward as the bidirectional mixer calls them (D, delta_bias, softplus,
+    no z; u, delta, B, C in ``dtype``, A, D, bias and the states float32), with tiles BD, BT, warps."""
+    ptr, acc, _ = DTYPES[dtype]
+    bd, bt, warps = tiles
+    fp32 = "*fp64" if dtype == "float64" else "*fp32"
+    strides = [f"s{t}_{a}" for t, axes in (("u", "bdl"), ("dt", "bdl"), ("z", "bdl"), ("B", "bgnl"), ("C", "bgnl"))
+               for a in axes]
+    common = dict(NT=triton.cdiv(length, bt), N=d_state, BD=bd, BT=bt, HAS_D=True, HAS_Z=False, HAS_BIAS=True,
+                  SOFTPLUS=True, CDT=acc)
+    wide = {"A", "Dv", "BIAS", "LAST", "STATES", "DA", "DB", "DC", "DD", "DBIAS"}
+    out = {}
+    for name, fn, ptrs, tail, ints_ in (
+            ("forward", st._scan_fwd, "U DT Z A Bm Cm Dv BIAS Y LAST STATES", ["sy_b", "sy_d", "sy_l"],
+             "L DIM DPG REV_FROM"),
+            ("backward", st._scan_bwd, "U DT Z A Bm Cm Dv BIAS STATES DOUT DU DDT DZ DA DB DC DD DBIAS",
+             ["so_b", "so_d", "so_l"], "L DIM G DPG REV_FROM")):
+        signature = {p: fp32 if p in wide else ptr for p in ptrs.split()}
+        signature.update({k: "i32" for k in strides + tail + ints_.split()})
+        constants = dict(common, **({"SAVE": True} if name == "forward" else {}))
+        out[name] = _compile(fn, signature, constants, arch, warps, 1)
+    return out
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
@@ -102,6 +128,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--grad-tiles", action="append", default=None,
                     help="BR,warps,stages of the kernel gradient (repeatable; default: CONFIG's)")
     ap.add_argument("--flat", action="store_true", help="the row conv's flat loop (CONFIG['flat'])")
+    ap.add_argument("--scan-tiles", action="append", default=None,
+                    help="BD,BT,warps of the triton selective scan (repeatable): report its kernels instead")
+    ap.add_argument("--scan-length", type=int, default=1569, help="the scan's L (tiles are a compile constant)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = ap.parse_args(argv)
 
@@ -125,19 +154,26 @@ def main(argv=None) -> list[dict]:
         rows.append({"kernel": kernel, "setting": setting, **_resources(compiled, args.arch)})
 
     scales = ",".join(map(str, ks))
-    for tiles in args.tiles or [",".join(str(cfg[k]) for k in ("BM", "BK", "warps", "stages"))]:
+    for tiles in args.scan_tiles or []:
+        for kernel, compiled in scan_kernels(ints(tiles, 3, "--scan-tiles"), args.dtype, args.arch,
+                                             args.scan_length, 16).items():
+            row(f"scan {kernel} L={args.scan_length}", tiles, compiled)
+    for tiles in ([] if args.scan_tiles else args.tiles
+                  or [",".join(str(cfg[k]) for k in ("BM", "BK", "warps", "stages"))]):
         bm, bk, warps, stages = ints(tiles, 4, "--tiles")
         c = dict(cfg, BM=bm, BK=bk, warps=warps, stages=stages)
         row(f"forward k={scales}", tiles, row_conv(shape, ks, args.dtype, args.arch, c, shared=True))
         row(f"input grad k={scales}", tiles, row_conv(shape, ks, args.dtype, args.arch, c, shared=False))
-    for tiles in args.grad_tiles or [",".join(str(cfg[k]) for k in ("BR", "grad_warps", "grad_stages"))]:
+    for tiles in ([] if args.scan_tiles else args.grad_tiles
+                  or [",".join(str(cfg[k]) for k in ("BR", "grad_warps", "grad_stages"))]):
         br, warps, stages = ints(tiles, 3, "--grad-tiles")
         c = dict(cfg, BR=br, grad_warps=warps, grad_stages=stages)
         row(f"kernel grad k={scales}", tiles, tap_grad(shape, ks, args.dtype, args.arch, c))
     if args.json:
         print(json.dumps(rows))
         return rows
-    print(f"igemm kernels for sm_{args.arch}, {args.dtype}, shape {shape} (ptxas -v; compile-time facts)\n")
+    what = "triton scan kernels" if args.scan_tiles else f"igemm kernels, shape {shape},"
+    print(f"{what} for sm_{args.arch}, {args.dtype} (ptxas -v; compile-time facts)\n")
     print("| kernel | tiles | registers | spill stores / loads (B) | shared (B) | MMA |\n|---|---|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['kernel']} | {r['setting']} | {r['registers']} | {r['spill_store_bytes']} / "

@@ -180,3 +180,23 @@ def test_gpu_matches_float64(dtype, tol, grad_tol):
     ref_grads = torch.autograd.grad(y_ref, [ref_in[k] for k in NAMES], w)
     for name, got, want in zip(NAMES, grads, ref_grads):
         assert rel(got.cpu(), want) < grad_tol, f"d{name}: {rel(got.cpu(), want):.2e}"
+
+
+def test_default_tiles_compile_for_hopper_without_spills():
+    """The forward and backward at the models' length with CONFIG's tiles, compiled for sm_90 on this machine
+    (benchmarks/kernel_resources.py --scan-tiles: Triton's ahead-of-time compile and ptxas -v): they compile (the
+    interpreter checks no compiler limit) and spill no registers. Compile-time facts."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tiles = ",".join(str(_scan_triton.CONFIG[k]) for k in ("BD", "BT", "warps"))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--json",
+                          "--scan-tiles", tiles], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r["kernel"] for r in rows] == ["scan forward L=1569", "scan backward L=1569"]
+    for r in rows:
+        assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
