@@ -58,8 +58,9 @@ def parse_setup(text: str) -> tuple[str, dict, bool]:
 def bench_one(variant, size, args, batch, options=None, compiled=False):
     device = args.device
     torch.manual_seed(0)
+    options = {"scan_backend": args.scan_backend, **(options or {})}   # a setup's scan_backend wins
     model = create_model(variant, size=size, num_classes=32, num_frames=args.frames, img_size=args.img,
-                         scan_backend=args.scan_backend, **(options or {})).to(device)
+                         **options).to(device)
     params = model.num_params()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     if compiled:
