@@ -1,7 +1,7 @@
 """Both directions of the bidirectional scan in one call: mamba-ssm's grouped kernel against the Triton scan.
 
     python benchmarks/bench_biscan.py --out biscan.json                         # on a GPU with mamba-ssm
-    python benchmarks/bench_biscan.py --configs 16,32,8 8,32,4 16,16,4           # Triton tiles BD,BT,warps
+    python benchmarks/bench_biscan.py --configs 16,2,1,16,4,0 32,2,1,8,4,1       # Triton CONFIGs to try
 
 The call the bidirectional mixer makes with ``grouped_scan``: u, delta, z [batch, 2E, L] (channels [0, E) the
 forward direction, [E, 2E) the backward one), B, C [batch, 2, N, L], delta_softplus, D, delta_bias; forward +
@@ -59,7 +59,8 @@ def main(argv=None):
     ap.add_argument("--d-state", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--configs", nargs="*", default=[], help="Triton tiles BD,BT,warps to try (the default first)")
+    ap.add_argument("--configs", nargs="*", default=[],
+                    help="Triton CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials(0/1) to try after the default")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -93,19 +94,22 @@ def main(argv=None):
     print(f"cuda   grouped G=2          fwd {cuda_fwd:7.3f} ms   fwd+bwd {cuda_all:7.3f} ms", flush=True)
     rows.append({"backend": "cuda", "fwd_ms": cuda_fwd, "fwd_bwd_ms": cuda_all})
     default = dict(_scan_triton.CONFIG)
-    configs = [f"{default['BD']},{default['BT']},{default['warps']}"] + [c for c in args.configs]
-    for cfg in configs:
-        bd, bt, warps = map(int, cfg.split(","))
-        _scan_triton.CONFIG.update(BD=bd, BT=bt, warps=warps)
+    keys = ("BT", "BD", "warps", "bwd_BD", "bwd_warps", "partials")
+    configs = [",".join(str(int(default[k])) for k in keys)] + list(args.configs)
+    for text in configs:
+        cfg = dict(zip(keys, map(int, text.split(","))))
+        cfg["partials"] = bool(cfg["partials"])
+        _scan_triton.CONFIG.update(cfg)
+        label = " ".join(f"{k}={int(v)}" for k, v in cfg.items())
         try:
             fwd = timed(lambda: call("triton", reverse_groups=1), args.reps)
             both = timed(lambda: fwd_bwd("triton", reverse_groups=1), args.reps)
         except Exception as err:   # a tile too large for registers or shared memory: report and go on
-            print(f"triton BD={bd} BT={bt} warps={warps}: failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+            print(f"triton {label}: failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
             continue
-        print(f"triton BD={bd:2d} BT={bt:3d} warps={warps}  fwd {fwd:7.3f} ms   fwd+bwd {both:7.3f} ms   "
+        print(f"triton {label}  fwd {fwd:7.3f} ms  bwd {both - fwd:7.3f}  fwd+bwd {both:7.3f} ms  "
               f"cuda/triton fwd {cuda_fwd / fwd:.2f}x  fwd+bwd {cuda_all / both:.2f}x", flush=True)
-        rows.append({"backend": "triton", "BD": bd, "BT": bt, "warps": warps, "fwd_ms": fwd, "fwd_bwd_ms": both})
+        rows.append({"backend": "triton", **cfg, "fwd_ms": fwd, "fwd_bwd_ms": both})
     _scan_triton.CONFIG.update(default)
     if args.out:
         with open(args.out, "w") as f:

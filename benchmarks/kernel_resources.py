@@ -93,9 +93,11 @@ def tap_grad(shape, ks, dtype: str, arch: int, cfg: dict):
     return _compile(fi._tap_grad, signature, constants, arch, cfg["grad_warps"], cfg["grad_stages"])
 
 
-def scan_kernels(tiles: tuple[int, int, int], dtype: str, arch: int, length: int, d_state: int):
+def scan_kernels(tiles: tuple[int, int, int], dtype: str, arch: int, length: int, d_state: int,
+                 partials: bool = False):
     """ops/_scan_triton.py's forward and backward as the bidirectional mixer calls them (D, delta_bias, softplus,
-    no z; u, delta, B, C in ``dtype``, A, D, bias and the states float32), with tiles BD, BT, warps."""
+    no z; u, delta, B, C in ``dtype``, A, D, bias and the states float32), both with tiles BD, BT, warps (CONFIG
+    has its own BD and warps for each)."""
     ptr, acc, _ = DTYPES[dtype]
     bd, bt, warps = tiles
     fp32 = "*fp64" if dtype == "float64" else "*fp32"
@@ -112,7 +114,7 @@ def scan_kernels(tiles: tuple[int, int, int], dtype: str, arch: int, length: int
              ["so_b", "so_d", "so_l"], "L DIM G DPG REV_FROM")):
         signature = {p: fp32 if p in wide else ptr for p in ptrs.split()}
         signature.update({k: "i32" for k in strides + tail + ints_.split()})
-        constants = dict(common, **({"SAVE": True} if name == "forward" else {}))
+        constants = dict(common, **({"SAVE": True} if name == "forward" else {"PARTIAL": partials}))
         out[name] = _compile(fn, signature, constants, arch, warps, 1)
     return out
 

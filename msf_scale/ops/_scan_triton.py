@@ -12,7 +12,8 @@ saves each tile's entry state (float32 [batch, D, tiles, N]: L / BT x N floats p
 of u alone at BT = 32, N = 16) so the backward redoes one tile at a time, newest first, with no [.., N, L]
 buffer: the adjoint G_t = C_t g_t + a_{t+1} G_{t+1} is a reverse associative scan over the tile (a_{t+1} from a
 shifted load of delta), carried across tiles, and a_t h_{t-1} = h_t - b_t gives the decay's gradients without a
-shifted state. dB and dC (shared by a group's channels) are reduced per program and atomically added in float32;
+shifted state. dB and dC (shared by a group's channels) are reduced per program and atomically added in float32
+(or, ``CONFIG["partials"]``, stored per program and summed by torch);
 dA, dD and d(delta_bias) are written per batch row and summed by torch. As mamba-ssm: the last state gets no
 gradient; bf16/fp16/fp32 inputs compute in float32, float64 inputs (the interpreter tests) in float64.
 
@@ -26,8 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-# BD channels x BT steps per tile (pow2), warps per program. Tile elements BD * N * BT set the register use.
-CONFIG = {"BD": 16, "BT": 32, "warps": 8}
+# BT steps per tile (pow2; the backward redoes the forward's tiles, so one BT for both); channels per program and
+# warps of the forward (BD, warps) and of the backward (bwd_BD, bwd_warps); ``partials``: the backward writes dB, dC
+# per program ([batch, D / bwd_BD, N, L] float32, summed by torch) instead of adding them atomically in place.
+# Tile elements BD x N x BT set the register use (benchmarks/kernel_resources.py --scan-tiles).
+CONFIG = {"BT": 16, "BD": 2, "warps": 1, "bwd_BD": 16, "bwd_warps": 8, "partials": False}
 
 
 @triton.jit
@@ -106,15 +110,28 @@ def _scan_fwd(U, DT, Z, A, Bm, Cm, Dv, BIAS, Y, LAST, STATES,
 
 
 @triton.jit
+def _reduce_into(OUT, part, b, g, G, n, t, L, valid, DIM, BD: tl.constexpr, N: tl.constexpr, PARTIAL: tl.constexpr):
+    """A program's [N, BT] share of dB or dC (summed over its channels): added atomically into the group's
+    [batch, G, N, L] slice, or (PARTIAL) stored in its own slice of [batch, D / BD, N, L]."""
+    if PARTIAL:
+        slot = b * (DIM // BD) + tl.program_id(1)
+        tl.store(OUT + (slot * N + n[:, None]) * L + t[None, :], part.to(OUT.dtype.element_ty), mask=valid[None, :])
+    else:
+        tl.atomic_add(OUT + ((b * G + g) * N + n[:, None]) * L + t[None, :], part.to(OUT.dtype.element_ty),
+                      mask=valid[None, :])
+
+
+@triton.jit
 def _scan_bwd(U, DT, Z, A, Bm, Cm, Dv, BIAS, STATES, DOUT,
               DU, DDT, DZ, DA, DB, DC, DD, DBIAS,
               su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
               sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, so_b, so_d, so_l,
               L, DIM, G, DPG, REV_FROM,
               NT: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr):
+              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr, PARTIAL: tl.constexpr):
     """Gradient outputs: DU, DDT, DZ in the layout [batch, D, L] (contiguous); DA [batch, D, N], DD and DBIAS
-    [batch, D] per batch row; DB, DC [batch, G, N, L] float32, zeroed, added into."""
+    [batch, D] per batch row; DB, DC [batch, G, N, L] float32, zeroed, added into (PARTIAL: [batch, D / BD, N, L],
+    one slice per program, stored)."""
     b = tl.program_id(0)
     d0 = tl.program_id(1) * BD
     d = d0 + tl.arange(0, BD)
@@ -153,8 +170,7 @@ def _scan_bwd(U, DT, Z, A, Bm, Cm, Dv, BIAS, STATES, DOUT,
             gy = gy * zz * sig                                               # gradient of y before the gate
         if HAS_D:
             dD += tl.sum(gy * u, axis=1)
-        tl.atomic_add(DC + ((b * G + g) * N + n[:, None]) * L + t[None, :],
-                      tl.sum(gy[:, None, :] * h, axis=0).to(DC.dtype.element_ty), mask=valid[None, :])
+        _reduce_into(DC, tl.sum(gy[:, None, :] * h, axis=0), b, g, G, n, t, L, valid, DIM, BD, N, PARTIAL)
         decayed = h - bb                          # a_t h_{t-1}: all the rest needs of h and b (fewer live tiles)
         # the adjoint: G_t = C_t gy_t + a_{t+1} G_{t+1}, a_{t+1} from the next scan position's delta
         jn = j + 1
@@ -176,8 +192,8 @@ def _scan_bwd(U, DT, Z, A, Bm, Cm, Dv, BIAS, STATES, DOUT,
         gdecay = adj_t * decayed
         ddelta = gB * u + tl.sum(gdecay * A3, axis=1)
         dA += tl.sum(gdecay * delta[:, None, :], axis=2)
-        tl.atomic_add(DB + ((b * G + g) * N + n[:, None]) * L + t[None, :],
-                      tl.sum(adj_t * (delta * u)[:, None, :], axis=0).to(DB.dtype.element_ty), mask=valid[None, :])
+        _reduce_into(DB, tl.sum(adj_t * (delta * u)[:, None, :], axis=0), b, g, G, n, t, L, valid, DIM, BD, N,
+                     PARTIAL)
         if SOFTPLUS:
             ddelta = tl.where(raw > 20.0, ddelta, ddelta / (1.0 + tl.exp(-raw)))
         ddelta = tl.where(valid[None, :], ddelta, 0.0)
@@ -190,19 +206,19 @@ def _scan_bwd(U, DT, Z, A, Bm, Cm, Dv, BIAS, STATES, DOUT,
     tl.store(DBIAS + b * DIM + d, dbias)
 
 
-def _block(dim_per_group: int) -> int:
-    """Channels per program: CONFIG's BD, halved until it divides a group's channels (a program reads one
+def _block(dim_per_group: int, key: str) -> int:
+    """Channels per program: CONFIG[key], halved until it divides a group's channels (a program reads one
     group's B and C)."""
-    bd = CONFIG["BD"]
+    bd = CONFIG[key]
     while dim_per_group % bd:
         bd //= 2
     return bd
 
 
-def _geometry(u, B):
+def _geometry(u, B, key):
     batch, dim, length = u.shape
     groups = B.shape[1]
-    bd = _block(dim // groups)
+    bd = _block(dim // groups, key)
     bt = CONFIG["BT"]
     return batch, dim, length, groups, bd, bt, triton.cdiv(length, bt)
 
@@ -217,7 +233,7 @@ def _strides(*tensors):
 
 def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups, save_states):
     """(y [batch, D, L] in u's dtype, last state [batch, D, N], entry states or None). B, C [batch, G, N, L]."""
-    batch, dim, length, groups, bd, bt, tiles = _geometry(u, B)
+    batch, dim, length, groups, bd, bt, tiles = _geometry(u, B, "BD")
     n = A.shape[1]
     acc = torch.float64 if u.dtype == torch.float64 else torch.float32
     y = torch.empty_like(u, memory_format=torch.contiguous_format)
@@ -236,14 +252,20 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups,
 
 def backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups, states):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias), each None where its input is None."""
-    batch, dim, length, groups, bd, bt, tiles = _geometry(u, B)
+    batch, dim, length, groups, bd, bt, tiles = _geometry(u, B, "bwd_BD")
+    if states.shape[2] != tiles:
+        raise RuntimeError(f"CONFIG['BT'] changed between forward and backward ({states.shape[2]} tiles saved)")
     n = A.shape[1]
     acc = states.dtype
+    partial = CONFIG["partials"]
     du, ddelta = (torch.empty(u.shape, dtype=t.dtype, device=u.device) for t in (u, delta))
     dz = torch.empty(z.shape, dtype=z.dtype, device=u.device) if z is not None else None
     dA = u.new_empty(batch, dim, n, dtype=acc)
     dD, dbias = (u.new_empty(batch, dim, dtype=acc) for _ in range(2))
-    dB, dC = (u.new_zeros(batch, groups, n, length, dtype=acc) for _ in range(2))
+    if partial:   # every element written by its program: no zeroing
+        dB, dC = (u.new_empty(batch, dim // bd, n, length, dtype=acc) for _ in range(2))
+    else:
+        dB, dC = (u.new_zeros(batch, groups, n, length, dtype=acc) for _ in range(2))
     dummy = u
     _scan_bwd[(batch, dim // bd)](
         u, delta, z if z is not None else dummy, A, B, C, D if D is not None else dummy,
@@ -252,7 +274,9 @@ def backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_
         *_strides(u, delta, z if z is not None else u, B, C, dout),
         length, dim, groups, dim // groups, groups - reverse_groups,
         NT=tiles, N=n, BD=bd, BT=bt, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, CDT=_compute_dtype(u), num_warps=CONFIG["warps"])
+        SOFTPLUS=delta_softplus, CDT=_compute_dtype(u), PARTIAL=partial, num_warps=CONFIG["bwd_warps"])
+    if partial:
+        dB, dC = (t.view(batch, groups, -1, n, length).sum(2) for t in (dB, dC))
     return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None)

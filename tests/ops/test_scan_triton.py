@@ -25,10 +25,12 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 OPTIONAL = ("D", "z", "delta_bias")
 
 
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """4 channels x 8 steps per tile, one warp: several tiles and programs at interpreter-sized shapes."""
-    monkeypatch.setattr(_scan_triton, "CONFIG", {"BD": 4, "BT": 8, "warps": 1})
+@pytest.fixture(params=[False, True], ids=["atomic", "partials"])
+def small_tiles(monkeypatch, request):
+    """8 steps per tile, 4 channels per program (2 in the backward), one warp: several tiles and programs at
+    interpreter-sized shapes; dB and dC added atomically or summed from per-program partials."""
+    monkeypatch.setattr(_scan_triton, "CONFIG", {"BT": 8, "BD": 4, "warps": 1, "bwd_BD": 2, "bwd_warps": 1,
+                                                 "partials": request.param})
 
 
 def inputs(batch, groups, width, n, length, dtype=torch.float64, seed=0, device="cpu"):
@@ -164,10 +166,12 @@ def test_bimamba_grouped_on_triton_matches_two_calls(small_tiles):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("partials", [False, True])
 @pytest.mark.parametrize("dtype, tol, grad_tol", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2e-2, 5e-2)])
-def test_gpu_matches_float64(dtype, tol, grad_tol):
+def test_gpu_matches_float64(monkeypatch, dtype, tol, grad_tol, partials):
     """The models' length (1569 = 8 x 14 x 14 + 1) on the shipped tiles, one group reversed; A, D, delta_bias fp32
     (model parameters); y and every gradient within the bounds relative to float64 on CPU."""
+    monkeypatch.setitem(_scan_triton.CONFIG, "partials", partials)
     x = inputs(2, 2, 64, 16, 1569, dtype, device="cuda")
     for k in ("A", "D", "delta_bias"):
         x[k] = x[k].detach().float().requires_grad_()
@@ -192,11 +196,15 @@ def test_default_tiles_compile_for_hopper_without_spills():
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    tiles = ",".join(str(_scan_triton.CONFIG[k]) for k in ("BD", "BT", "warps"))
+    cfg = _scan_triton.CONFIG
+    tiles = {"forward": f"{cfg['BD']},{cfg['BT']},{cfg['warps']}",
+             "backward": f"{cfg['bwd_BD']},{cfg['BT']},{cfg['bwd_warps']}"}
     out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--json",
-                          "--scan-tiles", tiles], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+                          *(a for t in tiles.values() for a in ("--scan-tiles", t))],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
-    assert [r["kernel"] for r in rows] == ["scan forward L=1569", "scan backward L=1569"]
-    for r in rows:
+    checked = [r for r in rows if r["setting"] == tiles[r["kernel"].split()[1]]]
+    assert sorted(r["kernel"] for r in checked) == ["scan backward L=1569", "scan forward L=1569"], rows
+    for r in checked:
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
