@@ -129,7 +129,9 @@ def main(argv=None) -> list[dict]:
                     help="BM,BK,warps,stages of the row conv (repeatable; default: CONFIG's)")
     ap.add_argument("--grad-tiles", action="append", default=None,
                     help="BR,warps,stages of the kernel gradient (repeatable; default: CONFIG's)")
-    ap.add_argument("--flat", action="store_true", help="the row conv's flat loop (CONFIG['flat'])")
+    loop = ap.add_mutually_exclusive_group()
+    loop.add_argument("--flat", action="store_true", help="the row conv's flat loop (CONFIG['flat'] = True)")
+    loop.add_argument("--nested", action="store_true", help="the row conv's nested loop (CONFIG['flat'] = False)")
     ap.add_argument("--scan-tiles", action="append", default=None,
                     help="BD,BT,warps of the triton selective scan (repeatable): report its kernels instead")
     ap.add_argument("--scan-length", type=int, default=1569, help="the scan's L (tiles are a compile constant)")
@@ -149,7 +151,7 @@ def main(argv=None) -> list[dict]:
     ks = ints(args.scales, None, "--scales")
     if not 1 <= len(ks) <= fi.MAX_SCALES or any(k % 2 == 0 or k < 1 for k in ks):
         ap.error(f"--scales must be 1..{fi.MAX_SCALES} odd windows, got {args.scales!r}")
-    cfg = dict(fi.CONFIG, **({"flat": True} if args.flat else {}))
+    cfg = dict(fi.CONFIG, **({"flat": True} if args.flat else {"flat": False} if args.nested else {}))
     rows = []
 
     def row(kernel: str, setting: str, compiled) -> None:

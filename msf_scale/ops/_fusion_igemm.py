@@ -51,9 +51,11 @@ MAX_REACH = 64          # W + 2 R, padded to XP columns (MAX_GRAD_TILE binds fir
 MAX_GRAD_TILE = 4096    # _tap_grad's [XN, NP] accumulator per scale: 16 x 256 at 14 x 14, R = 3; larger ones spill
 # Tiles: _row_conv (BM rows per program, BK columns per K step; warps, stages; ``flat``: its one-loop variant),
 # _tap_grad (BR rows per step; warps, stages; programs aimed at). Chosen by ptxas's count for sm_90 (no spills;
-# benchmarks/kernel_resources.py); timed on the lent H100 in session 9 (docs/BENCHMARKS.md), flat not yet.
-CONFIG: dict = {"BM": 64, "BK": 32, "warps": 8, "stages": 2, "flat": False,
-                "BR": 32, "grad_warps": 8, "grad_stages": 2, "grad_programs": 4096}
+# benchmarks/kernel_resources.py); timed on the lent H100: session 9 (row-band rewrite), session 10 (the flat loop at
+# BM 128 / 3 stages and 16384 kernel-gradient programs: fwd+bwd 12.6 -> 10.2 ms; docs/BENCHMARKS.md). The nested
+# loop (flat False) wants BM 64 and 2 stages: at BM 128 its input gradient spills.
+CONFIG: dict = {"BM": 128, "BK": 32, "warps": 8, "stages": 3, "flat": True,
+                "BR": 32, "grad_warps": 8, "grad_stages": 2, "grad_programs": 16384}
 
 
 def _pow2(n: int) -> int:

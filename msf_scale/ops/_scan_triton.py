@@ -31,7 +31,7 @@ import triton.language as tl
 # warps of the forward (BD, warps) and of the backward (bwd_BD, bwd_warps); ``partials``: the backward writes dB, dC
 # per program ([batch, D / bwd_BD, N, L] float32, summed by torch) instead of adding them atomically in place.
 # Tile elements BD x N x BT set the register use (benchmarks/kernel_resources.py --scan-tiles).
-CONFIG = {"BT": 16, "BD": 2, "warps": 1, "bwd_BD": 16, "bwd_warps": 8, "partials": False}
+CONFIG = {"BT": 16, "BD": 4, "warps": 1, "bwd_BD": 4, "bwd_warps": 2, "partials": True}
 
 
 @triton.jit

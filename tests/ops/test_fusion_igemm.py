@@ -60,18 +60,19 @@ def test_matches_ref_float64_small_tiles(monkeypatch):
 
 
 @pytest.mark.parametrize("scales", [(3, 5, 7), (7, 3), (1, 3), (5,)])
-def test_matches_ref_float64_flat_loop(monkeypatch, scales):
-    """CONFIG["flat"]: one pipelined loop over (frame offset, K step), the bands in the largest window's frames."""
-    monkeypatch.setitem(_fusion_igemm.CONFIG, "flat", True)
+def test_matches_ref_float64_nested_loop(monkeypatch, scales):
+    """CONFIG["flat"] off (the default is on since session 10): a loop per frame offset and K steps inside it, each
+    window's own bands (the tests above run the flat loop: one loop over (frame offset, K step))."""
+    monkeypatch.setitem(_fusion_igemm.CONFIG, "flat", False)
     monkeypatch.setitem(_fusion_igemm.CONFIG, "BK", 16)
     _check((2, 3, 4, 5, 6), scales, 0.7)
 
 
 @pytest.mark.parametrize("shape", SHAPES + [WIDE[1], (2, 2, 3, 14, 14)])
-def test_matches_ref_float64_flat_loop_over_row_tiles(monkeypatch, shape):
-    """The flat loop with 16-row tiles: several row tiles per channel on every grid (the models' 14 x 14 at a size
-    the interpreter takes in seconds)."""
-    monkeypatch.setitem(_fusion_igemm.CONFIG, "flat", True)
+def test_matches_ref_float64_nested_loop_over_row_tiles(monkeypatch, shape):
+    """The nested loop with 16-row tiles: several row tiles per channel on every grid (the models' 14 x 14 at a
+    size the interpreter takes in seconds)."""
+    monkeypatch.setitem(_fusion_igemm.CONFIG, "flat", False)
     monkeypatch.setitem(_fusion_igemm.CONFIG, "BM", 16)
     _check(shape, (3, 5, 7), 0.7, seed=2)
 
@@ -213,7 +214,7 @@ def test_default_tiles_compile_for_hopper_without_spills():
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for flat in ([], ["--flat"]):
+    for flat in (["--nested", "--tiles", "64,32,8,2"], []):   # the nested loop at its session-9 tiles; CONFIG
         out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--json", *flat],
                              capture_output=True, text=True, env=env, cwd=root, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
