@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 REF = "tests/reference/test_reference_model.py"
 REF_TORCH = [REF, "-k", "every_scan and torch"]
 NUMERICS = "tests/train/test_numerics.py"
+SCAN_TRITON = "tests/ops/test_scan_triton.py"
 IGEMM = "tests/ops/test_fusion_igemm.py"
 
 
@@ -233,12 +234,25 @@ MUTANTS = [
     M("igemm_a_tile_reads_past_its_rows", "ops", "msf_scale/ops/_fusion_igemm.py",
       "mask=m[:, None] & nmask[None, :], other=0.0)", "mask=m[:, None], other=0.0)", [IGEMM, "-k", "outside"]),
     M("igemm_flat_bands_not_centred", "ops", "msf_scale/ops/_fusion_igemm.py",
-      "- (d if flat else 0)", "- 0", [IGEMM, "-k", "flat"]),
+      "- (d if flat else 0)", "- 0", [IGEMM, "-k", "float64"]),   # the flat loop is the default (session 10)
     M("igemm_row_steps_not_advanced", "ops", "msf_scale/ops/_fusion_igemm.py",
       "rr = r_start + step * BR + tl.arange(0, BR)", "rr = r_start + tl.arange(0, BR)", [IGEMM, "-k", "float64"]),
     M("igemm_tap_diagonal_off_by_one", "ops", "msf_scale/ops/_fusion_igemm.py",
       "sel = (nx[None, :] == x[:, None] + (e + D)) & (x < W)[:, None]",
       "sel = (nx[None, :] == x[:, None] + (e + D + 1)) & (x < W)[:, None]", [IGEMM, "-k", "float64"]),
+    M("scan_triton_reversed_time_off_by_one", "ops", "msf_scale/ops/_scan_triton.py",
+      "t = tl.where(rev, L - 1 - j, j)", "t = tl.where(rev, L - j, j)", [SCAN_TRITON, "-k", "matches_ref"]),
+    M("scan_triton_state_carried_from_wrong_step", "ops", "msf_scale/ops/_scan_triton.py",
+      "== BT - 1, hs, 0.0)", "== BT - 2, hs, 0.0)", [SCAN_TRITON, "-k", "matches_ref"]),
+    M("scan_triton_adjoint_carried_from_wrong_step", "ops", "msf_scale/ops/_scan_triton.py",
+      "== 0, adj_t, 0.0)", "== 1, adj_t, 0.0)", [SCAN_TRITON, "-k", "matches_ref"]),
+    M("scan_triton_decay_gradient_without_b", "ops", "msf_scale/ops/_scan_triton.py",
+      "decayed = h - bb", "decayed = h", [SCAN_TRITON, "-k", "matches_ref"]),
+    M("scan_triton_partials_ignore_batch", "ops", "msf_scale/ops/_scan_triton.py",
+      "slot = b * (DIM // BD) + tl.program_id(1)", "slot = tl.program_id(1)", [SCAN_TRITON, "-k", "matches_ref"]),
+    M("anticausal_conv_shifted", "ops", "msf_scale/ops/causal_conv1d.py",
+      "xp = F.pad(x, (0, k - 1) if anticausal else (k - 1, 0))",
+      "xp = F.pad(x, (1, k - 2) if anticausal else (k - 1, 0))", [SCAN_TRITON, "-k", "bimamba"]),
     M("inference_cache_ignores_in_place_changes", "model", "msf_scale/models/blocks.py",
       "key = (*extra_key, *((id(p), p.data_ptr(), p._version) for p in params))",
       "key = (*extra_key, *((id(p), p.data_ptr()) for p in params))",
