@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 19's checks in one GPU call (~7-9 minutes of an H100/H200): the GPU tests of the ops and the inference
-# runners, then the fusion backends side by side (with the igemm tile sweep), the igemm op's kernel profile, and the
-# models' training clips/s and batch-1 graph latency under `auto` and with the fusion on igemm.
+# runners, the triton scan against mamba-ssm's (bench_biscan, with a sweep of its tiles), then the fusion backends side
+# by side (with the igemm tile sweep), the igemm op's kernel profile, and the models' training clips/s and batch-1
+# graph latency under `auto`, with the fusion on igemm and with the triton scan.
 # Usage (repository root; python with torch + CUDA + triton + mamba-ssm, the package importable):
 #   bash benchmarks/speed_checks.sh OUT
 # Knobs (environment): PARTS="tests biscan fusion profile model" (any subset; "compiled", not in the default, is a second
