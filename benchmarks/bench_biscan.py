@@ -61,6 +61,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--configs", nargs="*", default=[],
                     help="Triton CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials(0/1) to try after the default")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the CUDA kernels of one forward + backward of each backend (torch.profiler)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -111,6 +113,16 @@ def main(argv=None):
               f"cuda/triton fwd {cuda_fwd / fwd:.2f}x  fwd+bwd {cuda_all / both:.2f}x", flush=True)
         rows.append({"backend": "triton", **cfg, "fwd_ms": fwd, "fwd_bwd_ms": both})
     _scan_triton.CONFIG.update(default)
+    if args.profile:
+        for backend, kw in (("cuda", {}), ("triton", {"reverse_groups": 1})):
+            fwd_bwd(backend, **kw)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                fwd_bwd(backend, **kw)
+                torch.cuda.synchronize()
+            print(f"\n{backend}: CUDA kernels of one forward + backward\n" +
+                  prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60),
+                  flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "agreement": agree, "rows": rows}, f, indent=1)
