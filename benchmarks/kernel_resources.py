@@ -94,12 +94,13 @@ def tap_grad(shape, ks, dtype: str, arch: int, cfg: dict):
 
 
 def scan_kernels(tiles: tuple[int, int, int], dtype: str, arch: int, length: int, d_state: int,
-                 partials: bool = False):
+                 partials: bool | None = None):
     """ops/_scan_triton.py's forward and backward as the bidirectional mixer calls them (D, delta_bias, softplus,
     no z; u, delta, B, C in ``dtype``, A, D, bias and the states float32), both with tiles BD, BT, warps (CONFIG
     has its own BD and warps for each)."""
     ptr, acc, _ = DTYPES[dtype]
     bd, bt, warps = tiles
+    partials = st.CONFIG["partials"] if partials is None else partials   # the backward's dB / dC variant
     fp32 = "*fp64" if dtype == "float64" else "*fp32"
     strides = [f"s{t}_{a}" for t, axes in (("u", "bdl"), ("dt", "bdl"), ("z", "bdl"), ("B", "bgnl"), ("C", "bgnl"))
                for a in axes]

@@ -30,6 +30,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 # BT steps per tile (pow2; the backward redoes the forward's tiles, so one BT for both); channels per program and
 # warps of the forward (BD, warps) and of the backward (bwd_BD, bwd_warps); ``partials``: the backward writes dB, dC
@@ -286,11 +287,23 @@ def backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None)
 
 
+def _fits_int32(B, *tensors) -> bool:
+    """Whether every element offset the kernels form (int32 arithmetic) stays below 2^31: each tensor's furthest
+    element by its strides, and the backward's own buffers (the saved states, the dB / dC partials)."""
+    batch, dim, length = tensors[0].shape
+    n = B.shape[2]
+    partials = batch * (dim // _block(dim // B.shape[1], "bwd_BD")) * n * length
+    states = batch * dim * triton.cdiv(length, CONFIG["BT"]) * n
+    furthest = [sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+                for t in (B, *tensors) if t is not None]
+    return max(furthest + [partials, states, batch * dim * length]) < 2 ** 31   # the last: du, ddelta, dz, y
+
+
 class _TritonScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups):
-        A = A.contiguous()
-        save = any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups, save):
+        # the kernels index A [D, N], D and delta_bias [D] as contiguous
+        A, D, delta_bias = (None if t is None else t.contiguous() for t in (A, D, delta_bias))
         y, last, states = forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups, save)
         ctx.options = (delta_softplus, reverse_groups)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
@@ -298,10 +311,11 @@ class _TritonScan(torch.autograd.Function):
         return y, last
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, _dlast):
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
         grads = backward(dout, u, delta, A, B, C, D, z, delta_bias, *ctx.options, states)
-        return (*grads[:5], grads[5], grads[6], grads[7], None, None)
+        return (*grads, None, None, None)
 
 
 def check_device(u: torch.Tensor) -> None:
@@ -321,4 +335,9 @@ def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=Fals
     n = A.shape[1]
     if n & (n - 1):
         raise ValueError(f"the triton scan needs a power-of-two d_state, got N={n}")
-    return _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
+    if not _fits_int32(B, u, delta, z, C):
+        raise ValueError(f"the triton scan indexes with int32: u {tuple(u.shape)} with d_state {n} is too large "
+                         "for it (split the batch, or use backend='cuda')")
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return _TritonScan.apply(*inputs, delta_softplus, reverse_groups, save)

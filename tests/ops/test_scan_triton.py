@@ -108,9 +108,63 @@ def test_ungrouped_and_odd_group_width(small_tiles):
     check(inputs(1, 3, 6, 2, 13, seed=5), 2)           # three groups of 6 channels, the last two reversed
 
 
-def test_default_tiles(monkeypatch):
-    """CONFIG as shipped (16 channels x 32 steps), a length over two tiles."""
+def test_default_tiles():
+    """CONFIG as shipped (16-step tiles, 4 channels per program, dB / dC partials), a length over two tiles."""
     check(inputs(1, 2, 16, 4, 40, seed=6), 1)
+
+
+def test_strided_views(small_tiles):
+    """The layouts the mixer hands over and views a caller might: u, delta, z as transposes of time-major
+    [batch, L, D] tensors, B, C permuted from [batch, L, G, N], A transposed, D and delta_bias strided views."""
+    x = inputs(2, 2, 4, 4, 11, seed=8)
+    g = torch.Generator().manual_seed(9)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    for k in ("u", "delta", "z"):
+        x[k] = r(2, 11, 8).transpose(1, 2).requires_grad_()
+    for k in ("B", "C"):
+        x[k] = r(2, 11, 2, 4).permute(0, 2, 3, 1).requires_grad_()
+    x["A"] = (-r(4, 8).abs()).t().requires_grad_()
+    x["D"] = r(16)[::2].requires_grad_()
+    x["delta_bias"] = (0.5 * r(17))[1::2].requires_grad_()
+    assert not any(x[k].is_contiguous() for k in NAMES)
+    check(x, 1)
+
+
+def test_reverses_in_the_kernel(small_tiles, monkeypatch):
+    """reverse_groups reaches the kernel (no flipped copies): the flipping path is never taken."""
+    from msf_scale.ops import scan as scan_mod
+
+    def no_flips(*args, **kwargs):
+        raise AssertionError("the triton backend took the flipping path")
+    monkeypatch.setattr(scan_mod, "_by_flipping", no_flips)
+    launched = []
+    real = _scan_triton.scan
+    monkeypatch.setattr(_scan_triton, "scan", lambda *a: launched.append(a[-1]) or real(*a))
+    check(inputs(1, 2, 4, 4, 9, seed=10), 1)
+    assert launched == [1]
+
+
+def test_states_saved_only_when_a_gradient_can_follow(small_tiles, monkeypatch):
+    saved = []
+    real = _scan_triton.forward
+    monkeypatch.setattr(_scan_triton, "forward", lambda *a: saved.append(a[-1]) or real(*a))
+    x = inputs(1, 2, 4, 4, 9)
+    args = [x[k] for k in NAMES]
+    with torch.no_grad():
+        selective_scan(*args, backend="triton", reverse_groups=1)
+    selective_scan(*(a.detach() for a in args), backend="triton", reverse_groups=1)
+    selective_scan(*args, backend="triton", reverse_groups=1)
+    assert saved == [False, False, True]
+
+
+def test_refuses_sizes_past_int32_offsets():
+    """The kernels index with int32: a call whose tensors or buffers reach 2^31 elements fails before launching
+    (expanded views: no memory behind the sizes)."""
+    big = torch.zeros(1, 1, 1, dtype=torch.float64).expand(64, 2048, 2 ** 15)
+    B = torch.zeros(1, 1, 1, 1, dtype=torch.float64).expand(64, 2, 16, 2 ** 15)
+    A = -torch.ones(2048, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="int32"):
+        selective_scan(big, big, A, B, B, backend="triton", reverse_groups=1)
 
 
 @pytest.mark.parametrize("backend", ["ref", "torch", "numba"])
@@ -145,10 +199,13 @@ def test_needs_cuda_or_the_interpreter(monkeypatch):
         selective_scan(*(x[k] for k in NAMES), backend="triton")
 
 
-def test_bimamba_grouped_on_triton_matches_two_calls(small_tiles):
+def test_bimamba_grouped_on_triton_matches_two_calls(small_tiles, monkeypatch):
     """The mixer's grouped path on the triton scan (anticausal conv, group 1 reversed in the kernel, no flips)
     against its two-call path (flipped copies, ref scans): output and every parameter's gradient (float64 model;
     A_log and D stay float32 parameters, so theirs agree to float32 rounding)."""
+    launched = []
+    real = _scan_triton.scan
+    monkeypatch.setattr(_scan_triton, "scan", lambda *a: launched.append(a[-1]) or real(*a))
     torch.manual_seed(0)
     two_calls = BiMamba(8, d_state=4, expand=2, scan_backend="ref", dtype=torch.float64)
     two_calls.reset_parameters()
@@ -163,6 +220,7 @@ def test_bimamba_grouped_on_triton_matches_two_calls(small_tiles):
     for (name, _), got, want in zip([("x", x), *two_calls.named_parameters()], grads, ref_grads):
         tol = 1e-6 if want.dtype == torch.float32 else 1e-12   # A_log and D are float32 parameters: fp32 rounding
         assert rel(got, want) < tol, f"{name}: {rel(got, want):.2e}"
+    assert launched == [1], "the mixer did not hand the backward direction to the kernel reversed"
 
 
 @pytest.mark.gpu
