@@ -21,7 +21,10 @@ Measured (H100, bf16, (32, 2 x 768, 1569, 16), benchmarks/bench_biscan.py, docs/
 ``auto`` never picks it; the mixer uses it only when asked (``scan_backend="triton"`` with ``grouped_scan``). As mamba-ssm: the last state gets no
 gradient; bf16/fp16/fp32 inputs compute in float32, float64 inputs (the interpreter tests) in float64.
 
-Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the CPU tests run it).
+Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the CPU tests run it). Eager only: under
+torch.compile the scan's custom ops run the torch scan for this backend name. The tile count is a compile-time
+constant (Triton's interpreter cannot loop to a runtime bound), so each new sequence length compiles the kernels
+once; offsets are int32 (``scan`` refuses calls whose tensors or buffers reach 2^31 elements).
 """
 from __future__ import annotations
 

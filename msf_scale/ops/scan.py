@@ -229,8 +229,9 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
 # call (no graph break in every block) and training compiles too. Two kernels behind them: mamba-ssm's CUDA
 # extension, called as its SelectiveScanFn calls it, and the torch scan's plain forward/backward. Which one is
 # decided inside the ops (their real and fake impls run outside dynamo's trace), so `auto` and the environment
-# variable are read per call, not baked into a graph; numba (not traceable, no plain backward) and a `ref`
-# chosen through the variable run the torch scan there.
+# variable are read per call, not baked into a graph; numba (not traceable, no plain backward), triton (its
+# kernels are not wrapped for dynamo yet; reverse_groups then flips, see selective_scan) and a `ref` chosen through
+# the variable run the torch scan there.
 CUDA_CHUNK = 2048   # mamba-ssm's selective_scan.cpp: its saved states x are [b, D, ceil(L / 2048), 2N] float32
 
 
