@@ -321,15 +321,15 @@ class _TritonScan(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def check_device(u: torch.Tensor) -> None:
-    if u.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+def check_device(device: torch.device) -> None:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the triton scan backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
 
 
 def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse_groups=0):
     """(y, last state): ops/scan.py's contract; B, C [batch, N, L] or grouped [batch, G, N, L]; the last
     ``reverse_groups`` groups run backwards in time (their "last" state is the one after t = 0)."""
-    check_device(u)
+    check_device(u.device)
     grouped = B.dim() == 4
     if not grouped:
         B, C = B[:, None], C[:, None]

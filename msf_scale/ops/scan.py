@@ -117,7 +117,7 @@ def resolve_backend(backend: str | None, device: torch.device, batch: int | None
     if backend == "triton":
         if _triton_scan() is None:
             raise RuntimeError("selective_scan backend 'triton' needs triton: pip install triton")
-        _triton_scan().check_device(torch.empty(0, device=device))
+        _triton_scan().check_device(device)
     if backend == "numba":
         if device.type != "cpu":
             raise RuntimeError("selective_scan backend 'numba' runs on CPU tensors; use 'cuda' or 'torch' on GPU")
