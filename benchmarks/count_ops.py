@@ -40,7 +40,8 @@ def _gpu_shaped_conv1d(x, weight, bias):
 
 
 def _one_op_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-                 backend="auto"):
+                 backend="auto", reverse_groups=0):
+    assert reverse_groups == 0, "count_ops counts the mixer on a forward-only scan (flipped copies)"
     y, last = torch.ops.msf_scale.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, "torch")
     return (y, last) if return_last_state else y
 
