@@ -8,7 +8,8 @@
 # Knobs (environment): PARTS="tests biscan fusion profile model" (any subset; "compiled", not in the default, is a second
 #   call's worth: torch.compile'd training beside eager, small, every variant; "latency", not in the default either:
 #   batch-1 latency through msf_scale.inference, graph replay and torch.compile, tiny models, ~2.5 minutes), SIZES="tiny,small" (bench_model),
-#   SWEEP_S=90 (igemm tile sweep budget), SCAN_TILES (the triton scan's BD,BT,warps tried by bench_biscan),
+#   SWEEP_S=90 (igemm tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
+#   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
 #   PYTHON=python.
 # Each part runs under its own `timeout` and the next runs whatever its exit code; OUT/status.txt lists each part's
 # exit code and seconds. Every part's output is tee'd into OUT/<part>.log as it is printed.
@@ -17,7 +18,7 @@ OUT=${1:?usage: bash benchmarks/speed_checks.sh OUT}
 PARTS=${PARTS:-"tests biscan fusion profile model"}
 SIZES=${SIZES:-tiny,small}
 SWEEP_S=${SWEEP_S:-90}
-SCAN_TILES=${SCAN_TILES:-"8,32,4 16,16,4 32,16,8 8,64,8 16,64,8"}
+SCAN_TILES=${SCAN_TILES:-"16,4,1,4,4,1 16,4,1,2,4,1 16,4,1,4,8,1 16,4,2,4,4,1 16,2,4,2,4,1 16,4,1,4,2,0"}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
 : > "$OUT/status.txt"
@@ -35,7 +36,7 @@ part() {   # part NAME TIMEOUT_S CMD...: run, tee the log, record rc and seconds
 
 part tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_fusion_igemm.py \
   tests/ops/test_fusion_gemm.py tests/ops/test_gpu_ops.py tests/ops/test_scan_triton.py tests/measure/test_latency.py -s
-part biscan 90 "$PY" benchmarks/bench_biscan.py --out "$OUT/biscan.json" --configs $SCAN_TILES
+part biscan 150 "$PY" benchmarks/bench_biscan.py --out "$OUT/biscan.json" --profile --configs $SCAN_TILES
 part fusion 150 "$PY" benchmarks/bench_fusion.py --out "$OUT/fusion" --backends conv,gemm,igemm \
   --sweep-budget-s "$SWEEP_S"
 part profile 45 "$PY" benchmarks/profile_fusion.py --out "$OUT/profile_igemm" --fusion-backend igemm
