@@ -30,7 +30,8 @@ def make_inputs(batch, width, length, n, dtype, device, seed=0):
     dim = 2 * width
     tensors = dict(u=r(batch, dim, length).to(device, dtype), delta=(0.5 * r(batch, dim, length)).to(device, dtype),
                    A=(-torch.rand(dim, n, generator=g) * n).to(device), B=r(batch, 2, n, length).to(device, dtype),
-                   C=r(batch, 2, n, length).to(device, dtype), D=r(dim).to(device), z=r(batch, dim, length).to(device, dtype),
+                   C=r(batch, 2, n, length).to(device, dtype), D=r(dim).to(device),
+                   z=r(batch, dim, length).to(device, dtype),
                    delta_bias=(r(dim) - 4).to(device))
     for t in tensors.values():
         t.requires_grad_()

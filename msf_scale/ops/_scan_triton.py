@@ -9,17 +9,18 @@ One program holds ``BD`` channels of one batch row and walks the sequence in til
 states h [BD, N, BT] come from ``tl.associative_scan`` over (a_t, b_t) = (exp(delta_t A), delta_t u_t B_t) plus the
 carried entry state times the running decay product; y_t = <C_t, h_t> + D u_t, gated by silu(z_t). The forward
 saves each tile's entry state (float32 [batch, D, tiles, N]: N / BT floats per step and channel, 1 at BT = N = 16,
-twice a bf16 u) so the backward redoes one tile at a time, newest first, with no [.., N, L] buffer: the adjoint G_t = C_t g_t + a_{t+1} G_{t+1} is a reverse associative scan over the tile (a_{t+1} from a
-shifted load of delta), carried across tiles, and a_t h_{t-1} = h_t - b_t gives the decay's gradients without a
+twice a bf16 u) so the backward redoes one tile at a time, newest first, with no [.., N, L] buffer: the adjoint
+G_t = C_t g_t + a_{t+1} G_{t+1} is a reverse associative scan over the tile (a_{t+1} from a shifted load of
+delta), carried across tiles, and a_t h_{t-1} = h_t - b_t gives the decay's gradients without a
 shifted state. dB and dC (shared by a group's channels) are reduced per program and, by default
 (``CONFIG["partials"]``), stored per program and summed by torch: float32 [batch, D / bwd_BD, N, L] each, transient
-(2 x 1.2 GB at small's shape, batch 32), and on the H100 the backward took 17.5 ms so against 31.3 ms with atomic
-adds into [batch, G, N, L]. dA, dD and d(delta_bias) are written per batch row and summed by torch.
+(2 x 1.2 GB at small's shape, batch 32): on the H100 the backward took 17.5 ms so, 31.3 ms with atomic adds into
+[batch, G, N, L]. dA, dD and d(delta_bias) are written per batch row and summed by torch. As mamba-ssm: the last
+state gets no gradient; bf16/fp16/fp32 inputs compute in float32, float64 inputs (the interpreter tests) in float64.
 
 Measured (H100, bf16, (32, 2 x 768, 1569, 16), benchmarks/bench_biscan.py, docs/BENCHMARKS.md "Speed, session
 10"): forward 3.6 ms, forward + backward 21.1 ms, against mamba-ssm's grouped kernel at 2.9 / 14.6 ms: 0.69x. So
-``auto`` never picks it; the mixer uses it only when asked (``scan_backend="triton"`` with ``grouped_scan``). As mamba-ssm: the last state gets no
-gradient; bf16/fp16/fp32 inputs compute in float32, float64 inputs (the interpreter tests) in float64.
+``auto`` never picks it; the mixer uses it only when asked (``scan_backend="triton"`` with ``grouped_scan``).
 
 Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the CPU tests run it). Eager only: under
 torch.compile the scan's custom ops run the torch scan for this backend name. The tile count is a compile-time
@@ -54,6 +55,20 @@ def _softplus(x):
 
 
 @triton.jit
+def _program(A, Dv, DPG, REV_FROM, N: tl.constexpr, BD: tl.constexpr, HAS_D: tl.constexpr, CDT: tl.constexpr):
+    """This program's batch row b, channels d [BD], group g, whether g runs backwards, the state index n, A [BD, N,
+    1] and D [BD] (zeros without D)."""
+    b = tl.program_id(0)
+    d0 = tl.program_id(1) * BD
+    d = d0 + tl.arange(0, BD)
+    g = d0 // DPG
+    n = tl.arange(0, N)
+    A3 = tl.load(A + d[:, None] * N + n[None, :]).to(CDT)[:, :, None]
+    Dd = tl.load(Dv + d).to(CDT) if HAS_D else tl.zeros([BD], dtype=CDT)
+    return b, d, g, g >= REV_FROM, n, A3, Dd
+
+
+@triton.jit
 def _tile_inputs(U, DT, BIAS, Bm, Cm, b, g, d, j, L, rev, A3,
                  su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
                  N: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr):
@@ -83,17 +98,10 @@ def _scan_fwd(U, DT, Z, A, Bm, Cm, Dv, BIAS, Y, LAST, STATES,
               su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
               sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sy_b, sy_d, sy_l,
               L, DIM, DPG, REV_FROM,
-              NT: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, CDT: tl.constexpr):
-    b = tl.program_id(0)
-    d0 = tl.program_id(1) * BD
-    d = d0 + tl.arange(0, BD)
-    g = d0 // DPG
-    rev = g >= REV_FROM
-    n = tl.arange(0, N)
-    A3 = tl.load(A + d[:, None] * N + n[None, :]).to(CDT)[:, :, None]
-    if HAS_D:
-        Dd = tl.load(Dv + d).to(CDT)
+              NT: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_D: tl.constexpr,
+              HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
+              CDT: tl.constexpr):
+    b, d, g, rev, n, A3, Dd = _program(A, Dv, DPG, REV_FROM, N, BD, HAS_D, CDT)
     k = tl.arange(0, BT)
     h = tl.zeros([BD, N], dtype=CDT)
     for it in range(NT):
@@ -135,21 +143,13 @@ def _scan_bwd(U, DT, Z, A, Bm, Cm, Dv, BIAS, STATES, DOUT,
               su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
               sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, so_b, so_d, so_l,
               L, DIM, G, DPG, REV_FROM,
-              NT: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr, PARTIAL: tl.constexpr):
+              NT: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_D: tl.constexpr,
+              HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr,
+              PARTIAL: tl.constexpr):
     """Gradient outputs: DU, DDT, DZ in the layout [batch, D, L] (contiguous); DA [batch, D, N], DD and DBIAS
     [batch, D] per batch row; DB, DC [batch, G, N, L] float32, zeroed, added into (PARTIAL: [batch, D / BD, N, L],
     one slice per program, stored)."""
-    b = tl.program_id(0)
-    d0 = tl.program_id(1) * BD
-    d = d0 + tl.arange(0, BD)
-    g = d0 // DPG
-    rev = g >= REV_FROM
-    n = tl.arange(0, N)
-    A2 = tl.load(A + d[:, None] * N + n[None, :]).to(CDT)
-    A3 = A2[:, :, None]
-    if HAS_D:
-        Dd = tl.load(Dv + d).to(CDT)
+    b, d, g, rev, n, A3, Dd = _program(A, Dv, DPG, REV_FROM, N, BD, HAS_D, CDT)
     k = tl.arange(0, BT)
     adj = tl.zeros([BD, N], dtype=CDT)          # G at the first position of the tile after this one
     dA = tl.zeros([BD, N], dtype=CDT)
