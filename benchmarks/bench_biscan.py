@@ -66,6 +66,14 @@ def main(argv=None):
                     help="also print the CUDA kernels of one forward + backward of each backend (torch.profiler)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    keys = ("BT", "BD", "warps", "bwd_BD", "bwd_warps", "partials")
+    for text in args.configs:
+        values = text.split(",")
+        if len(values) != len(keys) or not all(v.isdigit() and int(v) > 0 for v in values[:5]) \
+                or values[5] not in ("0", "1"):
+            ap.error(f"--configs {text!r}: want {','.join(keys)} (positive integers, partials 0 or 1)")
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (and mamba-ssm for the baseline)")
     dtype = getattr(torch, args.dtype)
     x = make_inputs(args.batch, args.width, args.length, args.d_state, dtype, "cuda")
     w = torch.randn(args.batch, 2 * args.width, args.length, device="cuda", dtype=dtype)
@@ -97,7 +105,6 @@ def main(argv=None):
     print(f"cuda   grouped G=2          fwd {cuda_fwd:7.3f} ms   fwd+bwd {cuda_all:7.3f} ms", flush=True)
     rows.append({"backend": "cuda", "fwd_ms": cuda_fwd, "fwd_bwd_ms": cuda_all})
     default = dict(_scan_triton.CONFIG)
-    keys = ("BT", "BD", "warps", "bwd_BD", "bwd_warps", "partials")
     configs = [",".join(str(int(default[k])) for k in keys)] + list(args.configs)
     for text in configs:
         cfg = dict(zip(keys, map(int, text.split(","))))
