@@ -2,12 +2,17 @@
 
     python benchmarks/profile_fusion.py --out DIR --fusion-backend triton   # MCFM + ASWM, (32, 384, 8, 14, 14) bf16
     python benchmarks/profile_fusion.py --out DIR --model msf_mamba_plus --size small --fusion-backend triton
+    python benchmarks/profile_fusion.py --out DIR --model msf_mamba --size tiny --inference graph   # batch-1 latency
 
 torch.profiler over --steps calls after --warmup; kernels grouped by name with their launch count and CUDA time
 per call, sorted by time, as a Markdown table (DIR/profile_<what>.md) and JSON; for the fused op also each Triton
 kernel's registers, spills and shared memory (what limits occupancy). The fused op is timed forward + backward
 (every gradient) of ``multiscale_fusion_triton`` or StateFusion with --fusion-backend; the model as
-bench_model.py's step (bf16 autocast, AdamW).
+bench_model.py's step (bf16 autocast, AdamW). With --inference MODE the model's batch-1 eval forward through
+msf_scale.inference's runner (eager / graph / compile, ``--freeze`` for Inductor's freezing; bf16, grouped scan and
+inference caches as the latency harness runs it), with the wall time per call (CUDA events, outside the profiler)
+beside the kernels' summed time: the difference is what the GPU spends idle between kernels. Kernels are also
+summed by kind (scan, GEMM, convolution, fusion, normalisation, element-wise, copies).
 """
 from __future__ import annotations
 
@@ -40,6 +45,39 @@ def kernel_table(prof, steps: int, top: int) -> list[dict]:
         del r["us"]
     return out[:top] + ([{"kernel": f"(total of {len(out)} kernels)", "calls_per_step": sum(
         r["calls_per_step"] for r in out), "ms_per_step": round(total / 1e3 / steps, 4), "share": 1.0}])
+
+
+KINDS = (  # first match wins: a kernel's name -> what it does
+    ("scan", ("selective_scan", "scan_fwd", "scan_bwd", "_scan_")),
+    ("fusion", ("_row_conv", "_tap_grad", "_aswm", "_combine", "fusion")),
+    ("conv", ("conv", "implicit_convolve", "causal_conv1d", "dgrad", "wgrad")),
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "splitk", "mm_")),
+    ("norm", ("layer_norm", "layernorm", "rms", "norm")),
+    ("copy", ("copy", "cat", "transpose", "permute", "memcpy", "memset", "fill")),
+    ("reduce", ("reduce", "softmax", "mean", "sum")),
+    ("elementwise", ("elementwise", "vectorized", "triton_poi", "triton_per", "triton_red", "unrolled")),
+)
+
+
+def kind_of(kernel: str) -> str:
+    low = kernel.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def kind_table(rows: list[dict]) -> list[dict]:
+    """The full kernel table (kernel_table with top=all) summed by kind_of, largest first."""
+    kinds: dict[str, dict] = {}
+    for r in rows:
+        if r["kernel"].startswith("(total"):
+            continue
+        k = kinds.setdefault(kind_of(r["kernel"]), {"kind": kind_of(r["kernel"]), "calls_per_step": 0.0,
+                                                    "ms_per_step": 0.0})
+        k["calls_per_step"] += r["calls_per_step"]
+        k["ms_per_step"] += r["ms_per_step"]
+    return sorted(kinds.values(), key=lambda k: -k["ms_per_step"])
 
 
 def triton_kernel_info() -> list[dict]:
@@ -111,6 +149,32 @@ def model_step(args, dev):
     return step, f"{args.model}_{args.size}_b{args.batch}"
 
 
+def inference_step(args, dev):
+    """The batch-1 eval forward as the latency harness runs it (msf_scale.inference.build_runner)."""
+    from msf_scale.inference import build_runner
+    from msf_scale.models import create_model
+    extra = {"fusion_backend": args.fusion_backend} if args.model not in ("videomamba", "cnn3d") else {}
+    model = create_model(args.model, size=args.size, num_classes=32, num_frames=args.frames, img_size=args.img,
+                         device=dev, **extra)
+    x = torch.randn(1, 3, args.frames, args.img, args.img, device=dev)
+    run = build_runner(model, x, args.inference, torch.bfloat16, freeze=args.freeze)
+    tag = f"_{args.inference}" + ("_frozen" if args.freeze else "")
+    return (lambda: run(x)), f"{args.model}_{args.size}_batch1{tag}"
+
+
+def wall_ms(step, calls: int) -> float:
+    """Median wall time of one call by CUDA events (outside the profiler, which slows the host)."""
+    times = []
+    for _ in range(calls):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -122,7 +186,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--img", type=int, default=224)
-    ap.add_argument("--fusion-backend", default="triton", help="the fused op's or the model's fusion backend")
+    ap.add_argument("--fusion-backend", default=None,
+                    help="the fused op's or the model's fusion backend (default: triton; auto with --inference)")
+    ap.add_argument("--inference", default=None, choices=("eager", "graph", "compile"),
+                    help="profile --model's batch-1 eval forward through msf_scale.inference in this mode")
+    ap.add_argument("--freeze", action="store_true", help="--inference compile with Inductor's freezing")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
@@ -130,21 +198,37 @@ def main(argv=None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("profile_fusion.py needs a CUDA GPU")
     dev = torch.device("cuda")
-    step, what = model_step(args, dev) if args.model else fusion_step(args, dev)
+    if args.inference and not args.model:
+        raise SystemExit("--inference profiles a model: give --model")
+    if args.inference:
+        args.fusion_backend = args.fusion_backend or "auto"   # the latency harness's choice
+        step, what = inference_step(args, dev)
+    else:
+        args.fusion_backend = args.fusion_backend or "triton"
+        step, what = model_step(args, dev) if args.model else fusion_step(args, dev)
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
+    wall = wall_ms(step, max(20, args.steps)) if args.inference else None
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-    rows = kernel_table(prof, args.steps, args.top)
+    every = kernel_table(prof, args.steps, 10 ** 6)
+    rows = every[:args.top] + every[-1:] if len(every) > args.top + 1 else every
+    kinds = kind_table(every)
     info = [] if args.model else triton_kernel_info()
     meta = {"what": what, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": args.steps, "args": vars(args)}
-    lines = [f"{what}: CUDA kernels per step ({meta['device']}, {args.steps} steps, torch.profiler)", "",
-             "| kernel | calls / step | ms / step | share |", "|---|---:|---:|---:|"]
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": args.steps, "args": vars(args), "wall_ms": wall}
+    lines = [f"{what}: CUDA kernels per step ({meta['device']}, {args.steps} steps, torch.profiler)", ""]
+    if wall is not None:
+        busy = every[-1]["ms_per_step"]
+        lines += [f"wall time per call {wall:.3f} ms (median, CUDA events); kernels {busy:.3f} ms "
+                  f"({100 * busy / wall:.0f}% of it; the rest: the GPU idle between kernels)", ""]
+    lines += ["| kind | calls / step | ms / step |", "|---|---:|---:|"]
+    lines += [f"| {k['kind']} | {k['calls_per_step']:g} | {k['ms_per_step']:.3f} |" for k in kinds]
+    lines += ["", "| kernel | calls / step | ms / step | share |", "|---|---:|---:|---:|"]
     lines += [f"| {r['kernel'][:90]} | {r['calls_per_step']:g} | {r['ms_per_step']:.3f} | {100 * r['share']:.1f}% |"
               for r in rows]
     if info:
@@ -156,7 +240,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"profile_{what}.md"), "w") as f:
         f.write(text + "\n")
-    doc = {"meta": meta, "kernels": rows, "triton": info}
+    doc = {"meta": meta, "kernels": rows, "kinds": kinds, "triton": info}
     with open(os.path.join(args.out, f"profile_{what}.json"), "w") as f:
         json.dump(doc, f, indent=1)
     return doc

@@ -7,7 +7,9 @@
 #   bash benchmarks/speed_checks.sh OUT
 # Knobs (environment): PARTS="tests biscan fusion profile model" (any subset; "compiled", not in the default, is a second
 #   call's worth: torch.compile'd training beside eager, small, every variant; "latency", not in the default either:
-#   batch-1 latency through msf_scale.inference, graph replay and torch.compile, tiny models, ~2.5 minutes), SIZES="tiny,small" (bench_model),
+#   batch-1 latency through msf_scale.inference, graph replay and torch.compile, tiny models, ~2.5 minutes; "latprofile",
+#   not in the default: the kernels of a batch-1 forward of videomamba / msf_mamba tiny by graph replay, torch.compile
+#   and torch.compile with Inductor's freezing, ~3 minutes), SIZES="tiny,small" (bench_model),
 #   SWEEP_S=90 (igemm tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
 #   PYTHON=python.
@@ -49,4 +51,17 @@ part compiled 540 "$PY" benchmarks/bench_model.py --sizes small --steps 5 --late
 part latency 170 "$PY" benchmarks/bench_latency.py --out "$OUT/latency" \
   --models videomamba_tiny,msf_mamba_tiny,msf_mamba_plus_tiny --modes graph,compile --measures clip \
   --budget-s 160 --compile-cap-s 50
+latprofile() {
+  local m mode
+  for m in videomamba msf_mamba; do
+    for mode in graph compile; do
+      "$PY" benchmarks/profile_fusion.py --out "$OUT/latprofile" --model $m --size tiny --inference $mode --steps 20
+    done
+    "$PY" benchmarks/profile_fusion.py --out "$OUT/latprofile" --model $m --size tiny --inference compile --freeze \
+      --steps 20
+  done
+}
+export -f latprofile
+export OUT PY
+part latprofile 240 bash -c latprofile
 cat "$OUT/status.txt"

@@ -53,7 +53,7 @@ def cache_for_inference(model: nn.Module, on: bool = True) -> int:
 
 def build_runner(model: nn.Module, example: torch.Tensor, mode: str = "eager", dtype: torch.dtype | None = None,
                  warmup: int = 3, compile_mode: str | None = None, grouped_scan: bool | None = True,
-                 inference_cache: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+                 inference_cache: bool = True, freeze: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable ``video -> logits`` for inputs shaped like ``example`` (on the model's device).
 
     The model is put in eval mode and, with ``grouped_scan`` True (the default), its mixers run both scan directions
@@ -68,9 +68,13 @@ def build_runner(model: nn.Module, example: torch.Tensor, mode: str = "eager", d
     compile: torch.compile(model) with ``compile_mode`` (default on CUDA "reduce-overhead": the fused kernels
     replayed as CUDA graphs, PyTorch's mode for small batches, whose outputs the next call may overwrite like
     graph's; on CPU PyTorch's default), compiled and recorded here on ``example``, not inside the first timed
-    call."""
+    call. ``freeze`` (compile only): Inductor's freezing, which treats the parameters as constants and folds the work
+    done on them alone (autocast's weight casts, A = -exp(A_log), the CFD fold) into the compiled graph once; the
+    same contract as the inference caches: build a new runner after changing weights."""
     if mode not in MODES:
         raise ValueError(f"unknown inference mode {mode!r}; expected one of {MODES}")
+    if freeze and mode != "compile":
+        raise ValueError(f"freeze is Inductor's (mode 'compile'), not mode {mode!r}")
     model.eval()
     if grouped_scan is not None:
         group_scans(model, grouped_scan)
@@ -95,9 +99,11 @@ def build_runner(model: nn.Module, example: torch.Tensor, mode: str = "eager", d
         def run(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad(), amp():
                 return compiled(x)
-        # cudagraph trees record on the third call; warmup as asked beyond that
-        for _ in range(max(warmup, 3 if compile_mode == "reduce-overhead" else 1)):
-            run(example)
+        # cudagraph trees record on the third call; warmup as asked beyond that. Inductor reads its config when it
+        # compiles (the first call), so freezing needs to be on only around these calls.
+        with torch._inductor.config.patch(freezing=True) if freeze else nullcontext():
+            for _ in range(max(warmup, 3 if compile_mode == "reduce-overhead" else 1)):
+                run(example)
         return run
 
     if device.type != "cuda":

@@ -100,6 +100,38 @@ def test_fast_modes_give_the_eager_logits_on_gpu(mode, variant):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["videomamba", "msf_mamba_plus"])
+def test_frozen_compile_gives_the_eager_logits_on_gpu(variant):
+    torch.manual_seed(0)
+    model = create_model(variant, size="tiny", fusion_init="uniform", **TINY).cuda().eval()
+    x = torch.randn(1, 3, 4, 32, 32, device="cuda")
+    eager = build_runner(model, x, "eager", torch.bfloat16)(x).float()
+    run = build_runner(model, x, "compile", torch.bfloat16, freeze=True)
+    torch.testing.assert_close(run(x).float(), eager, rtol=3e-2, atol=3e-2)
+
+
+def test_freeze_is_on_while_inductor_compiles_and_off_after(monkeypatch):
+    """Inductor reads ``freezing`` when it compiles, in the runner's warm-up calls: on there, restored after."""
+    import torch._inductor.config as inductor_config
+    seen = []
+
+    def fake_compile(model, **kw):
+        def compiled(x):
+            seen.append(inductor_config.freezing)
+            return model(x)
+        return compiled
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = create_model("cnn3d", size="tiny", **{k: TINY[k] for k in ("num_classes", "num_frames", "img_size")})
+    x = torch.zeros(1, 3, 4, 32, 32)
+    run = build_runner(model, x, "compile", warmup=2, freeze=True)
+    assert seen == [True, True] and inductor_config.freezing is False
+    run(x)
+    assert seen[-1] is False
+    with pytest.raises(ValueError, match="freeze"):
+        build_runner(model, x, "eager", freeze=True)
+
+
+@pytest.mark.gpu
 def test_graph_runner_keeps_the_cached_tensors_it_captured_alive():
     """A graph runner with the inference caches reads their tensors. After a weight change, an eager forward
     rebuilds the caches and frees the old tensors but for the runner's references: replays give what they gave

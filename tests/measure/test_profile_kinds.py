@@ -1,0 +1,34 @@
+"""benchmarks/profile_fusion.py's kernel kinds: each kernel name lands in the kind it does, and the kind table sums
+the full kernel table (not its top rows)."""
+import pytest
+
+from benchmark_scripts import load_benchmark
+
+prof = load_benchmark("profile_fusion")
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("void selective_scan_fwd_kernel<Selective_Scan_fwd_kernel_traits<128, 16, 1, true>>(SSMParamsBase)", "scan"),
+    ("_scan_fwd_kernel", "scan"),
+    ("_row_conv", "fusion"),
+    ("void causal_conv1d_fwd_kernel<...>", "conv"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("nvjet_tst_64x8_64x16_2x1_v_bz_TNT", "gemm"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "norm"),
+    ("void at::native::elementwise_kernel<128, 2, ...>", "elementwise"),
+    ("triton_poi_fused_add_mul_0", "elementwise"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>", "copy"),
+    ("Memset (Device)", "copy"),
+    ("something_new", "other"),
+])
+def test_kernel_names_land_in_their_kind(name, kind):
+    assert prof.kind_of(name) == kind
+
+
+def test_kind_table_sums_every_kernel_once():
+    rows = [{"kernel": "_row_conv", "calls_per_step": 2, "ms_per_step": 1.0},
+            {"kernel": "triton_poi_fused_0", "calls_per_step": 3, "ms_per_step": 0.25},
+            {"kernel": "triton_poi_fused_1", "calls_per_step": 1, "ms_per_step": 0.5},
+            {"kernel": "(total of 3 kernels)", "calls_per_step": 6, "ms_per_step": 1.75}]
+    assert prof.kind_table(rows) == [{"kind": "fusion", "calls_per_step": 2, "ms_per_step": 1.0},
+                                     {"kind": "elementwise", "calls_per_step": 4, "ms_per_step": 0.75}]
