@@ -120,29 +120,30 @@ class BiMamba(nn.Module):
         else:
             x = causal_depthwise_conv1d(torch.cat([xs, xs.flip(-1)], dim=1), conv_weight, conv_bias)  # [B, 2E, L]
         x = F.silu(x)
-        # the projections as bmm over the direction axis (exact in fvcore's count; its einsum handle rounds)
-        rows = x.view(batch, 2, width, length).permute(1, 0, 3, 2).reshape(2, batch * length, width)
-        dt, B, C = torch.bmm(rows, x_proj).view(2, batch, length, -1).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1)                     # [2, B, L, R | N | N]
-        delta = torch.bmm(dt.reshape(2, batch * length, self.dt_rank), dt_proj)     # [2, B*L, E]
-        delta = delta.view(2, batch, length, width).permute(1, 0, 3, 2).reshape(batch, 2 * width, length)
-        B, C = (t.permute(1, 0, 3, 2) for t in (B, C))                             # [B, 2, N, L]
+        # The projections transposed, W @ x per (clip, direction), as bmm (exact in fvcore's count; its einsum and
+        # matmul handles miss batch dimensions): dt, B, C and delta come out [B, 2, *, L], time innermost, the layout
+        # the scan reads, so neither side transposes a copy (x [B, 2E, L] is read as is)
+        def per_clip(w: torch.Tensor) -> torch.Tensor:   # [2, M, K] -> [2B, M, K] (a view at batch 1)
+            return w.expand(batch, *w.shape).reshape(batch * 2, *w.shape[1:])
+        dt, B, C = torch.bmm(per_clip(x_proj), x.view(batch * 2, width, length)).view(batch, 2, -1, length).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=2)                      # [B, 2, R | N | N, L]
+        delta = torch.bmm(per_clip(dt_proj), dt.reshape(batch * 2, self.dt_rank, length))
+        delta = delta.view(batch, 2 * width, length)                                # [B, 2E, L]
         y = selective_scan(x, delta, A, B, C, D, None, delta_bias, delta_softplus=True, backend=self.scan_backend,
                            reverse_groups=reverse)
         y_fwd, y_bwd = y.chunk(2, dim=1)
         return y_fwd + (y_bwd if reverse else y_bwd.flip(-1))
 
     def _packed_params(self) -> tuple[torch.Tensor, ...]:
-        """Both directions' parameters side by side (conv weight [2E, 1, K] and bias, x_proj [2, E, R + 2N], dt_proj
-        [2, R, E], A = -exp(A_log) [2E, N], D, delta_bias): seven concatenations and an exp per block and forward.
+        """Both directions' parameters side by side (conv weight [2E, 1, K] and bias, x_proj [2, R + 2N, E], dt_proj
+        [2, E, R], A = -exp(A_log) [2E, N], D, delta_bias): seven concatenations and an exp per block and forward.
         Cached for inference (cached_for_inference): at batch 1 they are ~a third of a grouped block's launches."""
         f, b = self.fwd, self.bwd
         params = [p for d in (f, b) for p in (d.conv1d.weight, d.conv1d.bias, d.x_proj.weight, d.dt_proj.weight,
                                               d.A_log, d.D, d.dt_proj.bias)]
         return cached_for_inference(self, "_inference_packed", params, lambda: (
             torch.cat([f.conv1d.weight, b.conv1d.weight]), torch.cat([f.conv1d.bias, b.conv1d.bias]),
-            torch.stack([f.x_proj.weight, b.x_proj.weight]).transpose(1, 2),
-            torch.stack([f.dt_proj.weight, b.dt_proj.weight]).transpose(1, 2),
+            torch.stack([f.x_proj.weight, b.x_proj.weight]), torch.stack([f.dt_proj.weight, b.dt_proj.weight]),
             -torch.exp(torch.cat([f.A_log, b.A_log]).float()),
             torch.cat([f.D, b.D]).float(), torch.cat([f.dt_proj.bias, b.dt_proj.bias]).float()))
 
