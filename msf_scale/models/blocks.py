@@ -179,11 +179,15 @@ class _Direction(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:   # x [B, E, L] -> y [B, E, L]
         x = F.silu(causal_depthwise_conv1d(x, self.conv1d.weight, self.conv1d.bias))
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)       # bias goes to the scan as delta_bias
+        # W @ x per clip (bmm, exact in fvcore's count): dt, B, C and delta come out [B, *, L], time innermost as the
+        # scan reads them, with no transposing copy on either side (see BiMamba._both_directions)
+        batch = x.shape[0]
+        dt, B, C = torch.bmm(self.x_proj.weight.expand(batch, -1, -1), x).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=1)                      # [B, R | N | N, L]
+        delta = torch.bmm(self.dt_proj.weight.expand(batch, -1, -1), dt)  # [B, E, L]; bias: the scan's delta_bias
         A = cached_for_inference(self, "_inference_A", [self.A_log], lambda: -torch.exp(self.A_log.float()))
-        return selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), None,
-                              self.dt_proj.bias.float(), delta_softplus=True, backend=backend)
+        return selective_scan(x, delta, A, B, C, self.D.float(), None, self.dt_proj.bias.float(),
+                              delta_softplus=True, backend=backend)
 
 
 FUSION_INITS = ("zero", "uniform")   # StateFusion.reset_parameters says what each means
