@@ -6,7 +6,9 @@
 Why: at batch 1 a graph-replayed forward is bound by its kernel count (hundreds of small kernels, a few
 microseconds each), so "fewer launches" can be checked without a GPU, exactly and repeatably. Counted: the top-level
 operators of one eval forward under torch.no_grad, as torch.profiler records them, minus views and dtype no-ops
-(they launch nothing); the scan is counted as one op (the GPU runs one mamba-ssm kernel per call) and the causal
+(they launch nothing) but plus the views that copy (a reshape of a non-viewable layout, counted as "aten::reshape
+(copy)"); the scan is counted as one op (the GPU runs one mamba-ssm kernel per call) plus the copies its CUDA path
+makes of inputs whose time axis is not innermost (``aten::contiguous``, as ops/scan.py's _stride1), and the causal
 conv1d as F.conv1d (its GPU path) instead of the CPU's shifted multiply-adds; the fusion runs on ``--fusion-backend``
 (default conv: what `auto` picks on a GPU at batch 1). Deterministic: no timing.
 """
@@ -26,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from msf_scale.inference import cache_for_inference, group_scans  # noqa: E402
 from msf_scale.models import create_model  # noqa: E402
+from msf_scale.ops.scan import _stride1  # noqa: E402
 
 NO_LAUNCH = {"aten::view", "aten::transpose", "aten::permute", "aten::reshape", "aten::unsqueeze", "aten::split",
              "aten::chunk", "aten::slice", "aten::select", "aten::unflatten", "aten::expand", "aten::t",
@@ -42,8 +45,14 @@ def _gpu_shaped_conv1d(x, weight, bias):
 def _one_op_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
                  backend="auto", reverse_groups=0):
     assert reverse_groups == 0, "count_ops counts the mixer on a forward-only scan (flipped copies)"
+    u, delta, B, C, z = map(_stride1, (u, delta, B, C, z))   # the copies mamba-ssm's path makes
     y, last = torch.ops.msf_scale.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, "torch")
     return (y, last) if return_last_state else y
+
+
+def _copies(event) -> bool:
+    """Whether a view-like operator launched a copy (a reshape that could not view: clone -> copy_ below it)."""
+    return any(c.name == "aten::copy_" or _copies(c) for c in event.cpu_children)
 
 
 def count(variant: str, size: str, grouped: bool, frames: int, img: int, fusion: str = "conv") -> collections.Counter:
@@ -60,7 +69,9 @@ def count(variant: str, size: str, grouped: bool, frames: int, img: int, fusion:
         model(x)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             model(x)
-    ops = collections.Counter(e.name for e in prof.events() if e.cpu_parent is None and e.name not in NO_LAUNCH)
+    top = [e for e in prof.events() if e.cpu_parent is None]
+    ops = collections.Counter(e.name for e in top if e.name not in NO_LAUNCH)
+    ops.update(f"{e.name} (copy)" for e in top if e.name in NO_LAUNCH and _copies(e))
     for name in [n for n in ops if n == "aten::to"]:   # fp32 .float() on fp32 parameters: returns self
         del ops[name]
     return ops
