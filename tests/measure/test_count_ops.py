@@ -16,3 +16,13 @@ def test_scan_is_one_op_and_the_caches_remove_the_parameter_work():
     assert grouped["aten::sub"] == 0 and separate["aten::sub"] == 0
     assert separate["aten::exp"] == 0   # each direction's A = -exp(A_log) is cached too
     assert sum(grouped.values()) < sum(separate.values())
+
+
+def test_the_mixers_feed_the_scan_without_transposing_copies():
+    """The projections run transposed (W @ x), so dt, B, C and delta reach the scan time-innermost: no copy in the
+    scan's CUDA path (aten::contiguous) and no reshape that copies, on either path."""
+    count = load_benchmark("count_ops").count
+    for grouped in (False, True):
+        ops = count("videomamba", "tiny", grouped, 4, 32)
+        copies = {k: v for k, v in ops.items() if k == "aten::contiguous" or k.endswith("(copy)")}
+        assert copies == {}, (grouped, copies)
