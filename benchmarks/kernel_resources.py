@@ -104,19 +104,26 @@ def scan_kernels(tiles: tuple[int, int, int], dtype: str, arch: int, length: int
     fp32 = "*fp64" if dtype == "float64" else "*fp32"
     strides = [f"s{t}_{a}" for t, axes in (("u", "bdl"), ("dt", "bdl"), ("z", "bdl"), ("B", "bgnl"), ("C", "bgnl"))
                for a in axes]
-    common = dict(NT=triton.cdiv(length, bt), N=d_state, BD=bd, BT=bt, HAS_D=True, HAS_Z=False, HAS_BIAS=True,
-                  SOFTPLUS=True, CDT=acc)
-    wide = {"A", "Dv", "BIAS", "LAST", "STATES", "DA", "DB", "DC", "DD", "DBIAS"}
+    tiles_n = triton.cdiv(length, bt)
+    common = dict(N=d_state, BD=bd, BT=bt, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, CDT=acc)
+    # the chunked forward as batch-1 inference of a tiny model runs it (D = 2 x 384 grouped channels)
+    chunks, per_chunk = st.chunking(2 * 384 // bd, tiles_n)
+    wide = {"A", "Dv", "BIAS", "LAST", "STATES", "HEND", "PROD", "DA", "DB", "DC", "DD", "DBIAS"}
+    fwd_ptrs = "U DT Z A Bm Cm Dv BIAS Y LAST STATES HEND PROD"
     out = {}
-    for name, fn, ptrs, tail, ints_ in (
-            ("forward", st._scan_fwd, "U DT Z A Bm Cm Dv BIAS Y LAST STATES", ["sy_b", "sy_d", "sy_l"],
-             "L DIM DPG REV_FROM"),
+    for name, fn, ptrs, tail, ints_, constants in (
+            ("forward", st._scan_fwd, fwd_ptrs, ["sy_b", "sy_d", "sy_l"], "L DIM DPG REV_FROM",
+             dict(NT=tiles_n, NC=1, TPC=tiles_n, HAS_Z=False, SAVE=True)),
             ("backward", st._scan_bwd, "U DT Z A Bm Cm Dv BIAS STATES DOUT DU DDT DZ DA DB DC DD DBIAS",
-             ["so_b", "so_d", "so_l"], "L DIM G DPG REV_FROM")):
+             ["so_b", "so_d", "so_l"], "L DIM G DPG REV_FROM", dict(NT=tiles_n, HAS_Z=False, PARTIAL=partials)),
+            (f"chunk ends NC={chunks}", st._chunk_ends, "U DT A Bm Cm Dv BIAS HEND PROD", [], "L DIM DPG REV_FROM",
+             dict(NC=chunks, TPC=per_chunk)),
+            (f"forward NC={chunks}", st._scan_fwd, fwd_ptrs, ["sy_b", "sy_d", "sy_l"], "L DIM DPG REV_FROM",
+             dict(NT=tiles_n, NC=chunks, TPC=per_chunk, HAS_Z=False, SAVE=False))):
+        names = [k for k in strides if not k.startswith("sz_")] if fn is st._chunk_ends else strides
         signature = {p: fp32 if p in wide else ptr for p in ptrs.split()}
-        signature.update({k: "i32" for k in strides + tail + ints_.split()})
-        constants = dict(common, **({"SAVE": True} if name == "forward" else {"PARTIAL": partials}))
-        out[name] = _compile(fn, signature, constants, arch, warps, 1)
+        signature.update({k: "i32" for k in names + tail + ints_.split()})
+        out[name] = _compile(fn, signature, dict(common, **constants), arch, warps, 1)
     return out
 
 

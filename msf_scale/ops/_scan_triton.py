@@ -40,7 +40,10 @@ from torch.autograd.function import once_differentiable
 # warps of the forward (BD, warps) and of the backward (bwd_BD, bwd_warps); ``partials``: the backward writes dB, dC
 # per program ([batch, D / bwd_BD, N, L] float32, summed by torch) instead of adding them atomically in place.
 # Tile elements BD x N x BT set the register use (benchmarks/kernel_resources.py --scan-tiles).
-CONFIG = {"BT": 16, "BD": 4, "warps": 1, "bwd_BD": 4, "bwd_warps": 2, "partials": True}
+# ``chunk_programs``: below this many forward programs (batch x D / BD: batch-1 inference) the forward also splits the
+# sequence into chunks run by programs of their own (a first pass finds each chunk's end state from zero and its
+# decay product; each chunk's program then starts from the chunks before it): more parallel work, ~2x the arithmetic.
+CONFIG = {"BT": 16, "BD": 4, "warps": 1, "bwd_BD": 4, "bwd_warps": 2, "partials": True, "chunk_programs": 2048}
 
 
 @triton.jit
@@ -94,19 +97,55 @@ def _tile_inputs(U, DT, BIAS, Bm, Cm, b, g, d, j, L, rev, A3,
 
 
 @triton.jit
-def _scan_fwd(U, DT, Z, A, Bm, Cm, Dv, BIAS, Y, LAST, STATES,
+def _chunk_ends(U, DT, A, Bm, Cm, Dv, BIAS, HEND, PROD,
+                su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+                L, DIM, DPG, REV_FROM,
+                NC: tl.constexpr, TPC: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+                HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr):
+    """The chunked forward's first pass: chunk c's state at its end from a zero start (HEND) and the product of its
+    decays (PROD), float32 [batch, D, NC, N]; masked steps past L are the identity."""
+    b, d, g, rev, n, A3, Dd = _program(A, Dv, DPG, REV_FROM, N, BD, HAS_D, CDT)
+    c = tl.program_id(2)
+    k = tl.arange(0, BT)
+    h = tl.zeros([BD, N], dtype=CDT)
+    p = tl.full([BD, N], 1.0, dtype=CDT)
+    for i in range(TPC):
+        j = (c * TPC + i) * BT + k
+        u, raw, delta, Bt, Ct, t, valid, a, bb = _tile_inputs(
+            U, DT, BIAS, Bm, Cm, b, g, d, j, L, rev, A3, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l,
+            sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, N, HAS_BIAS, SOFTPLUS, CDT)
+        decay, hs = tl.associative_scan((a, bb), 2, _combine)
+        last = k[None, None, :] == BT - 1
+        dl = tl.sum(tl.where(last, decay, 0.0), axis=2)
+        h = dl * h + tl.sum(tl.where(last, hs, 0.0), axis=2)
+        p *= dl
+    off = ((b * DIM + d[:, None]) * NC + c) * N + n[None, :]
+    tl.store(HEND + off, h)
+    tl.store(PROD + off, p)
+
+
+@triton.jit
+def _scan_fwd(U, DT, Z, A, Bm, Cm, Dv, BIAS, Y, LAST, STATES, HEND, PROD,
               su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
               sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sy_b, sy_d, sy_l,
               L, DIM, DPG, REV_FROM,
-              NT: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_D: tl.constexpr,
-              HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
-              CDT: tl.constexpr):
+              NT: tl.constexpr, NC: tl.constexpr, TPC: tl.constexpr, N: tl.constexpr, BD: tl.constexpr,
+              BT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+              SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, CDT: tl.constexpr):
+    """Program (b, channel block, chunk c): the tiles c * TPC .. of the sequence (NC = 1: all NT of them), starting
+    from the state the chunks before c leave (_chunk_ends' HEND, PROD)."""
     b, d, g, rev, n, A3, Dd = _program(A, Dv, DPG, REV_FROM, N, BD, HAS_D, CDT)
+    c = tl.program_id(2)
     k = tl.arange(0, BT)
     h = tl.zeros([BD, N], dtype=CDT)
-    for it in range(NT):
+    if NC > 1:
+        for cc in range(NC - 1):
+            off = ((b * DIM + d[:, None]) * NC + cc) * N + n[None, :]
+            h = tl.where(cc < c, tl.load(PROD + off) * h + tl.load(HEND + off), h)
+    for i in range(TPC):
+        it = c * TPC + i
         if SAVE:
-            tl.store(STATES + ((b * DIM + d[:, None]) * NT + it) * N + n[None, :], h)
+            tl.store(STATES + ((b * DIM + d[:, None]) * NT + it) * N + n[None, :], h, mask=it < NT)
         j = it * BT + k
         u, raw, delta, Bt, Ct, t, valid, a, bb = _tile_inputs(
             U, DT, BIAS, Bm, Cm, b, g, d, j, L, rev, A3, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l,
@@ -122,7 +161,7 @@ def _scan_fwd(U, DT, Z, A, Bm, Cm, Dv, BIAS, Y, LAST, STATES,
             y *= zz / (1.0 + tl.exp(-zz))
         tl.store(Y + b * sy_b + d[:, None] * sy_d + t[None, :] * sy_l, y, mask=valid[None, :])
         h = tl.sum(tl.where(k[None, None, :] == BT - 1, hs, 0.0), axis=2)   # masked steps keep the state
-    tl.store(LAST + (b * DIM + d[:, None]) * N + n[None, :], h)
+    tl.store(LAST + (b * DIM + d[:, None]) * N + n[None, :], h, mask=c == NC - 1)
 
 
 @triton.jit
@@ -239,6 +278,16 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
 
 
+def chunking(programs: int, tiles: int) -> tuple[int, int]:
+    """(chunks, tiles per chunk) for a forward of ``programs`` programs over ``tiles`` tiles: one chunk when there
+    are CONFIG["chunk_programs"] programs already, else enough chunks to reach it (at most one per tile)."""
+    want = CONFIG.get("chunk_programs", 0)
+    if programs >= want:
+        return 1, tiles
+    per_chunk = triton.cdiv(tiles, min(tiles, triton.cdiv(want, programs)))
+    return triton.cdiv(tiles, per_chunk), per_chunk
+
+
 def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups, save_states):
     """(y [batch, D, L] in u's dtype, last state [batch, D, N], entry states or None). B, C [batch, G, N, L]."""
     batch, dim, length, groups, bd, bt, tiles = _geometry(u, B, "BD")
@@ -248,13 +297,21 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups,
     last = u.new_empty(batch, dim, n, dtype=acc)
     states = u.new_empty(batch, dim, tiles, n, dtype=acc) if save_states else last
     dummy = u
-    _scan_fwd[(batch, dim // bd)](
+    chunks, per_chunk = chunking(batch * (dim // bd), tiles)
+    ends, prods = (u.new_empty(batch, dim, chunks, n, dtype=acc) for _ in range(2)) if chunks > 1 else (last, last)
+    common = dict(N=n, BD=bd, BT=bt, HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+                  CDT=_compute_dtype(u), num_warps=CONFIG["warps"])
+    if chunks > 1:
+        _chunk_ends[(batch, dim // bd, chunks)](
+            u, delta, A, B, C, D if D is not None else dummy, delta_bias if delta_bias is not None else dummy,
+            ends, prods, *_strides(u, delta, B, C), length, dim, dim // groups, groups - reverse_groups,
+            NC=chunks, TPC=per_chunk, **common)
+    _scan_fwd[(batch, dim // bd, chunks)](
         u, delta, z if z is not None else dummy, A, B, C, D if D is not None else dummy,
-        delta_bias if delta_bias is not None else dummy, y, last, states,
+        delta_bias if delta_bias is not None else dummy, y, last, states, ends, prods,
         *_strides(u, delta, z if z is not None else u, B, C, y),
         length, dim, dim // groups, groups - reverse_groups,
-        NT=tiles, N=n, BD=bd, BT=bt, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, SAVE=save_states, CDT=_compute_dtype(u), num_warps=CONFIG["warps"])
+        NT=tiles, NC=chunks, TPC=per_chunk, HAS_Z=z is not None, SAVE=save_states, **common)
     return y, last, (states if save_states else None)
 
 

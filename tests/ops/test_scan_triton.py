@@ -25,12 +25,15 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 OPTIONAL = ("D", "z", "delta_bias")
 
 
-@pytest.fixture(params=[False, True], ids=["atomic", "partials"])
+@pytest.fixture(params=[(False, 0), (True, 0), (True, 16)], ids=["atomic", "partials", "chunked"])
 def small_tiles(monkeypatch, request):
     """8 steps per tile, 4 channels per program (2 in the backward), one warp: several tiles and programs at
-    interpreter-sized shapes; dB and dC added atomically or summed from per-program partials."""
+    interpreter-sized shapes; dB and dC added atomically or summed from per-program partials; "chunked": the forward
+    split into sequence chunks until it has 16 programs (2 chunks of 2 tiles at batch 2, 16 channels and length 29;
+    a chunk per tile with fewer programs), the backward running from the chunked forward's saved states."""
+    partials, chunk_programs = request.param
     monkeypatch.setattr(_scan_triton, "CONFIG", {"BT": 8, "BD": 4, "warps": 1, "bwd_BD": 2, "bwd_warps": 1,
-                                                 "partials": request.param})
+                                                 "partials": partials, "chunk_programs": chunk_programs})
 
 
 def inputs(batch, groups, width, n, length, dtype=torch.float64, seed=0, device="cpu"):
@@ -106,6 +109,22 @@ def test_softplus_linear_branch(small_tiles):
 def test_ungrouped_and_odd_group_width(small_tiles):
     check(inputs(2, 0, 6, 4, 13))                      # B, C [batch, N, L]; 6 channels: 2 per program
     check(inputs(1, 3, 6, 2, 13, seed=5), 2)           # three groups of 6 channels, the last two reversed
+
+
+@pytest.mark.parametrize("programs, tiles, want", [(64, 10, (1, 10)), (2, 5, (3, 2)), (2, 2, (2, 1)),
+                                                    (1, 100, (6, 17)), (8, 4, (2, 2))])
+def test_chunking(monkeypatch, programs, tiles, want):
+    """Chunks until the forward has chunk_programs (here 6) programs, at most one per tile, equal whole chunks."""
+    monkeypatch.setitem(_scan_triton.CONFIG, "chunk_programs", 6 if programs != 8 else 16)
+    assert _scan_triton.chunking(programs, tiles) == want
+
+
+def test_chunked_forward_whose_last_chunk_ends_past_the_sequence(small_tiles, monkeypatch):
+    """3 chunks of 2 tiles over 5 tiles (length 37): the last chunk's second tile is all past L; the reversed group
+    walks the chunks from t = L - 1."""
+    monkeypatch.setitem(_scan_triton.CONFIG, "chunk_programs", 6)
+    assert _scan_triton.chunking(2, 5) == (3, 2)
+    check(inputs(1, 2, 4, 4, 37, seed=12), 1)
 
 
 def test_default_tiles():
@@ -247,7 +266,8 @@ def test_gpu_matches_float64(monkeypatch, dtype, tol, grad_tol, partials):
 def test_default_tiles_compile_for_hopper_without_spills():
     """The forward and backward at the models' length with CONFIG's tiles, compiled for sm_90 on this machine
     (benchmarks/kernel_resources.py --scan-tiles: Triton's ahead-of-time compile and ptxas -v): they compile (the
-    interpreter checks no compiler limit) and spill no registers. Compile-time facts."""
+    interpreter checks no compiler limit) and spill no registers; also the chunked forward's two kernels. Compile-time
+    facts."""
     import json
     import os
     import subprocess
@@ -262,7 +282,10 @@ def test_default_tiles_compile_for_hopper_without_spills():
                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
-    checked = [r for r in rows if r["setting"] == tiles[r["kernel"].split()[1]]]
-    assert sorted(r["kernel"] for r in checked) == ["scan backward L=1569", "scan forward L=1569"], rows
+    checked = [r for r in rows if r["setting"] == tiles["backward" if "backward" in r["kernel"] else "forward"]]
+    chunks = _scan_triton.chunking(2 * 384 // cfg["BD"], -(-1569 // cfg["BT"]))[0]
+    assert sorted(r["kernel"] for r in checked) == [   # the chunked pair: batch-1 tiny inference
+        "scan backward L=1569", f"scan chunk ends NC={chunks} L=1569", "scan forward L=1569",
+        f"scan forward NC={chunks} L=1569"], rows
     for r in checked:
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
