@@ -2,6 +2,8 @@
 
     python benchmarks/bench_biscan.py --out biscan.json                         # on a GPU with mamba-ssm
     python benchmarks/bench_biscan.py --configs 16,2,1,16,4,0 32,2,1,8,4,1       # Triton CONFIGs to try
+    python benchmarks/bench_biscan.py --batch 1 --width 384 --forward-only --chunk-programs 0 1024 2048 8192
+                                                      # batch-1 inference (tiny): the chunked forward, no autograd
 
 The call the bidirectional mixer makes with ``grouped_scan``: u, delta, z [batch, 2E, L] (channels [0, E) the
 forward direction, [E, 2E) the backward one), B, C [batch, 2, N, L], delta_softplus, D, delta_bias; forward +
@@ -10,7 +12,9 @@ feeds it); ``triton`` is ops/_scan_triton.py with ``reverse_groups=1`` on the sa
 backward half in reverse time order itself (so its numbers are those of a model that needs no flipped copies;
 the flips the cuda path needs are not timed here). Also timed: forward alone. The agreement lines compare the
 Triton scan with mamba-ssm on one set of inputs (reverse_groups=0, so both run the same recurrence): the largest
-difference of y and of every gradient, relative to the largest value of mamba-ssm's.
+difference of y and of every gradient, relative to the largest value of mamba-ssm's. ``--forward-only``: the forward
+under torch.no_grad (inference) only, for each ``--chunk-programs`` value (CONFIG["chunk_programs"]: below that many
+programs the Triton forward splits the sequence into chunks; 0: never).
 """
 from __future__ import annotations
 
@@ -64,6 +68,9 @@ def main(argv=None):
                     help="Triton CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials(0/1) to try after the default")
     ap.add_argument("--profile", action="store_true",
                     help="also print the CUDA kernels of one forward + backward of each backend (torch.profiler)")
+    ap.add_argument("--forward-only", action="store_true", help="time the forward under no_grad only (inference)")
+    ap.add_argument("--chunk-programs", type=int, nargs="*", default=None,
+                    help="CONFIG['chunk_programs'] values to time each Triton CONFIG with (default: CONFIG's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     keys = ("BT", "BD", "warps", "bwd_BD", "bwd_warps", "partials")
@@ -100,26 +107,36 @@ def main(argv=None):
         agree["d" + k] = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
     print("agreement (max |triton - cuda| / max |cuda|):", {k: f"{v:.1e}" for k, v in agree.items()}, flush=True)
 
-    cuda_fwd = timed(lambda: call("cuda"), args.reps)
-    cuda_all = timed(lambda: fwd_bwd("cuda"), args.reps)
-    print(f"cuda   grouped G=2          fwd {cuda_fwd:7.3f} ms   fwd+bwd {cuda_all:7.3f} ms", flush=True)
+    def forward(backend, **kw):
+        if args.forward_only:
+            with torch.no_grad():
+                return call(backend, **kw)
+        return call(backend, **kw)
+
+    cuda_fwd = timed(lambda: forward("cuda"), args.reps)
+    cuda_all = None if args.forward_only else timed(lambda: fwd_bwd("cuda"), args.reps)
+    print(f"cuda   grouped G=2          fwd {cuda_fwd:7.3f} ms" +
+          ("" if cuda_all is None else f"   fwd+bwd {cuda_all:7.3f} ms"), flush=True)
     rows.append({"backend": "cuda", "fwd_ms": cuda_fwd, "fwd_bwd_ms": cuda_all})
     default = dict(_scan_triton.CONFIG)
     configs = [",".join(str(int(default[k])) for k in keys)] + list(args.configs)
     for text in configs:
-        cfg = dict(zip(keys, map(int, text.split(","))))
-        cfg["partials"] = bool(cfg["partials"])
-        _scan_triton.CONFIG.update(cfg)
-        label = " ".join(f"{k}={int(v)}" for k, v in cfg.items())
-        try:
-            fwd = timed(lambda: call("triton", reverse_groups=1), args.reps)
-            both = timed(lambda: fwd_bwd("triton", reverse_groups=1), args.reps)
-        except Exception as err:   # a tile too large for registers or shared memory: report and go on
-            print(f"triton {label}: failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
-            continue
-        print(f"triton {label}  fwd {fwd:7.3f} ms  bwd {both - fwd:7.3f}  fwd+bwd {both:7.3f} ms  "
-              f"cuda/triton fwd {cuda_fwd / fwd:.2f}x  fwd+bwd {cuda_all / both:.2f}x", flush=True)
-        rows.append({"backend": "triton", **cfg, "fwd_ms": fwd, "fwd_bwd_ms": both})
+        for chunk_programs in (args.chunk_programs if args.chunk_programs else [default["chunk_programs"]]):
+            cfg = dict(zip(keys, map(int, text.split(","))))
+            cfg["partials"] = bool(cfg["partials"])
+            cfg["chunk_programs"] = chunk_programs
+            _scan_triton.CONFIG.update(cfg)
+            label = " ".join(f"{k}={int(v)}" for k, v in cfg.items())
+            try:
+                fwd = timed(lambda: forward("triton", reverse_groups=1), args.reps)
+                both = None if args.forward_only else timed(lambda: fwd_bwd("triton", reverse_groups=1), args.reps)
+            except Exception as err:   # a tile too large for registers or shared memory: report and go on
+                print(f"triton {label}: failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+                continue
+            print(f"triton {label}  fwd {fwd:7.3f} ms  cuda/triton fwd {cuda_fwd / fwd:.2f}x" + (
+                "" if both is None else f"  bwd {both - fwd:7.3f}  fwd+bwd {both:7.3f} ms  "
+                                        f"fwd+bwd {cuda_all / both:.2f}x"), flush=True)
+            rows.append({"backend": "triton", **cfg, "fwd_ms": fwd, "fwd_bwd_ms": both})
     _scan_triton.CONFIG.update(default)
     if args.profile:
         for backend, kw in (("cuda", {}), ("triton", {"reverse_groups": 1})):

@@ -155,10 +155,11 @@ def inference_step(args, dev):
     from msf_scale.models import create_model
     extra = {"fusion_backend": args.fusion_backend} if args.model not in ("videomamba", "cnn3d") else {}
     model = create_model(args.model, size=args.size, num_classes=32, num_frames=args.frames, img_size=args.img,
-                         device=dev, **extra)
+                         device=dev, scan_backend=args.scan_backend, **extra)
     x = torch.randn(1, 3, args.frames, args.img, args.img, device=dev)
     run = build_runner(model, x, args.inference, torch.bfloat16, freeze=args.freeze)
-    tag = f"_{args.inference}" + ("_frozen" if args.freeze else "")
+    tag = f"_{args.inference}" + ("_frozen" if args.freeze else "") + (
+        f"_{args.scan_backend}_scan" if args.scan_backend != "auto" else "")
     return (lambda: run(x)), f"{args.model}_{args.size}_batch1{tag}"
 
 
@@ -191,6 +192,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--inference", default=None, choices=("eager", "graph", "compile"),
                     help="profile --model's batch-1 eval forward through msf_scale.inference in this mode")
     ap.add_argument("--freeze", action="store_true", help="--inference compile with Inductor's freezing")
+    ap.add_argument("--scan-backend", default="auto", help="--inference: the model's scan backend (e.g. triton)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
