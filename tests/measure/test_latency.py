@@ -111,7 +111,8 @@ def test_frozen_compile_gives_the_eager_logits_on_gpu(variant):
 
 
 def test_freeze_is_on_while_inductor_compiles_and_off_after(monkeypatch):
-    """Inductor reads ``freezing`` when it compiles, in the runner's warm-up calls: on there, restored after."""
+    """Inductor reads ``freezing`` when it compiles, in the runner's warm-up calls: on there, restored after; off
+    by default on CPU."""
     import torch._inductor.config as inductor_config
     seen = []
 
@@ -126,6 +127,8 @@ def test_freeze_is_on_while_inductor_compiles_and_off_after(monkeypatch):
     run = build_runner(model, x, "compile", warmup=2, freeze=True)
     assert seen == [True, True] and inductor_config.freezing is False
     run(x)
+    assert seen[-1] is False
+    build_runner(model, x, "compile", warmup=1)   # the default: on CUDA only
     assert seen[-1] is False
     with pytest.raises(ValueError, match="freeze"):
         build_runner(model, x, "eager", freeze=True)
