@@ -47,15 +47,19 @@ def kernel_table(prof, steps: int, top: int) -> list[dict]:
         r["calls_per_step"] for r in out), "ms_per_step": round(total / 1e3 / steps, 4), "share": 1.0}])
 
 
-KINDS = (  # first match wins: a kernel's name -> what it does
-    ("scan", ("selective_scan", "scan_fwd", "scan_bwd", "_scan_")),
+KINDS = (  # first match wins: a kernel's name -> what it does. Inductor's kernels name the aten ops they fused
+    # (triton_poi_fused_cat_exp_neg_selective_scan_fwd_...): classified by their kind prefix before anything else
+    ("elementwise", ("triton_poi_",)),
+    ("reduce", ("triton_per_", "triton_red_")),
+    ("gemm", ("triton_tem_",)),
+    ("scan", ("selective_scan", "scan_fwd", "scan_bwd", "_scan_", "_chunk_ends")),
     ("fusion", ("_row_conv", "_tap_grad", "_aswm", "_combine", "fusion")),
     ("conv", ("conv", "implicit_convolve", "causal_conv1d", "dgrad", "wgrad")),
     ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "splitk", "mm_")),
     ("norm", ("layer_norm", "layernorm", "rms", "norm")),
     ("copy", ("copy", "cat", "transpose", "permute", "memcpy", "memset", "fill")),
     ("reduce", ("reduce", "softmax", "mean", "sum")),
-    ("elementwise", ("elementwise", "vectorized", "triton_poi", "triton_per", "triton_red", "unrolled")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
 )
 
 
@@ -157,8 +161,8 @@ def inference_step(args, dev):
     model = create_model(args.model, size=args.size, num_classes=32, num_frames=args.frames, img_size=args.img,
                          device=dev, scan_backend=args.scan_backend, **extra)
     x = torch.randn(1, 3, args.frames, args.img, args.img, device=dev)
-    run = build_runner(model, x, args.inference, torch.bfloat16, freeze=args.freeze)
-    tag = f"_{args.inference}" + ("_frozen" if args.freeze else "") + (
+    run = build_runner(model, x, args.inference, torch.bfloat16, freeze=args.freeze)   # None: the harness's default
+    tag = f"_{args.inference}" + {None: "", True: "_frozen", False: "_unfrozen"}[args.freeze] + (
         f"_{args.scan_backend}_scan" if args.scan_backend != "auto" else "")
     return (lambda: run(x)), f"{args.model}_{args.size}_batch1{tag}"
 
@@ -191,7 +195,9 @@ def main(argv=None) -> dict:
                     help="the fused op's or the model's fusion backend (default: triton; auto with --inference)")
     ap.add_argument("--inference", default=None, choices=("eager", "graph", "compile"),
                     help="profile --model's batch-1 eval forward through msf_scale.inference in this mode")
-    ap.add_argument("--freeze", action="store_true", help="--inference compile with Inductor's freezing")
+    ap.add_argument("--freeze", action=argparse.BooleanOptionalAction, default=None,
+                    help="--inference compile with (--freeze) or without (--no-freeze) Inductor's freezing "
+                         "(default: as build_runner, frozen on CUDA)")
     ap.add_argument("--scan-backend", default="auto", help="--inference: the model's scan backend (e.g. triton)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)

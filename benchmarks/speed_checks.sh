@@ -51,15 +51,15 @@ part compiled 540 "$PY" benchmarks/bench_model.py --sizes small --steps 5 --late
 part latency 170 "$PY" benchmarks/bench_latency.py --out "$OUT/latency" \
   --models videomamba_tiny,msf_mamba_tiny,msf_mamba_plus_tiny --modes graph,compile --measures clip \
   --budget-s 160 --compile-cap-s 50
-latprofile() {
-  local m mode
+latprofile() {   # exit code: nonzero if any profile failed
+  local m mode rc=0
   for m in videomamba msf_mamba; do
-    for mode in graph compile; do
-      "$PY" benchmarks/profile_fusion.py --out "$OUT/latprofile" --model $m --size tiny --inference $mode --steps 20
+    for mode in "graph" "compile --no-freeze" "compile --freeze"; do
+      "$PY" benchmarks/profile_fusion.py --out "$OUT/latprofile" --model $m --size tiny --inference $mode \
+        --steps 20 || rc=1
     done
-    "$PY" benchmarks/profile_fusion.py --out "$OUT/latprofile" --model $m --size tiny --inference compile --freeze \
-      --steps 20
   done
+  return $rc
 }
 export -f latprofile
 export OUT PY

@@ -120,7 +120,7 @@ def flop_analysis(model: nn.Module, video: torch.Tensor):
     for op in ZERO_FLOP_OPS:            # None = ignored, but fvcore's own handles (batch_norm...) take precedence
         fca._op_handles.pop(op, None)
     fca.set_op_handle(**HANDLES, **{op: None for op in ZERO_FLOP_OPS})
-    fca.uncalled_modules_warnings(False)   # conv1d / dt_proj weights are used functionally in the mixer
+    fca.uncalled_modules_warnings(False)   # conv1d / x_proj / dt_proj weights are used functionally in the mixer
     return fca
 
 
@@ -199,7 +199,7 @@ def format_report(r: FlopReport) -> str:
     lines += ["", "By operator (GFLOPs per view):", "", "| operator | GFLOPs | share |", "|---|---:|---:|"]
     for op, v in sorted(r.by_operator.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {op} | {v / 1e9:.3f} | {100 * v / max(r.flops, 1):.1f}% |")
-    lines += ["", "Per module (fvcore.nn.flop_count_table, one view; conv1d / dt_proj are counted in their "
+    lines += ["", "Per module (fvcore.nn.flop_count_table, one view; conv1d / x_proj / dt_proj are counted in their "
               "direction module, which uses their weights):", "", r.table]
     return "\n".join(lines)
 

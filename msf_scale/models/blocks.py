@@ -123,7 +123,8 @@ class BiMamba(nn.Module):
         # The projections transposed, W @ x per (clip, direction), as bmm (exact in fvcore's count; its einsum and
         # matmul handles miss batch dimensions): dt, B, C and delta come out [B, 2, *, L], time innermost, the layout
         # the scan reads, so neither side transposes a copy (x [B, 2E, L] is read as is)
-        def per_clip(w: torch.Tensor) -> torch.Tensor:   # [2, M, K] -> [2B, M, K] (a view at batch 1)
+        def per_clip(w: torch.Tensor) -> torch.Tensor:   # [2, M, K] -> [2B, M, K]: a view at batch 1, else a copy
+            w = w.to(x.dtype)                               # of the (small) weights; cast first, not per clip
             return w.expand(batch, *w.shape).reshape(batch * 2, *w.shape[1:])
         dt, B, C = torch.bmm(per_clip(x_proj), x.view(batch * 2, width, length)).view(batch, 2, -1, length).split(
             [self.dt_rank, self.d_state, self.d_state], dim=2)                      # [B, 2, R | N | N, L]
@@ -180,11 +181,12 @@ class _Direction(nn.Module):
     def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:   # x [B, E, L] -> y [B, E, L]
         x = F.silu(causal_depthwise_conv1d(x, self.conv1d.weight, self.conv1d.bias))
         # W @ x per clip (bmm, exact in fvcore's count): dt, B, C and delta come out [B, *, L], time innermost as the
-        # scan reads them, with no transposing copy on either side (see BiMamba._both_directions)
+        # scan reads them, with no transposing copy of an activation on either side (BiMamba._both_directions); the
+        # weights are cast to x's dtype before they are broadcast over the clips (autocast would copy them per clip)
         batch = x.shape[0]
-        dt, B, C = torch.bmm(self.x_proj.weight.expand(batch, -1, -1), x).split(
+        dt, B, C = torch.bmm(self.x_proj.weight.to(x.dtype).expand(batch, -1, -1), x).split(
             [self.dt_rank, self.d_state, self.d_state], dim=1)                      # [B, R | N | N, L]
-        delta = torch.bmm(self.dt_proj.weight.expand(batch, -1, -1), dt)  # [B, E, L]; bias: the scan's delta_bias
+        delta = torch.bmm(self.dt_proj.weight.to(x.dtype).expand(batch, -1, -1), dt)   # [B, E, L]; bias: delta_bias
         A = cached_for_inference(self, "_inference_A", [self.A_log], lambda: -torch.exp(self.A_log.float()))
         return selective_scan(x, delta, A, B, C, self.D.float(), None, self.dt_proj.bias.float(),
                               delta_softplus=True, backend=backend)

@@ -5,7 +5,8 @@ Same recurrence and signature as the other backends (ops/scan.py), plus ``revers
 writing every tensor in its own time order. The bidirectional mixer's backward direction is then one more group
 of the same call instead of a flipped copy in, a flipped copy out and a second launch (issue 19 item 2).
 
-One program holds ``BD`` channels of one batch row and walks the sequence in tiles of ``BT`` steps: a tile's
+One program holds ``BD`` channels of one batch row and walks the sequence (or, with few programs, one chunk of it:
+``chunking``, CONFIG["chunk_programs"]) in tiles of ``BT`` steps: a tile's
 states h [BD, N, BT] come from ``tl.associative_scan`` over (a_t, b_t) = (exp(delta_t A), delta_t u_t B_t) plus the
 carried entry state times the running decay product; y_t = <C_t, h_t> + D u_t, gated by silu(z_t). The forward
 saves each tile's entry state (float32 [batch, D, tiles, N]: N / BT floats per step and channel, 1 at BT = N = 16,
@@ -24,8 +25,8 @@ Measured (H100, bf16, (32, 2 x 768, 1569, 16), benchmarks/bench_biscan.py, docs/
 
 Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the CPU tests run it). Eager only: under
 torch.compile the scan's custom ops run the torch scan for this backend name. The tile count is a compile-time
-constant (Triton's interpreter cannot loop to a runtime bound), so each new sequence length compiles the kernels
-once; offsets are int32 (``scan`` refuses calls whose tensors or buffers reach 2^31 elements).
+constant (Triton's interpreter cannot loop to a runtime bound), so each new sequence length (and, below
+chunk_programs, each new chunk count: batch x channels) compiles the kernels once; offsets are int32 (``scan`` refuses calls whose tensors or buffers reach 2^31 elements).
 """
 from __future__ import annotations
 
@@ -284,7 +285,7 @@ def chunking(programs: int, tiles: int) -> tuple[int, int]:
     """(chunks, tiles per chunk) for a forward of ``programs`` programs over ``tiles`` tiles: one chunk when there
     are CONFIG["chunk_programs"] programs already, else enough chunks to reach it (at most one per tile)."""
     want = CONFIG.get("chunk_programs", 0)
-    if programs >= want:
+    if programs >= want or programs == 0 or tiles <= 1:
         return 1, tiles
     per_chunk = triton.cdiv(tiles, min(tiles, triton.cdiv(want, programs)))
     return triton.cdiv(tiles, per_chunk), per_chunk
@@ -303,8 +304,8 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups,
     ends, prods = (u.new_empty(batch, dim, chunks, n, dtype=acc) for _ in range(2)) if chunks > 1 else (last, last)
     common = dict(N=n, BD=bd, BT=bt, HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
                   CDT=_compute_dtype(u), num_warps=CONFIG["warps"])
-    if chunks > 1:
-        _chunk_ends[(batch, dim // bd, chunks)](
+    if chunks > 1:   # the last chunk's end is never read: no program for it
+        _chunk_ends[(batch, dim // bd, chunks - 1)](
             u, delta, A, B, C, D if D is not None else dummy, delta_bias if delta_bias is not None else dummy,
             ends, prods, *_strides(u, delta, B, C), length, dim, dim // groups, groups - reverse_groups,
             NC=chunks, TPC=per_chunk, **common)

@@ -10,6 +10,13 @@ prof = load_benchmark("profile_fusion")
 @pytest.mark.parametrize("name, kind", [
     ("void selective_scan_fwd_kernel<Selective_Scan_fwd_kernel_traits<128, 16, 1, true>>(SSMParamsBase)", "scan"),
     ("_scan_fwd_kernel", "scan"),
+    ("_chunk_ends", "scan"),
+    # Inductor's kernels name every aten op they fused: their prefix says what kind of kernel they are
+    ("triton_poi_fused_cat_exp_neg_selective_scan_fwd_split_with_sizes_view_9", "elementwise"),
+    ("triton_poi_fused__unsafe_view_cat_convolution_flip_silu_slice_split_transpose_16", "elementwise"),
+    ("triton_red_fused__fused_rms_norm__to_copy_add_bmm_transpose_view_17", "reduce"),
+    ("triton_per_fused__to_copy_fill_lift_fresh_mul_select_sub_sum_unsqueeze_zeros_like_13", "reduce"),
+    ("triton_tem_fused_mm_0", "gemm"),
     ("_row_conv", "fusion"),
     ("void causal_conv1d_fwd_kernel<...>", "conv"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),

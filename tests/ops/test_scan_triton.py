@@ -112,9 +112,11 @@ def test_ungrouped_and_odd_group_width(small_tiles):
 
 
 @pytest.mark.parametrize("programs, tiles, want", [(64, 10, (1, 10)), (2, 5, (3, 2)), (2, 2, (2, 1)),
-                                                    (1, 100, (6, 17)), (8, 4, (2, 2))])
+                                                    (1, 100, (6, 17)), (8, 4, (2, 2)), (2, 1, (1, 1)),
+                                                    (2, 0, (1, 0)), (0, 5, (1, 5))])
 def test_chunking(monkeypatch, programs, tiles, want):
-    """Chunks until the forward has chunk_programs (here 6) programs, at most one per tile, equal whole chunks."""
+    """Chunks until the forward has chunk_programs (here 6) programs, at most one per tile, equal whole chunks;
+    one chunk for an empty sequence or no programs."""
     monkeypatch.setitem(_scan_triton.CONFIG, "chunk_programs", 6 if programs != 8 else 16)
     assert _scan_triton.chunking(programs, tiles) == want
 
@@ -124,7 +126,20 @@ def test_chunked_forward_whose_last_chunk_ends_past_the_sequence(small_tiles, mo
     walks the chunks from t = L - 1."""
     monkeypatch.setitem(_scan_triton.CONFIG, "chunk_programs", 6)
     assert _scan_triton.chunking(2, 5) == (3, 2)
+    grids = {}
+
+    class Spy:   # records each kernel's launch grid, then launches it
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            grids.setdefault(self.name, []).append(grid)
+            return self.kernel[grid]
+    for name in ("_chunk_ends", "_scan_fwd"):
+        monkeypatch.setattr(_scan_triton, name, Spy(name, getattr(_scan_triton, name)))
     check(inputs(1, 2, 4, 4, 37, seed=12), 1)
+    # 2 programs of 4 channels, 3 chunks; the last chunk's end is never read, so the first pass skips it
+    assert grids == {"_chunk_ends": [(1, 2, 2)], "_scan_fwd": [(1, 2, 3)]}
 
 
 def test_default_tiles():
