@@ -208,6 +208,8 @@ def main(argv=None) -> dict:
     dev = torch.device("cuda")
     if args.inference and not args.model:
         raise SystemExit("--inference profiles a model: give --model")
+    if args.freeze is not None and args.inference != "compile":
+        raise SystemExit("--freeze / --no-freeze are for --inference compile (Inductor's freezing)")
     if args.inference:
         args.fusion_backend = args.fusion_backend or "auto"   # the latency harness's choice
         step, what = inference_step(args, dev)

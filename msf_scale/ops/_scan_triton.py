@@ -26,7 +26,8 @@ Measured (H100, bf16, (32, 2 x 768, 1569, 16), benchmarks/bench_biscan.py, docs/
 Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the CPU tests run it). Eager only: under
 torch.compile the scan's custom ops run the torch scan for this backend name. The tile count is a compile-time
 constant (Triton's interpreter cannot loop to a runtime bound), so each new sequence length (and, below
-chunk_programs, each new chunk count: batch x channels) compiles the kernels once; offsets are int32 (``scan`` refuses calls whose tensors or buffers reach 2^31 elements).
+chunk_programs, each new chunk count: batch x channels) compiles the kernels once; offsets are int32 (``scan``
+refuses calls whose tensors or buffers reach 2^31 elements).
 """
 from __future__ import annotations
 
