@@ -203,13 +203,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("profile_fusion.py needs a CUDA GPU")
-    dev = torch.device("cuda")
-    if args.inference and not args.model:
-        raise SystemExit("--inference profiles a model: give --model")
+    if args.inference and not args.model:   # argparse's one line and exit 2, checked before the GPU is looked for
+        ap.error("--inference profiles a model: give --model")
     if args.freeze is not None and args.inference != "compile":
-        raise SystemExit("--freeze / --no-freeze are for --inference compile (Inductor's freezing)")
+        ap.error("--freeze / --no-freeze are for --inference compile (Inductor's freezing)")
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
+    dev = torch.device("cuda")
     if args.inference:
         args.fusion_backend = args.fusion_backend or "auto"   # the latency harness's choice
         step, what = inference_step(args, dev)

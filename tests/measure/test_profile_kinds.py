@@ -39,3 +39,18 @@ def test_kind_table_sums_every_kernel_once():
             {"kernel": "(total of 3 kernels)", "calls_per_step": 6, "ms_per_step": 1.75}]
     assert prof.kind_table(rows) == [{"kind": "fusion", "calls_per_step": 2, "ms_per_step": 1.0},
                                      {"kind": "elementwise", "calls_per_step": 4, "ms_per_step": 0.75}]
+
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--inference", "graph"], "give --model"),
+    (["--model", "msf_mamba", "--inference", "graph", "--freeze"], "are for --inference compile"),
+    (["--model", "msf_mamba", "--no-freeze"], "are for --inference compile"),
+])
+def test_misuse_is_one_line_exit_2(argv, says, tmp_path, capsys):
+    """Checked before the GPU is looked for, so the same on CPU: argparse's error line, exit 2."""
+    with pytest.raises(SystemExit) as exc:
+        prof.main(["--out", str(tmp_path), *argv])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " in last and says in last, last
