@@ -256,10 +256,17 @@ class StateFusion(nn.Module):
         kernels, theta = list(self.kernels), self.theta
         if inference_cache_applies(self):
             kernels, theta = self.folded_kernels(h.dtype), 0.0   # theta 0.0: the backends fold nothing more
-        if (self.aswm is not None and not torch.jit.is_tracing()   # tracing (FLOP counting) takes the named op
-                and resolve_backend(self.backend, h.device, self.scales[0], h.shape[0] * h.shape[2],
-                                    h.shape[3] * h.shape[4]) == "gemm"):
-            return multiscale_fusion_gemm(h, kernels, theta, self.aswm.weight, self.aswm.bias)
+        if self.aswm is not None and not torch.jit.is_tracing():   # tracing (FLOP counting) takes the named op
+            chosen = resolve_backend(self.backend, h.device, max(self.scales), h.shape[0] * h.shape[2],
+                                     h.shape[3] * h.shape[4])
+            if chosen == "gemm":
+                return multiscale_fusion_gemm(h, kernels, theta, self.aswm.weight, self.aswm.bias)
+            if chosen == "triton" and not torch.is_grad_enabled():   # scales + ASWM in one forward-only op
+                from msf_scale.ops._fusion_triton import multiscale_fusion_triton, pack_kernels
+                packed = cached_for_inference(self, "_inference_packed", [*self.kernels, self.theta],
+                                              lambda: pack_kernels(self.kernels, self.theta, h.shape[1], h.dtype),
+                                              h.dtype)
+                return multiscale_fusion_triton(h, kernels, theta, self.aswm.weight, self.aswm.bias, packed=packed)
         fused = state_fusion(h, kernels, theta, backend=self.backend)
         if self.aswm is None:
             return fused[0]

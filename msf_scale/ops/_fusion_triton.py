@@ -40,6 +40,8 @@ Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpret
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -55,7 +57,9 @@ MAX_SCALES = 3
 # "fwd_shared": True loads each row-shifted tile of the largest window once for every scale (runtime branches
 # per scale), False/None: one loop per scale (reloads, no branches).
 # "aswm_group": channels per program of the ASWM forward and of _aswm_dot (None: 16).
-CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None, "fwd_shared": None, "aswm_group": None}
+# "fwd_frames": frames per forward program (None: as many as fit 128 rows; fewer give more programs at batch 1).
+CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None, "fwd_shared": None, "aswm_group": None,
+                "fwd_frames": None}
 
 
 def _pow2(n: int) -> int:
@@ -403,6 +407,9 @@ class _Geom:
             bt *= 2
         self.BT = bt
         self.n_tb = triton.cdiv(t, bt)
+        fbt = CONFIG.get("fwd_frames")   # the forward's frame block (the backward keeps BT)
+        self.fwd_BT = max(bt if not fbt else min(_pow2(int(fbt)), _pow2(t)), triton.cdiv(16, self.BH))
+        self.fwd_n_tb = triton.cdiv(t, self.fwd_BT)
         self.THW = t * hh * ww
         if h.dtype == torch.float64:
             self.ACC, self.PREC = tl.float64, "ieee"
@@ -439,15 +446,65 @@ def _three(ts):
     return list(ts) + [ts[0]] * (MAX_SCALES - len(ts))   # absent scales: any valid pointer, never touched
 
 
-def _channel_group(c: int) -> int:
-    """Channels per ASWM program (the logits' atomics are per group): CONFIG's "aswm_group" or 16, the largest
-    divisor of C not above it."""
-    top = int(CONFIG.get("aswm_group") or 16)
+def _channel_group(c: int, b: int) -> int:
+    """Channels per ASWM program (the logits' atomics are per group): CONFIG's "aswm_group", else 16 for training
+    batches and fewer where B * C / 16 programs would leave the GPU idle (one channel each at batch 1: 0.12 vs 0.65
+    ms at (1, 192, 8, 14, 14) on the lent H100, docs/BENCHMARKS.md session 12); the largest divisor of C not above
+    it."""
+    top = int(CONFIG.get("aswm_group") or min(16, max(1, b * c // 512)))
     return next(g for g in range(min(top, c), 0, -1) if c % g == 0)
 
 
 def _pos_block(thw: int) -> int:
     return min(1024, _pow2(thw))
+
+
+def _launch_forward(h, wpack, aw, ab, ks):
+    """The forward launches: ([out] with ASWM, else one F per scale), and what the backward needs beyond (h, wpack):
+    (awc, alpha, *F) with ASWM, else nothing."""
+    g = _Geom(h, ks)
+    fs = [torch.empty_like(h) for _ in ks]
+    aswm = aw is not None
+    logits = torch.zeros((g.B, g.NS, g.T, g.H, g.W), device=h.device, dtype=g.acc_dtype) if aswm else fs[0]
+    awc = aw.detach().reshape(g.NS, g.NS * g.C).contiguous() if aswm else wpack
+    cg = _channel_group(g.C, g.B) if aswm else 1
+    n_cg = g.C // cg
+    f3 = _three(fs)
+    _fwd[(g.B * n_cg, g.fwd_n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **g.scale_kw(),
+                                   CG=cg, BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=aswm,
+                                   SHARE=bool(CONFIG.get("fwd_shared")), ACC=g.ACC, PREC=g.PREC,
+                                   **g.launch("fwd", aswm, rows=g.fwd_BT * g.BH))
+    if not aswm:
+        return fs, ()
+    if ab is not None:   # an nn.Conv3d(bias=False) passes None
+        logits += ab.detach().to(logits.dtype).view(1, -1, 1, 1, 1)
+    alpha = torch.softmax(logits, dim=1).contiguous()
+    out = torch.empty_like(h)
+    blk = _pos_block(g.THW)
+    _combine[(g.B * g.C, triton.cdiv(g.THW, blk))](*f3, alpha, out, g.C, g.THW, NS=g.NS, BLOCK=blk, ACC=g.ACC)
+    return [out], (awc, alpha, *fs)
+
+
+@torch.library.custom_op("msf_scale::triton_fusion_forward", mutates_args=())
+def _forward_op(h: torch.Tensor, wpack: torch.Tensor, aw: Optional[torch.Tensor], ab: Optional[torch.Tensor],
+                ks: list[int]) -> list[torch.Tensor]:
+    """The forward launches as one opaque op, for inference: torch.compile traces a model through it whole (no
+    graph break) and Inductor's freezing folds the kernel packing in front of it. No autograd (see _needs_grad)."""
+    return _launch_forward(h, wpack, aw, ab, tuple(ks))[0]
+
+
+@_forward_op.register_fake
+def _(h, wpack, aw, ab, ks):
+    return [torch.empty_like(h)] if aw is not None else [torch.empty_like(h) for _ in ks]
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+@torch.compiler.disable   # opaque to torch.compile (a graph break), never traced into the launches
+def _with_grad(h, wpack, aw, ab, ks):
+    return _FusedCFD.apply(h, wpack, aw, ab, ks)
 
 
 class _FusedCFD(torch.autograd.Function):
@@ -456,32 +513,14 @@ class _FusedCFD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, wpack, aw, ab, ks):
-        g = _Geom(h, ks)
-        fs = [torch.empty_like(h) for _ in ks]
-        aswm = aw is not None
-        logits = torch.zeros((g.B, g.NS, g.T, g.H, g.W), device=h.device, dtype=g.acc_dtype) if aswm else fs[0]
-        awc = aw.detach().reshape(g.NS, g.NS * g.C).contiguous() if aswm else wpack
-        cg = _channel_group(g.C) if aswm else 1
-        n_cg = g.C // cg
-        f3 = _three(fs)
-        _fwd[(g.B * n_cg, g.n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **g.scale_kw(),
-                                   CG=cg, BT=g.BT, BH=g.BH, BW=g.BW, ASWM=aswm, SHARE=bool(CONFIG.get("fwd_shared")),
-                                   ACC=g.ACC, PREC=g.PREC,
-                                   **g.launch("fwd", aswm))
+        outs, saved = _launch_forward(h, wpack, aw, ab, ks)
         ctx.ks = ks
-        ctx.aswm = aswm
-        if not aswm:
-            ctx.save_for_backward(h, wpack)
-            return tuple(fs)
-        if ab is not None:   # an nn.Conv3d(bias=False) passes None
-            logits += ab.detach().to(logits.dtype).view(1, -1, 1, 1, 1)
-        alpha = torch.softmax(logits, dim=1).contiguous()
-        out = torch.empty_like(h)
-        blk = _pos_block(g.THW)
-        _combine[(g.B * g.C, triton.cdiv(g.THW, blk))](*f3, alpha, out, g.C, g.THW, NS=g.NS, BLOCK=blk, ACC=g.ACC)
-        ctx.save_for_backward(h, wpack, awc, alpha, *fs)
-        ctx.aw_meta = (aw.shape, aw.dtype, None if ab is None else ab.dtype)
-        return out
+        ctx.aswm = aw is not None
+        ctx.save_for_backward(h, wpack, *saved)
+        if ctx.aswm:
+            ctx.aw_meta = (aw.shape, aw.dtype, None if ab is None else ab.dtype)
+            return outs[0]
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -492,7 +531,7 @@ class _FusedCFD(torch.autograd.Function):
         if ctx.aswm:
             awc, alpha, *fs = ctx.saved_tensors[2:]
             gout = grads[0].contiguous().to(h.dtype)
-            cg = _channel_group(g.C)
+            cg = _channel_group(g.C, g.B)
             n_cg = g.C // cg
             blk = _pos_block(g.THW)
             n_pb = triton.cdiv(g.THW, blk)
@@ -520,10 +559,8 @@ class _FusedCFD(torch.autograd.Function):
         return gh, gw, gaw, gab, None
 
 
-def _packed(h, kernels, theta):
-    c = h.shape[1]
-    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32   # taps are rounded to h's dtype in-kernel
-    return torch.cat([cfd_kernel(w, theta).reshape(c, -1) for w in kernels], dim=1).to(dtype).contiguous()
+def _packed(h, kernels, theta):   # taps are rounded to h's dtype in-kernel
+    return pack_kernels(kernels, theta, h.shape[1], h.dtype)
 
 
 def _check_device(h):
@@ -532,27 +569,38 @@ def _check_device(h):
         raise RuntimeError("the triton fusion backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
 
 
-@torch.compiler.disable   # opaque to torch.compile (a graph break), never traced into the launches
 def state_fusion_triton(h: torch.Tensor, kernels, theta) -> list[torch.Tensor]:
-    """The ``triton`` backend of state_fusion: every scale in one launch, one fused tensor per kernel."""
+    """The ``triton`` backend of state_fusion: every scale in one launch, one fused tensor per kernel. With autograd
+    an autograd.Function (a graph break under torch.compile); without, one custom op that torch.compile traces."""
     if not supported(h, kernels):   # more than three windows, or a grid too wide for one tile: the conv path
         return [F.conv3d(h, cfd_kernel(w, theta).to(h.dtype), padding=w.shape[-1] // 2, groups=h.shape[1])
                 for w in kernels]
     _check_device(h)
     ks = tuple(int(w.shape[-1]) for w in kernels)
     h = h.contiguous()
-    return list(_FusedCFD.apply(h, _packed(h, kernels, theta), None, None, ks))
+    if not _needs_grad(h, *kernels, theta):
+        return list(torch.ops.msf_scale.triton_fusion_forward(h, _packed(h, kernels, theta), None, None, list(ks)))
+    return list(_with_grad(h, _packed(h, kernels, theta), None, None, ks))
 
 
-@torch.compiler.disable   # opaque to torch.compile (a graph break), never traced into the launches
 def multiscale_fusion_triton(h: torch.Tensor, kernels, theta, aswm_weight: torch.Tensor,
-                             aswm_bias: torch.Tensor) -> torch.Tensor:
+                             aswm_bias: torch.Tensor | None, packed: torch.Tensor | None = None) -> torch.Tensor:
     """MCFM + ASWM fused: out = sum_m softmax_m(aswm(cat F))_m * F_m, as StateFusion.forward computes it
-    (aswm_weight: the nn.Conv3d(M*C, M, 1) weight [M, M*C, 1, 1, 1], aswm_bias [M])."""
+    (aswm_weight: the nn.Conv3d(M*C, M, 1) weight [M, M*C, 1, 1, 1], aswm_bias [M]). ``packed``: the kernels
+    already folded and packed (pack_kernels; StateFusion's inference cache), used only where no gradient is needed."""
     _check_device(h)
     ks = tuple(int(w.shape[-1]) for w in kernels)
     if len(ks) < 2 or not supported(h, kernels):
         raise ValueError(f"the fused ASWM op takes 2..{MAX_SCALES} scales on an H x W grid up to 128 x 64, "
                          f"got scales {ks} on {tuple(h.shape)}")
     h = h.contiguous()
-    return _FusedCFD.apply(h, _packed(h, kernels, theta), aswm_weight, aswm_bias, ks)
+    if not _needs_grad(h, *kernels, theta, aswm_weight, aswm_bias):
+        wpack = packed if packed is not None else _packed(h, kernels, theta)
+        return torch.ops.msf_scale.triton_fusion_forward(h, wpack, aswm_weight, aswm_bias, list(ks))[0]
+    return _with_grad(h, _packed(h, kernels, theta), aswm_weight, aswm_bias, ks)
+
+
+def pack_kernels(kernels, theta, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """The kernels as the launches read them: CFD-folded, [C, sum k^3], fp32 (fp64 for fp64 states)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.cat([cfd_kernel(w, theta).reshape(channels, -1) for w in kernels], dim=1).to(acc).contiguous()

@@ -25,6 +25,7 @@ autograd through that fold.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 from functools import lru_cache
 from typing import Sequence
@@ -37,6 +38,7 @@ from msf_scale.ops._choice import requested_backend
 
 BACKENDS = ("auto", "conv", "shift", "ref", "triton", "gemm", "igemm")   # the last three: own modules
 ENV_VAR = "MSF_SCALE_FUSION_BACKEND"
+_HAS_TRITON = importlib.util.find_spec("triton") is not None   # PyTorch's CUDA wheels ship it; optional on CPU
 log = logging.getLogger(__name__)
 
 
@@ -46,23 +48,29 @@ GEMM_MAX_GRID = 256   # H * W: the bands grow with its square (C * sum(k) * (H W
 
 
 def resolve_backend(backend: str | None, device: torch.device | None = None, k: int = 3, rows: int | None = None,
-                    grid: int | None = None) -> str:
+                    grid: int | None = None, grad: bool | None = None) -> str:
     """The concrete backend for one kernel of window k on tensors with rows = T * B and grid = H * W. ``auto``:
-    on GPU ``gemm`` for training-sized batches (rows >= GEMM_MIN_ROWS, grid <= GEMM_MAX_GRID), else ``conv``; on
+    on GPU ``gemm`` for training-sized batches (rows >= GEMM_MIN_ROWS, grid <= GEMM_MAX_GRID); for smaller ones
+    ``triton`` where no gradient is needed (``grad``; None: torch.is_grad_enabled()) and k > 3, else ``conv``; on
     CPU shifts for 3 x 3 x 3 only (autograd through 125 or 343 shifted slices costs more than PyTorch's slow
     depthwise conv3d). Measured on the H200 (docs/BENCHMARKS.md, session 7): MCFM + ASWM forward + backward at
-    batch 32, conv 46 ms, triton 15 ms, gemm 7.5 ms; at batch 1 gemm is the slowest (its bands do not shrink)."""
+    batch 32, conv 46 ms, triton 15 ms, gemm 7.5 ms; at batch 1 gemm is the slowest (its bands do not shrink).
+    Batch-1 forward, 3/5/7 + ASWM, on the lent H100 (session 12): triton (one program per channel) 0.12-0.20 ms,
+    conv 0.20-0.42 ms, gemm 0.65-1.67 ms, at 192-576 channels."""
     backend = requested_backend(backend, ENV_VAR, BACKENDS, "state-fusion")
     if backend == "auto":
         if device is None or device.type != "cuda":
             return _chosen("shift" if k <= 3 else "conv", "cpu", k)
         if rows is not None and rows >= GEMM_MIN_ROWS and (grid is None or grid <= GEMM_MAX_GRID):
             return _chosen("gemm", "cuda", k)
-        # Not triton, though it is faster at batch 1 (H200, session 7): its bf16 GPU check failed (theta's gradient
-        # 6% off float64 on a two-scale ASWM case where conv's was 0.8%; a badly conditioned sum, one draw) and it is a
-        # graph break under torch.compile
+        # With gradients not triton, though it is faster at batch 1 (H200, session 7): its bf16 GPU check failed
+        # (theta's gradient 6% off float64 on a two-scale ASWM case where conv's was 0.8%; a badly conditioned sum,
+        # one draw). Its forward is as accurate as conv's, and without autograd it is one op torch.compile traces.
+        if k > 3 and not (torch.is_grad_enabled() if grad is None else grad) and _HAS_TRITON:
+            return _chosen("triton", "cuda", k)
         return _chosen("conv", "cuda", k)
     return backend
+
 
 
 @lru_cache(maxsize=None)
@@ -89,7 +97,7 @@ def state_fusion(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backen
 
 def _dispatch(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backend: str | None) -> list[torch.Tensor]:
     rows, grid = h.shape[0] * h.shape[2], h.shape[3] * h.shape[4]
-    chosen = resolve_backend(backend, h.device, kernels[0].shape[-1], rows, grid) if kernels else None
+    chosen = resolve_backend(backend, h.device, max(w.shape[-1] for w in kernels), rows, grid) if kernels else None
     if chosen == "triton":   # all scales at once
         from msf_scale.ops._fusion_triton import state_fusion_triton   # lazy: triton is optional
         return state_fusion_triton(h, kernels, theta)

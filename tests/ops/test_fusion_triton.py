@@ -166,6 +166,57 @@ def test_interpreter_aswm_matches_ref_float64(monkeypatch, scales, theta, fwd_sh
 
 
 @interp
+@pytest.mark.parametrize("fwd_frames", [None, 1])
+@pytest.mark.parametrize("scales", [(3, 5), (3, 5, 7)])
+def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fwd_frames):
+    """Without autograd (inference) the launches run as one custom op (msf_scale::triton_fusion_forward), one
+    channel per ASWM program at batch 1, and frame blocks of ``fwd_frames``: the same values as ref, with ASWM
+    and without, from raw kernels or StateFusion's packed inference cache."""
+    from msf_scale.ops import _fusion_triton as ft
+
+    monkeypatch.setitem(ft.CONFIG, "fwd_frames", fwd_frames)
+    calls = []
+    launch = ft._launch_forward
+    monkeypatch.setattr(ft, "_launch_forward", lambda *a: calls.append(a[0].shape) or launch(*a))
+    assert ft._channel_group(6, 1) == 1 and ft._channel_group(384, 32) == 16   # batch 1: one channel a program
+    c = 6
+    fusion = StateFusion(c, scales, theta=0.7, theta_learnable=True, use_aswm=True, backend="triton",
+                         init="uniform").double().eval()
+    torch.nn.init.normal_(fusion.aswm.weight, std=1.0)
+    torch.nn.init.normal_(fusion.aswm.bias, std=1.0)
+    h = torch.randn(1, c, 3, 5, 6, dtype=torch.float64)
+    want_f = state_fusion_ref(h, list(fusion.kernels), fusion.theta)
+    want = aswm_ref(want_f, fusion.aswm.weight, fusion.aswm.bias)
+    with torch.no_grad():
+        got_f = state_fusion(h, list(fusion.kernels), fusion.theta, backend="triton")
+        got = fusion(h)                                   # StateFusion's inference path: the fused op
+        fusion.inference_cache = True
+        cached = [fusion(h), fusion(h)]                   # packed once, then reused
+    assert len(calls) == 4, "every no-grad call runs the forward-only op"
+    assert "_inference_packed" in fusion.__dict__
+    for a, b in zip(got_f, want_f):
+        assert rel(a, b) < 1e-12
+    for out in (got, *cached):
+        assert not out.requires_grad and rel(out, want) < 1e-12, f"rel err {rel(out, want):.2e}"
+
+
+def test_the_forward_only_op_compiles_into_one_graph():
+    """torch.compile(fullgraph=True) traces StateFusion's no-grad triton path: the launches are one custom op (a
+    graph break would raise here), its fake impl gives the output's shape."""
+    pytest.importorskip("triton")
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    fusion = StateFusion(4, (3, 5), theta=0.7, theta_learnable=False, use_aswm=True, backend="triton").eval()
+    h = torch.randn(1, 4, 2, 3, 4)
+    counter = CompileCounterWithBackend("eager")
+    with torch.no_grad():
+        out = torch.compile(fusion, fullgraph=True, backend=counter)(h)
+    assert counter.frame_count == 1 and out.shape == h.shape
+    ops = [str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert any("msf_scale.triton_fusion_forward" in op for op in ops), ops
+
+
+@interp
 def test_interpreter_float32():
     """fp32 inputs: fp32 accumulators and IEEE fp32 dots; against float64 ref to 1e-5 relative (fp32's epsilon is
     1.2e-7; a sum of up to 343 taps, and weight gradients reduced over every position); theta's gradient, which
@@ -202,8 +253,8 @@ def test_interpreter_falls_back_beyond_three_scales():
 # ------------------------------------------------------------------------------------------------ dispatcher
 
 def test_auto_picks_by_device_batch_and_grid():
-    """`auto` on CUDA: gemm for training-sized batches (T * B >= 64) on grids up to 16 x 16, conv below (triton only
-    by name: its bf16 theta gradient misses the bound on the GPU); on CPU shifts for 3 x 3 x 3 and conv otherwise.
+    """`auto` on CUDA: gemm for training-sized batches (T * B >= 64) on grids up to 16 x 16, conv below (triton with
+    gradients only by name: its bf16 theta gradient misses the bound on the GPU); on CPU shifts for 3 x 3 x 3 and conv otherwise.
     A name wins over the rule."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert {"triton", "gemm"} <= set(fusion_mod.BACKENDS)
@@ -214,6 +265,12 @@ def test_auto_picks_by_device_batch_and_grid():
     assert fusion_mod.resolve_backend("auto", cuda, 7, rows=8, grid=196) == "conv"      # batch 1, 8 frames
     assert fusion_mod.resolve_backend("auto", cuda, 7, rows=256, grid=784) == "conv"    # 28 x 28: bands too large
     assert fusion_mod.resolve_backend("auto", cuda, 7) == "conv"
+    # without gradients (inference) small batches take triton's forward for 5^3 and 7^3 windows; 3^3 stays on conv
+    assert fusion_mod.resolve_backend("auto", cuda, 7, rows=8, grid=196, grad=False) == "triton"
+    assert fusion_mod.resolve_backend("auto", cuda, 3, rows=8, grid=196, grad=False) == "conv"
+    assert fusion_mod.resolve_backend("auto", cuda, 7, rows=256, grid=196, grad=False) == "gemm"
+    with torch.no_grad():
+        assert fusion_mod.resolve_backend("auto", cuda, 5, rows=8, grid=196) == "triton"
     assert fusion_mod.resolve_backend("triton", cuda, 7) == "triton"
     assert fusion_mod.resolve_backend("conv", cuda, 7, rows=256, grid=196) == "conv"
 
