@@ -371,3 +371,20 @@ def test_gpu_the_model_runs_on_triton(triton_on_gpu):
     h = torch.randn(2, 64, 8, 14, 14, device="cuda", requires_grad=True)
     fusion(h).square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fusion.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels", [192, 576])
+def test_gpu_batch_one_inference_path_matches_float64(triton_on_gpu, channels):
+    """What `auto` runs for msf_mamba_plus at batch 1 without gradients (the fused forward-only op, one channel per
+    program) against the float64 ref, bf16, at the tiny and base widths; and `auto` does pick it there."""
+    torch.manual_seed(0)
+    fusion = StateFusion(channels, (3, 5, 7), 0.7, False, use_aswm=True, init="uniform").cuda().bfloat16().eval()
+    torch.nn.init.normal_(fusion.aswm.weight, std=channels ** -0.5)
+    ref = StateFusion(channels, (3, 5, 7), 0.7, False, use_aswm=True, backend="ref").cuda().double().eval()
+    ref.load_state_dict({k: v.double() for k, v in fusion.state_dict().items()})
+    h = torch.randn(1, channels, 8, 14, 14, device="cuda").bfloat16()
+    assert fusion_mod.resolve_backend("auto", h.device, 7, rows=8, grid=196, grad=False) == "triton"
+    with torch.no_grad():
+        got, want = fusion(h), ref(h.double())
+    assert got.dtype == torch.bfloat16 and rel(got, want) < TOL[torch.bfloat16][0], f"rel err {rel(got, want):.2e}"
