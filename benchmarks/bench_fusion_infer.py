@@ -6,7 +6,7 @@ At batch 1 a forward is bound by launches and by how many SMs a kernel fills, no
 captured in one CUDA graph (as msf_scale.inference replays the model) and the graph's replay is timed. Rows:
     conv            StateFusion(backend="conv"): a depthwise conv3d per scale, the ASWM in torch (`auto` at batch 1)
     gemm            StateFusion(backend="gemm"): block-Toeplitz bands as batched GEMMs, the ASWM in that layout
-    triton+torch    the triton backend's scales in one launch, the ASWM in torch
+    triton+torch    the triton backend's scales in one launch (its forward-only op), the ASWM in torch
     triton[...]     ops/_fusion_triton.multiscale_fusion_triton (scales and ASWM fused) at launch settings from its
                     CONFIG: g = aswm_group (channels per program), f = fwd_frames (frames per program), s = fwd_shared
 Each row's error is the max |out - ref| / max |ref| against the float64 ``ref`` backend on the same rounded inputs.
@@ -85,12 +85,14 @@ def main(argv=None) -> dict:
     for shape_s in args.shapes.split(";"):
         b, c, t, hh, ww = map(int, shape_s.split(","))
         torch.manual_seed(0)
-        fusion = StateFusion(c, scales, theta=0.7, theta_learnable=False, use_aswm=True, init="uniform",
+        aswm = len(scales) > 1   # one scale: no ASWM (msf_mamba), the fused rows do not apply
+        fusion = StateFusion(c, scales, theta=0.7, theta_learnable=False, use_aswm=aswm, init="uniform",
                              device=dev, dtype=dtype).eval()
-        torch.nn.init.normal_(fusion.aswm.weight, std=c ** -0.5)
+        if aswm:
+            torch.nn.init.normal_(fusion.aswm.weight, std=c ** -0.5)
         h = torch.randn(b, c, t, hh, ww, device=dev, dtype=dtype)
         with torch.no_grad():
-            ref64 = StateFusion(c, scales, theta=0.7, theta_learnable=False, use_aswm=True, backend="ref",
+            ref64 = StateFusion(c, scales, theta=0.7, theta_learnable=False, use_aswm=aswm, backend="ref",
                                 device=dev, dtype=torch.float64).eval()
             ref64.load_state_dict({k: v.double() for k, v in fusion.state_dict().items()})
             want = ref64(h.double())
@@ -106,8 +108,8 @@ def main(argv=None) -> dict:
                     return fusion(h)
             return fn
 
-        cands = [("conv", None), ("gemm", None), ("triton+torch", None), ("triton", {})]
-        cands += [("triton", p) for p in points]
+        cands = [("conv", None), ("gemm", None), ("triton+torch", None)]
+        cands += [("triton", {})] + [("triton", p) for p in points] if aswm else []
         for name, point in cands:
             saved = dict(ft.CONFIG)
             ft.CONFIG.update(point or {})

@@ -2,8 +2,12 @@
 
 x [B, E, L], weight [E, 1, K], bias [E] -> [B, E, L], where output t sees inputs t-K+1..t (zero-padded on the
 left). ``anticausal_depthwise_conv1d`` is the same conv run backwards in time (output t sees t..t+K-1), without
-flipped copies: what the bidirectional mixer's backward direction needs when its scan also runs backwards. On GPU cuDNN's depthwise conv1d is the fast one; on CPU the same result as K shifted multiply-adds,
-because PyTorch's CPU depthwise conv1d backward was ~20% of a CPU training step.
+flipped copies: what the bidirectional mixer's backward direction needs when its scan also runs backwards. On GPU
+cuDNN's depthwise conv1d in eager mode; on CPU the same result as K shifted multiply-adds, because PyTorch's CPU
+depthwise conv1d backward was ~20% of a CPU training step. The shifted form also where torch.compile traces a forward
+without autograd (inference): Inductor fuses the K multiply-adds with what surrounds them (both directions' convs,
+their concatenation and the silu after) into one kernel, where cuDNN's conv is an opaque call per direction (~14 us
+each at batch 1 on the lent H100, docs/BENCHMARKS.md session 11).
 """
 from __future__ import annotations
 
@@ -11,9 +15,14 @@ import torch
 import torch.nn.functional as F
 
 
+def _cudnn(x: torch.Tensor) -> bool:
+    """cuDNN's conv on CUDA, except in a compiled forward without autograd (the shifted form fuses there)."""
+    return x.is_cuda and not (torch.compiler.is_compiling() and not torch.is_grad_enabled())
+
+
 def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     k = weight.shape[-1]
-    if x.is_cuda:
+    if _cudnn(x):
         return F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])[..., :x.shape[-1]]
     return _shifted(x, weight, bias)
 
@@ -21,14 +30,15 @@ def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 def anticausal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """causal_depthwise_conv1d(x.flip(-1), weight, bias).flip(-1): output t = bias + sum_k w[k] x[t + K - 1 - k]."""
     k = weight.shape[-1]
-    if x.is_cuda:
+    if _cudnn(x):
         return F.conv1d(x, weight.flip(-1), bias, padding=k - 1, groups=x.shape[1])[..., k - 1:]
     return _shifted(x, weight, bias, anticausal=True)
 
 
 def _shifted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, anticausal: bool = False
              ) -> torch.Tensor:
-    """The CPU backend: sum over taps i of w[:, i] * x shifted right by K-1-i (anticausal: left by K-1-i)."""
+    """The CPU (and compiled inference) form: sum over taps i of w[:, i] * x shifted right by K-1-i (anticausal:
+    left by K-1-i)."""
     k, length = weight.shape[-1], x.shape[-1]
     xp = F.pad(x, (0, k - 1) if anticausal else (k - 1, 0))
     w = weight[:, 0, :].to(x.dtype)
