@@ -169,7 +169,9 @@ class _ToeplitzFusion(torch.autograd.Function):
             cols = _im2col(to_gemm_layout(h, km // 2, reverse=True), km, t)
             gws = []
             for k, wf, g in zip(ks, wfs, gfs):
-                pos, mask = _tap_positions(hh, ww, k, dev)
+                # traced, the cache wrapper is skipped (dynamo would warn on it); the values are shape constants
+                tap_positions = _tap_positions.__wrapped__ if torch.compiler.is_compiling() else _tap_positions
+                pos, mask = tap_positions(hh, ww, k, dev)
                 off = (km - k) // 2 * sp
                 db = torch.bmm(cols[:, :, off:off + k * sp].transpose(1, 2), g)          # [C, k*SP, SP]
                 acc = torch.float64 if h.dtype == torch.float64 else torch.float32
