@@ -9,7 +9,8 @@
 #   call's worth: torch.compile'd training beside eager, small, every variant; "latency", not in the default either:
 #   batch-1 latency through msf_scale.inference, graph replay and torch.compile, tiny models, ~2.5 minutes; "latprofile",
 #   not in the default: the kernels of a batch-1 forward of videomamba / msf_mamba tiny by graph replay, torch.compile
-#   and torch.compile with Inductor's freezing, ~3 minutes), SIZES="tiny,small" (bench_model),
+#   and torch.compile with Inductor's freezing, ~3 minutes; "fusioninfer", not in the default: the fusion paths' batch-1
+#   forwards by graph replay, 3/5/7 + ASWM with the triton launch sweep and 3 alone, ~1.5 minutes), SIZES="tiny,small" (bench_model),
 #   SWEEP_S=90 (igemm tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
 #   PYTHON=python.
@@ -36,8 +37,8 @@ part() {   # part NAME TIMEOUT_S CMD...: run, tee the log, record rc and seconds
   echo "$name rc=$rc $(( $(date +%s) - t0 )) s" | tee -a "$OUT/status.txt"
 }
 
-part tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_fusion_igemm.py \
-  tests/ops/test_fusion_gemm.py tests/ops/test_gpu_ops.py tests/ops/test_scan_triton.py tests/measure/test_latency.py -s
+part tests 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_fusion_igemm.py \
+  tests/ops/test_fusion_gemm.py tests/ops/test_fusion_triton.py tests/ops/test_gpu_ops.py tests/ops/test_scan_triton.py tests/measure/test_latency.py -s
 part biscan 150 "$PY" benchmarks/bench_biscan.py --out "$OUT/biscan.json" --profile --configs $SCAN_TILES
 part fusion 150 "$PY" benchmarks/bench_fusion.py --out "$OUT/fusion" --backends conv,gemm,igemm \
   --sweep-budget-s "$SWEEP_S"
@@ -64,4 +65,6 @@ latprofile() {   # exit code: nonzero if any profile failed
 export -f latprofile
 export OUT PY
 part latprofile 240 bash -c latprofile
+part fusioninfer 150 bash -c "$PY benchmarks/bench_fusion_infer.py --out $OUT/fusioninfer && \
+  $PY benchmarks/bench_fusion_infer.py --out $OUT/fusioninfer3 --scales 3"
 cat "$OUT/status.txt"
