@@ -10,7 +10,9 @@
 #   batch-1 latency through msf_scale.inference, graph replay and torch.compile, tiny models, ~2.5 minutes; "latprofile",
 #   not in the default: the kernels of a batch-1 forward of videomamba / msf_mamba tiny by graph replay, torch.compile
 #   and torch.compile with Inductor's freezing, ~3 minutes; "fusioninfer", not in the default: the fusion paths' batch-1
-#   forwards by graph replay, 3/5/7 + ASWM with the triton launch sweep and 3 alone, ~1.5 minutes), SIZES="tiny,small" (bench_model),
+#   forwards by graph replay, 3/5/7 + ASWM with the triton launch sweep and 3 alone, ~1.5 minutes; "conv1d", not in the
+#   default: batch-1 compiled latency of msf_mamba and msf_mamba_plus tiny with MSF_SCALE_CONV1D_COMPILED=cudnn, then
+#   =shifted, ~4 minutes), SIZES="tiny,small" (bench_model),
 #   SWEEP_S=90 (igemm tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
 #   PYTHON=python.
@@ -67,4 +69,15 @@ export OUT PY
 part latprofile 240 bash -c latprofile
 part fusioninfer 150 bash -c "$PY benchmarks/bench_fusion_infer.py --out $OUT/fusioninfer && \
   $PY benchmarks/bench_fusion_infer.py --out $OUT/fusioninfer3 --scales 3"
+conv1d() {   # the conv1d's compiled-inference form, cuDNN (default) against shifted, same models, one after the other
+  local form rc=0
+  for form in cudnn shifted; do
+    MSF_SCALE_CONV1D_COMPILED=$form "$PY" benchmarks/bench_latency.py --out "$OUT/conv1d_$form" \
+      --models msf_mamba_tiny,msf_mamba_plus_tiny --modes compile --measures clip --compile-measures clip \
+      --budget-s 110 --compile-cap-s 60 || rc=1
+  done
+  return $rc
+}
+export -f conv1d
+part conv1d 240 bash -c conv1d
 cat "$OUT/status.txt"

@@ -3,21 +3,29 @@
 x [B, E, L], weight [E, 1, K], bias [E] -> [B, E, L], where output t sees inputs t-K+1..t (zero-padded on the
 left). ``anticausal_depthwise_conv1d`` is the same conv run backwards in time (output t sees t..t+K-1), without
 flipped copies: what the bidirectional mixer's backward direction needs when its scan also runs backwards. On GPU
-cuDNN's depthwise conv1d in eager mode; on CPU the same result as K shifted multiply-adds, because PyTorch's CPU
-depthwise conv1d backward was ~20% of a CPU training step. The shifted form also where torch.compile traces a forward
-without autograd (inference): Inductor fuses the K multiply-adds with what surrounds them (both directions' convs,
-their concatenation and the silu after) into one kernel, where cuDNN's conv is an opaque call per direction (~14 us
-each at batch 1 on the lent H100, docs/BENCHMARKS.md session 11).
+cuDNN's depthwise conv1d; on CPU the same result as K shifted multiply-adds, because PyTorch's CPU depthwise conv1d
+backward was ~20% of a CPU training step. ``MSF_SCALE_CONV1D_COMPILED=shifted`` (read at import) takes the shifted form
+on GPU too where torch.compile traces a forward without autograd (inference): Inductor can then fuse the K
+multiply-adds with what surrounds them (both directions' convs, their concatenation, the silu after) into one
+kernel, where cuDNN's conv is an opaque call per direction (~14 us each at batch 1 on the lent H100, session 11).
+Not the default: not yet timed on a GPU (issue 19 keeps only what a measurement shows pays).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
+COMPILED_INFERENCE_FORM = os.environ.get("MSF_SCALE_CONV1D_COMPILED", "cudnn")   # or "shifted"
+if COMPILED_INFERENCE_FORM not in ("cudnn", "shifted"):
+    raise ValueError(f"MSF_SCALE_CONV1D_COMPILED must be cudnn or shifted, got {COMPILED_INFERENCE_FORM!r}")
+
 
 def _cudnn(x: torch.Tensor) -> bool:
-    """cuDNN's conv on CUDA, except in a compiled forward without autograd (the shifted form fuses there)."""
-    return x.is_cuda and not (torch.compiler.is_compiling() and not torch.is_grad_enabled())
+    """cuDNN's conv on CUDA, except, when asked for, in a compiled forward without autograd (the shifted form)."""
+    return x.is_cuda and not (COMPILED_INFERENCE_FORM == "shifted" and torch.compiler.is_compiling()
+                              and not torch.is_grad_enabled())
 
 
 def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

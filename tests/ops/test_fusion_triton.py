@@ -213,6 +213,10 @@ def test_the_forward_only_op_compiles_into_one_graph():
     assert counter.frame_count == 1 and out.shape == h.shape
     ops = [str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"]
     assert any("msf_scale.triton_fusion_forward" in op for op in ops), ops
+    with torch.no_grad():   # through AOT's functionalization (the fake impl, as Inductor sees it): the same values
+        aot = torch.compile(fusion, fullgraph=True, backend="aot_eager")(h)
+        eager = fusion(h)
+    assert torch.allclose(aot, eager, rtol=1e-6, atol=1e-6) and torch.allclose(out, eager, rtol=1e-6, atol=1e-6)
 
 
 @interp

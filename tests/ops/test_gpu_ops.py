@@ -108,23 +108,26 @@ def test_causal_conv1d_branches_match_float64(device):
         assert rel(a.cpu(), r) < 1e-5
 
 
-def test_compiled_inference_conv1d_takes_the_fused_shifted_form():
-    """Under torch.compile without autograd the causal and anticausal convs are the shifted multiply-adds (Inductor
-    fuses them; no cuDNN call in the graph) and agree with the eager cuDNN branch; with autograd, cuDNN."""
+@pytest.mark.parametrize("form", ["cudnn", "shifted"])
+def test_compiled_inference_conv1d_form(monkeypatch, form):
+    """MSF_SCALE_CONV1D_COMPILED=shifted: under torch.compile without autograd the causal and anticausal convs are the
+    shifted multiply-adds (no cuDNN call in the graph); with autograd, or by default, cuDNN. Both agree with eager."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from msf_scale.ops.causal_conv1d import anticausal_depthwise_conv1d
+    from msf_scale.ops import causal_conv1d as cc
 
+    monkeypatch.setattr(cc, "COMPILED_INFERENCE_FORM", form)
     g = torch.Generator().manual_seed(3)
     x, w, b = (torch.randn(*s, generator=g).cuda() for s in ((2, 6, 11), (6, 1, 4), (6,)))
 
     def both(x):
-        return torch.cat([causal_depthwise_conv1d(x, w, b), anticausal_depthwise_conv1d(x, w, b)], dim=1)
+        return torch.cat([cc.causal_depthwise_conv1d(x, w, b), cc.anticausal_depthwise_conv1d(x, w, b)], dim=1)
 
     for grad in (False, True):
+        torch._dynamo.reset()
         counter = CompileCounterWithBackend("eager")
         with torch.set_grad_enabled(grad):
             got, want = torch.compile(both, fullgraph=True, backend=counter)(x), both(x)
         ops = [str(n.target) for gm in counter.graphs for n in gm.graph.nodes if n.op == "call_function"]
-        assert any("conv1d" in op for op in ops) == grad, ops
+        assert any("conv1d" in op for op in ops) == (grad or form == "cudnn"), ops
         assert rel(got, want) < 1e-6
