@@ -37,6 +37,7 @@ REF_TORCH = [REF, "-k", "every_scan and torch"]
 NUMERICS = "tests/train/test_numerics.py"
 SCAN_TRITON = "tests/ops/test_scan_triton.py"
 IGEMM = "tests/ops/test_fusion_igemm.py"
+FUSION_TRITON = "tests/ops/test_fusion_triton.py"
 
 
 @dataclass
@@ -278,6 +279,19 @@ MUTANTS = [
     M("inference_cache_always_on", "model", "msf_scale/models/blocks.py",
       'return (getattr(module, "inference_cache", False) and not torch.is_grad_enabled()',
       "return (not torch.is_grad_enabled()", ["tests/ops/test_grouped_scan.py", "-k", "packed"]),
+    # --- session 12: the triton fusion's forward-only op and `auto`'s inference choice ----------------------------
+    M("fusion_op_packs_raw_kernels_unfolded", "ops", "msf_scale/models/blocks.py",
+      "lambda: pack_kernels(self.kernels, self.theta, h.shape[1], h.dtype)",
+      "lambda: pack_kernels(self.kernels, 0.0, h.shape[1], h.dtype)", [FUSION_TRITON, "-k", "forward_only"]),
+    M("fusion_op_logit_groups_skip_channels", "ops", "msf_scale/ops/_fusion_triton.py",
+      "    n_cg = g.C // cg\n    f3 = _three(fs)\n    _fwd[", "    n_cg = max(1, g.C // cg // 2)\n    f3 = _three(fs)\n    _fwd[",
+      [FUSION_TRITON, "-k", "forward_only"]),
+    M("fusion_auto_triton_with_gradients", "ops", "msf_scale/ops/state_fusion.py",
+      "if k > 3 and not (torch.is_grad_enabled() if grad is None else grad) and _HAS_TRITON:",
+      "if k > 3 and _HAS_TRITON:", [FUSION_TRITON, "-k", "auto_picks"]),
+    M("conv1d_shifted_form_by_default", "ops", "msf_scale/ops/causal_conv1d.py",
+      'COMPILED_INFERENCE_FORM == "shifted" and torch.compiler.is_compiling()', "torch.compiler.is_compiling()",
+      ["tests/ops/test_causal_conv1d.py"]),
 ]
 
 
