@@ -262,7 +262,9 @@ class StateFusion(nn.Module):
             if chosen == "gemm":
                 return multiscale_fusion_gemm(h, kernels, theta, self.aswm.weight, self.aswm.bias)
             if chosen == "triton" and not torch.is_grad_enabled():   # scales + ASWM in one forward-only op
-                from msf_scale.ops._fusion_triton import multiscale_fusion_triton, pack_kernels
+                from msf_scale.ops._fusion_triton import multiscale_fusion_triton, pack_kernels, supported
+                if not supported(h, kernels):   # more than three windows, a grid too wide: state_fusion's fallback
+                    return self._weighted(state_fusion(h, kernels, theta, backend=self.backend), h.dtype)
                 packed = cached_for_inference(self, "_inference_packed", [*self.kernels, self.theta],
                                               lambda: pack_kernels(self.kernels, self.theta, h.shape[1], h.dtype),
                                               h.dtype)
@@ -270,7 +272,11 @@ class StateFusion(nn.Module):
         fused = state_fusion(h, kernels, theta, backend=self.backend)
         if self.aswm is None:
             return fused[0]
-        alpha = self.scale_weights(fused).to(h.dtype)
+        return self._weighted(fused, h.dtype)
+
+    def _weighted(self, fused: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """sum_m alpha_m * F_m, the ASWM's output."""
+        alpha = self.scale_weights(fused).to(dtype)
         return sum(alpha[:, m:m + 1] * f for m, f in enumerate(fused))
 
 

@@ -407,8 +407,8 @@ class _Geom:
             bt *= 2
         self.BT = bt
         self.n_tb = triton.cdiv(t, bt)
-        fbt = CONFIG.get("fwd_frames")   # the forward's frame block (the backward keeps BT)
-        self.fwd_BT = max(bt if not fbt else min(_pow2(int(fbt)), _pow2(t)), triton.cdiv(16, self.BH))
+        fbt = CONFIG.get("fwd_frames")   # the forward's frame block (the backward keeps BT); only ever fewer rows
+        self.fwd_BT = max(bt if not fbt else min(_pow2(int(fbt)), bt), triton.cdiv(16, self.BH))
         self.fwd_n_tb = triton.cdiv(t, self.fwd_BT)
         self.THW = t * hh * ww
         if h.dtype == torch.float64:
@@ -447,11 +447,10 @@ def _three(ts):
 
 
 def _channel_group(c: int, b: int) -> int:
-    """Channels per ASWM program (the logits' atomics are per group): CONFIG's "aswm_group", else 16 for training
-    batches and fewer where B * C / 16 programs would leave the GPU idle (one channel each at batch 1: 0.12 vs 0.65
-    ms at (1, 192, 8, 14, 14) on the lent H100, docs/BENCHMARKS.md session 12); the largest divisor of C not above
-    it."""
-    top = int(CONFIG.get("aswm_group") or min(16, max(1, b * c // 512)))
+    """Channels per ASWM program (the logits' atomics are per group): CONFIG's "aswm_group", else 16 (timed at
+    training batches) and 1 at batch 1, where C / 16 programs leave the GPU idle (0.12 vs 0.65 ms at (1, 192, 8,
+    14, 14) on the lent H100, docs/BENCHMARKS.md session 12); the largest divisor of C not above it."""
+    top = int(CONFIG.get("aswm_group") or (1 if b == 1 else 16))
     return next(g for g in range(min(top, c), 0, -1) if c % g == 0)
 
 

@@ -177,7 +177,9 @@ def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fw
     calls = []
     launch = ft._launch_forward
     monkeypatch.setattr(ft, "_launch_forward", lambda *a: calls.append(a[0].shape) or launch(*a))
+    monkeypatch.setattr(ft, "_with_grad", lambda *a: pytest.fail("the autograd path ran without autograd"))
     assert ft._channel_group(6, 1) == 1 and ft._channel_group(384, 32) == 16   # batch 1: one channel a program
+    assert ft._channel_group(192, 32) == 16 and ft._channel_group(6, 2) == 6
     c = 6
     fusion = StateFusion(c, scales, theta=0.7, theta_learnable=True, use_aswm=True, backend="triton",
                          init="uniform").double().eval()
@@ -190,22 +192,40 @@ def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fw
         got_f = state_fusion(h, list(fusion.kernels), fusion.theta, backend="triton")
         got = fusion(h)                                   # StateFusion's inference path: the fused op
         fusion.inference_cache = True
-        cached = [fusion(h), fusion(h)]                   # packed once, then reused
+        cached = [fusion(h)]
+        packed = fusion.__dict__["_inference_packed"][1]
+        cached.append(fusion(h))                          # packed once, then reused
     assert len(calls) == 4, "every no-grad call runs the forward-only op"
-    assert "_inference_packed" in fusion.__dict__
+    assert fusion.__dict__["_inference_packed"][1] is packed
     for a, b in zip(got_f, want_f):
         assert rel(a, b) < 1e-12
     for out in (got, *cached):
         assert not out.requires_grad and rel(out, want) < 1e-12, f"rel err {rel(out, want):.2e}"
 
 
+@interp
+def test_interpreter_no_grad_beyond_three_scales_falls_back():
+    """Four windows with ASWM on the triton backend without autograd: the fused op takes at most three, so
+    StateFusion falls back to state_fusion's conv path and the torch ASWM (it raised before), same values as ref."""
+    fusion = StateFusion(3, (3, 5, 7, 3), theta=0.7, theta_learnable=False, use_aswm=True, backend="triton",
+                         init="uniform").double().eval()
+    torch.nn.init.normal_(fusion.aswm.weight, std=1.0)
+    h = torch.randn(1, 3, 3, 4, 5, dtype=torch.float64)
+    with torch.no_grad():
+        got = fusion(h)
+    want = aswm_ref(state_fusion_ref(h, list(fusion.kernels), fusion.theta), fusion.aswm.weight, fusion.aswm.bias)
+    assert rel(got, want) < 1e-12
+
+
+@interp
 def test_the_forward_only_op_compiles_into_one_graph():
     """torch.compile(fullgraph=True) traces StateFusion's no-grad triton path: the launches are one custom op (a
     graph break would raise here), its fake impl gives the output's shape."""
-    pytest.importorskip("triton")
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    fusion = StateFusion(4, (3, 5), theta=0.7, theta_learnable=False, use_aswm=True, backend="triton").eval()
+    fusion = StateFusion(4, (3, 5), theta=0.7, theta_learnable=False, use_aswm=True, backend="triton",
+                         init="uniform").eval()
+    torch.nn.init.normal_(fusion.aswm.weight, std=1.0)
     h = torch.randn(1, 4, 2, 3, 4)
     counter = CompileCounterWithBackend("eager")
     with torch.no_grad():
@@ -216,6 +236,7 @@ def test_the_forward_only_op_compiles_into_one_graph():
     with torch.no_grad():   # through AOT's functionalization (the fake impl, as Inductor sees it): the same values
         aot = torch.compile(fusion, fullgraph=True, backend="aot_eager")(h)
         eager = fusion(h)
+    assert eager.abs().max() > 0.1   # not a zero-initialised fusion: the comparisons below would see nothing
     assert torch.allclose(aot, eager, rtol=1e-6, atol=1e-6) and torch.allclose(out, eager, rtol=1e-6, atol=1e-6)
 
 
@@ -378,7 +399,7 @@ def test_gpu_the_model_runs_on_triton(triton_on_gpu):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("channels", [192, 576])
-def test_gpu_batch_one_inference_path_matches_float64(triton_on_gpu, channels):
+def test_gpu_batch_one_inference_path_matches_float64(triton_on_gpu, monkeypatch, channels):
     """What `auto` runs for msf_mamba_plus at batch 1 without gradients (the fused forward-only op, one channel per
     program) against the float64 ref, bf16, at the tiny and base widths; and `auto` does pick it there."""
     torch.manual_seed(0)
@@ -388,6 +409,12 @@ def test_gpu_batch_one_inference_path_matches_float64(triton_on_gpu, channels):
     ref.load_state_dict({k: v.double() for k, v in fusion.state_dict().items()})
     h = torch.randn(1, channels, 8, 14, 14, device="cuda").bfloat16()
     assert fusion_mod.resolve_backend("auto", h.device, 7, rows=8, grid=196, grad=False) == "triton"
+    from msf_scale.ops import _fusion_triton as ft
+
+    calls = []
+    launch = ft._launch_forward
+    monkeypatch.setattr(ft, "_launch_forward", lambda *a: calls.append(1) or launch(*a))
     with torch.no_grad():
         got, want = fusion(h), ref(h.double())
+    assert calls == [1], "auto at batch 1 without autograd runs the fused op"
     assert got.dtype == torch.bfloat16 and rel(got, want) < TOL[torch.bfloat16][0], f"rel err {rel(got, want):.2e}"
