@@ -4,7 +4,8 @@
 
 At batch 1 a forward is bound by launches and by how many SMs a kernel fills, not by FLOPs, so every candidate is
 captured in one CUDA graph (as msf_scale.inference replays the model) and the graph's replay is timed. Rows:
-    conv            StateFusion(backend="conv"): a depthwise conv3d per scale, the ASWM in torch (`auto` at batch 1)
+    conv            StateFusion(backend="conv"): a depthwise conv3d per scale, the ASWM in torch (`auto` at batch 1
+                    before session 12; still for 3x3x3 alone)
     gemm            StateFusion(backend="gemm"): block-Toeplitz bands as batched GEMMs, the ASWM in that layout
     triton+torch    the triton backend's scales in one launch (its forward-only op), the ASWM in torch
     triton[...]     ops/_fusion_triton.multiscale_fusion_triton (scales and ASWM fused) at launch settings from its
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from msf_scale.models.blocks import StateFusion  # noqa: E402
+from msf_scale.ops import state_fusion  # noqa: E402
 
 DEFAULT_SHAPES = "1,192,8,14,14;1,384,8,14,14;1,576,8,14,14"
 
@@ -102,9 +104,13 @@ def main(argv=None) -> dict:
                 def fn():
                     return ft.multiscale_fusion_triton(h, list(fusion.kernels), fusion.theta, fusion.aswm.weight,
                                                        fusion.aswm.bias)
+            elif name == "triton+torch":   # the scales by the triton backend, the ASWM in torch (not the fused op)
+                def fn():
+                    fused = state_fusion(h, list(fusion.kernels), fusion.theta, backend="triton")
+                    return fusion._weighted(fused, h.dtype) if aswm else fused[0]
             else:
                 def fn():
-                    fusion.backend = "triton" if name == "triton+torch" else name
+                    fusion.backend = name
                     return fusion(h)
             return fn
 
