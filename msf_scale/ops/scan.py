@@ -18,6 +18,9 @@ signature (``_scan_torch``, ``_scan_numba``); this module only picks and casts:
               faster one when the batch has fewer rows than threads)
     ``triton`` ops/_scan_triton.py: tiles of associative scans in Triton (GPU, or CPU under TRITON_INTERPRET=1);
               explicit only (``auto`` does not pick it); reverses groups itself (below)
+    ``chunked`` ops/_scan_chunked.py: forward only, for inference: chunks of the sequence in parallel, each walked
+              one step at a time (Triton; GPU, or CPU under TRITON_INTERPRET=1); explicit only; reverses groups
+              itself, also under torch.compile (one custom op); refuses inputs that need a gradient
     ``ref``   :func:`selective_scan_ref`, a per-step loop in the input dtype: the float64 reference for tests
 
 ``reverse_groups=k`` (grouped B/C only) scans the last k groups backwards in time, from t = L - 1 to 0: the
@@ -37,7 +40,7 @@ from msf_scale.ops._choice import requested_backend
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "cuda", "numba", "torch", "triton", "ref")
+BACKENDS = ("auto", "cuda", "numba", "torch", "triton", "chunked", "ref")
 ENV_VAR = "MSF_SCALE_SCAN_BACKEND"
 
 
@@ -72,6 +75,22 @@ def _triton_scan():
         log.debug("triton unavailable: %s", err)
         return None
     return _scan_triton
+
+
+@lru_cache(maxsize=None)
+def _chunked_scan():
+    """The forward-only chunked Triton scan module, or None when triton is not installed."""
+    try:
+        from msf_scale.ops import _scan_chunked
+    except ImportError as err:
+        log.debug("triton unavailable: %s", err)
+        return None
+    return _scan_chunked
+
+
+def _chunked_module():
+    """_chunked_scan() without its cache wrapper while dynamo traces (it would warn on it; the import is a lookup)."""
+    return _chunked_scan.__wrapped__() if torch.compiler.is_compiling() else _chunked_scan()
 
 
 def available_backends() -> list[str]:
@@ -118,6 +137,10 @@ def resolve_backend(backend: str | None, device: torch.device, batch: int | None
         if _triton_scan() is None:
             raise RuntimeError("selective_scan backend 'triton' needs triton: pip install triton")
         _triton_scan().check_device(device)
+    if backend == "chunked":
+        if _chunked_module() is None:
+            raise RuntimeError("selective_scan backend 'chunked' needs triton: pip install triton")
+        _chunked_module().check_device(device)
     if backend == "numba":
         if device.type != "cpu":
             raise RuntimeError("selective_scan backend 'numba' runs on CPU tensors; use 'cuda' or 'torch' on GPU")
@@ -128,10 +151,17 @@ def resolve_backend(backend: str | None, device: torch.device, batch: int | None
 
 def reverses_in_kernel(backend: str | None, device: torch.device, batch: int) -> bool:
     """Whether ``reverse_groups`` costs no flipped copies for this backend (the triton scan reads reversed
-    groups backwards itself; under compile or tracing every backend takes the flipping path)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    groups backwards itself, and the chunked scan, a custom op, also under compile; under tracing, and under
+    compile for the others, every backend takes the flipping path)."""
+    if torch.jit.is_tracing():
         return False
-    return resolve_backend(backend, device, batch=batch) == "triton"
+    if torch.compiler.is_compiling():   # the name only: `auto` never means chunked, and its resolver is cached
+        return _chunked_requested(backend)
+    return resolve_backend(backend, device, batch=batch) in ("triton", "chunked")
+
+
+def _chunked_requested(backend: str | None) -> bool:
+    return requested_backend(backend, ENV_VAR, BACKENDS, "selective-scan") == "chunked"
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -147,11 +177,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if not 0 < reverse_groups <= groups:
             raise ValueError(f"reverse_groups={reverse_groups} needs grouped B/C with at least that many groups "
                              f"(B is {tuple(B.shape)})")
-        if (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or resolve_backend(backend, u.device, batch=u.shape[0]) != "triton"):
+        if not reverses_in_kernel(backend, u.device, u.shape[0]):
             return _by_flipping(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend,
                                 reverse_groups)
-    if torch.compiler.is_compiling() and backend != "ref":   # ref is plain PyTorch: dynamo traces it as is
+    if (torch.compiler.is_compiling() and backend != "ref"   # ref is plain PyTorch: dynamo traces it as is
+            and not _chunked_requested(backend)):             # chunked: already one custom op
         return _compiled_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend)
     if torch.jit.is_tracing():   # one named node for fvcore (msf_scale/flops.py counts it), whatever the backend
         y, last = torch.ops.msf_scale.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
@@ -188,6 +218,9 @@ def _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_s
         return _mamba_ssm_scan()(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "chunked":
+        y, last = _chunked_module().scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
+        return (y, last) if return_last_state else y
     if name == "triton":
         y, last = _triton_scan().scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
         return (y, last) if return_last_state else y

@@ -1,0 +1,216 @@
+"""A forward-only selective scan for inference in Triton: chunks of the sequence scanned in parallel, one step at a time.
+
+Why: at batch 1 (latency) the scan has batch x D x N = 12,288 independent recurrences at tiny's width (both
+directions, 768 channels), each 1569 steps long. mamba-ssm gives one thread block per channel and walks the
+sequence in block-wide scans, one state index after another; the training-shaped Triton scan (_scan_triton.py)
+builds associative-scan tiles. Here a program holds ``BD`` channels x all N states in registers and walks its
+chunk one step at a time: per step and state one exp2 and two FMAs, no shuffles but the sum over N for y, and the
+steps' loads (a channel's next timesteps share a cache line) come from L1. Three launches:
+
+    1. ``_chunk_ends``: each chunk from a zero state: its end state and the product of its decays, exp(A sum delta)
+    2. ``_chunk_prefix``: an associative scan over the chunks: the state each chunk ends with from the true start
+    3. ``_chunk_outputs``: each chunk again from the state the previous one ends with, writing y
+
+so the exps are computed twice (passes 1 and 3); the chunk count is chosen to fill the GPU (CONFIG). With enough
+programs without chunking (training-sized batches) passes 1 and 2 are skipped.
+
+Same contract as ops/scan.py's backends: u, delta, z [batch, D, L]; A [D, N]; B, C [batch, N, L] or grouped
+[batch, G, N, L]; the last ``reverse_groups`` groups run from t = L - 1 down to 0 (the bidirectional mixer's
+backward direction without flipped copies). No autograd: :func:`scan` refuses inputs that need a gradient.
+bf16/fp16/fp32 compute in float32, float64 (the interpreter tests) in float64. Runs on CUDA, or on CPU tensors under
+``TRITON_INTERPRET=1``. Under torch.compile it is one opaque custom op (``msf_scale::chunked_scan``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# BD channels a program (all N states each), warps a program; chunking: enough chunks that batch x D / BD x chunks
+# reaches ``programs`` (none when the batch alone does), each at least ``min_chunk`` steps long.
+CONFIG = {"BD": 16, "warps": 1, "programs": 2048, "min_chunk": 16}
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+
+
+@triton.jit
+def _setup(A, DPG, REV_FROM, DIM, N: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr):
+    """This program's batch row b, chunk c, channels d [BD], group g, whether g runs backwards, n, A * log2(e)."""
+    nb = DIM // BD
+    b = tl.program_id(0) // nb
+    d0 = (tl.program_id(0) % nb) * BD
+    d = d0 + tl.arange(0, BD)
+    g = d0 // DPG
+    n = tl.arange(0, N)
+    A2 = tl.load(A + d[:, None] * N + n[None, :]).to(CDT) * 1.4426950408889634
+    return b, tl.program_id(1), d, g, g >= REV_FROM, n, A2
+
+
+@triton.jit
+def _step(U, DT, BIAS, Bm, b, g, d, n, j, L, rev, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l,
+          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr):
+    """Scan position j's inputs: time t (j, or L - 1 - j reversed), u [BD], delta [BD] (0 past L: an identity step),
+    B_t [N]."""
+    valid = j < L
+    t = tl.where(rev, L - 1 - j, j)
+    u = tl.load(U + b * su_b + d * su_d + t * su_l, mask=valid, other=0.0).to(CDT)
+    raw = tl.load(DT + b * sdt_b + d * sdt_d + t * sdt_l, mask=valid, other=0.0).to(CDT)
+    if HAS_BIAS:
+        raw += tl.load(BIAS + d).to(CDT)
+    delta = _softplus(raw) if SOFTPLUS else raw
+    delta = tl.where(valid, delta, 0.0)
+    Bt = tl.load(Bm + b * sB_b + g * sB_g + n * sB_n + t * sB_l, mask=valid, other=0.0).to(CDT)
+    return t, valid, u, delta, Bt
+
+
+@triton.jit
+def _chunk_ends(U, DT, A, Bm, BIAS, HEND, PROD,
+                su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, L, DIM, DPG, REV_FROM,
+                NC: tl.constexpr, LC: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr, CDT: tl.constexpr):
+    """Pass 1: chunk c from a zero state: its end state (HEND) and decay product (PROD), [batch, D, NC, N]."""
+    b, c, d, g, rev, n, A2 = _setup(A, DPG, REV_FROM, DIM, N, BD, CDT)
+    h = tl.zeros([BD, N], dtype=CDT)
+    total = tl.zeros([BD], dtype=CDT)
+    for i in range(LC):
+        t, valid, u, delta, Bt = _step(U, DT, BIAS, Bm, b, g, d, n, c * LC + i, L, rev, su_b, su_d, su_l,
+                                       sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, HAS_BIAS, SOFTPLUS, CDT)
+        h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
+        total += delta
+    off = ((b * DIM + d[:, None]) * NC + c) * N + n[None, :]
+    tl.store(HEND + off, h)
+    tl.store(PROD + off, tl.exp2(total[:, None] * A2))
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    """(a1, b1) then (a2, b2): h -> a2 (a1 h + b1) + b2."""
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _chunk_prefix(HEND, PROD, DIM, NC: tl.constexpr, NCP: tl.constexpr, N: tl.constexpr, BD: tl.constexpr):
+    """Pass 2: HEND[.., c, :] becomes the state after chunk c from the sequence's (zero) start: an associative scan
+    over the chunks of (decay product, end state)."""
+    nb = DIM // BD
+    b = tl.program_id(0) // nb
+    d = (tl.program_id(0) % nb) * BD + tl.arange(0, BD)
+    c = tl.arange(0, NCP)
+    n = tl.arange(0, N)
+    off = ((b * DIM + d[:, None, None]) * NC + c[None, :, None]) * N + n[None, None, :]
+    ok = (c < NC)[None, :, None]
+    p = tl.load(PROD + off, mask=ok, other=1.0)
+    h = tl.load(HEND + off, mask=ok, other=0.0)
+    _, h = tl.associative_scan((p, h), 1, _combine)
+    tl.store(HEND + off, h, mask=ok)
+
+
+@triton.jit
+def _chunk_outputs(U, DT, Z, A, Bm, Cm, Dv, BIAS, HEND, Y,
+                   su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sB_b, sB_g, sB_n, sB_l,
+                   sC_b, sC_g, sC_n, sC_l, sy_b, sy_d, sy_l, L, DIM, DPG, REV_FROM,
+                   NC: tl.constexpr, LC: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, HAS_D: tl.constexpr,
+                   HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr):
+    """Pass 3: chunk c from the state chunk c - 1 ends with (pass 2; zero for c = 0): y_t = <C_t, h_t> + D u_t,
+    times silu(z_t) with z. With NC = 1 the whole sequence, and the last state goes to HEND."""
+    b, c, d, g, rev, n, A2 = _setup(A, DPG, REV_FROM, DIM, N, BD, CDT)
+    off = ((b * DIM + d[:, None]) * NC + c - 1) * N + n[None, :]
+    h = tl.load(HEND + off, mask=(c > 0) & (n[None, :] < N), other=0.0).to(CDT)
+    Dd = tl.load(Dv + d).to(CDT) if HAS_D else tl.zeros([BD], dtype=CDT)
+    for i in range(LC):
+        t, valid, u, delta, Bt = _step(U, DT, BIAS, Bm, b, g, d, n, c * LC + i, L, rev, su_b, su_d, su_l,
+                                       sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, HAS_BIAS, SOFTPLUS, CDT)
+        Ct = tl.load(Cm + b * sC_b + g * sC_g + n * sC_n + t * sC_l, mask=valid, other=0.0).to(CDT)
+        h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
+        y = tl.sum(h * Ct[None, :], axis=1) + Dd * u
+        if HAS_Z:
+            z = tl.load(Z + b * sz_b + d * sz_d + t * sz_l, mask=valid, other=0.0).to(CDT)
+            y = y * z / (1.0 + tl.exp(-z))
+        tl.store(Y + b * sy_b + d * sy_d + t * sy_l, y.to(Y.dtype.element_ty), mask=valid)
+    if NC == 1:
+        tl.store(HEND + (b * DIM + d[:, None]) * N + n[None, :], h)
+
+
+def check_device(device: torch.device) -> None:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the chunked scan backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+
+
+def chunking(batch: int, dim: int, length: int, bd: int) -> tuple[int, int]:
+    """(chunks, steps a chunk): enough chunks that batch x D / BD x chunks reaches CONFIG["programs"], none shorter
+    than min_chunk steps; one when the batch fills the GPU by itself. The last chunk may end past the sequence."""
+    rows = batch * (dim // bd)
+    want = max(1, min(-(-CONFIG["programs"] // rows), length // CONFIG["min_chunk"]))
+    steps = -(-length // want)
+    return -(-length // steps), steps
+
+
+def _block(dim: int, per_group: int) -> int:
+    """Channels per program: CONFIG's BD or the largest power of two dividing both D and a group's channels."""
+    bd = CONFIG["BD"]
+    while bd > 1 and (dim % bd or per_group % bd):
+        bd //= 2
+    return bd
+
+
+def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse_groups=0):
+    """(y [batch, D, L] in u's dtype, last state [batch, D, N] float32 (float64 inputs: float64)), forward only."""
+    check_device(u.device)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (u, delta, A, B, C, D, z, delta_bias)):
+        raise RuntimeError("the chunked scan is forward-only (inference); use backend 'cuda' or 'triton' to train")
+    return torch.ops.msf_scale.chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
+
+
+@torch.library.custom_op("msf_scale::chunked_scan", mutates_args=())
+def _chunked_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                  D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+                  delta_softplus: bool, reverse_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The three launches as one op: torch.compile traces a model through it without a graph break."""
+    batch, dim, length = u.shape
+    if B.dim() == 3:
+        B, C = B[:, None], C[:, None]
+    groups, n = B.shape[1], A.shape[1]
+    if n & (n - 1):
+        raise ValueError(f"the chunked scan needs a power-of-two d_state, got N={n}")
+    if not 0 <= reverse_groups <= groups:
+        raise ValueError(f"reverse_groups={reverse_groups} must be within 0..G={groups}")
+    dpg = dim // groups
+    bd = _block(dim, dpg)
+    nc, lc = chunking(batch, dim, length, bd)
+    cdt = tl.float64 if u.dtype == torch.float64 else tl.float32
+    state = torch.float64 if u.dtype == torch.float64 else torch.float32
+    A = A.contiguous()
+    bias = delta_bias.contiguous() if delta_bias is not None else A
+    hend = torch.empty((batch, dim, nc, n), device=u.device, dtype=state)
+    y = torch.empty_like(u, memory_format=torch.contiguous_format)
+    common = dict(N=n, BD=bd, CDT=cdt, num_warps=CONFIG["warps"])
+    strides = (*u.stride(), *delta.stride())
+    bstride = B.stride()
+    grid = (batch * (dim // bd), nc)
+    rev_from = groups - reverse_groups
+    if nc > 1:
+        prod = torch.empty_like(hend)
+        _chunk_ends[grid](u, delta, A, B, bias, hend, prod, *strides, *bstride, length, dim, dpg, rev_from,
+                          NC=nc, LC=lc, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, **common)
+        _chunk_prefix[(batch * (dim // bd),)](hend, prod, dim, NC=nc, NCP=triton.next_power_of_2(nc), N=n, BD=bd,
+                                              num_warps=4)
+    zz = z if z is not None else u
+    _chunk_outputs[grid](u, delta, zz, A, B, C, D if D is not None else A, bias, hend, y, *strides, *zz.stride(),
+                         *bstride, *C.stride(), *y.stride(), length, dim, dpg, rev_from,
+                         NC=nc, LC=lc, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                         SOFTPLUS=delta_softplus, **common)
+    return y, hend[:, :, -1].clone()
+
+
+@_chunked_scan.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups):
+    state = torch.float64 if u.dtype == torch.float64 else torch.float32
+    return (torch.empty_like(u, memory_format=torch.contiguous_format),
+            u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=state))

@@ -1,0 +1,130 @@
+"""The ``chunked`` selective-scan backend (ops/_scan_chunked.py): forward-only, for inference.
+
+On CPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET), in float64 against the
+per-group ``selective_scan_ref`` calls of test_scan_triton (reversed groups flipped in and back): the output and the
+last state to 1e-12 relative, with one chunk (the batch fills the programs) and with several (a last chunk that ends
+past the sequence, chunks of one step), groups reversed or not, a channel block narrower than CONFIG's where a group
+is narrow, every optional input present or absent, ungrouped B/C. It refuses inputs that need a gradient. The
+mixer's grouped path on it matches the two-call path, eager and under torch.compile (one custom op, no flips). On
+the GPU (marked gpu): bf16 and fp32 against float64 at the models' length, batch 1 (chunked) and batch 2.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_scan_triton import NAMES, OPTIONAL, inputs, reference
+from test_selective_scan import rel
+
+pytest.importorskip("triton")
+
+from msf_scale.models.blocks import BiMamba  # noqa: E402
+from msf_scale.ops import _scan_chunked, selective_scan  # noqa: E402
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """4 channels a program, chunks until 16 programs, chunks at least 2 steps long: interpreter-sized shapes
+    with several chunks."""
+    monkeypatch.setattr(_scan_chunked, "CONFIG", {"BD": 4, "warps": 1, "programs": 16, "min_chunk": 2})
+
+
+def check(x, reverse=0, optional=True, softplus=True, tol=1e-12):
+    args = [x[k].detach() if k not in OPTIONAL or optional else None for k in NAMES]
+    with torch.no_grad():
+        y, last = selective_scan(*args, delta_softplus=softplus, return_last_state=True, backend="chunked",
+                                 reverse_groups=reverse)
+    y_ref, last_ref = reference(x, reverse, optional, softplus)
+    assert y.dtype == x["u"].dtype and y.shape == y_ref.shape
+    assert rel(y, y_ref) < tol, f"y: {rel(y, y_ref):.2e}"
+    assert rel(last, last_ref) < tol, f"last state: {rel(last, last_ref):.2e}"
+
+
+@pytest.mark.parametrize("batch, length, chunking", [(4, 13, (1, 13)), (1, 13, (4, 4)), (1, 29, (4, 8)),
+                                                     (1, 7, (3, 3)), (2, 5, (2, 3))])
+@pytest.mark.parametrize("reverse", [0, 1, 2])
+def test_matches_ref_float64(small_blocks, batch, length, reverse, chunking):
+    """16 channels in blocks of 4: no chunks at batch 4 (16 programs); at batch 1 four chunks, the last ending past
+    the sequence (13 = 4 + 4 + 4 + 1 steps) or not (29: 8 + 8 + 8 + 5), or as many as min_chunk allows (7: 3 + 3 + 1);
+    at batch 2 two chunks (3 + 2)."""
+    x = inputs(batch, 2, 8, 4, length)
+    assert _scan_chunked.chunking(batch, 16, length, 4) == chunking
+    check(x, reverse)
+
+
+@pytest.mark.parametrize("optional", [False, True])
+@pytest.mark.parametrize("softplus", [False, True])
+def test_optional_inputs_and_softplus(small_blocks, optional, softplus):
+    check(inputs(1, 2, 4, 4, 11, seed=3), 1, optional, softplus)
+
+
+def test_ungrouped_and_narrow_groups(small_blocks):
+    check(inputs(1, 0, 4, 4, 9))                       # B, C [batch, N, L]
+    check(inputs(1, 3, 2, 4, 9, seed=5), 1)            # 2 channels a group: 2 a program, not CONFIG's 4
+
+
+def test_chunking_at_the_models_shapes():
+    """The shipped CONFIG at tiny's batch-1 width (768 channels, 48 blocks: 43 chunks fill 2048 programs), at batch
+    32 (1536 programs: 2 chunks) and 64 (none); chunks no shorter than min_chunk (16)."""
+    assert _scan_chunked.chunking(1, 768, 1569, 16) == (43, 37)
+    assert _scan_chunked.chunking(32, 768, 1569, 16) == (2, 785)
+    assert _scan_chunked.chunking(64, 768, 1569, 16) == (1, 1569)
+    assert _scan_chunked.chunking(1, 16, 40, 16) == (2, 20)
+
+
+def test_refuses_gradients(small_blocks):
+    x = inputs(1, 2, 4, 4, 5)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        selective_scan(*(x[k] for k in NAMES), backend="chunked")
+
+
+def test_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = inputs(1, 2, 4, 4, 5)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        with torch.no_grad():
+            selective_scan(*(x[k] for k in NAMES), backend="chunked")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bimamba_grouped_on_chunked_matches_two_calls(small_blocks, monkeypatch, compiled):
+    """The mixer's grouped path on the chunked scan (anticausal conv, group 1 reversed in the kernel, no flips),
+    eager and under torch.compile (the custom op in the graph, still reversing itself), against its two-call path on
+    ref scans (float64, no autograd)."""
+    launched = []
+    real = _scan_chunked.scan
+    monkeypatch.setattr(_scan_chunked, "scan", lambda *a: launched.append(a[-1]) or real(*a))
+    torch.manual_seed(0)
+    two_calls = BiMamba(8, d_state=4, expand=2, scan_backend="ref", dtype=torch.float64).eval()
+    two_calls.reset_parameters()
+    one_call = copy.deepcopy(two_calls)
+    one_call.grouped_scan, one_call.scan_backend = True, "chunked"
+    x = torch.randn(1, 13, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y_ref = two_calls(x)
+        if compiled:
+            torch._dynamo.reset()
+            y = torch.compile(one_call, fullgraph=True)(x)
+        else:
+            y = one_call(x)
+    assert rel(y, y_ref) < 1e-12
+    assert launched == [1], "the mixer did not hand the backward direction to the kernel reversed"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_gpu_matches_float64(dtype, tol, batch):
+    """The models' length (1569) on the shipped CONFIG, one group reversed; A, D, delta_bias fp32 (model
+    parameters); y and the last state within the bound relative to float64 on CPU."""
+    x = inputs(batch, 2, 64, 16, 1569, dtype, device="cuda")
+    for k in ("A", "D", "delta_bias"):
+        x[k] = x[k].detach().float()
+    with torch.no_grad():
+        y, last = selective_scan(*(x[k].detach() for k in NAMES), delta_softplus=True, backend="chunked",
+                                 reverse_groups=1, return_last_state=True)
+    ref_in = {k: v.detach().cpu().double() for k, v in x.items()}
+    y_ref, last_ref = reference(ref_in, 1, True, True)
+    assert rel(y.cpu(), y_ref) < tol, f"y: {rel(y.cpu(), y_ref):.2e}"
+    assert rel(last.cpu(), last_ref) < tol, f"last: {rel(last.cpu(), last_ref):.2e}"
