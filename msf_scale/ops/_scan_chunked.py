@@ -31,7 +31,7 @@ import triton.language as tl
 # BD channels a program (all N states each), warps a program; chunking: enough chunks that batch x D / BD x chunks
 # reaches ``programs`` (none when the batch alone does), each at least ``min_chunk`` steps long.
 CONFIG = {"BD": 16, "warps": 1, "programs": 2048, "min_chunk": 16}
-LOG2E = 1.4426950408889634
+PREFIX_ELEMENTS = 4096   # elements of a chunk-prefix program's [channels, chunks, N] tile (4 warps: no spills on sm_90)
 
 
 @triton.jit
@@ -199,8 +199,9 @@ def _chunked_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
         prod = torch.empty_like(hend)
         _chunk_ends[grid](u, delta, A, B, bias, hend, prod, *strides, *bstride, length, dim, dpg, rev_from,
                           NC=nc, LC=lc, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, **common)
-        _chunk_prefix[(batch * (dim // bd),)](hend, prod, dim, NC=nc, NCP=triton.next_power_of_2(nc), N=n, BD=bd,
-                                              num_warps=4)
+        ncp = triton.next_power_of_2(nc)
+        bdp = min(bd, max(1, PREFIX_ELEMENTS // (ncp * n)))   # a power of two dividing BD, so D
+        _chunk_prefix[(batch * (dim // bdp),)](hend, prod, dim, NC=nc, NCP=ncp, N=n, BD=bdp, num_warps=4)
     zz = z if z is not None else u
     _chunk_outputs[grid](u, delta, zz, A, B, C, D if D is not None else A, bias, hend, y, *strides, *zz.stride(),
                          *bstride, *C.stride(), *y.stride(), length, dim, dpg, rev_from,
