@@ -3,6 +3,7 @@
     python benchmarks/kernel_resources.py                          # sm_90, bf16, (32, 384, 8, 14, 14), scales 3,5,7
     python benchmarks/kernel_resources.py --arch 90 --dtype bfloat16 --shape 1,384,8,14,14 --tiles 64,64,4,2
     python benchmarks/kernel_resources.py --scan-tiles 16,32,8 --scan-tiles 4,32,4   # the triton scan instead
+    python benchmarks/kernel_resources.py --chunked-scan 16,1 --chunked-scan 8,1     # the chunked inference scan
 
 Why: tile sizes that spill registers to local memory are slow on every GPU run, and ptxas says so at compile time.
 Triton compiles a kernel for a named target on any machine (its ASTSource + GPUTarget), and the ptxas it ships
@@ -29,6 +30,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from msf_scale.ops import _fusion_igemm as fi  # noqa: E402
+from msf_scale.ops import _scan_chunked as sc  # noqa: E402
 from msf_scale.ops import _scan_triton as st  # noqa: E402
 
 DTYPES = {"bfloat16": ("*bf16", tl.float32, "tf32"), "float16": ("*fp16", tl.float32, "tf32"),
@@ -127,6 +129,32 @@ def scan_kernels(tiles: tuple[int, int, int], dtype: str, arch: int, length: int
     return out
 
 
+def chunked_scan_kernels(block: tuple[int, int], dtype: str, arch: int, length: int, d_state: int,
+                         batch: int = 1, channels: int = 2 * 384) -> dict:
+    """ops/_scan_chunked.py's three kernels as batch-1 inference of a tiny model runs them (D = 2 x 384 grouped
+    channels, D, delta_bias, softplus, no z), with BD channels and ``warps`` a program (the prefix kernel: its own
+    block and 4 warps, as the op launches it)."""
+    ptr, acc, _ = DTYPES[dtype]
+    bd, warps = block
+    fp32 = "*fp64" if dtype == "float64" else "*fp32"
+    nc, lc = sc.chunking(batch, channels, length, bd)
+    ncp = triton.next_power_of_2(nc)
+    steps = ["su_b", "su_d", "su_l", "sdt_b", "sdt_d", "sdt_l"]
+    bstr, cstr = [f"sB_{a}" for a in "bgnl"], [f"sC_{a}" for a in "bgnl"]
+    ints_ = ["L", "DIM", "DPG", "REV_FROM"]
+    common = dict(N=d_state, BD=bd, CDT=acc, NC=nc, LC=lc, HAS_BIAS=True, SOFTPLUS=True)
+    ends = {**{p: ptr for p in ("U", "DT", "Bm")}, **{p: fp32 for p in ("A", "BIAS", "HEND", "PROD")},
+            **{k: "i32" for k in steps + bstr + ints_}}
+    outs = {**{p: ptr for p in ("U", "DT", "Z", "Bm", "Cm", "Y")}, **{p: fp32 for p in ("A", "Dv", "BIAS", "HEND")},
+            **{k: "i32" for k in steps + ["sz_b", "sz_d", "sz_l"] + bstr + cstr + ["sy_b", "sy_d", "sy_l"] + ints_}}
+    prefix_block = min(bd, max(1, sc.PREFIX_ELEMENTS // (ncp * d_state)))
+    return {f"chunk ends NC={nc}": _compile(sc._chunk_ends, ends, common, arch, warps, 1),
+            f"chunk prefix NC={nc}": _compile(sc._chunk_prefix, {"HEND": fp32, "PROD": fp32, "DIM": "i32"},
+                                              dict(NC=nc, NCP=ncp, N=d_state, BD=prefix_block), arch, 4, 1),
+            f"chunk outputs NC={nc}": _compile(sc._chunk_outputs, outs, dict(common, HAS_D=True, HAS_Z=False),
+                                               arch, warps, 1)}
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
@@ -142,6 +170,8 @@ def main(argv=None) -> list[dict]:
     loop.add_argument("--nested", action="store_true", help="the row conv's nested loop (CONFIG['flat'] = False)")
     ap.add_argument("--scan-tiles", action="append", default=None,
                     help="BD,BT,warps of the triton selective scan (repeatable): report its kernels instead")
+    ap.add_argument("--chunked-scan", action="append", default=None,
+                    help="BD,warps of the chunked inference scan (repeatable): report its kernels instead")
     ap.add_argument("--scan-length", type=int, default=1569, help="the scan's L (tiles are a compile constant)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = ap.parse_args(argv)
@@ -170,13 +200,18 @@ def main(argv=None) -> list[dict]:
         for kernel, compiled in scan_kernels(ints(tiles, 3, "--scan-tiles"), args.dtype, args.arch,
                                              args.scan_length, 16).items():
             row(f"scan {kernel} L={args.scan_length}", tiles, compiled)
-    for tiles in ([] if args.scan_tiles else args.tiles
+    for block in args.chunked_scan or []:
+        for kernel, compiled in chunked_scan_kernels(ints(block, 2, "--chunked-scan"), args.dtype, args.arch,
+                                                     args.scan_length, 16).items():
+            row(f"chunked scan {kernel} L={args.scan_length}", block, compiled)
+    scans = args.scan_tiles or args.chunked_scan
+    for tiles in ([] if scans else args.tiles
                   or [",".join(str(cfg[k]) for k in ("BM", "BK", "warps", "stages"))]):
         bm, bk, warps, stages = ints(tiles, 4, "--tiles")
         c = dict(cfg, BM=bm, BK=bk, warps=warps, stages=stages)
         row(f"forward k={scales}", tiles, row_conv(shape, ks, args.dtype, args.arch, c, shared=True))
         row(f"input grad k={scales}", tiles, row_conv(shape, ks, args.dtype, args.arch, c, shared=False))
-    for tiles in ([] if args.scan_tiles else args.grad_tiles
+    for tiles in ([] if scans else args.grad_tiles
                   or [",".join(str(cfg[k]) for k in ("BR", "grad_warps", "grad_stages"))]):
         br, warps, stages = ints(tiles, 3, "--grad-tiles")
         c = dict(cfg, BR=br, grad_warps=warps, grad_stages=stages)
@@ -184,7 +219,7 @@ def main(argv=None) -> list[dict]:
     if args.json:
         print(json.dumps(rows))
         return rows
-    what = "triton scan kernels" if args.scan_tiles else f"igemm kernels, shape {shape},"
+    what = "scan kernels" if scans else f"igemm kernels, shape {shape},"
     print(f"{what} for sm_{args.arch}, {args.dtype} (ptxas -v; compile-time facts)\n")
     print("| kernel | tiles | registers | spill stores / loads (B) | shared (B) | MMA |\n|---|---|---:|---:|---:|---|")
     for r in rows:

@@ -112,6 +112,28 @@ def test_bimamba_grouped_on_chunked_matches_two_calls(small_blocks, monkeypatch,
     assert launched == [1], "the mixer did not hand the backward direction to the kernel reversed"
 
 
+def test_default_block_compiles_for_hopper_without_spills():
+    """The three kernels at batch 1, tiny's width and the models' length with CONFIG's block, compiled for sm_90 on
+    this machine (benchmarks/kernel_resources.py --chunked-scan: Triton's ahead-of-time compile and ptxas -v): they
+    compile (the interpreter checks no compiler limit) and spill no registers. Compile-time facts."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    block = f"{_scan_chunked.CONFIG['BD']},{_scan_chunked.CONFIG['warps']}"
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--json",
+                          "--chunked-scan", block], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    nc = _scan_chunked.chunking(1, 768, 1569, _scan_chunked.CONFIG["BD"])[0]
+    assert sorted(r["kernel"] for r in rows) == [f"chunked scan chunk {k} NC={nc} L=1569"
+                                                 for k in ("ends", "outputs", "prefix")], rows
+    for r in rows:
+        assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
