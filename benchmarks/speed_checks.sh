@@ -12,7 +12,9 @@
 #   and torch.compile with Inductor's freezing, ~3 minutes; "fusioninfer", not in the default: the fusion paths' batch-1
 #   forwards by graph replay, 3/5/7 + ASWM with the triton launch sweep and 3 alone, ~1.5 minutes; "conv1d", not in the
 #   default: batch-1 compiled latency of msf_mamba and msf_mamba_plus tiny with MSF_SCALE_CONV1D_COMPILED=cudnn, then
-#   =shifted, ~4 minutes), SIZES="tiny,small" (bench_model),
+#   =shifted, ~4 minutes; "scaninfer", not in the default: the chunked inference scan's GPU tests, its batch-1 kernel
+#   against mamba-ssm's at tiny / small / base widths with a sweep of its blocks, and batch-1 compiled latency of
+#   msf_mamba tiny and videomamba base with the scan on auto, then on chunked, ~6 minutes), SIZES="tiny,small" (bench_model),
 #   SWEEP_S=90 (igemm tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
 #   PYTHON=python.
@@ -80,4 +82,18 @@ conv1d() {   # the conv1d's compiled-inference form, cuDNN (default) against shi
 }
 export -f conv1d
 part conv1d 240 bash -c conv1d
+scaninfer() {   # the chunked scan: GPU tests, kernel timings, then the models' batch-1 latency on auto and on chunked
+  local rc=0
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_scan_chunked.py || rc=1
+  "$PY" benchmarks/bench_scan_infer.py --out "$OUT/scan_infer.json" --configs 16,1,4096 8,1,4096 16,2,2048 \
+    32,2,2048 16,1,1024 || rc=1
+  for scan in auto chunked; do
+    MSF_SCALE_SCAN_BACKEND=$scan "$PY" benchmarks/bench_latency.py --out "$OUT/latency_scan_$scan" \
+      --models msf_mamba_tiny,videomamba_base --modes compile --measures clip --compile-measures clip \
+      --budget-s 100 --compile-cap-s 60 || rc=1
+  done
+  return $rc
+}
+export -f scaninfer
+part scaninfer 420 bash -c scaninfer
 cat "$OUT/status.txt"
