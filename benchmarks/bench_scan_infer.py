@@ -10,7 +10,8 @@ the model needs for it are not timed); ``chunked`` is ops/_scan_chunked.py with 
 tensors (it reads the backward half in reverse itself). Each is captured in a CUDA graph and replayed (how the
 latency harness runs a model), the median of ``--reps`` replays of ``--inner`` calls each. Agreement: the chunked
 scan against mamba-ssm on the same inputs with reverse_groups=0 (the same recurrence), the largest difference of
-y relative to mamba-ssm's largest |y|. ``--configs``: CONFIG settings "BD,warps,programs" to time after the default.
+y relative to mamba-ssm's largest |y|. ``--configs``: CONFIG settings "BD,warps,programs[,steps]" to time after the
+default (steps: 0, a step's inputs loaded per step; > 0, blocks of that many steps loaded at once).
 Widths: tiny 384, small 768, base 1536 (d_inner = 2 x d_model).
 """
 from __future__ import annotations
@@ -67,12 +68,14 @@ def main(argv=None):
     ap.add_argument("--d-state", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--inner", type=int, default=10)
-    ap.add_argument("--configs", nargs="*", default=[], help="BD,warps,programs settings after the default")
+    ap.add_argument("--configs", nargs="*", default=[],
+                    help="BD,warps,programs[,steps] settings after the default")
     args = ap.parse_args(argv)
     dev, dtype = torch.device("cuda"), torch.bfloat16
     default = dict(_scan_chunked.CONFIG)
-    settings = [default] + [dict(default, BD=int(b), warps=int(w), programs=int(p))
-                            for b, w, p in (c.split(",") for c in args.configs)]
+    settings = [default] + [dict(default, BD=int(v[0]), warps=int(v[1]), programs=int(v[2]),
+                                 steps=int(v[3]) if len(v) > 3 else default["steps"])
+                            for v in (c.split(",") for c in args.configs)]
     rows = []
     with torch.no_grad():
         for width in (int(w) for w in args.widths.split(",")):
@@ -92,9 +95,10 @@ def main(argv=None):
                 bd = _scan_chunked._block(2 * width, width)
                 chunks = _scan_chunked.chunking(args.batch, 2 * width, args.length, bd)[0]
                 row["chunked"].append(dict(BD=cfg["BD"], warps=cfg["warps"], programs=cfg["programs"],
-                                           chunks=chunks, ms=ms, vs_cuda=cuda_ms / ms))
+                                           steps=cfg["steps"], chunks=chunks, ms=ms, vs_cuda=cuda_ms / ms))
                 print(f"width {width}: cuda {cuda_ms * 1e3:.1f} us, chunked BD {cfg['BD']} warps {cfg['warps']} "
-                      f"programs {cfg['programs']} ({chunks} chunks) {ms * 1e3:.1f} us = {cuda_ms / ms:.2f}x cuda; "
+                      f"programs {cfg['programs']} steps {cfg['steps']} ({chunks} chunks) {ms * 1e3:.1f} us = "
+                      f"{cuda_ms / ms:.2f}x cuda; "
                       f"agreement {rel:.2e}", flush=True)
             _scan_chunked.CONFIG.update(default)
             rows.append(row)

@@ -132,21 +132,21 @@ def scan_kernels(tiles: tuple[int, int, int], dtype: str, arch: int, length: int
 def chunked_scan_kernels(block: tuple[int, int], dtype: str, arch: int, length: int, d_state: int,
                          batch: int = 1, channels: int = 2 * 384) -> dict:
     """ops/_scan_chunked.py's three kernels as batch-1 inference of a tiny model runs them (D = 2 x 384 grouped
-    channels, D, delta_bias, softplus, no z), with BD channels and ``warps`` a program (the prefix kernel: its own
-    block and 4 warps, as the op launches it)."""
+    channels, D, delta_bias, softplus, no z), with BD channels and ``warps`` a program and optionally ``steps``
+    (CONFIG's by default; the prefix kernel: its own block and 4 warps, as the op launches it)."""
     ptr, acc, _ = DTYPES[dtype]
-    bd, warps = block
+    bd, warps, steps = (*block, sc.CONFIG["steps"])[:3]
     fp32 = "*fp64" if dtype == "float64" else "*fp32"
     nc, lc = sc.chunking(batch, channels, length, bd)
     ncp = triton.next_power_of_2(nc)
-    steps = ["su_b", "su_d", "su_l", "sdt_b", "sdt_d", "sdt_l"]
+    ud = ["su_b", "su_d", "su_l", "sdt_b", "sdt_d", "sdt_l"]
     bstr, cstr = [f"sB_{a}" for a in "bgnl"], [f"sC_{a}" for a in "bgnl"]
     ints_ = ["L", "DIM", "DPG", "REV_FROM"]
-    common = dict(N=d_state, BD=bd, CDT=acc, NC=nc, LC=lc, HAS_BIAS=True, SOFTPLUS=True)
+    common = dict(N=d_state, BD=bd, CDT=acc, NC=nc, LC=lc, HAS_BIAS=True, SOFTPLUS=True, TS=steps)
     ends = {**{p: ptr for p in ("U", "DT", "Bm")}, **{p: fp32 for p in ("A", "BIAS", "HEND", "PROD")},
-            **{k: "i32" for k in steps + bstr + ints_}}
+            **{k: "i32" for k in ud + bstr + ints_}}
     outs = {**{p: ptr for p in ("U", "DT", "Z", "Bm", "Cm", "Y")}, **{p: fp32 for p in ("A", "Dv", "BIAS", "HEND")},
-            **{k: "i32" for k in steps + ["sz_b", "sz_d", "sz_l"] + bstr + cstr + ["sy_b", "sy_d", "sy_l"] + ints_}}
+            **{k: "i32" for k in ud + ["sz_b", "sz_d", "sz_l"] + bstr + cstr + ["sy_b", "sy_d", "sy_l"] + ints_}}
     prefix_block = min(bd, max(1, sc.PREFIX_ELEMENTS // (ncp * d_state)))
     return {f"chunk ends NC={nc}": _compile(sc._chunk_ends, ends, common, arch, warps, 1),
             f"chunk prefix NC={nc}": _compile(sc._chunk_prefix, {"HEND": fp32, "PROD": fp32, "DIM": "i32"},
@@ -171,7 +171,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--scan-tiles", action="append", default=None,
                     help="BD,BT,warps of the triton selective scan (repeatable): report its kernels instead")
     ap.add_argument("--chunked-scan", action="append", default=None,
-                    help="BD,warps of the chunked inference scan (repeatable): report its kernels instead")
+                    help="BD,warps[,steps] of the chunked inference scan (repeatable): report its kernels instead")
     ap.add_argument("--scan-length", type=int, default=1569, help="the scan's L (tiles are a compile constant)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = ap.parse_args(argv)
@@ -201,7 +201,7 @@ def main(argv=None) -> list[dict]:
                                              args.scan_length, 16).items():
             row(f"scan {kernel} L={args.scan_length}", tiles, compiled)
     for block in args.chunked_scan or []:
-        for kernel, compiled in chunked_scan_kernels(ints(block, 2, "--chunked-scan"), args.dtype, args.arch,
+        for kernel, compiled in chunked_scan_kernels(ints(block, None, "--chunked-scan"), args.dtype, args.arch,
                                                      args.scan_length, 16).items():
             row(f"chunked scan {kernel} L={args.scan_length}", block, compiled)
     scans = args.scan_tiles or args.chunked_scan

@@ -29,8 +29,10 @@ import triton
 import triton.language as tl
 
 # BD channels a program (all N states each), warps a program; chunking: enough chunks that batch x D / BD x chunks
-# reaches ``programs`` (none when the batch alone does), each at least ``min_chunk`` steps long.
-CONFIG = {"BD": 16, "warps": 1, "programs": 2048, "min_chunk": 16}
+# reaches ``programs`` (none when the batch alone does), each at least ``min_chunk`` steps long. ``steps``: 0, each
+# step loads its own inputs (timed, session 14: latency-bound, ~0.9 us a step); a power of two, blocks of that many
+# steps load theirs at once and pick a step's column out of the tiles (untimed).
+CONFIG = {"BD": 16, "warps": 1, "programs": 2048, "min_chunk": 16, "steps": 0}
 PREFIX_ELEMENTS = 4096   # elements of a chunk-prefix program's [channels, chunks, N] tile (4 warps: no spills on sm_90)
 
 
@@ -70,19 +72,59 @@ def _step(U, DT, BIAS, Bm, b, g, d, n, j, L, rev, su_b, su_d, su_l, sdt_b, sdt_d
 
 
 @triton.jit
+def _tile(U, DT, BIAS, Bm, b, g, d, n, c, blk, L, rev, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l,
+          LC: tl.constexpr, TS: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr):
+    """Block ``blk`` of TS steps of chunk c, every load issued at once: times tt [TS], valid [TS] (inside the chunk
+    and the sequence), u and delta [BD, TS] (delta 0 where not valid: identity steps), B [N, TS]."""
+    s = tl.arange(0, TS)
+    jj = c * LC + blk * TS + s
+    valid = (jj < L) & (blk * TS + s < LC)
+    tt = tl.where(rev, L - 1 - jj, jj)
+    u = tl.load(U + b * su_b + d[:, None] * su_d + tt[None, :] * su_l, mask=valid[None, :], other=0.0).to(CDT)
+    raw = tl.load(DT + b * sdt_b + d[:, None] * sdt_d + tt[None, :] * sdt_l, mask=valid[None, :],
+                  other=0.0).to(CDT)
+    if HAS_BIAS:
+        raw += tl.load(BIAS + d).to(CDT)[:, None]
+    delta = _softplus(raw) if SOFTPLUS else raw
+    delta = tl.where(valid[None, :], delta, 0.0)
+    Bt = tl.load(Bm + b * sB_b + g * sB_g + n[:, None] * sB_n + tt[None, :] * sB_l, mask=valid[None, :],
+                 other=0.0).to(CDT)
+    return s, tt, valid, u, delta, Bt
+
+
+@triton.jit
+def _column(tile, s, i):
+    """Column i of a [rows, TS] tile, as [rows]."""
+    return tl.sum(tl.where(s[None, :] == i, tile, 0.0), axis=1)
+
+
+@triton.jit
 def _chunk_ends(U, DT, A, Bm, BIAS, HEND, PROD,
                 su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, L, DIM, DPG, REV_FROM,
                 NC: tl.constexpr, LC: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                SOFTPLUS: tl.constexpr, CDT: tl.constexpr):
-    """Pass 1: chunk c from a zero state: its end state (HEND) and decay product (PROD), [batch, D, NC, N]."""
+                SOFTPLUS: tl.constexpr, CDT: tl.constexpr, TS: tl.constexpr):
+    """Pass 1: chunk c from a zero state: its end state (HEND) and decay product (PROD), [batch, D, NC, N]. TS = 0:
+    each step loads its own inputs; TS > 0: blocks of TS steps load theirs at once (then a step's column is picked
+    out of the tiles)."""
     b, c, d, g, rev, n, A2 = _setup(A, DPG, REV_FROM, DIM, N, BD, CDT)
     h = tl.zeros([BD, N], dtype=CDT)
     total = tl.zeros([BD], dtype=CDT)
-    for i in range(LC):
-        t, valid, u, delta, Bt = _step(U, DT, BIAS, Bm, b, g, d, n, c * LC + i, L, rev, su_b, su_d, su_l,
-                                       sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, HAS_BIAS, SOFTPLUS, CDT)
-        h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
-        total += delta
+    if TS == 0:
+        for i in range(LC):
+            t, valid, u, delta, Bt = _step(U, DT, BIAS, Bm, b, g, d, n, c * LC + i, L, rev, su_b, su_d, su_l,
+                                           sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, HAS_BIAS, SOFTPLUS, CDT)
+            h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
+            total += delta
+    else:
+        for blk in range((LC + TS - 1) // TS):
+            s, tt, valid, u, delta, Bt = _tile(U, DT, BIAS, Bm, b, g, d, n, c, blk, L, rev, su_b, su_d, su_l,
+                                               sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, LC, TS, HAS_BIAS,
+                                               SOFTPLUS, CDT)
+            total += tl.sum(delta, axis=1)
+            du = delta * u
+            for i in tl.static_range(TS):
+                di = _column(delta, s, i)
+                h = tl.exp2(di[:, None] * A2) * h + _column(du, s, i)[:, None] * _column(Bt, s, i)[None, :]
     off = ((b * DIM + d[:, None]) * NC + c) * N + n[None, :]
     tl.store(HEND + off, h)
     tl.store(PROD + off, tl.exp2(total[:, None] * A2))
@@ -116,23 +158,47 @@ def _chunk_outputs(U, DT, Z, A, Bm, Cm, Dv, BIAS, HEND, Y,
                    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sB_b, sB_g, sB_n, sB_l,
                    sC_b, sC_g, sC_n, sC_l, sy_b, sy_d, sy_l, L, DIM, DPG, REV_FROM,
                    NC: tl.constexpr, LC: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, HAS_D: tl.constexpr,
-                   HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr):
+                   HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr,
+                   TS: tl.constexpr):
     """Pass 3: chunk c from the state chunk c - 1 ends with (pass 2; zero for c = 0): y_t = <C_t, h_t> + D u_t,
-    times silu(z_t) with z. With NC = 1 the whole sequence, and the last state goes to HEND."""
+    times silu(z_t) with z. With NC = 1 the whole sequence, and the last state goes to HEND. TS as in pass 1 (with
+    TS > 0 a block's y is gathered into a [BD, TS] tile and stored at once)."""
     b, c, d, g, rev, n, A2 = _setup(A, DPG, REV_FROM, DIM, N, BD, CDT)
     off = ((b * DIM + d[:, None]) * NC + c - 1) * N + n[None, :]
     h = tl.load(HEND + off, mask=(c > 0) & (n[None, :] < N), other=0.0).to(CDT)
     Dd = tl.load(Dv + d).to(CDT) if HAS_D else tl.zeros([BD], dtype=CDT)
-    for i in range(LC):
-        t, valid, u, delta, Bt = _step(U, DT, BIAS, Bm, b, g, d, n, c * LC + i, L, rev, su_b, su_d, su_l,
-                                       sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, HAS_BIAS, SOFTPLUS, CDT)
-        Ct = tl.load(Cm + b * sC_b + g * sC_g + n * sC_n + t * sC_l, mask=valid, other=0.0).to(CDT)
-        h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
-        y = tl.sum(h * Ct[None, :], axis=1) + Dd * u
-        if HAS_Z:
-            z = tl.load(Z + b * sz_b + d * sz_d + t * sz_l, mask=valid, other=0.0).to(CDT)
-            y = y * z / (1.0 + tl.exp(-z))
-        tl.store(Y + b * sy_b + d * sy_d + t * sy_l, y.to(Y.dtype.element_ty), mask=valid)
+    if TS == 0:
+        for i in range(LC):
+            t, valid, u, delta, Bt = _step(U, DT, BIAS, Bm, b, g, d, n, c * LC + i, L, rev, su_b, su_d, su_l,
+                                           sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, HAS_BIAS, SOFTPLUS, CDT)
+            Ct = tl.load(Cm + b * sC_b + g * sC_g + n * sC_n + t * sC_l, mask=valid, other=0.0).to(CDT)
+            h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
+            y = tl.sum(h * Ct[None, :], axis=1) + Dd * u
+            if HAS_Z:
+                z = tl.load(Z + b * sz_b + d * sz_d + t * sz_l, mask=valid, other=0.0).to(CDT)
+                y = y * z / (1.0 + tl.exp(-z))
+            tl.store(Y + b * sy_b + d * sy_d + t * sy_l, y.to(Y.dtype.element_ty), mask=valid)
+    else:
+        for blk in range((LC + TS - 1) // TS):
+            s, tt, valid, u, delta, Bt = _tile(U, DT, BIAS, Bm, b, g, d, n, c, blk, L, rev, su_b, su_d, su_l,
+                                               sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, LC, TS, HAS_BIAS,
+                                               SOFTPLUS, CDT)
+            Ct = tl.load(Cm + b * sC_b + g * sC_g + n[:, None] * sC_n + tt[None, :] * sC_l, mask=valid[None, :],
+                         other=0.0).to(CDT)
+            du = delta * u
+            y = tl.zeros([BD, TS], dtype=CDT)
+            for i in tl.static_range(TS):
+                di = _column(delta, s, i)
+                h = tl.exp2(di[:, None] * A2) * h + _column(du, s, i)[:, None] * _column(Bt, s, i)[None, :]
+                yi = tl.sum(h * _column(Ct, s, i)[None, :], axis=1)
+                y = tl.where(s[None, :] == i, yi[:, None], y)
+            y += Dd[:, None] * u
+            if HAS_Z:
+                z = tl.load(Z + b * sz_b + d[:, None] * sz_d + tt[None, :] * sz_l, mask=valid[None, :],
+                            other=0.0).to(CDT)
+                y = y * z / (1.0 + tl.exp(-z))
+            tl.store(Y + b * sy_b + d[:, None] * sy_d + tt[None, :] * sy_l, y.to(Y.dtype.element_ty),
+                     mask=valid[None, :])
     if NC == 1:
         tl.store(HEND + (b * DIM + d[:, None]) * N + n[None, :], h)
 
@@ -190,7 +256,7 @@ def _chunked_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
     bias = delta_bias.contiguous() if delta_bias is not None else A
     hend = torch.empty((batch, dim, nc, n), device=u.device, dtype=state)
     y = torch.empty_like(u, memory_format=torch.contiguous_format)
-    common = dict(N=n, BD=bd, CDT=cdt, num_warps=CONFIG["warps"])
+    common = dict(N=n, BD=bd, CDT=cdt, TS=int(CONFIG["steps"]), num_warps=CONFIG["warps"])
     strides = (*u.stride(), *delta.stride())
     bstride = B.stride()
     grid = (batch * (dim // bd), nc)

@@ -23,11 +23,13 @@ from msf_scale.models.blocks import BiMamba  # noqa: E402
 from msf_scale.ops import _scan_chunked, selective_scan  # noqa: E402
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
+@pytest.fixture(params=[0, 2], ids=["per-step", "blocks"])
+def small_blocks(monkeypatch, request):
     """4 channels a program, chunks until 16 programs, chunks at least 2 steps long: interpreter-sized shapes
-    with several chunks."""
-    monkeypatch.setattr(_scan_chunked, "CONFIG", {"BD": 4, "warps": 1, "programs": 16, "min_chunk": 2})
+    with several chunks; the inputs loaded a step at a time or in blocks of 2 steps (chunks of 3 or 13 steps end in
+    a partial block)."""
+    monkeypatch.setattr(_scan_chunked, "CONFIG", {"BD": 4, "warps": 1, "programs": 16, "min_chunk": 2,
+                                                  "steps": request.param})
 
 
 def check(x, reverse=0, optional=True, softplus=True, tol=1e-12):
@@ -135,11 +137,13 @@ def test_default_block_compiles_for_hopper_without_spills():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("steps", [0, 16])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_gpu_matches_float64(dtype, tol, batch):
-    """The models' length (1569) on the shipped CONFIG, one group reversed; A, D, delta_bias fp32 (model
-    parameters); y and the last state within the bound relative to float64 on CPU."""
+def test_gpu_matches_float64(monkeypatch, dtype, tol, batch, steps):
+    """The models' length (1569) on the shipped CONFIG (and with blocks of 16 steps), one group reversed; A, D,
+    delta_bias fp32 (model parameters); y and the last state within the bound relative to float64 on CPU."""
+    monkeypatch.setitem(_scan_chunked.CONFIG, "steps", steps)
     x = inputs(batch, 2, 64, 16, 1569, dtype, device="cuda")
     for k in ("A", "D", "delta_bias"):
         x[k] = x[k].detach().float()
