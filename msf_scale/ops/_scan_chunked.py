@@ -247,12 +247,15 @@ def _chunked_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
         raise ValueError(f"the chunked scan needs a power-of-two d_state, got N={n}")
     if not 0 <= reverse_groups <= groups:
         raise ValueError(f"reverse_groups={reverse_groups} must be within 0..G={groups}")
+    state = torch.float64 if u.dtype == torch.float64 else torch.float32
+    if length == 0:   # nothing to scan: an empty y, the zero start state
+        return torch.empty_like(u, memory_format=torch.contiguous_format), u.new_zeros(batch, dim, n, dtype=state)
     dpg = dim // groups
     bd = _block(dim, dpg)
     nc, lc = chunking(batch, dim, length, bd)
     cdt = tl.float64 if u.dtype == torch.float64 else tl.float32
-    state = torch.float64 if u.dtype == torch.float64 else torch.float32
     A = A.contiguous()
+    D = D.contiguous() if D is not None else None
     bias = delta_bias.contiguous() if delta_bias is not None else A
     hend = torch.empty((batch, dim, nc, n), device=u.device, dtype=state)
     y = torch.empty_like(u, memory_format=torch.contiguous_format)

@@ -75,6 +75,17 @@ def test_chunking_at_the_models_shapes():
     assert _scan_chunked.chunking(1, 16, 40, 16) == (2, 20)
 
 
+def test_empty_sequence_and_strided_skip(small_blocks):
+    """L = 0: an empty y and the zero state; a D that is a strided view is read as its values."""
+    x = inputs(1, 2, 4, 4, 0)
+    with torch.no_grad():
+        y, last = selective_scan(*(x[k].detach() for k in NAMES), backend="chunked", return_last_state=True)
+    assert y.shape == (1, 8, 0) and last.shape == (1, 8, 4) and not last.any()
+    x = inputs(1, 2, 4, 4, 9, seed=6)
+    x["D"] = torch.stack([x["D"].detach(), torch.zeros_like(x["D"])], dim=1)[:, 0]   # stride 2
+    check(x, 1)
+
+
 def test_refuses_gradients(small_blocks):
     x = inputs(1, 2, 4, 4, 5)
     with pytest.raises(RuntimeError, match="forward-only"):
