@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from msf_scale.models._registry import ModelOptionError
 from msf_scale.ops import causal_depthwise_conv1d, selective_scan, state_fusion
 from msf_scale.ops.causal_conv1d import anticausal_depthwise_conv1d
+from msf_scale.ops.scan import inference_backend
 from msf_scale.ops.scan import reverses_in_kernel as scan_reverses_in_kernel
 from msf_scale.ops._cfd import cfd_kernel
 from msf_scale.ops._fusion_gemm import multiscale_fusion_gemm
@@ -111,9 +112,11 @@ class BiMamba(nn.Module):
         the forward direction, [E, 2E) the backward one, and the scan reads B/C group 0 or 1 accordingly."""
         batch, width, length = xs.shape
         conv_weight, conv_bias, x_proj, dt_proj, A, D, delta_bias = self._packed_params()
-        # a scan that runs group 1 backwards itself (triton) needs no flipped copies: the backward direction's
-        # conv runs backwards in time instead (anticausal) and its output comes back in forward time order
-        reverse = int(scan_reverses_in_kernel(self.scan_backend, xs.device, batch))
+        # a scan that runs group 1 backwards itself (triton; chunked, auto's choice for small-batch inference) needs
+        # no flipped copies: the backward direction's conv runs backwards in time instead (anticausal) and its
+        # output comes back in forward time order
+        backend = inference_backend(self.scan_backend, xs.device, (batch, 2 * width, length), groups=2)
+        reverse = int(scan_reverses_in_kernel(backend, xs.device, batch))
         if reverse:
             x = torch.cat([causal_depthwise_conv1d(xs, conv_weight[:width], conv_bias[:width]),
                            anticausal_depthwise_conv1d(xs, conv_weight[width:], conv_bias[width:])], dim=1)
@@ -130,7 +133,7 @@ class BiMamba(nn.Module):
             [self.dt_rank, self.d_state, self.d_state], dim=2)                      # [B, 2, R | N | N, L]
         delta = torch.bmm(per_clip(dt_proj), dt.reshape(batch * 2, self.dt_rank, length))
         delta = delta.view(batch, 2 * width, length)                                # [B, 2E, L]
-        y = selective_scan(x, delta, A, B, C, D, None, delta_bias, delta_softplus=True, backend=self.scan_backend,
+        y = selective_scan(x, delta, A, B, C, D, None, delta_bias, delta_softplus=True, backend=backend,
                            reverse_groups=reverse)
         y_fwd, y_bwd = y.chunk(2, dim=1)
         return y_fwd + (y_bwd if reverse else y_bwd.flip(-1))
@@ -249,11 +252,14 @@ class StateFusion(nn.Module):
         """Every scale's kernel with the CFD term folded in (ops._cfd.cfd_kernel), in ``dtype``: what each fast backend
         computes per call (the fold's ~8 small ops per scale). Cached for inference (cached_for_inference), which is
         when forward uses it."""
-        return cached_for_inference(self, "_inference_folded", [*self.kernels, self.theta],
-                                    lambda: [cfd_kernel(w, self.theta).to(dtype) for w in self.kernels], dtype)
+        kernels = list(self.kernels)
+        return cached_for_inference(self, "_inference_folded", kernels + [self.theta],
+                                    lambda: [cfd_kernel(w, self.theta).to(dtype) for w in kernels], dtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:      # h [B, C, T, H, W] -> fused [B, C, T, H, W]
-        kernels, theta = list(self.kernels), self.theta
+        # list(): dynamo in torch 2.11 cannot unpack a ParameterList with * (NotImplementedError under compile)
+        own = list(self.kernels)
+        kernels, theta = own, self.theta
         if inference_cache_applies(self):
             kernels, theta = self.folded_kernels(h.dtype), 0.0   # theta 0.0: the backends fold nothing more
         if self.aswm is not None and not torch.jit.is_tracing():   # tracing (FLOP counting) takes the named op
@@ -265,9 +271,8 @@ class StateFusion(nn.Module):
                 from msf_scale.ops._fusion_triton import multiscale_fusion_triton, pack_kernels, supported
                 if not supported(h, kernels):   # more than three windows, a grid too wide: state_fusion's fallback
                     return self._weighted(state_fusion(h, kernels, theta, backend=self.backend), h.dtype)
-                packed = cached_for_inference(self, "_inference_packed", [*self.kernels, self.theta],
-                                              lambda: pack_kernels(self.kernels, self.theta, h.shape[1], h.dtype),
-                                              h.dtype)
+                packed = cached_for_inference(self, "_inference_packed", own + [self.theta],
+                                              lambda: pack_kernels(own, self.theta, h.shape[1], h.dtype), h.dtype)
                 return multiscale_fusion_triton(h, kernels, theta, self.aswm.weight, self.aswm.bias, packed=packed)
         fused = state_fusion(h, kernels, theta, backend=self.backend)
         if self.aswm is None:

@@ -30,9 +30,11 @@ import triton.language as tl
 
 # BD channels a program (all N states each), warps a program; chunking: enough chunks that batch x D / BD x chunks
 # reaches ``programs`` (none when the batch alone does), each at least ``min_chunk`` steps long. ``steps``: 0, each
-# step loads its own inputs (timed, session 14: latency-bound, ~0.9 us a step); a power of two, blocks of that many
-# steps load theirs at once and pick a step's column out of the tiles (untimed).
-CONFIG = {"BD": 16, "warps": 1, "programs": 2048, "min_chunk": 16, "steps": 0}
+# step loads its own inputs (session 14: latency-bound, 0.7-0.9 us a step); a power of two, blocks of that many steps
+# load theirs at once and pick a step's column out of the tiles (8: 1.28 / 1.58 / 1.72x mamba-ssm's kernel at tiny /
+# small / base's batch-1 widths, against 0.79 / 0.87 / 0.87x per step; 4: the same; 16: slower; issuing the next
+# block's loads before this block's steps: slower, 1.18 / 1.46 / 1.60x; H100, session 15, docs/BENCHMARKS.md).
+CONFIG = {"BD": 16, "warps": 1, "programs": 2048, "min_chunk": 16, "steps": 8}
 PREFIX_ELEMENTS = 4096   # elements of a chunk-prefix program's [channels, chunks, N] tile (4 warps: no spills on sm_90)
 
 
@@ -99,6 +101,29 @@ def _column(tile, s, i):
 
 
 @triton.jit
+def _ends_block(h, total, s, delta, u, Bt, A2, TS: tl.constexpr):
+    """Pass 1's TS steps of one loaded block: the state and the sum of delta carried on."""
+    du = delta * u
+    for i in tl.static_range(TS):
+        di = _column(delta, s, i)
+        h = tl.exp2(di[:, None] * A2) * h + _column(du, s, i)[:, None] * _column(Bt, s, i)[None, :]
+    return h, total + tl.sum(delta, axis=1)
+
+
+@triton.jit
+def _outputs_block(h, s, delta, u, Bt, Ct, A2, BD: tl.constexpr, TS: tl.constexpr, CDT: tl.constexpr):
+    """Pass 3's TS steps of one loaded block: the state carried on, <C_t, h_t> gathered into a [BD, TS] tile."""
+    du = delta * u
+    y = tl.zeros([BD, TS], dtype=CDT)
+    for i in tl.static_range(TS):
+        di = _column(delta, s, i)
+        h = tl.exp2(di[:, None] * A2) * h + _column(du, s, i)[:, None] * _column(Bt, s, i)[None, :]
+        yi = tl.sum(h * _column(Ct, s, i)[None, :], axis=1)
+        y = tl.where(s[None, :] == i, yi[:, None], y)
+    return h, y
+
+
+@triton.jit
 def _chunk_ends(U, DT, A, Bm, BIAS, HEND, PROD,
                 su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, L, DIM, DPG, REV_FROM,
                 NC: tl.constexpr, LC: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -120,11 +145,7 @@ def _chunk_ends(U, DT, A, Bm, BIAS, HEND, PROD,
             s, tt, valid, u, delta, Bt = _tile(U, DT, BIAS, Bm, b, g, d, n, c, blk, L, rev, su_b, su_d, su_l,
                                                sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, LC, TS, HAS_BIAS,
                                                SOFTPLUS, CDT)
-            total += tl.sum(delta, axis=1)
-            du = delta * u
-            for i in tl.static_range(TS):
-                di = _column(delta, s, i)
-                h = tl.exp2(di[:, None] * A2) * h + _column(du, s, i)[:, None] * _column(Bt, s, i)[None, :]
+            h, total = _ends_block(h, total, s, delta, u, Bt, A2, TS)
     off = ((b * DIM + d[:, None]) * NC + c) * N + n[None, :]
     tl.store(HEND + off, h)
     tl.store(PROD + off, tl.exp2(total[:, None] * A2))
@@ -151,6 +172,17 @@ def _chunk_prefix(HEND, PROD, DIM, NC: tl.constexpr, NCP: tl.constexpr, N: tl.co
     h = tl.load(HEND + off, mask=ok, other=0.0)
     _, h = tl.associative_scan((p, h), 1, _combine)
     tl.store(HEND + off, h, mask=ok)
+
+
+@triton.jit
+def _store_block(Y, Z, y, Dd, u, b, d, tt, valid, sz_b, sz_d, sz_l, sy_b, sy_d, sy_l, HAS_Z: tl.constexpr,
+                 CDT: tl.constexpr):
+    """A block's y [BD, TS]: + D u, times silu(z) with z, stored at once."""
+    y += Dd[:, None] * u
+    if HAS_Z:
+        z = tl.load(Z + b * sz_b + d[:, None] * sz_d + tt[None, :] * sz_l, mask=valid[None, :], other=0.0).to(CDT)
+        y = y * z / (1.0 + tl.exp(-z))
+    tl.store(Y + b * sy_b + d[:, None] * sy_d + tt[None, :] * sy_l, y.to(Y.dtype.element_ty), mask=valid[None, :])
 
 
 @triton.jit
@@ -185,20 +217,8 @@ def _chunk_outputs(U, DT, Z, A, Bm, Cm, Dv, BIAS, HEND, Y,
                                                SOFTPLUS, CDT)
             Ct = tl.load(Cm + b * sC_b + g * sC_g + n[:, None] * sC_n + tt[None, :] * sC_l, mask=valid[None, :],
                          other=0.0).to(CDT)
-            du = delta * u
-            y = tl.zeros([BD, TS], dtype=CDT)
-            for i in tl.static_range(TS):
-                di = _column(delta, s, i)
-                h = tl.exp2(di[:, None] * A2) * h + _column(du, s, i)[:, None] * _column(Bt, s, i)[None, :]
-                yi = tl.sum(h * _column(Ct, s, i)[None, :], axis=1)
-                y = tl.where(s[None, :] == i, yi[:, None], y)
-            y += Dd[:, None] * u
-            if HAS_Z:
-                z = tl.load(Z + b * sz_b + d[:, None] * sz_d + tt[None, :] * sz_l, mask=valid[None, :],
-                            other=0.0).to(CDT)
-                y = y * z / (1.0 + tl.exp(-z))
-            tl.store(Y + b * sy_b + d[:, None] * sy_d + tt[None, :] * sy_l, y.to(Y.dtype.element_ty),
-                     mask=valid[None, :])
+            h, y = _outputs_block(h, s, delta, u, Bt, Ct, A2, BD, TS, CDT)
+            _store_block(Y, Z, y, Dd, u, b, d, tt, valid, sz_b, sz_d, sz_l, sy_b, sy_d, sy_l, HAS_Z, CDT)
     if NC == 1:
         tl.store(HEND + (b * DIM + d[:, None]) * N + n[None, :], h)
 

@@ -19,8 +19,9 @@ signature (``_scan_torch``, ``_scan_numba``); this module only picks and casts:
     ``triton`` ops/_scan_triton.py: tiles of associative scans in Triton (GPU, or CPU under TRITON_INTERPRET=1);
               explicit only (``auto`` does not pick it); reverses groups itself (below)
     ``chunked`` ops/_scan_chunked.py: forward only, for inference: chunks of the sequence in parallel, each walked
-              one step at a time (Triton; GPU, or CPU under TRITON_INTERPRET=1); explicit only; reverses groups
-              itself, also under torch.compile (one custom op); refuses inputs that need a gradient
+              in blocks of steps (Triton; GPU, or CPU under TRITON_INTERPRET=1); ``auto``'s choice on CUDA under
+              torch.no_grad where its chunks fill the GPU (small batches: :func:`inference_backend`); reverses
+              groups itself, also under torch.compile (one custom op); refuses inputs that need a gradient
     ``ref``   :func:`selective_scan_ref`, a per-step loop in the input dtype: the float64 reference for tests
 
 ``reverse_groups=k`` (grouped B/C only) scans the last k groups backwards in time, from t = L - 1 to 0: the
@@ -149,13 +150,46 @@ def resolve_backend(backend: str | None, device: torch.device, batch: int | None
     return backend
 
 
+# `auto` takes the chunked scan for inference from this many chunks up: with its CONFIG, ~2048 programs of length L /
+# chunks, so fewer chunks = a bigger batch. Measured at batch 1 (43 / 22 / 11 chunks at tiny / small / base width):
+# 1.28 / 1.58 / 1.72x mamba-ssm's kernel (H100, session 15, docs/BENCHMARKS.md); larger batches keep mamba-ssm.
+AUTO_CHUNKED_MIN_CHUNKS = 8
+
+
+def inference_backend(backend: str | None, device: torch.device, shape: tuple[int, int, int],
+                      groups: int = 1) -> str | None:
+    """``backend`` as given, except that ``auto`` (not overridden by $MSF_SCALE_SCAN_BACKEND) on CUDA with autograd
+    off (torch.no_grad / inference_mode) becomes ``chunked`` where a u of ``shape`` [batch, D, L] in ``groups``
+    groups splits into at least AUTO_CHUNKED_MIN_CHUNKS chunks: the batch-1 latency case. Decided from shapes and
+    the grad mode only, so it holds under torch.compile too (the mixer asks before it lays out its inputs)."""
+    if torch.is_grad_enabled() or device.type != "cuda" or torch.jit.is_tracing():
+        return backend
+    if requested_backend(backend, ENV_VAR, BACKENDS, "selective-scan") != "auto":
+        return backend
+    module = _chunked_module()
+    if module is None:
+        return backend
+    batch, dim, length = shape
+    if module.chunking(batch, dim, length, module._block(dim, dim // groups))[0] < AUTO_CHUNKED_MIN_CHUNKS:
+        return backend
+    if not torch.compiler.is_compiling():
+        _log_inference_choice()
+    return "chunked"
+
+
+@lru_cache(maxsize=None)
+def _log_inference_choice() -> None:
+    log.info("selective_scan backend for inference on CUDA at small batches (autograd off): chunked")
+
+
 def reverses_in_kernel(backend: str | None, device: torch.device, batch: int) -> bool:
     """Whether ``reverse_groups`` costs no flipped copies for this backend (the triton scan reads reversed
     groups backwards itself, and the chunked scan, a custom op, also under compile; under tracing, and under
     compile for the others, every backend takes the flipping path)."""
     if torch.jit.is_tracing():
         return False
-    if torch.compiler.is_compiling():   # the name only: `auto` never means chunked, and its resolver is cached
+    if torch.compiler.is_compiling():   # the name only (selective_scan and the mixer turn an `auto` that means
+        # chunked into the name first: inference_backend), and the resolver is cached
         return _chunked_requested(backend)
     return resolve_backend(backend, device, batch=batch) in ("triton", "chunked")
 
@@ -172,6 +206,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ``reverse_groups``: the last k groups of a grouped B/C run backwards in time (their last state is after t = 0).
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    backend = inference_backend(backend, u.device, tuple(u.shape), B.shape[1] if B.dim() == 4 else 1)
     if reverse_groups:
         groups = B.shape[1] if B.dim() == 4 else 0
         if not 0 < reverse_groups <= groups:

@@ -418,3 +418,25 @@ def test_gpu_batch_one_inference_path_matches_float64(triton_on_gpu, monkeypatch
         got, want = fusion(h), ref(h.double())
     assert calls == [1], "auto at batch 1 without autograd runs the fused op"
     assert got.dtype == torch.bfloat16 and rel(got, want) < TOL[torch.bfloat16][0], f"rel err {rel(got, want):.2e}"
+
+
+@pytest.mark.gpu
+def test_gpu_auto_inference_path_compiles_into_one_graph(triton_on_gpu):
+    """StateFusion on ``auto`` (3/5/7 + ASWM, learnable theta as msf_mamba_plus has it) at batch 1 without autograd
+    under bf16 autocast on CUDA: auto's triton forward op, traced whole by torch.compile(fullgraph=True) with the
+    inference cache on (torch 2.11's dynamo could not unpack the kernels' ParameterList with *: the model's
+    compiled latency failed there), and the eager values."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    fusion = StateFusion(192, (3, 5, 7), theta=0.7, theta_learnable=True, use_aswm=True, init="uniform",
+                         device="cuda").eval()
+    fusion.inference_cache = True
+    h = torch.randn(1, 192, 8, 14, 14, device="cuda")
+    counter = CompileCounterWithBackend("eager")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = torch.compile(fusion, fullgraph=True, backend=counter)(h)
+        eager = fusion(h)
+    ops = [str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert counter.frame_count == 1 and any("msf_scale.triton_fusion_forward" in op for op in ops), ops
+    assert rel(out.float(), eager.float()) < 1e-2

@@ -5,8 +5,9 @@ per-group ``selective_scan_ref`` calls of test_scan_triton (reversed groups flip
 last state to 1e-12 relative, with one chunk (the batch fills the programs) and with several (a last chunk that ends
 past the sequence, chunks of one step), groups reversed or not, a channel block narrower than CONFIG's where a group
 is narrow, every optional input present or absent, ungrouped B/C. It refuses inputs that need a gradient. The
-mixer's grouped path on it matches the two-call path, eager and under torch.compile (one custom op, no flips). On
-the GPU (marked gpu): bf16 and fp32 against float64 at the models' length, batch 1 (chunked) and batch 2.
+mixer's grouped path on it matches the two-call path, eager and under torch.compile (one custom op, no flips).
+``auto`` takes it on CUDA with autograd off at small batches only. On the GPU (marked gpu): bf16 and fp32 against
+float64 at the models' length, batch 1 (chunked) and batch 2; the mixer on ``auto`` takes it at batch-1 inference.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ pytest.importorskip("triton")
 
 from msf_scale.models.blocks import BiMamba  # noqa: E402
 from msf_scale.ops import _scan_chunked, selective_scan  # noqa: E402
+from msf_scale.ops.scan import ENV_VAR, inference_backend  # noqa: E402
 
 
 @pytest.fixture(params=[0, 2], ids=["per-step", "blocks"])
@@ -75,6 +77,25 @@ def test_chunking_at_the_models_shapes():
     assert _scan_chunked.chunking(1, 16, 40, 16) == (2, 20)
 
 
+def test_auto_takes_chunked_for_small_batch_inference_only(monkeypatch):
+    """``auto`` means chunked on CUDA with autograd off from AUTO_CHUNKED_MIN_CHUNKS (8) chunks up: at tiny's grouped
+    width (768 channels, 48 blocks a clip) batch 6 splits into 8 chunks, batch 7 into 7; never with autograd on, on
+    CPU, under an explicit name or one set through the environment variable. Decided from shapes: no GPU needed."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    with torch.no_grad():
+        assert inference_backend("auto", cuda, (1, 768, 1569), 2) == "chunked"
+        assert inference_backend(None, cuda, (6, 768, 1569), 2) == "chunked"
+        assert inference_backend("auto", cuda, (7, 768, 1569), 2) == "auto"
+        assert inference_backend("auto", cuda, (32, 768, 1569), 2) == "auto"
+        assert inference_backend("auto", cpu, (1, 768, 1569), 2) == "auto"
+        assert inference_backend("cuda", cuda, (1, 768, 1569), 2) == "cuda"
+        monkeypatch.setenv(ENV_VAR, "cuda")
+        assert inference_backend("auto", cuda, (1, 768, 1569), 2) == "auto"   # the variable's cuda, resolved later
+        monkeypatch.delenv(ENV_VAR)
+    assert inference_backend("auto", cuda, (1, 768, 1569), 2) == "auto"       # autograd on: training
+
+
 def test_empty_sequence_and_strided_skip(small_blocks):
     """L = 0: an empty y and the zero state; a D that is a strided view is read as its values."""
     x = inputs(1, 2, 4, 4, 0)
@@ -126,21 +147,22 @@ def test_bimamba_grouped_on_chunked_matches_two_calls(small_blocks, monkeypatch,
 
 
 def test_default_block_compiles_for_hopper_without_spills():
-    """The three kernels at batch 1, tiny's width and the models' length with CONFIG's block, compiled for sm_90 on
-    this machine (benchmarks/kernel_resources.py --chunked-scan: Triton's ahead-of-time compile and ptxas -v): they
-    compile (the interpreter checks no compiler limit) and spill no registers. Compile-time facts."""
+    """The three kernels at batch 1, tiny's width and the models' length with CONFIG's block and steps, compiled
+    for sm_90 on this machine (benchmarks/kernel_resources.py --chunked-scan: Triton's ahead-of-time compile and
+    ptxas -v): they compile (the interpreter checks no compiler limit) and spill no registers. Compile-time facts."""
     import json
     import os
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    block = f"{_scan_chunked.CONFIG['BD']},{_scan_chunked.CONFIG['warps']}"
+    cfg = _scan_chunked.CONFIG
+    block = f"{cfg['BD']},{cfg['warps']},{cfg['steps']}"
     out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--json",
                           "--chunked-scan", block], capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
-    nc = _scan_chunked.chunking(1, 768, 1569, _scan_chunked.CONFIG["BD"])[0]
+    nc = _scan_chunked.chunking(1, 768, 1569, cfg["BD"])[0]
     assert sorted(r["kernel"] for r in rows) == [f"chunked scan chunk {k} NC={nc} L=1569"
                                                  for k in ("ends", "outputs", "prefix")], rows
     for r in rows:
@@ -148,12 +170,12 @@ def test_default_block_compiles_for_hopper_without_spills():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("steps", [0, 16])
+@pytest.mark.parametrize("steps", [0, 8, 16])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_gpu_matches_float64(monkeypatch, dtype, tol, batch, steps):
-    """The models' length (1569) on the shipped CONFIG (and with blocks of 16 steps), one group reversed; A, D,
-    delta_bias fp32 (model parameters); y and the last state within the bound relative to float64 on CPU."""
+    """The models' length (1569) per step and in blocks of 8 (the shipped CONFIG's) or 16 steps, one group reversed;
+    A, D, delta_bias fp32 (model parameters); y and the last state within the bound relative to float64 on CPU."""
     monkeypatch.setitem(_scan_chunked.CONFIG, "steps", steps)
     x = inputs(batch, 2, 64, 16, 1569, dtype, device="cuda")
     for k in ("A", "D", "delta_bias"):
@@ -165,3 +187,27 @@ def test_gpu_matches_float64(monkeypatch, dtype, tol, batch, steps):
     y_ref, last_ref = reference(ref_in, 1, True, True)
     assert rel(y.cpu(), y_ref) < tol, f"y: {rel(y.cpu(), y_ref):.2e}"
     assert rel(last.cpu(), last_ref) < tol, f"last: {rel(last.cpu(), last_ref):.2e}"
+
+
+@pytest.mark.gpu
+def test_gpu_bimamba_on_auto_takes_chunked_at_batch_1_inference(monkeypatch):
+    """The grouped mixer on ``auto`` (tiny's width, the models' length, fp32): under torch.no_grad at batch 1 it runs
+    the chunked scan with its backward group reversed in the kernel, matching the torch scan's result; at batch 32
+    and with autograd on it does not."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    launched = []
+    real = _scan_chunked.scan
+    monkeypatch.setattr(_scan_chunked, "scan", lambda *a: launched.append(a[-1]) or real(*a))
+    torch.manual_seed(0)
+    mixer = BiMamba(192, d_state=16, expand=2, grouped_scan=True, device="cuda").eval()
+    mixer.reset_parameters()
+    reference_mixer = copy.deepcopy(mixer)
+    reference_mixer.scan_backend = "torch"
+    x = torch.randn(1, 1569, 192, device="cuda")
+    with torch.no_grad():
+        y, y_ref = mixer(x), reference_mixer(x)
+        assert launched == [1]
+        mixer(torch.randn(32, 1569, 192, device="cuda"))
+    mixer(x)
+    assert launched == [1], "auto took the chunked scan at batch 32 or with autograd on"
+    assert rel(y, y_ref) < 1e-4
