@@ -14,7 +14,8 @@
 #   default: batch-1 compiled latency of msf_mamba and msf_mamba_plus tiny with MSF_SCALE_CONV1D_COMPILED=cudnn, then
 #   =shifted, ~4 minutes; "scaninfer", not in the default: the chunked inference scan's GPU tests, its batch-1 kernel
 #   against mamba-ssm's at tiny / small / base widths with a sweep of its blocks, and batch-1 compiled latency of
-#   msf_mamba tiny and videomamba base with the scan on auto, then on chunked, ~6 minutes), SIZES="tiny,small" (bench_model),
+#   msf_mamba tiny and videomamba base with the scan on cuda (mamba-ssm), then on auto (chunked at batch 1), ~6
+#   minutes), SIZES="tiny,small" (bench_model),
 #   SWEEP_S=90 (igemm tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
 #   PYTHON=python.
@@ -82,12 +83,12 @@ conv1d() {   # the conv1d's compiled-inference form, cuDNN (default) against shi
 }
 export -f conv1d
 part conv1d 240 bash -c conv1d
-scaninfer() {   # the chunked scan: GPU tests, kernel timings, then the models' batch-1 latency on auto and on chunked
+scaninfer() {   # the chunked scan: GPU tests, kernel timings, then the models' batch-1 latency on mamba-ssm and auto
   local rc=0
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_scan_chunked.py || rc=1
   "$PY" benchmarks/bench_scan_infer.py --out "$OUT/scan_infer.json" --configs 16,1,2048,8 16,1,2048,16 16,1,1024,16 \
     16,1,512,16 32,1,1024,16 || rc=1
-  for scan in auto chunked; do
+  for scan in cuda auto; do   # mamba-ssm, then auto (the chunked scan at batch 1)
     MSF_SCALE_SCAN_BACKEND=$scan "$PY" benchmarks/bench_latency.py --out "$OUT/latency_scan_$scan" \
       --models msf_mamba_tiny,videomamba_base --modes compile --measures clip --compile-measures clip \
       --budget-s 100 --compile-cap-s 60 || rc=1
