@@ -112,10 +112,10 @@ class BiMamba(nn.Module):
         the forward direction, [E, 2E) the backward one, and the scan reads B/C group 0 or 1 accordingly."""
         batch, width, length = xs.shape
         conv_weight, conv_bias, x_proj, dt_proj, A, D, delta_bias = self._packed_params()
-        # a scan that runs group 1 backwards itself (triton; chunked, auto's choice for small-batch inference) needs
+        # a scan that runs group 1 backwards itself (triton; chunked, auto's choice for batch-1 inference) needs
         # no flipped copies: the backward direction's conv runs backwards in time instead (anticausal) and its
         # output comes back in forward time order
-        backend = inference_backend(self.scan_backend, xs.device, (batch, 2 * width, length), groups=2)
+        backend = inference_backend(self.scan_backend, xs.device, (batch, 2 * width, length), 2, self.d_state)
         reverse = int(scan_reverses_in_kernel(backend, xs.device, batch))
         if reverse:
             x = torch.cat([causal_depthwise_conv1d(xs, conv_weight[:width], conv_bias[:width]),

@@ -1,11 +1,11 @@
-"""A forward-only selective scan for inference in Triton: chunks of the sequence scanned in parallel, one step at a time.
+"""A forward-only selective scan for inference in Triton: chunks of the sequence scanned in parallel, step by step.
 
 Why: at batch 1 (latency) the scan has batch x D x N = 12,288 independent recurrences at tiny's width (both
 directions, 768 channels), each 1569 steps long. mamba-ssm gives one thread block per channel and walks the
 sequence in block-wide scans, one state index after another; the training-shaped Triton scan (_scan_triton.py)
 builds associative-scan tiles. Here a program holds ``BD`` channels x all N states in registers and walks its
-chunk one step at a time: per step and state one exp2 and two FMAs, no shuffles but the sum over N for y, and the
-steps' loads (a channel's next timesteps share a cache line) come from L1. Three launches:
+chunk step by step: per step and state one exp2 and two FMAs, no shuffles but the sum over N for y; the inputs of
+``CONFIG["steps"]`` steps load at once as tiles (a step at a time, each step waited on its loads). Three launches:
 
     1. ``_chunk_ends``: each chunk from a zero state: its end state and the product of its decays, exp(A sum delta)
     2. ``_chunk_prefix``: an associative scan over the chunks: the state each chunk ends with from the true start
@@ -23,6 +23,7 @@ bf16/fp16/fp32 compute in float32, float64 (the interpreter tests) in float64. R
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -259,6 +260,11 @@ def _chunked_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
                   D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
                   delta_softplus: bool, reverse_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The three launches as one op: torch.compile traces a model through it without a graph break."""
+    with torch.cuda.device(u.device) if u.device.type == "cuda" else nullcontext():   # Triton launches on the
+        return _launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)  # current device
+
+
+def _launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups):
     batch, dim, length = u.shape
     if B.dim() == 3:
         B, C = B[:, None], C[:, None]

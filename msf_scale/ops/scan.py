@@ -20,7 +20,7 @@ signature (``_scan_torch``, ``_scan_numba``); this module only picks and casts:
               explicit only (``auto`` does not pick it); reverses groups itself (below)
     ``chunked`` ops/_scan_chunked.py: forward only, for inference: chunks of the sequence in parallel, each walked
               in blocks of steps (Triton; GPU, or CPU under TRITON_INTERPRET=1); ``auto``'s choice on CUDA under
-              torch.no_grad where its chunks fill the GPU (small batches: :func:`inference_backend`); reverses
+              torch.no_grad for grouped calls at batch 1 (:func:`inference_backend`); reverses
               groups itself, also under torch.compile (one custom op); refuses inputs that need a gradient
     ``ref``   :func:`selective_scan_ref`, a per-step loop in the input dtype: the float64 reference for tests
 
@@ -150,27 +150,19 @@ def resolve_backend(backend: str | None, device: torch.device, batch: int | None
     return backend
 
 
-# `auto` takes the chunked scan for inference from this many chunks up: with its CONFIG, ~2048 programs of length L /
-# chunks, so fewer chunks = a bigger batch. Measured at batch 1 (43 / 22 / 11 chunks at tiny / small / base width):
-# 1.28 / 1.58 / 1.72x mamba-ssm's kernel (H100, session 15, docs/BENCHMARKS.md); larger batches keep mamba-ssm.
-AUTO_CHUNKED_MIN_CHUNKS = 8
-
-
-def inference_backend(backend: str | None, device: torch.device, shape: tuple[int, int, int],
-                      groups: int = 1) -> str | None:
+def inference_backend(backend: str | None, device: torch.device, shape: tuple[int, int, int], groups: int = 1,
+                      d_state: int = 16) -> str | None:
     """``backend`` as given, except that ``auto`` (not overridden by $MSF_SCALE_SCAN_BACKEND) on CUDA with autograd
-    off (torch.no_grad / inference_mode) becomes ``chunked`` where a u of ``shape`` [batch, D, L] in ``groups``
-    groups splits into at least AUTO_CHUNKED_MIN_CHUNKS chunks: the batch-1 latency case. Decided from shapes and
-    the grad mode only, so it holds under torch.compile too (the mixer asks before it lays out its inputs)."""
+    off (torch.no_grad / inference_mode) becomes ``chunked`` where it was measured faster than mamba-ssm's kernel:
+    batch 1, a grouped call (both directions of the mixer, ``groups`` >= 2), d_state a power of two up to 16 (1.28 /
+    1.58 / 1.72x at tiny / small / base width, H100, session 15, docs/BENCHMARKS.md). Larger batches, one-direction
+    calls and wider states keep mamba-ssm (untimed). Decided from shapes and the grad mode only, so it holds under
+    torch.compile too (the mixer asks before it lays out its inputs)."""
     if torch.is_grad_enabled() or device.type != "cuda" or torch.jit.is_tracing():
         return backend
-    if requested_backend(backend, ENV_VAR, BACKENDS, "selective-scan") != "auto":
+    if shape[0] != 1 or groups < 2 or d_state > 16 or d_state & (d_state - 1):
         return backend
-    module = _chunked_module()
-    if module is None:
-        return backend
-    batch, dim, length = shape
-    if module.chunking(batch, dim, length, module._block(dim, dim // groups))[0] < AUTO_CHUNKED_MIN_CHUNKS:
+    if requested_backend(backend, ENV_VAR, BACKENDS, "selective-scan") != "auto" or _chunked_module() is None:
         return backend
     if not torch.compiler.is_compiling():
         _log_inference_choice()
@@ -179,7 +171,7 @@ def inference_backend(backend: str | None, device: torch.device, shape: tuple[in
 
 @lru_cache(maxsize=None)
 def _log_inference_choice() -> None:
-    log.info("selective_scan backend for inference on CUDA at small batches (autograd off): chunked")
+    log.info("selective_scan backend for grouped batch-1 inference on CUDA (autograd off): chunked")
 
 
 def reverses_in_kernel(backend: str | None, device: torch.device, batch: int) -> bool:
@@ -206,7 +198,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ``reverse_groups``: the last k groups of a grouped B/C run backwards in time (their last state is after t = 0).
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    backend = inference_backend(backend, u.device, tuple(u.shape), B.shape[1] if B.dim() == 4 else 1)
+    backend = inference_backend(backend, u.device, tuple(u.shape), B.shape[1] if B.dim() == 4 else 1, A.shape[1])
     if reverse_groups:
         groups = B.shape[1] if B.dim() == 4 else 0
         if not 0 < reverse_groups <= groups:

@@ -6,7 +6,7 @@ last state to 1e-12 relative, with one chunk (the batch fills the programs) and 
 past the sequence, chunks of one step), groups reversed or not, a channel block narrower than CONFIG's where a group
 is narrow, every optional input present or absent, ungrouped B/C. It refuses inputs that need a gradient. The
 mixer's grouped path on it matches the two-call path, eager and under torch.compile (one custom op, no flips).
-``auto`` takes it on CUDA with autograd off at small batches only. On the GPU (marked gpu): bf16 and fp32 against
+``auto`` takes it on CUDA with autograd off for grouped batch-1 calls only. On the GPU (marked gpu): bf16 and fp32 against
 float64 at the models' length, batch 1 (chunked) and batch 2; the mixer on ``auto`` takes it at batch-1 inference.
 """
 from __future__ import annotations
@@ -77,23 +77,63 @@ def test_chunking_at_the_models_shapes():
     assert _scan_chunked.chunking(1, 16, 40, 16) == (2, 20)
 
 
-def test_auto_takes_chunked_for_small_batch_inference_only(monkeypatch):
-    """``auto`` means chunked on CUDA with autograd off from AUTO_CHUNKED_MIN_CHUNKS (8) chunks up: at tiny's grouped
-    width (768 channels, 48 blocks a clip) batch 6 splits into 8 chunks, batch 7 into 7; never with autograd on, on
-    CPU, under an explicit name or one set through the environment variable. Decided from shapes: no GPU needed."""
+def test_auto_takes_chunked_for_grouped_batch_1_inference_only(monkeypatch):
+    """``auto`` means chunked where it was timed faster: on CUDA with autograd off, batch 1, a grouped call, d_state a
+    power of two up to 16; never with autograd on, at batch 2, for one direction, d_state 24 or 32, on CPU, under
+    torch.jit tracing (FLOP counting), under an explicit name or one set through the environment variable. Decided
+    from shapes: no GPU needed."""
     monkeypatch.delenv(ENV_VAR, raising=False)
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cuda, cpu, tiny = torch.device("cuda"), torch.device("cpu"), (1, 768, 1569)
     with torch.no_grad():
-        assert inference_backend("auto", cuda, (1, 768, 1569), 2) == "chunked"
-        assert inference_backend(None, cuda, (6, 768, 1569), 2) == "chunked"
-        assert inference_backend("auto", cuda, (7, 768, 1569), 2) == "auto"
-        assert inference_backend("auto", cuda, (32, 768, 1569), 2) == "auto"
-        assert inference_backend("auto", cpu, (1, 768, 1569), 2) == "auto"
-        assert inference_backend("cuda", cuda, (1, 768, 1569), 2) == "cuda"
+        assert inference_backend("auto", cuda, tiny, 2, 16) == "chunked"
+        assert inference_backend(None, cuda, tiny, 2, 8) == "chunked"
+        assert inference_backend("auto", cuda, (2, 768, 1569), 2, 16) == "auto"
+        assert inference_backend("auto", cuda, (1, 384, 1569), 1, 16) == "auto"
+        assert inference_backend("auto", cuda, tiny, 2, 24) == "auto"
+        assert inference_backend("auto", cuda, tiny, 2, 32) == "auto"
+        assert inference_backend("auto", cpu, tiny, 2, 16) == "auto"
+        assert inference_backend("cuda", cuda, tiny, 2, 16) == "cuda"
+        seen = []
+        torch.jit.trace(lambda t: seen.append(inference_backend("auto", cuda, tiny, 2, 16)) or t * 2,
+                        torch.ones(2), check_trace=False)
+        assert seen == ["auto"]
         monkeypatch.setenv(ENV_VAR, "cuda")
-        assert inference_backend("auto", cuda, (1, 768, 1569), 2) == "auto"   # the variable's cuda, resolved later
+        assert inference_backend("auto", cuda, tiny, 2, 16) == "auto"   # the variable's cuda, resolved later
         monkeypatch.delenv(ENV_VAR)
-    assert inference_backend("auto", cuda, (1, 768, 1569), 2) == "auto"       # autograd on: training
+    assert inference_backend("auto", cuda, tiny, 2, 16) == "auto"       # autograd on: training
+
+
+@pytest.mark.parametrize("path", ["selective_scan", "mixer"])
+def test_auto_inference_choice_reaches_the_kernel(small_blocks, monkeypatch, path):
+    """The wiring, on CPU under the interpreter with inference_backend stubbed to say chunked: selective_scan on
+    ``auto`` asks it (u's shape, the groups, d_state) and runs the chunked kernel; the grouped mixer asks it with both
+    directions' shape before laying out its inputs, then hands the kernel group 1 reversed; results as the two-call
+    path on ref scans."""
+    import msf_scale.models.blocks as blocks
+    import msf_scale.ops.scan as scan_mod
+    asked, launched = [], []
+    real = _scan_chunked.scan
+    monkeypatch.setattr(_scan_chunked, "scan", lambda *a: launched.append(a[-1]) or real(*a))
+    stub = lambda backend, device, shape, groups=1, d_state=16: asked.append((shape, groups, d_state)) or "chunked"
+    monkeypatch.setattr(blocks if path == "mixer" else scan_mod, "inference_backend", stub)
+    if path == "selective_scan":
+        x = inputs(1, 2, 4, 4, 9, seed=7)
+        with torch.no_grad():
+            y = selective_scan(*(x[k].detach() for k in NAMES), delta_softplus=True, backend="auto")
+        y_ref, _ = reference(x, 0, True, True)
+        assert asked == [((1, 8, 9), 2, 4)] and launched == [0]
+        assert rel(y, y_ref) < 1e-12
+        return
+    torch.manual_seed(0)
+    two_calls = BiMamba(8, d_state=4, expand=2, scan_backend="ref", dtype=torch.float64).eval()
+    two_calls.reset_parameters()
+    one_call = copy.deepcopy(two_calls)
+    one_call.grouped_scan, one_call.scan_backend = True, "auto"
+    x = torch.randn(1, 13, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y, y_ref = one_call(x), two_calls(x)
+    assert asked == [((1, 32, 13), 2, 4)] and launched == [1]
+    assert rel(y, y_ref) < 1e-12
 
 
 def test_empty_sequence_and_strided_skip(small_blocks):
@@ -192,7 +232,7 @@ def test_gpu_matches_float64(monkeypatch, dtype, tol, batch, steps):
 @pytest.mark.gpu
 def test_gpu_bimamba_on_auto_takes_chunked_at_batch_1_inference(monkeypatch):
     """The grouped mixer on ``auto`` (tiny's width, the models' length, fp32): under torch.no_grad at batch 1 it runs
-    the chunked scan with its backward group reversed in the kernel, matching the torch scan's result; at batch 32
+    the chunked scan with its backward group reversed in the kernel, matching the torch scan's result; at batch 2
     and with autograd on it does not."""
     monkeypatch.delenv(ENV_VAR, raising=False)
     launched = []
@@ -207,7 +247,7 @@ def test_gpu_bimamba_on_auto_takes_chunked_at_batch_1_inference(monkeypatch):
     with torch.no_grad():
         y, y_ref = mixer(x), reference_mixer(x)
         assert launched == [1]
-        mixer(torch.randn(32, 1569, 192, device="cuda"))
+        mixer(torch.randn(2, 1569, 192, device="cuda"))
     mixer(x)
-    assert launched == [1], "auto took the chunked scan at batch 32 or with autograd on"
+    assert launched == [1], "auto took the chunked scan at batch 2 or with autograd on"
     assert rel(y, y_ref) < 1e-4
