@@ -34,6 +34,16 @@ def small_blocks(monkeypatch, request):
                                                   "steps": request.param})
 
 
+def mixer_pair(backend):
+    """(a float64 BiMamba on two ref-scan calls, its copy on one grouped call of ``backend``, an input of 13 steps)."""
+    torch.manual_seed(0)
+    two_calls = BiMamba(8, d_state=4, expand=2, scan_backend="ref", dtype=torch.float64).eval()
+    two_calls.reset_parameters()
+    one_call = copy.deepcopy(two_calls)
+    one_call.grouped_scan, one_call.scan_backend = True, backend
+    return two_calls, one_call, torch.randn(1, 13, 8, dtype=torch.float64)
+
+
 def check(x, reverse=0, optional=True, softplus=True, tol=1e-12):
     args = [x[k].detach() if k not in OPTIONAL or optional else None for k in NAMES]
     with torch.no_grad():
@@ -124,12 +134,7 @@ def test_auto_inference_choice_reaches_the_kernel(small_blocks, monkeypatch, pat
         assert asked == [((1, 8, 9), 2, 4)] and launched == [0]
         assert rel(y, y_ref) < 1e-12
         return
-    torch.manual_seed(0)
-    two_calls = BiMamba(8, d_state=4, expand=2, scan_backend="ref", dtype=torch.float64).eval()
-    two_calls.reset_parameters()
-    one_call = copy.deepcopy(two_calls)
-    one_call.grouped_scan, one_call.scan_backend = True, "auto"
-    x = torch.randn(1, 13, 8, dtype=torch.float64)
+    two_calls, one_call, x = mixer_pair("auto")
     with torch.no_grad():
         y, y_ref = one_call(x), two_calls(x)
     assert asked == [((1, 32, 13), 2, 4)] and launched == [1]
@@ -169,12 +174,7 @@ def test_bimamba_grouped_on_chunked_matches_two_calls(small_blocks, monkeypatch,
     launched = []
     real = _scan_chunked.scan
     monkeypatch.setattr(_scan_chunked, "scan", lambda *a: launched.append(a[-1]) or real(*a))
-    torch.manual_seed(0)
-    two_calls = BiMamba(8, d_state=4, expand=2, scan_backend="ref", dtype=torch.float64).eval()
-    two_calls.reset_parameters()
-    one_call = copy.deepcopy(two_calls)
-    one_call.grouped_scan, one_call.scan_backend = True, "chunked"
-    x = torch.randn(1, 13, 8, dtype=torch.float64)
+    two_calls, one_call, x = mixer_pair("chunked")
     with torch.no_grad():
         y_ref = two_calls(x)
         if compiled:
