@@ -86,8 +86,8 @@ part conv1d 240 bash -c conv1d
 scaninfer() {   # the chunked scan: GPU tests, kernel timings, then the models' batch-1 latency on mamba-ssm and auto
   local rc=0
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_scan_chunked.py || rc=1
-  "$PY" benchmarks/bench_scan_infer.py --out "$OUT/scan_infer.json" --configs 16,1,2048,8 16,1,2048,16 16,1,1024,16 \
-    16,1,512,16 32,1,1024,16 || rc=1
+  "$PY" benchmarks/bench_scan_infer.py --out "$OUT/scan_infer.json" --configs 16,1,2048,0 16,1,2048,4 16,1,2048,16 \
+    16,1,1024,8 || rc=1   # the default (blocks of 8 steps) first, then per step, blocks of 4 and 16, fewer programs
   for scan in cuda auto; do   # mamba-ssm, then auto (the chunked scan at batch 1)
     MSF_SCALE_SCAN_BACKEND=$scan "$PY" benchmarks/bench_latency.py --out "$OUT/latency_scan_$scan" \
       --models msf_mamba_tiny,videomamba_base --modes compile --measures clip --compile-measures clip \
