@@ -9,7 +9,9 @@ captured in one CUDA graph (as msf_scale.inference replays the model) and the gr
     gemm            StateFusion(backend="gemm"): block-Toeplitz bands as batched GEMMs, the ASWM in that layout
     triton+torch    the triton backend's scales in one launch (its forward-only op), the ASWM in torch
     triton[...]     ops/_fusion_triton.multiscale_fusion_triton (scales and ASWM fused) at launch settings from its
-                    CONFIG: g = aswm_group (channels per program), f = fwd_frames (frames per program), s = fwd_shared
+                    CONFIG: g = aswm_group (channels per program), f = fwd_frames (frames per program), s = fwd_shared,
+                    st / u = fwd_loop_stages / fwd_unroll (the window loop's pipelining / unrolling), p =
+                    logit_partials (ASWM logits per channel group, summed in torch, instead of atomics)
 Each row's error is the max |out - ref| / max |ref| against the float64 ``ref`` backend on the same rounded inputs.
 Writes DIR/bench_fusion_infer.json and .md; prints the table.
 """
@@ -63,6 +65,21 @@ def sweep_points(groups, frames, shared):
     return [{"aswm_group": g, "fwd_frames": f, "fwd_shared": s} for g, f, s in itertools.product(groups, frames, shared)]
 
 
+def parse_point(text: str) -> dict:
+    """'aswm_group=1,fwd_unroll=2' -> {"aswm_group": 1, "fwd_unroll": 2} (integers; 'none' for None)."""
+    point = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        point[key.strip()] = None if value.strip().lower() == "none" else int(value)
+    return point
+
+
+def point_label(point: dict) -> str:
+    short = {"aswm_group": "g", "fwd_frames": "f", "fwd_shared": "s", "fwd_loop_stages": "st", "fwd_unroll": "u",
+             "logit_partials": "p"}
+    return "triton[" + ",".join(f"{short.get(k, k)}={v}" for k, v in point.items()) + "]"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -73,6 +90,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--groups", default="1,4,16", help="aswm_group values swept for the fused triton row")
     ap.add_argument("--frames", default="1,2,8", help="fwd_frames values swept")
     ap.add_argument("--shared", default="1", help="fwd_shared values swept (0, 1)")
+    ap.add_argument("--points", default=None,
+                    help="instead of the sweep: CONFIG settings, 'key=value,...' separated by ';' (e.g. "
+                         "'aswm_group=1,fwd_unroll=2;aswm_group=1,logit_partials=1')")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (CUDA-graph replay)")
@@ -80,8 +100,11 @@ def main(argv=None) -> dict:
 
     dev, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     scales = tuple(int(k) for k in args.scales.split(","))
-    points = sweep_points([int(v) for v in args.groups.split(",")], [int(v) for v in args.frames.split(",")],
-                          [bool(int(v)) for v in args.shared.split(",")])
+    if args.points:
+        points = [parse_point(p) for p in args.points.split(";")]
+    else:
+        points = sweep_points([int(v) for v in args.groups.split(",")], [int(v) for v in args.frames.split(",")],
+                              [bool(int(v)) for v in args.shared.split(",")])
     t0 = time.perf_counter()
     rows = []
     for shape_s in args.shapes.split(";"):
@@ -119,7 +142,7 @@ def main(argv=None) -> dict:
         for name, point in cands:
             saved = dict(ft.CONFIG)
             ft.CONFIG.update(point or {})
-            label = name if not point else "triton[g={aswm_group},f={fwd_frames},s={fwd_shared:d}]".format(**point)
+            label = name if not point else point_label(point)
             try:
                 fn = candidate(name)
                 with torch.no_grad():

@@ -58,8 +58,11 @@ MAX_SCALES = 3
 # per scale), False/None: one loop per scale (reloads, no branches).
 # "aswm_group": channels per program of the ASWM forward and of _aswm_dot (None: 16).
 # "fwd_frames": frames per forward program (None: as many as fit 128 rows; fewer give more programs at batch 1).
+# "fwd_loop_stages" / "fwd_unroll": the forward's window-row loop's software-pipelining depth and unroll factor
+# (tl.range's num_stages / loop_unroll_factor; None: Triton's defaults, the kernel's num_stages and no unrolling).
+# "logit_partials": the ASWM logits stored per channel group and summed in torch, instead of atomics into one buffer.
 CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None, "fwd_shared": None, "aswm_group": None,
-                "fwd_frames": None}
+                "fwd_frames": None, "fwd_loop_stages": None, "fwd_unroll": None, "logit_partials": None}
 
 
 def _pow2(n: int) -> int:
@@ -77,7 +80,7 @@ def _diag_sums(d, xi, xj, ev, K: tl.constexpr):
 
 @triton.jit
 def _fwd_scale(h_ptr, base, wc, t, y, x, xi, xj, T, H, W, acc, K: tl.constexpr, PREC: tl.constexpr,
-               ACC: tl.constexpr):
+               ACC: tl.constexpr, STAGES: tl.constexpr = None, UNROLL: tl.constexpr = None):
     """acc += one channel's depthwise 'same' conv with a K^3 kernel (wc: its taps), as K^2 row-shifted tiles times
     [BW, BW] band matrices B[x', x] = w[o_t, o_y, x' - x + K//2]. A runtime loop (not unrolled): registers stay
     at one iteration's tiles and Triton pipelines the loads."""
@@ -85,7 +88,7 @@ def _fwd_scale(h_ptr, base, wc, t, y, x, xi, xj, T, H, W, acc, K: tl.constexpr, 
     e = xi[:, None] - xj[None, :] + R
     em = (e >= 0) & (e < K)
     xm = x < W
-    for d in range(K * K):
+    for d in tl.range(K * K, num_stages=STAGES, loop_unroll_factor=UNROLL):
         tt = t + (d // K - R)
         yy = y + (d % K - R)
         m = (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H)
@@ -115,12 +118,12 @@ def _shared_tap(acc, a, wc, ot, oy, xi, xj, K: tl.constexpr, KM: tl.constexpr, P
 @triton.jit
 def _fwd_shared(h_ptr, base, wc, t, y, x, xi, xj, T, H, W, acc0, acc1, acc2, NS: tl.constexpr, K0: tl.constexpr,
                 K1: tl.constexpr, K2: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KM: tl.constexpr,
-                PREC: tl.constexpr, ACC: tl.constexpr):
+                PREC: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr = None, UNROLL: tl.constexpr = None):
     """Every scale from one loaded neighbourhood: the KM^2 row-shifted tiles of the largest window are loaded once
     and each feeds the band of every scale whose window holds that row (the other variant reloads per scale)."""
     RM: tl.constexpr = KM // 2
     xm = x < W
-    for d in range(KM * KM):
+    for d in tl.range(KM * KM, num_stages=STAGES, loop_unroll_factor=UNROLL):
         ot = d // KM - RM
         oy = d % KM - RM
         tt = t + ot
@@ -152,9 +155,11 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
          NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
          OFF1: tl.constexpr, OFF2: tl.constexpr, KTOT: tl.constexpr, KM: tl.constexpr,
          CG: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-         ASWM: tl.constexpr, SHARE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+         ASWM: tl.constexpr, SHARE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+         STAGES: tl.constexpr, UNROLL: tl.constexpr, PARTIALS: tl.constexpr):
     """F_m for every scale of the CG channels of one group, one frame block; with ASWM the group's partial logits
-    (registers), atomically added across groups. Program = (b * n_cg + group, frame block)."""
+    (registers), atomically added across groups (PARTIALS: stored per group instead, [n_cg, B, NS, T, H, W], for
+    torch to sum). Program = (b * n_cg + group, frame block)."""
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     b = pid // n_cg
@@ -179,7 +184,7 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
             acc0, acc1, acc2 = _fwd_shared(h_ptr, base, wc, t, y, x, xi, xj, T, H, W,
                                            tl.zeros((BT * BH, BW), dtype=ACC), tl.zeros((BT * BH, BW), dtype=ACC),
                                            tl.zeros((BT * BH, BW), dtype=ACC), NS, K0, K1, K2, OFF1, OFF2, KM,
-                                           PREC, ACC)
+                                           PREC, ACC, STAGES, UNROLL)
             tl.store(f0_ptr + base + own, acc0.to(f0_ptr.dtype.element_ty), mask=own_m)
             if ASWM:
                 lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc0, aw_ptr + c, NS * C, NS, ACC)
@@ -193,29 +198,37 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
                     lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc2, aw_ptr + 2 * C + c, NS * C, NS, ACC)
         else:   # one runtime loop per scale (only one accumulator live; each scale reloads its tiles, from L1/L2)
             acc = _fwd_scale(h_ptr, base, wc, t, y, x, xi, xj, T, H, W, tl.zeros((BT * BH, BW), dtype=ACC),
-                             K0, PREC, ACC)
+                             K0, PREC, ACC, STAGES, UNROLL)
             tl.store(f0_ptr + base + own, acc.to(f0_ptr.dtype.element_ty), mask=own_m)
             if ASWM:   # logits_j += A[j, m*C + c] * F_m[c]: this group's channels summed in registers
                 lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc, aw_ptr + c, NS * C, NS, ACC)
             if NS >= 2:
                 acc = _fwd_scale(h_ptr, base, wc + OFF1, t, y, x, xi, xj, T, H, W,
-                                 tl.zeros((BT * BH, BW), dtype=ACC), K1, PREC, ACC)
+                                 tl.zeros((BT * BH, BW), dtype=ACC), K1, PREC, ACC, STAGES, UNROLL)
                 tl.store(f1_ptr + base + own, acc.to(f1_ptr.dtype.element_ty), mask=own_m)
                 if ASWM:
                     lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc, aw_ptr + C + c, NS * C, NS, ACC)
             if NS >= 3:
                 acc = _fwd_scale(h_ptr, base, wc + OFF2, t, y, x, xi, xj, T, H, W,
-                                 tl.zeros((BT * BH, BW), dtype=ACC), K2, PREC, ACC)
+                                 tl.zeros((BT * BH, BW), dtype=ACC), K2, PREC, ACC, STAGES, UNROLL)
                 tl.store(f2_ptr + base + own, acc.to(f2_ptr.dtype.element_ty), mask=own_m)
                 if ASWM:
                     lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc, aw_ptr + 2 * C + c, NS * C, NS, ACC)
     if ASWM:
-        lbase = (b * NS).to(tl.int64) * thw
-        tl.atomic_add(logit_ptr + lbase + own, lg0, mask=own_m)
-        if NS >= 2:
-            tl.atomic_add(logit_ptr + lbase + thw + own, lg1, mask=own_m)
-        if NS >= 3:
-            tl.atomic_add(logit_ptr + lbase + 2 * thw + own, lg2, mask=own_m)
+        if PARTIALS:   # this group's own slice: plain stores, summed over groups in torch
+            lbase = ((cg * (tl.num_programs(0) // n_cg) + b) * NS).to(tl.int64) * thw   # [group, b, NS] slice
+            tl.store(logit_ptr + lbase + own, lg0, mask=own_m)
+            if NS >= 2:
+                tl.store(logit_ptr + lbase + thw + own, lg1, mask=own_m)
+            if NS >= 3:
+                tl.store(logit_ptr + lbase + 2 * thw + own, lg2, mask=own_m)
+        else:
+            lbase = (b * NS).to(tl.int64) * thw
+            tl.atomic_add(logit_ptr + lbase + own, lg0, mask=own_m)
+            if NS >= 2:
+                tl.atomic_add(logit_ptr + lbase + thw + own, lg1, mask=own_m)
+            if NS >= 3:
+                tl.atomic_add(logit_ptr + lbase + 2 * thw + own, lg2, mask=own_m)
 
 @triton.jit
 def _combine(f0_ptr, f1_ptr, f2_ptr, alpha_ptr, out_ptr, C, THW, NS: tl.constexpr, BLOCK: tl.constexpr,
@@ -464,17 +477,24 @@ def _launch_forward(h, wpack, aw, ab, ks):
     g = _Geom(h, ks)
     fs = [torch.empty_like(h) for _ in ks]
     aswm = aw is not None
-    logits = torch.zeros((g.B, g.NS, g.T, g.H, g.W), device=h.device, dtype=g.acc_dtype) if aswm else fs[0]
     awc = aw.detach().reshape(g.NS, g.NS * g.C).contiguous() if aswm else wpack
     cg = _channel_group(g.C, g.B) if aswm else 1
     n_cg = g.C // cg
+    partials = aswm and bool(CONFIG.get("logit_partials"))
+    if partials:   # every element written by exactly one program: no zeroing
+        logits = torch.empty((n_cg, g.B, g.NS, g.T, g.H, g.W), device=h.device, dtype=g.acc_dtype)
+    else:
+        logits = torch.zeros((g.B, g.NS, g.T, g.H, g.W), device=h.device, dtype=g.acc_dtype) if aswm else fs[0]
     f3 = _three(fs)
     _fwd[(g.B * n_cg, g.fwd_n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **g.scale_kw(),
                                    CG=cg, BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=aswm,
                                    SHARE=bool(CONFIG.get("fwd_shared")), ACC=g.ACC, PREC=g.PREC,
-                                   **g.launch("fwd", aswm, rows=g.fwd_BT * g.BH))
+                                   STAGES=CONFIG.get("fwd_loop_stages"), UNROLL=CONFIG.get("fwd_unroll"),
+                                   PARTIALS=partials, **g.launch("fwd", aswm, rows=g.fwd_BT * g.BH))
     if not aswm:
         return fs, ()
+    if partials:
+        logits = logits.sum(dim=0)
     if ab is not None:   # an nn.Conv3d(bias=False) passes None
         logits += ab.detach().to(logits.dtype).view(1, -1, 1, 1, 1)
     alpha = torch.softmax(logits, dim=1).contiguous()

@@ -17,3 +17,10 @@ def test_without_cuda_it_refuses_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--out", str(tmp_path)])
     assert exc.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_points_parse_into_config_settings_and_short_labels():
+    bench = load_benchmark("bench_fusion_infer")
+    point = bench.parse_point("aswm_group=1, fwd_unroll=2,fwd_loop_stages=none,logit_partials=1")
+    assert point == {"aswm_group": 1, "fwd_unroll": 2, "fwd_loop_stages": None, "logit_partials": 1}
+    assert bench.point_label(point) == "triton[g=1,u=2,st=None,p=1]"

@@ -166,14 +166,19 @@ def test_interpreter_aswm_matches_ref_float64(monkeypatch, scales, theta, fwd_sh
 
 
 @interp
-@pytest.mark.parametrize("scales, fwd_frames", [((3, 5, 7), None), ((3, 5), 1)])
-def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fwd_frames):
+@pytest.mark.parametrize("scales, fwd_frames, loop", [((3, 5, 7), None, {}), ((3, 5), 1, {}),
+                                                     ((3, 5, 7), 2, {"logit_partials": True, "fwd_unroll": 2,
+                                                                     "fwd_loop_stages": 2})])
+def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fwd_frames, loop):
     """Without autograd (inference) the launches run as one custom op (msf_scale::triton_fusion_forward), one
     channel per ASWM program at batch 1, and frame blocks of ``fwd_frames``: the same values as ref, with ASWM
-    and without, from raw kernels or StateFusion's packed inference cache."""
+    and without, from raw kernels or StateFusion's packed inference cache; the logits also as per-group partials
+    (CONFIG "logit_partials"; the loop settings beside it are compile hints the interpreter ignores)."""
     from msf_scale.ops import _fusion_triton as ft
 
     monkeypatch.setitem(ft.CONFIG, "fwd_frames", fwd_frames)
+    for key, value in loop.items():
+        monkeypatch.setitem(ft.CONFIG, key, value)
     calls = []
     launch = ft._launch_forward
     monkeypatch.setattr(ft, "_launch_forward", lambda *a: calls.append(a[0].shape) or launch(*a))
