@@ -471,6 +471,18 @@ def _pos_block(thw: int) -> int:
     return min(1024, _pow2(thw))
 
 
+# The forward's settings at batch 1 where CONFIG leaves them None (lent H100, session 16, bench_fusion_infer.py
+# --points: 1.22 / 1.63 / 1.59x the training settings at 192 / 384 / 576 channels, 3/5/7 + ASWM, docs/BENCHMARKS.md).
+# Larger batches keep the training settings (not timed with these).
+BATCH1_FORWARD = {"logit_partials": True, "fwd_shared": True, "fwd_loop_stages": 1, "fwd_unroll": None}
+
+
+def _forward_knobs(batch: int) -> dict:
+    """CONFIG's forward settings, with BATCH1_FORWARD filling the ones CONFIG leaves None at batch 1."""
+    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll")
+    return {k: CONFIG.get(k) if CONFIG.get(k) is not None or batch != 1 else BATCH1_FORWARD[k] for k in keys}
+
+
 def _launch_forward(h, wpack, aw, ab, ks):
     """The forward launches: ([out] with ASWM, else one F per scale), and what the backward needs beyond (h, wpack):
     (awc, alpha, *F) with ASWM, else nothing."""
@@ -480,7 +492,8 @@ def _launch_forward(h, wpack, aw, ab, ks):
     awc = aw.detach().reshape(g.NS, g.NS * g.C).contiguous() if aswm else wpack
     cg = _channel_group(g.C, g.B) if aswm else 1
     n_cg = g.C // cg
-    partials = aswm and bool(CONFIG.get("logit_partials"))
+    knob = _forward_knobs(g.B)
+    partials = aswm and bool(knob["logit_partials"])
     if partials:   # every element written by exactly one program: no zeroing
         logits = torch.empty((n_cg, g.B, g.NS, g.T, g.H, g.W), device=h.device, dtype=g.acc_dtype)
     else:
@@ -488,8 +501,8 @@ def _launch_forward(h, wpack, aw, ab, ks):
     f3 = _three(fs)
     _fwd[(g.B * n_cg, g.fwd_n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **g.scale_kw(),
                                    CG=cg, BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=aswm,
-                                   SHARE=bool(CONFIG.get("fwd_shared")), ACC=g.ACC, PREC=g.PREC,
-                                   STAGES=CONFIG.get("fwd_loop_stages"), UNROLL=CONFIG.get("fwd_unroll"),
+                                   SHARE=bool(knob["fwd_shared"]), ACC=g.ACC, PREC=g.PREC,
+                                   STAGES=knob["fwd_loop_stages"], UNROLL=knob["fwd_unroll"],
                                    PARTIALS=partials, **g.launch("fwd", aswm, rows=g.fwd_BT * g.BH))
     if not aswm:
         return fs, ()

@@ -4,11 +4,12 @@ x [B, E, L], weight [E, 1, K], bias [E] -> [B, E, L], where output t sees inputs
 left). ``anticausal_depthwise_conv1d`` is the same conv run backwards in time (output t sees t..t+K-1), without
 flipped copies: what the bidirectional mixer's backward direction needs when its scan also runs backwards. On GPU
 cuDNN's depthwise conv1d; on CPU the same result as K shifted multiply-adds, because PyTorch's CPU depthwise conv1d
-backward was ~20% of a CPU training step. ``MSF_SCALE_CONV1D_COMPILED=shifted`` (read at import) takes the shifted form
-on GPU too where torch.compile traces a forward without autograd (inference): Inductor can then fuse the K
-multiply-adds with what surrounds them (both directions' convs, their concatenation, the silu after) into one
-kernel, where cuDNN's conv is an opaque call per direction (~14 us each at batch 1 on the lent H100, session 11).
-Not the default: not yet timed on a GPU (issue 19 keeps only what a measurement shows pays).
+backward was ~20% of a CPU training step. Where torch.compile traces a forward without autograd (inference) on GPU
+the shifted form is taken too (``MSF_SCALE_CONV1D_COMPILED``, read at import: ``shifted``, the default, or
+``cudnn``): Inductor fuses the K multiply-adds with what surrounds them (the transposed read of the input
+projection, both directions' concatenation, the silu after), where cuDNN's conv is an opaque call per direction
+(PyTorch's generic depthwise kernel, 20.6 us a call at base's width). Measured at batch 1, compiled, on the lent H100
+(session 16): msf_mamba tiny 2.55 -> 2.22 ms, videomamba base 6.41 -> 5.44, msf_mamba_plus tiny 4.41 -> 4.11.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import os
 import torch
 import torch.nn.functional as F
 
-COMPILED_INFERENCE_FORM = os.environ.get("MSF_SCALE_CONV1D_COMPILED", "cudnn")   # or "shifted"
+COMPILED_INFERENCE_FORM = os.environ.get("MSF_SCALE_CONV1D_COMPILED", "shifted")   # or "cudnn"
 if COMPILED_INFERENCE_FORM not in ("cudnn", "shifted"):
     raise ValueError(f"MSF_SCALE_CONV1D_COMPILED must be cudnn or shifted, got {COMPILED_INFERENCE_FORM!r}")
 
 
 def _cudnn(x: torch.Tensor) -> bool:
-    """cuDNN's conv on CUDA, except, when asked for, in a compiled forward without autograd (the shifted form)."""
+    """cuDNN's conv on CUDA, except in a compiled forward without autograd (the shifted form, unless the environment
+    asks for cudnn)."""
     return x.is_cuda and not (COMPILED_INFERENCE_FORM == "shifted" and torch.compiler.is_compiling()
                               and not torch.is_grad_enabled())
 

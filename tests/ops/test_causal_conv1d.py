@@ -19,3 +19,20 @@ def test_cudnn_unless_shifted_is_asked_for_compiled_inference(monkeypatch, form,
     with torch.set_grad_enabled(grad):
         assert cc._cudnn(ON_GPU) == (form == "cudnn" or not compiling or grad)
         assert not cc._cudnn(ON_CPU)
+
+
+def test_compiled_inference_takes_the_shifted_form_by_default(monkeypatch):
+    """Without MSF_SCALE_CONV1D_COMPILED the module reads "shifted" (measured faster at batch 1, session 16)."""
+    import importlib
+
+    monkeypatch.delenv("MSF_SCALE_CONV1D_COMPILED", raising=False)
+    try:
+        assert importlib.reload(cc).COMPILED_INFERENCE_FORM == "shifted"
+        monkeypatch.setenv("MSF_SCALE_CONV1D_COMPILED", "cudnn")
+        assert importlib.reload(cc).COMPILED_INFERENCE_FORM == "cudnn"
+        monkeypatch.setenv("MSF_SCALE_CONV1D_COMPILED", "fast")
+        with pytest.raises(ValueError, match="cudnn or shifted"):
+            importlib.reload(cc)
+    finally:
+        monkeypatch.delenv("MSF_SCALE_CONV1D_COMPILED", raising=False)
+        importlib.reload(cc)

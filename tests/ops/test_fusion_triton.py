@@ -208,6 +208,24 @@ def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fw
         assert not out.requires_grad and rel(out, want) < 1e-12, f"rel err {rel(out, want):.2e}"
 
 
+def test_batch_one_forward_settings_fill_what_config_leaves_unset(monkeypatch):
+    """At batch 1 the forward takes BATCH1_FORWARD's measured settings where CONFIG says None; CONFIG's own values
+    win; other batches keep CONFIG as it is (their settings were timed without these)."""
+    pytest.importorskip("triton")
+    from msf_scale.ops import _fusion_triton as ft
+
+    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll")
+    for key in keys:
+        monkeypatch.setitem(ft.CONFIG, key, None)
+    assert ft._forward_knobs(1) == {k: ft.BATCH1_FORWARD[k] for k in keys}
+    assert ft.BATCH1_FORWARD["logit_partials"] and ft.BATCH1_FORWARD["fwd_shared"]
+    assert ft._forward_knobs(2) == dict.fromkeys(keys)
+    monkeypatch.setitem(ft.CONFIG, "fwd_shared", False)
+    monkeypatch.setitem(ft.CONFIG, "fwd_loop_stages", 3)
+    assert ft._forward_knobs(1)["fwd_shared"] is False and ft._forward_knobs(1)["fwd_loop_stages"] == 3
+    assert ft._forward_knobs(4)["fwd_loop_stages"] == 3
+
+
 @interp
 def test_interpreter_no_grad_beyond_three_scales_falls_back():
     """Four windows with ASWM on the triton backend without autograd: the fused op takes at most three, so
