@@ -99,39 +99,17 @@ class BiMamba(nn.Module):
             direction.reset_parameters(*self.dt_init if mamba_dt else ())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:    # x [B, L, d]
-        padded = self._aligned_length(x)
-        if padded:   # compiled inference: time innermost from the input projection on, rows padded (see below)
-            xp = F.pad(x, (0, 0, 0, padded - x.shape[1]))        # zero tokens at the end: W @ 0 = 0 (no bias)
-            xz = torch.matmul(self.in_proj.weight, xp.transpose(1, 2))   # [B, 2E, Lp]
-            xs, z = xz[..., :x.shape[1]].chunk(2, dim=1)          # [B, E, L] views, rows Lp apart
-            y = self._both_directions(xs, padded)
+        xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)   # [B, E, L] each
+        if self.grouped_scan:
+            y = self._both_directions(xs)
         else:
-            xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)   # [B, E, L] each
-            if self.grouped_scan:
-                y = self._both_directions(xs)
-            else:
-                y = self.fwd(xs, self.scan_backend) + self.bwd(xs.flip(-1), self.scan_backend).flip(-1)
+            y = self.fwd(xs, self.scan_backend) + self.bwd(xs.flip(-1), self.scan_backend).flip(-1)
         y = 0.5 * y * F.silu(z)                                  # gate once: silu(z) is shared by both directions
         return self.out_proj(y.transpose(1, 2))
 
-    def _aligned_length(self, x: torch.Tensor) -> int:
-        """The padded length Lp (a multiple of 8) for compiled inference on CUDA with the grouped, in-kernel
-        reversing scan and L not a multiple of 8, else 0. Why: with time innermost, every tensor from the input
-        projection to the scan is [*, L] rows; at L = 1 + 8 x 14 x 14 = 1569 (odd) their row strides are not
-        16-byte aligned, which sends cuBLAS to a slow fallback (a CUTLASS 32 x 32 kernel, 14 us a call at base) and
-        leaves the conv reading the projection's output transposed. Rows Lp apart, the projections run as aligned
-        GEMMs on zero-padded columns and the scan reads [..., :L] views (it takes strides). Same values."""
-        batch, length = x.shape[0], x.shape[1]
-        if not (self.grouped_scan and x.is_cuda and length % 8 and torch.compiler.is_compiling()
-                and not torch.is_grad_enabled()):
-            return 0
-        backend = inference_backend(self.scan_backend, x.device, (batch, 2 * self.d_inner, length), 2, self.d_state)
-        return -(-length // 8) * 8 if scan_reverses_in_kernel(backend, x.device, batch) else 0
-
-    def _both_directions(self, xs: torch.Tensor, padded: int = 0) -> torch.Tensor:   # xs [B, E, L] -> y_fwd + y_bwd
+    def _both_directions(self, xs: torch.Tensor) -> torch.Tensor:   # xs [B, E, L] -> y_fwd + y_bwd flipped back
         """_Direction.forward for fwd on xs and bwd on xs flipped, as one op of each kernel kind: channels [0, E) are
-        the forward direction, [E, 2E) the backward one, and the scan reads B/C group 0 or 1 accordingly.
-        ``padded`` (see _aligned_length): the projections on rows of that length, zero beyond L."""
+        the forward direction, [E, 2E) the backward one, and the scan reads B/C group 0 or 1 accordingly."""
         batch, width, length = xs.shape
         conv_weight, conv_bias, x_proj, dt_proj, A, D, delta_bias = self._packed_params()
         # a scan that runs group 1 backwards itself (triton; chunked, auto's choice for batch-1 inference) needs
@@ -139,29 +117,22 @@ class BiMamba(nn.Module):
         # output comes back in forward time order
         backend = inference_backend(self.scan_backend, xs.device, (batch, 2 * width, length), 2, self.d_state)
         reverse = int(scan_reverses_in_kernel(backend, xs.device, batch))
-        if padded and not reverse:
-            raise ValueError("padded rows need the scan that reverses in its kernel (BiMamba._aligned_length)")
         if reverse:
             x = torch.cat([causal_depthwise_conv1d(xs, conv_weight[:width], conv_bias[:width]),
                            anticausal_depthwise_conv1d(xs, conv_weight[width:], conv_bias[width:])], dim=1)
         else:
             x = causal_depthwise_conv1d(torch.cat([xs, xs.flip(-1)], dim=1), conv_weight, conv_bias)  # [B, 2E, L]
         x = F.silu(x)
-        rows = padded or length
-        if padded:
-            x = F.pad(x, (0, padded - length))               # [B, 2E, Lp]; u is x[..., :L] below
         # The projections transposed, W @ x per (clip, direction), as bmm (exact in fvcore's count; its einsum and
         # matmul handles miss batch dimensions): dt, B, C and delta come out [B, 2, *, L], time innermost, the layout
         # the scan reads, so neither side transposes a copy (x [B, 2E, L] is read as is)
         def per_clip(w: torch.Tensor) -> torch.Tensor:   # [2, M, K] -> [2B, M, K]: a view at batch 1, else a copy
             w = w.to(x.dtype)                               # of the (small) weights; cast first, not per clip
             return w.expand(batch, *w.shape).reshape(batch * 2, *w.shape[1:])
-        dt, B, C = torch.bmm(per_clip(x_proj), x.view(batch * 2, width, rows)).view(batch, 2, -1, rows).split(
+        dt, B, C = torch.bmm(per_clip(x_proj), x.view(batch * 2, width, length)).view(batch, 2, -1, length).split(
             [self.dt_rank, self.d_state, self.d_state], dim=2)                      # [B, 2, R | N | N, L]
-        delta = torch.bmm(per_clip(dt_proj), dt.reshape(batch * 2, self.dt_rank, rows))
-        delta = delta.view(batch, 2 * width, rows)                                  # [B, 2E, L]
-        if padded:
-            x, delta, B, C = x[..., :length], delta[..., :length], B[..., :length], C[..., :length]
+        delta = torch.bmm(per_clip(dt_proj), dt.reshape(batch * 2, self.dt_rank, length))
+        delta = delta.view(batch, 2 * width, length)                                # [B, 2E, L]
         y = selective_scan(x, delta, A, B, C, D, None, delta_bias, delta_softplus=True, backend=backend,
                            reverse_groups=reverse)
         y_fwd, y_bwd = y.chunk(2, dim=1)

@@ -186,59 +186,6 @@ def test_bimamba_grouped_on_chunked_matches_two_calls(small_blocks, monkeypatch,
     assert launched == [1], "the mixer did not hand the backward direction to the kernel reversed"
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_bimamba_padded_rows_match_two_calls(small_blocks, monkeypatch, compiled):
-    """Compiled inference's aligned layout (BiMamba._aligned_length, forced here on CPU: 13 steps in rows of 16):
-    the input projection as W @ x^T on zero-padded tokens, the projections on padded rows, the chunked scan on
-    [..., :L] views (rows 16 apart, no copy): the two-call path's values, eager and under torch.compile."""
-    seen = []
-    real = _scan_chunked.scan
-    monkeypatch.setattr(_scan_chunked, "scan", lambda *a: seen.append((a[0].stride(), a[1].stride(), a[3].stride()))
-                        or real(*a))
-    two_calls, one_call, x = mixer_pair("chunked")
-    monkeypatch.setattr(one_call, "_aligned_length", lambda x: 16)
-    with torch.no_grad():
-        y_ref = two_calls(x)
-        if compiled:
-            torch._dynamo.reset()
-            y = torch.compile(one_call, fullgraph=True)(x)
-        else:
-            y = one_call(x)
-    assert rel(y, y_ref) < 1e-12, f"rel err {rel(y, y_ref):.2e}"
-    assert seen and all(u[-2] == 16 and d[-2] == 16 and b[-2] == 16 for u, d, b in seen), seen
-
-
-def test_padded_rows_only_for_compiled_cuda_inference_on_the_reversing_scan(monkeypatch):
-    """_aligned_length: rows padded to the next multiple of 8 only for a grouped mixer on CUDA, under compile,
-    without autograd, at a length that is not a multiple of 8, on a scan that reverses in its kernel."""
-    import msf_scale.models.blocks as blocks
-    from types import SimpleNamespace
-
-    mixer = BiMamba(8, d_state=4, expand=2, grouped_scan=True)
-    monkeypatch.setattr(blocks, "inference_backend", lambda b, *a: "chunked")
-    reverses = {"value": True}
-    monkeypatch.setattr(blocks, "scan_reverses_in_kernel", lambda *a: reverses["value"])
-    compiling = {"value": True}
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling["value"])
-
-    def x(length, cuda=True):
-        return SimpleNamespace(shape=(1, length, 8), is_cuda=cuda, device=torch.device("cpu"))
-    with torch.no_grad():
-        assert mixer._aligned_length(x(1569)) == 1576 and mixer._aligned_length(x(13)) == 16
-        assert mixer._aligned_length(x(1576)) == 0                   # aligned already
-        assert mixer._aligned_length(x(1569, cuda=False)) == 0
-        reverses["value"] = False
-        assert mixer._aligned_length(x(1569)) == 0                   # a flipping scan: the other layout
-        reverses["value"] = True
-        compiling["value"] = False
-        assert mixer._aligned_length(x(1569)) == 0                   # eager: no Inductor to fuse the pads
-        compiling["value"] = True
-        mixer.grouped_scan = False
-        assert mixer._aligned_length(x(1569)) == 0
-        mixer.grouped_scan = True
-    assert mixer._aligned_length(x(1569)) == 0                       # autograd on: training
-
-
 def test_default_block_compiles_for_hopper_without_spills():
     """The three kernels at batch 1, tiny's width and the models' length with CONFIG's block and steps, compiled
     for sm_90 on this machine (benchmarks/kernel_resources.py --chunked-scan: Triton's ahead-of-time compile and
