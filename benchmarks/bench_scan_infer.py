@@ -12,7 +12,7 @@ latency harness runs a model), the median of ``--reps`` replays of ``--inner`` c
 scan against mamba-ssm on the same inputs with reverse_groups=0 (the same recurrence), the largest difference of
 y relative to mamba-ssm's largest |y|. ``--configs``: CONFIG settings "BD,warps,programs[,steps]" to time after the
 default (steps: 0, a step's inputs loaded per step; > 0, blocks of that many steps loaded at once).
-Widths: tiny 384, small 768, base 1536 (d_inner = 2 x d_model).
+Widths: tiny 384, small 768, base 1152 (d_inner = 2 x d_model; sessions 14-15 ran 1536 as "base", wider than it).
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def graph_time(fn, reps: int, inner: int) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    ap.add_argument("--widths", default="384,768,1536", help="d_inner per direction, comma-separated")
+    ap.add_argument("--widths", default="384,768,1152", help="d_inner per direction, comma-separated")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--length", type=int, default=1569, help="sequence length (8 x 14 x 14 patches + cls: 1569)")
     ap.add_argument("--d-state", type=int, default=16)

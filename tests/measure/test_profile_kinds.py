@@ -11,6 +11,10 @@ prof = load_benchmark("profile_fusion")
     ("void selective_scan_fwd_kernel<Selective_Scan_fwd_kernel_traits<128, 16, 1, true>>(SSMParamsBase)", "scan"),
     ("_scan_fwd_kernel", "scan"),
     ("_chunk_ends", "scan"),
+    ("_chunk_outputs", "scan"),
+    ("_chunk_prefix", "scan"),
+    ("_fwd", "fusion"),
+    ("_bwd", "fusion"),
     # Inductor's kernels name every aten op they fused: their prefix says what kind of kernel they are
     ("triton_poi_fused_cat_exp_neg_selective_scan_fwd_split_with_sizes_view_9", "elementwise"),
     ("triton_poi_fused__unsafe_view_cat_convolution_flip_silu_slice_split_transpose_16", "elementwise"),
