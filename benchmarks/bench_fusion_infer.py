@@ -11,7 +11,8 @@ captured in one CUDA graph (as msf_scale.inference replays the model) and the gr
     triton[...]     ops/_fusion_triton.multiscale_fusion_triton (scales and ASWM fused) at launch settings from its
                     CONFIG: g = aswm_group (channels per program), f = fwd_frames (frames per program), s = fwd_shared,
                     st / u = fwd_loop_stages / fwd_unroll (the window loop's pipelining / unrolling), p =
-                    logit_partials (ASWM logits per channel group, summed in torch, instead of atomics)
+                    logit_partials (ASWM logits per channel group, summed in torch, instead of atomics), d =
+                    fwd_direct (direct convolution on CUDA cores instead of the band dots)
 Each row's error is the max |out - ref| / max |ref| against the float64 ``ref`` backend on the same rounded inputs.
 Writes DIR/bench_fusion_infer.json and .md; prints the table.
 """
@@ -66,18 +67,23 @@ def sweep_points(groups, frames, shared):
 
 
 def parse_point(text: str) -> dict:
-    """'aswm_group=1,fwd_unroll=2' -> {"aswm_group": 1, "fwd_unroll": 2} (integers; 'none' for None)."""
+    """'aswm_group=1,fwd_unroll=2,direct=8/1' -> {"aswm_group": 1, "fwd_unroll": 2, "direct": (8, 1)} (integers,
+    '/'-separated tuples of them; 'none' for None)."""
     point = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        point[key.strip()] = None if value.strip().lower() == "none" else int(value)
+        value = value.strip()
+        point[key.strip()] = (None if value.lower() == "none" else tuple(int(v) for v in value.split("/"))
+                              if "/" in value else int(value))
     return point
 
 
-def point_label(point: dict) -> str:
+def point_label(point: dict, name: str = "triton") -> str:
     short = {"aswm_group": "g", "fwd_frames": "f", "fwd_shared": "s", "fwd_loop_stages": "st", "fwd_unroll": "u",
-             "logit_partials": "p"}
-    return "triton[" + ",".join(f"{short.get(k, k)}={v}" for k, v in point.items()) + "]"
+             "logit_partials": "p", "fwd_direct": "d"}
+    text = ",".join(f"{short.get(k, k)}=" + ("/".join(map(str, v)) if isinstance(v, tuple) else str(v))
+                    for k, v in point.items())
+    return f"{name}[{text}]"
 
 
 def main(argv=None) -> dict:
@@ -138,11 +144,12 @@ def main(argv=None) -> dict:
             return fn
 
         cands = [("conv", None), ("gemm", None), ("triton+torch", None)]
-        cands += [("triton", {})] + [("triton", p) for p in points] if aswm else []
+        # the fused op's settings apply to the fused rows; one window (no ASWM): to the triton backend's own launch
+        cands += [("triton", {})] + [("triton", p) for p in points] if aswm else [("triton+torch", p) for p in points]
         for name, point in cands:
             saved = dict(ft.CONFIG)
             ft.CONFIG.update(point or {})
-            label = name if not point else point_label(point)
+            label = name if not point else point_label(point, name)
             try:
                 fn = candidate(name)
                 with torch.no_grad():

@@ -12,9 +12,12 @@
 #   and torch.compile with Inductor's freezing, ~3 minutes; "fusioninfer", not in the default: the fusion paths' batch-1
 #   forwards by graph replay, 3/5/7 + ASWM with the triton launch sweep and 3 alone, ~1.5 minutes; "conv1d", not in the
 #   default: batch-1 compiled latency of msf_mamba and msf_mamba_plus tiny with MSF_SCALE_CONV1D_COMPILED=cudnn, then
-#   =shifted, ~4 minutes; "scaninfer", not in the default: the chunked inference scan's GPU tests, its batch-1 kernel
+#   =shifted (the default since session 16), ~4 minutes; "scaninfer", not in the default: the chunked inference scan's GPU tests, its batch-1 kernel
 #   against mamba-ssm's at tiny / small / base widths with a sweep of its blocks, and batch-1 compiled latency of
 #   msf_mamba tiny and videomamba base with the scan on cuda (mamba-ssm), then on auto (chunked at batch 1), ~6
+#   minutes; "fusiondirect", not in the default: the triton fusion's direct-convolution forward (CONFIG "fwd_direct",
+#   off): its GPU tests, the op at batch 1 (3/5/7 + ASWM, and 3 alone) against the band form's batch-1 settings with
+#   a sweep of its frames / unroll / warps, then msf_mamba_plus batch-1 compiled latency without and with it, ~5
 #   minutes), SIZES="tiny,small" (bench_model),
 #   SWEEP_S=90 (igemm tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
@@ -97,4 +100,21 @@ scaninfer() {   # the chunked scan: GPU tests, kernel timings, then the models' 
 }
 export -f scaninfer
 part scaninfer 420 bash -c scaninfer
+fusiondirect() {   # the triton fusion's direct-convolution forward (CONFIG "fwd_direct", off by default, untimed)
+  local rc=0 on
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_fusion_triton.py -k batch_one || rc=1
+  local pts="aswm_group=1;fwd_direct=1;fwd_direct=1,fwd_frames=2;fwd_direct=1,fwd_frames=1;fwd_direct=1,fwd_unroll=4"
+  pts="$pts;fwd_direct=1,fwd_frames=2,fwd_unroll=4;fwd_direct=1,direct=8/1;fwd_direct=1,fwd_frames=2,direct=2/1"
+  "$PY" benchmarks/bench_fusion_infer.py --out "$OUT/fusion_direct" --points "$pts" || rc=1
+  "$PY" benchmarks/bench_fusion_infer.py --out "$OUT/fusion_direct3" --scales 3 --points "$pts" || rc=1
+  for on in 0 1; do   # msf_mamba_plus batch-1 compiled latency: the band form's batch-1 settings, then direct
+    "$PY" -c "import runpy, sys; from msf_scale.ops import _fusion_triton as ft; ft.CONFIG['fwd_direct'] = $on or None
+sys.argv[0] = 'benchmarks/bench_latency.py'; runpy.run_path(sys.argv[0], run_name='__main__')" \
+      --out "$OUT/latency_direct$on" --models msf_mamba_plus_tiny,msf_mamba_plus_small,msf_mamba_plus_base \
+      --modes compile --measures clip --compile-measures clip --budget-s 130 --compile-cap-s 60 || rc=1
+  done
+  return $rc
+}
+export -f fusiondirect
+part fusiondirect 420 bash -c fusiondirect
 cat "$OUT/status.txt"

@@ -21,6 +21,7 @@ def test_without_cuda_it_refuses_in_one_line(tmp_path, capsys):
 
 def test_points_parse_into_config_settings_and_short_labels():
     bench = load_benchmark("bench_fusion_infer")
-    point = bench.parse_point("aswm_group=1, fwd_unroll=2,fwd_loop_stages=none,logit_partials=1")
-    assert point == {"aswm_group": 1, "fwd_unroll": 2, "fwd_loop_stages": None, "logit_partials": 1}
-    assert bench.point_label(point) == "triton[g=1,u=2,st=None,p=1]"
+    point = bench.parse_point("aswm_group=1, fwd_unroll=2,fwd_loop_stages=none,logit_partials=1,direct=8/1")
+    assert point == {"aswm_group": 1, "fwd_unroll": 2, "fwd_loop_stages": None, "logit_partials": 1, "direct": (8, 1)}
+    assert bench.point_label(point) == "triton[g=1,u=2,st=None,p=1,direct=8/1]"
+    assert bench.point_label({"fwd_direct": 1}, "triton+torch") == "triton+torch[d=1]"
