@@ -18,7 +18,8 @@
 #   minutes; "fusiondirect", not in the default: the triton fusion's direct-convolution forward (CONFIG "fwd_direct",
 #   off): its GPU tests, the op at batch 1 (3/5/7 + ASWM, and 3 alone) against the band form's batch-1 settings with
 #   a sweep of its frames / unroll / warps, then msf_mamba_plus batch-1 compiled latency without and with it, ~5
-#   minutes), SIZES="tiny,small" (bench_model),
+#   minutes; "patchembed", not in the default: batch-1 compiled latency with MSF_SCALE_PATCH_EMBED_COMPILED=conv, then
+#   =gemm (the tubelet embedding as one GEMM), four models, ~5 minutes), SIZES="tiny,small" (bench_model),
 #   SWEEP_S=90 (igemm tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
 #   PYTHON=python.
@@ -117,4 +118,16 @@ sys.argv[0] = 'benchmarks/bench_latency.py'; runpy.run_path(sys.argv[0], run_nam
 }
 export -f fusiondirect
 part fusiondirect 420 bash -c fusiondirect
+patchembed() {   # the patch embedding's compiled-inference form: cuDNN's conv (default), then one GEMM
+  local form rc=0
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/models/test_patch_embed.py || rc=1
+  for form in conv gemm; do
+    MSF_SCALE_PATCH_EMBED_COMPILED=$form "$PY" benchmarks/bench_latency.py --out "$OUT/patch_embed_$form" \
+      --models videomamba_tiny,msf_mamba_plus_tiny,videomamba_base,msf_mamba_base --modes compile --measures clip \
+      --compile-measures clip --budget-s 150 --compile-cap-s 60 || rc=1
+  done
+  return $rc
+}
+export -f patchembed
+part patchembed 360 bash -c patchembed
 cat "$OUT/status.txt"

@@ -18,7 +18,7 @@ from msf_scale.catalog import SSM_SIZES as MODEL_SIZES
 from msf_scale.catalog import SSM_VARIANTS as VARIANTS
 from msf_scale.models._registry import ModelOptionError, register_model
 from msf_scale.models.blocks import BiMamba, Block, StateFusion, check_fusion_init
-from msf_scale.models.stem import STEM_INPUTS, ConvStem, stem_channels, stem_input
+from msf_scale.models.stem import STEM_INPUTS, ConvStem, PatchEmbed, stem_channels, stem_input
 from msf_scale.ops.scan import BACKENDS as SCAN_BACKENDS
 from msf_scale.ops.state_fusion import BACKENDS as FUSION_BACKENDS
 
@@ -150,8 +150,7 @@ class MSFMamba(nn.Module):
         if cfg.stem == "conv":
             self.patch_embed = ConvStem(stem_chans, d, cfg.patch_size, cfg.stem_temporal_kernel, **fk)
         else:
-            self.patch_embed = nn.Conv3d(stem_chans, d, (cfg.tubelet_size, cfg.patch_size, cfg.patch_size),
-                                         stride=(cfg.tubelet_size, cfg.patch_size, cfg.patch_size), **fk)
+            self.patch_embed = PatchEmbed(stem_chans, d, (cfg.tubelet_size, cfg.patch_size, cfg.patch_size), **fk)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d, **fk)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, gh * gw, d, **fk))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, d, **fk)) if cfg.class_token else None

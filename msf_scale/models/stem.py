@@ -10,11 +10,22 @@ An [ours] option (the paper says "a 3-D convolution" for the embedding); measure
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from msf_scale.models._registry import ModelOptionError
+
+# The patch embedding's form in a compiled forward without autograd on CUDA (read at import): "conv" (cuDNN; the
+# default) or "gemm" (patchify_linear). Why an alternative: at batch 1 cuDNN runs this 3-channel, 16 x 16-strided
+# conv as a generic implicit-GEMM kernel, 0.12 ms a forward at every size on the lent H100 (session 16's profiles:
+# ~6% of videomamba tiny), where as one [T'H'W', 3 x k] x [3 x k, d] GEMM it is a few microseconds by arithmetic.
+# Not the default: not yet timed (issue 19 keeps only what a measurement shows pays; speed_checks PARTS=patchembed).
+PATCH_EMBED_COMPILED_FORM = os.environ.get("MSF_SCALE_PATCH_EMBED_COMPILED", "conv")
+if PATCH_EMBED_COMPILED_FORM not in ("conv", "gemm"):
+    raise ValueError(f"MSF_SCALE_PATCH_EMBED_COMPILED must be conv or gemm, got {PATCH_EMBED_COMPILED_FORM!r}")
 
 
 STEM_INPUTS = ("rgb", "rgb_diff")
@@ -31,6 +42,37 @@ def stem_input(x: torch.Tensor, kind: str) -> torch.Tensor:
 def stem_channels(in_chans: int, kind: str) -> int:
     """Channels of :func:`stem_input`'s output: the difference doubles them."""
     return in_chans * (2 if kind == "rgb_diff" else 1)
+
+
+def patchify_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    kernel: tuple[int, int, int]) -> torch.Tensor:
+    """F.conv3d(x, weight, bias, stride=kernel) for a kernel equal to its stride, as one GEMM: the non-overlapping
+    tubelets flattened into rows [B, T'H'W', C kt kh kw] times the flattened weight (remainders dropped, as the
+    conv does). Same sums, another order."""
+    kt, kh, kw = kernel
+    b, c, t, h, w = x.shape
+    nt, nh, nw = t // kt, h // kh, w // kw
+    x = x[:, :, :nt * kt, :nh * kh, :nw * kw]
+    rows = x.reshape(b, c, nt, kt, nh, kh, nw, kw).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, nt * nh * nw, -1)
+    out = F.linear(rows, weight.reshape(weight.shape[0], -1), bias)            # [B, T'H'W', d]
+    return out.view(b, nt, nh, nw, -1).permute(0, 4, 1, 2, 3)                 # [B, d, T', H', W'], as the conv
+
+
+class PatchEmbed(nn.Conv3d):
+    """VideoMamba's tubelet embedding: a Conv3d whose stride is its kernel (the same parameters and state_dict keys),
+    run as patchify_linear in a compiled CUDA forward without autograd when MSF_SCALE_PATCH_EMBED_COMPILED=gemm."""
+
+    def __init__(self, in_chans: int, dim: int, kernel: tuple[int, int, int], device=None, dtype=None):
+        super().__init__(in_chans, dim, kernel, stride=kernel, device=device, dtype=dtype)
+
+    def gemm_form(self, x: torch.Tensor) -> bool:
+        return (PATCH_EMBED_COMPILED_FORM == "gemm" and x.is_cuda and torch.compiler.is_compiling()
+                and not torch.is_grad_enabled())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemm_form(x):
+            return patchify_linear(x, self.weight, self.bias, self.kernel_size)
+        return super().forward(x)
 
 
 class ConvStem(nn.Module):
