@@ -70,7 +70,7 @@ def parse_point(text: str) -> dict:
     """'aswm_group=1,fwd_unroll=2,direct=8/1' -> {"aswm_group": 1, "fwd_unroll": 2, "direct": (8, 1)} (integers,
     '/'-separated tuples of them; 'none' for None)."""
     point = {}
-    for item in text.split(","):
+    for item in filter(str.strip, text.split(",")):   # empty items (a trailing comma) are skipped
         key, _, value = item.partition("=")
         value = value.strip()
         point[key.strip()] = (None if value.lower() == "none" else tuple(int(v) for v in value.split("/"))
@@ -81,8 +81,9 @@ def parse_point(text: str) -> dict:
 def point_label(point: dict, name: str = "triton") -> str:
     short = {"aswm_group": "g", "fwd_frames": "f", "fwd_shared": "s", "fwd_loop_stages": "st", "fwd_unroll": "u",
              "logit_partials": "p", "fwd_direct": "d"}
-    text = ",".join(f"{short.get(k, k)}=" + ("/".join(map(str, v)) if isinstance(v, tuple) else str(v))
-                    for k, v in point.items())
+    def shown(v):
+        return "/".join(map(str, v)) if isinstance(v, tuple) else str(int(v)) if isinstance(v, bool) else str(v)
+    text = ",".join(f"{short.get(k, k)}={shown(v)}" for k, v in point.items())
     return f"{name}[{text}]"
 
 
@@ -98,7 +99,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--shared", default="1", help="fwd_shared values swept (0, 1)")
     ap.add_argument("--points", default=None,
                     help="instead of the sweep: CONFIG settings, 'key=value,...' separated by ';' (e.g. "
-                         "'aswm_group=1,fwd_unroll=2;aswm_group=1,logit_partials=1')")
+                         "'aswm_group=1,fwd_shared=0,fwd_unroll=2;fwd_direct=1,direct=8/1')")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (CUDA-graph replay)")
@@ -107,7 +108,13 @@ def main(argv=None) -> dict:
     dev, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     scales = tuple(int(k) for k in args.scales.split(","))
     if args.points:
-        points = [parse_point(p) for p in args.points.split(";")]
+        try:
+            points = [parse_point(p) for p in args.points.split(";") if p.strip()]
+        except ValueError as e:
+            ap.error(f"--points: values are integers, '/'-separated integers or none ({e})")
+        unknown = sorted({k for p in points for k in p} - set(ft.CONFIG))
+        if unknown:
+            ap.error(f"--points: not CONFIG settings of ops/_fusion_triton.py: {', '.join(unknown)}")
     else:
         points = sweep_points([int(v) for v in args.groups.split(",")], [int(v) for v in args.frames.split(",")],
                               [bool(int(v)) for v in args.shared.split(",")])

@@ -164,7 +164,8 @@ def fusion_direct_kernel(setting: tuple[int, ...], shape, ks, dtype: str, arch: 
     warps, frames, unroll = (*setting, 0)[:3]
     _, _, t, hh, ww = shape
     bh, bw = ft._pow2(hh), max(16, ft._pow2(ww))
-    bt = max(min(ft._pow2(frames), ft._pow2(t)), triton.cdiv(16, bh))
+    bt = min(max(1, 128 // bh), ft._pow2(t), ft._pow2(frames))   # as _Geom: at most 128 rows, fwd_frames fewer
+    bt = max(bt, triton.cdiv(16, bh))
     kk = list(ks) + [0] * (ft.MAX_SCALES - len(ks))
     offs = [0]
     for k in ks:

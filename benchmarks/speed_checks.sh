@@ -112,22 +112,22 @@ fusiondirect() {   # the triton fusion's direct-convolution forward (CONFIG "fwd
     "$PY" -c "import runpy, sys; from msf_scale.ops import _fusion_triton as ft; ft.CONFIG['fwd_direct'] = $on or None
 sys.argv[0] = 'benchmarks/bench_latency.py'; runpy.run_path(sys.argv[0], run_name='__main__')" \
       --out "$OUT/latency_direct$on" --models msf_mamba_plus_tiny,msf_mamba_plus_small,msf_mamba_plus_base \
-      --modes compile --measures clip --compile-measures clip --budget-s 130 --compile-cap-s 60 || rc=1
+      --modes compile --measures clip --compile-measures clip --budget-s 120 --compile-cap-s 60 || rc=1
   done
   return $rc
 }
 export -f fusiondirect
-part fusiondirect 420 bash -c fusiondirect
+part fusiondirect 540 bash -c fusiondirect
 patchembed() {   # the patch embedding's compiled-inference form: cuDNN's conv (default), then one GEMM
   local form rc=0
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/models/test_patch_embed.py || rc=1
   for form in conv gemm; do
     MSF_SCALE_PATCH_EMBED_COMPILED=$form "$PY" benchmarks/bench_latency.py --out "$OUT/patch_embed_$form" \
       --models videomamba_tiny,msf_mamba_plus_tiny,videomamba_base,msf_mamba_base --modes compile --measures clip \
-      --compile-measures clip --budget-s 150 --compile-cap-s 60 || rc=1
+      --compile-measures clip --budget-s 130 --compile-cap-s 60 || rc=1
   done
   return $rc
 }
 export -f patchembed
-part patchembed 360 bash -c patchembed
+part patchembed 420 bash -c patchembed
 cat "$OUT/status.txt"

@@ -284,7 +284,7 @@ MUTANTS = [
       "lambda: pack_kernels(self.kernels, self.theta, h.shape[1], h.dtype)",
       "lambda: pack_kernels(self.kernels, 0.0, h.shape[1], h.dtype)", [FUSION_TRITON, "-k", "forward_only"]),
     M("fusion_op_logit_groups_skip_channels", "ops", "msf_scale/ops/_fusion_triton.py",
-      "    n_cg = g.C // cg\n    knob = ", "    n_cg = max(1, g.C // cg // 2)\n    knob = ",
+      "    n_cg = g.C // cg\n    partials = ", "    n_cg = max(1, g.C // cg // 2)\n    partials = ",
       [FUSION_TRITON, "-k", "forward_only"]),
     M("fusion_auto_triton_with_gradients", "ops", "msf_scale/ops/state_fusion.py",
       "if k > 3 and not (torch.is_grad_enabled() if grad is None else grad) and _HAS_TRITON:",

@@ -23,9 +23,15 @@ from msf_scale.models._registry import ModelOptionError
 # conv as a generic implicit-GEMM kernel, 0.12 ms a forward at every size on the lent H100 (session 16's profiles:
 # ~6% of videomamba tiny), where as one [T'H'W', 3 x k] x [3 x k, d] GEMM it is a few microseconds by arithmetic.
 # Not the default: not yet timed (issue 19 keeps only what a measurement shows pays; speed_checks PARTS=patchembed).
-PATCH_EMBED_COMPILED_FORM = os.environ.get("MSF_SCALE_PATCH_EMBED_COMPILED", "conv")
-if PATCH_EMBED_COMPILED_FORM not in ("conv", "gemm"):
-    raise ValueError(f"MSF_SCALE_PATCH_EMBED_COMPILED must be conv or gemm, got {PATCH_EMBED_COMPILED_FORM!r}")
+def patch_embed_compiled_form(environ=os.environ) -> str:
+    """$MSF_SCALE_PATCH_EMBED_COMPILED: "conv" (the default) or "gemm"; anything else is refused."""
+    form = environ.get("MSF_SCALE_PATCH_EMBED_COMPILED", "conv")
+    if form not in ("conv", "gemm"):
+        raise ValueError(f"MSF_SCALE_PATCH_EMBED_COMPILED must be conv or gemm, got {form!r}")
+    return form
+
+
+PATCH_EMBED_COMPILED_FORM = patch_embed_compiled_form()
 
 
 STEM_INPUTS = ("rgb", "rgb_diff")

@@ -69,7 +69,8 @@ MAX_SCALES = 3
 # (tl.range's num_stages / loop_unroll_factor; None: Triton's defaults, the kernel's num_stages and no unrolling).
 # "logit_partials": the ASWM logits stored per channel group and summed in torch, instead of atomics into one buffer.
 # "fwd_direct": the forward by direct convolution on CUDA cores (_fwd_direct: one channel a program, logits as
-# partials) instead of the band dots; "direct": its (num_warps, num_stages), None: (4, 1).
+# partials) instead of the band dots; meant for small batches: its partials buffer is C x the logits (~350 MB at
+# batch 32, 576 channels). "direct": its (num_warps, num_stages) or num_warps alone, None: (4, 1).
 CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None, "fwd_shared": None, "aswm_group": None,
                 "fwd_frames": None, "fwd_loop_stages": None, "fwd_unroll": None, "logit_partials": None,
                 "fwd_direct": None, "direct": None}
@@ -559,7 +560,7 @@ def _pos_block(thw: int) -> int:
 
 
 # The forward's settings at batch 1 where CONFIG leaves them None (lent H100, session 16, bench_fusion_infer.py
-# --points: 1.22 / 1.63 / 1.59x the training settings at 192 / 384 / 576 channels, 3/5/7 + ASWM, docs/BENCHMARKS.md).
+# --points: 1.23 / 1.67 / 1.60x session 12's batch-1 setting within one call at 192 / 384 / 576 channels, 3/5/7 + ASWM, docs/BENCHMARKS.md).
 # Larger batches keep the training settings (not timed with these).
 # "fwd_direct" (the direct-convolution kernel) is not timed yet: off.
 BATCH1_FORWARD = {"logit_partials": True, "fwd_shared": True, "fwd_loop_stages": 1, "fwd_unroll": None,
@@ -572,6 +573,13 @@ def _forward_knobs(batch: int) -> dict:
     return {k: CONFIG.get(k) if CONFIG.get(k) is not None or batch != 1 else BATCH1_FORWARD[k] for k in keys}
 
 
+def _direct_launch() -> dict:
+    """_fwd_direct's (num_warps, num_stages): CONFIG "direct" (a pair, or num_warps alone), else (4, 1)."""
+    cfg = CONFIG.get("direct") or (4, 1)
+    warps, stages = (cfg, 1) if isinstance(cfg, int) else (*cfg, 1)[:2]
+    return {"num_warps": warps, "num_stages": stages}
+
+
 def _launch_forward(h, wpack, aw, ab, ks):
     """The forward launches: ([out] with ASWM, else one F per scale), and what the backward needs beyond (h, wpack):
     (awc, alpha, *F) with ASWM, else nothing."""
@@ -580,6 +588,9 @@ def _launch_forward(h, wpack, aw, ab, ks):
     aswm = aw is not None
     awc = aw.detach().reshape(g.NS, g.NS * g.C).contiguous() if aswm else wpack
     knob = _forward_knobs(g.B)
+    if knob["fwd_shared"] and knob["fwd_unroll"] and not knob["fwd_direct"]:
+        raise ValueError("CONFIG fwd_unroll with fwd_shared (batch 1's default) does not compile in Triton 3.6 "
+                         "(PassManager::run failed); set fwd_shared False to unroll")
     direct = bool(knob["fwd_direct"])
     cg = 1 if direct or not aswm else _channel_group(g.C, g.B)
     n_cg = g.C // cg
@@ -593,8 +604,7 @@ def _launch_forward(h, wpack, aw, ab, ks):
         _fwd_direct[(g.B * g.C, g.fwd_n_tb)](h, wpack, *f3, awc, logits, g.B, g.C, g.T, g.H, g.W, **g.scale_kw(),
                                              BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=aswm, ACC=g.ACC,
                                              UNROLL=knob["fwd_unroll"],
-                                             **(dict(zip(("num_warps", "num_stages"), CONFIG["direct"]))
-                                                if CONFIG.get("direct") else {"num_warps": 4, "num_stages": 1}))
+                                             **_direct_launch())
     else:
         _fwd[(g.B * n_cg, g.fwd_n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **g.scale_kw(),
                                        CG=cg, BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=aswm,

@@ -18,9 +18,15 @@ import os
 import torch
 import torch.nn.functional as F
 
-COMPILED_INFERENCE_FORM = os.environ.get("MSF_SCALE_CONV1D_COMPILED", "shifted")   # or "cudnn"
-if COMPILED_INFERENCE_FORM not in ("cudnn", "shifted"):
-    raise ValueError(f"MSF_SCALE_CONV1D_COMPILED must be cudnn or shifted, got {COMPILED_INFERENCE_FORM!r}")
+def compiled_inference_form(environ=os.environ) -> str:
+    """$MSF_SCALE_CONV1D_COMPILED: "shifted" (the default) or "cudnn"; anything else is refused."""
+    form = environ.get("MSF_SCALE_CONV1D_COMPILED", "shifted")
+    if form not in ("cudnn", "shifted"):
+        raise ValueError(f"MSF_SCALE_CONV1D_COMPILED must be cudnn or shifted, got {form!r}")
+    return form
+
+
+COMPILED_INFERENCE_FORM = compiled_inference_form()
 
 
 def _cudnn(x: torch.Tensor) -> bool:

@@ -141,6 +141,7 @@ def test_interpreter_aswm_matches_ref_float64(monkeypatch, scales, theta, fwd_sh
 
     monkeypatch.setitem(ft.CONFIG, "fwd_shared", fwd_shared)
     monkeypatch.setitem(ft.CONFIG, "aswm_group", 2 if fwd_shared else None)   # 3 channels: groups of 1 / of 3
+    monkeypatch.setitem(ft.CONFIG, "logit_partials", fwd_shared)   # per-group logits at batch 2, 3 groups
 
     c = 3
     fusion = StateFusion(c, scales, theta=theta, theta_learnable=True, use_aswm=True, backend="ref",
@@ -165,6 +166,17 @@ def test_interpreter_aswm_matches_ref_float64(monkeypatch, scales, theta, fwd_sh
         assert rel(a, b) < 1e-12, f"grad {name}: rel err {rel(a, b):.2e}"
 
 
+class _Spy:
+    """A launchable kernel's stand-in that records its name on each launch (kernel[grid](...))."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
 @interp
 @pytest.mark.parametrize("scales, fwd_frames, loop", [((3, 5, 7), None, {}), ((3, 5), 1, {}),
                                                      ((3, 5, 7), 2, {"logit_partials": True, "fwd_unroll": 2,
@@ -181,6 +193,12 @@ def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fw
     monkeypatch.setitem(ft.CONFIG, "fwd_frames", fwd_frames)
     for key, value in loop.items():
         monkeypatch.setitem(ft.CONFIG, key, value)
+    if loop.get("fwd_shared") is None and loop.get("fwd_unroll"):
+        monkeypatch.setitem(ft.CONFIG, "fwd_shared", False)   # unrolling the shared loop does not compile (GPU)
+    kernels_run = []
+    for name in ("_fwd", "_fwd_direct"):
+        real = getattr(ft, name)
+        monkeypatch.setattr(ft, name, _Spy(real, name, kernels_run))
     calls = []
     launch = ft._launch_forward
     monkeypatch.setattr(ft, "_launch_forward", lambda *a: calls.append(a[0].shape) or launch(*a))
@@ -203,6 +221,7 @@ def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fw
         packed = fusion.__dict__["_inference_packed"][1]
         cached.append(fusion(h))                          # packed once, then reused
     assert len(calls) == 4, "every no-grad call runs the forward-only op"
+    assert set(kernels_run) == {"_fwd_direct" if loop.get("fwd_direct") else "_fwd"}, kernels_run
     assert fusion.__dict__["_inference_packed"][1] is packed
     for a, b in zip(got_f, want_f):
         assert rel(a, b) < 1e-12
@@ -257,6 +276,9 @@ def test_interpreter_direct_forward_at_batch_two_with_gradients(monkeypatch):
     from msf_scale.ops._fusion_triton import multiscale_fusion_triton
 
     monkeypatch.setitem(ft.CONFIG, "fwd_direct", True)
+    kernels_run = []
+    monkeypatch.setattr(ft, "_fwd", _Spy(ft._fwd, "_fwd", kernels_run))
+    monkeypatch.setattr(ft, "_fwd_direct", _Spy(ft._fwd_direct, "_fwd_direct", kernels_run))
     c = 3
     fusion = StateFusion(c, (3, 5), theta=0.7, theta_learnable=True, use_aswm=True, backend="ref",
                          init="uniform").double()
@@ -266,6 +288,7 @@ def test_interpreter_direct_forward_at_batch_two_with_gradients(monkeypatch):
     got = multiscale_fusion_triton(h, list(fusion.kernels), fusion.theta, fusion.aswm.weight, fusion.aswm.bias)
     want = aswm_ref(state_fusion_ref(h, list(fusion.kernels), fusion.theta), fusion.aswm.weight, fusion.aswm.bias)
     assert rel(got, want) < 1e-12, f"forward rel err {rel(got, want):.2e}"
+    assert kernels_run == ["_fwd_direct"], kernels_run
     g = torch.randn_like(want)
     for a, b in zip(torch.autograd.grad(got, [h, fusion.aswm.weight], g),
                     torch.autograd.grad(want, [h, fusion.aswm.weight], g)):

@@ -111,7 +111,8 @@ def test_causal_conv1d_branches_match_float64(device):
 @pytest.mark.parametrize("form", ["cudnn", "shifted"])
 def test_compiled_inference_conv1d_form(monkeypatch, form):
     """MSF_SCALE_CONV1D_COMPILED=shifted: under torch.compile without autograd the causal and anticausal convs are the
-    shifted multiply-adds (no cuDNN call in the graph); with autograd, or by default, cuDNN. Both agree with eager."""
+    shifted multiply-adds (no cuDNN call in the graph); with autograd, or with cudnn asked for, cuDNN. Both agree with
+    eager."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from msf_scale.ops import causal_conv1d as cc
