@@ -17,8 +17,8 @@
 #   msf_mamba tiny and videomamba base with the scan on cuda (mamba-ssm), then on auto (chunked at batch 1), ~6
 #   minutes; "fusiondirect", not in the default: the triton fusion's direct-convolution forward (CONFIG "fwd_direct",
 #   off): its GPU tests, the op at batch 1 (3/5/7 + ASWM, and 3 alone) against the band form's batch-1 settings with
-#   a sweep of its frames / unroll / warps, then msf_mamba_plus batch-1 compiled latency without and with it, ~5
-#   minutes; "patchembed", not in the default: batch-1 compiled latency with MSF_SCALE_PATCH_EMBED_COMPILED=conv, then
+#   a sweep of its frames / unroll / warps, then batch-1 compiled latency of msf_mamba_plus (3 sizes) and msf_mamba
+#   (tiny, base; its 3^3 fusion on triton for the second run) without and with it, ~7 minutes; "patchembed", not in the default: batch-1 compiled latency with MSF_SCALE_PATCH_EMBED_COMPILED=conv, then
 #   =gemm (the tubelet embedding as one GEMM), four models, ~5 minutes), SIZES="tiny,small" (bench_model),
 #   SWEEP_S=90 (igemm tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
@@ -108,16 +108,20 @@ fusiondirect() {   # the triton fusion's direct-convolution forward (CONFIG "fwd
   pts="$pts;fwd_direct=1,fwd_frames=2,fwd_unroll=4;fwd_direct=1,direct=8/1;fwd_direct=1,fwd_frames=2,direct=2/1"
   "$PY" benchmarks/bench_fusion_infer.py --out "$OUT/fusion_direct" --points "$pts" || rc=1
   "$PY" benchmarks/bench_fusion_infer.py --out "$OUT/fusion_direct3" --scales 3 --points "$pts" || rc=1
-  for on in 0 1; do   # msf_mamba_plus batch-1 compiled latency: the band form's batch-1 settings, then direct
-    "$PY" -c "import runpy, sys; from msf_scale.ops import _fusion_triton as ft; ft.CONFIG['fwd_direct'] = $on or None
+  # batch-1 compiled latency: `auto` (plus: the band form's batch-1 settings; msf_mamba: conv for its 3^3 window),
+  # then the direct forward with the fusion on triton (the same op for plus; msf_mamba's 3^3 on it too)
+  for on in 0 1; do
+    env $([ $on = 1 ] && echo MSF_SCALE_FUSION_BACKEND=triton) "$PY" -c "import runpy, sys
+from msf_scale.ops import _fusion_triton as ft; ft.CONFIG['fwd_direct'] = $on or None
 sys.argv[0] = 'benchmarks/bench_latency.py'; runpy.run_path(sys.argv[0], run_name='__main__')" \
-      --out "$OUT/latency_direct$on" --models msf_mamba_plus_tiny,msf_mamba_plus_small,msf_mamba_plus_base \
-      --modes compile --measures clip --compile-measures clip --budget-s 120 --compile-cap-s 60 || rc=1
+      --out "$OUT/latency_direct$on" \
+      --models msf_mamba_plus_tiny,msf_mamba_plus_small,msf_mamba_plus_base,msf_mamba_tiny,msf_mamba_base \
+      --modes compile --measures clip --compile-measures clip --budget-s 160 --compile-cap-s 60 || rc=1
   done
   return $rc
 }
 export -f fusiondirect
-part fusiondirect 540 bash -c fusiondirect
+part fusiondirect 560 bash -c fusiondirect
 patchembed() {   # the patch embedding's compiled-inference form: cuDNN's conv (default), then one GEMM
   local form rc=0
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/models/test_patch_embed.py || rc=1
