@@ -69,12 +69,13 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--inner", type=int, default=10)
     ap.add_argument("--configs", nargs="*", default=[],
-                    help="BD,warps,programs[,steps] settings after the default")
+                    help="BD,warps,programs[,steps[,ends_vector]] settings after the default")
     args = ap.parse_args(argv)
     dev, dtype = torch.device("cuda"), torch.bfloat16
     default = dict(_scan_chunked.CONFIG)
     settings = [default] + [dict(default, BD=int(v[0]), warps=int(v[1]), programs=int(v[2]),
-                                 steps=int(v[3]) if len(v) > 3 else default["steps"])
+                                 steps=int(v[3]) if len(v) > 3 else default["steps"],
+                                 ends_vector=bool(int(v[4])) if len(v) > 4 else default.get("ends_vector", False))
                             for v in (c.split(",") for c in args.configs)]
     rows = []
     with torch.no_grad():
@@ -89,17 +90,20 @@ def main(argv=None):
             row = dict(width=width, channels=2 * width, cuda_ms=cuda_ms, agreement_rel=rel, chunked=[])
             for cfg in settings:
                 _scan_chunked.CONFIG.update(cfg)
+                y_cfg = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="chunked", **common)
+                rel_cfg = ((y_cfg.float() - y_ref.float()).abs().max() / y_ref.float().abs().max()).item()
                 ms = graph_time(lambda: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"],
                                                        backend="chunked", reverse_groups=1, **common),
                                 args.reps, args.inner)
                 bd = _scan_chunked._block(2 * width, width)
                 chunks = _scan_chunked.chunking(args.batch, 2 * width, args.length, bd)[0]
                 row["chunked"].append(dict(BD=cfg["BD"], warps=cfg["warps"], programs=cfg["programs"],
-                                           steps=cfg["steps"], chunks=chunks, ms=ms, vs_cuda=cuda_ms / ms))
+                                           steps=cfg["steps"], ends_vector=bool(cfg.get("ends_vector")),
+                                           chunks=chunks, ms=ms, vs_cuda=cuda_ms / ms, agreement_rel=rel_cfg))
                 print(f"width {width}: cuda {cuda_ms * 1e3:.1f} us, chunked BD {cfg['BD']} warps {cfg['warps']} "
-                      f"programs {cfg['programs']} steps {cfg['steps']} ({chunks} chunks) {ms * 1e3:.1f} us = "
-                      f"{cuda_ms / ms:.2f}x cuda; "
-                      f"agreement {rel:.2e}", flush=True)
+                      f"programs {cfg['programs']} steps {cfg['steps']} ends_vector {int(bool(cfg.get('ends_vector')))}"
+                      f" ({chunks} chunks) {ms * 1e3:.1f} us = {cuda_ms / ms:.2f}x cuda; "
+                      f"agreement {rel_cfg:.2e}", flush=True)
             _scan_chunked.CONFIG.update(default)
             rows.append(row)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, host=platform.node(),

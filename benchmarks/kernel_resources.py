@@ -134,10 +134,12 @@ def scan_kernels(tiles: tuple[int, int, int], dtype: str, arch: int, length: int
 def chunked_scan_kernels(block: tuple[int, int], dtype: str, arch: int, length: int, d_state: int,
                          batch: int = 1, channels: int = 2 * 384) -> dict:
     """ops/_scan_chunked.py's three kernels as batch-1 inference of a tiny model runs them (D = 2 x 384 grouped
-    channels, D, delta_bias, softplus, no z), with BD channels and ``warps`` a program and optionally ``steps``
-    (CONFIG's by default; the prefix kernel: its own block and 4 warps, as the op launches it)."""
+    channels, D, delta_bias, softplus, no z), with BD channels and ``warps`` a program and optionally ``steps`` and
+    ``ends_vector`` (CONFIG's by default; the prefix kernel: its own block and 4 warps, as the op launches it)."""
     ptr, acc, _ = DTYPES[dtype]
-    bd, warps, steps = (*block, sc.CONFIG["steps"])[:3]
+    bd, warps = block[:2]
+    steps = block[2] if len(block) > 2 else sc.CONFIG["steps"]
+    ends_vector = bool(block[3]) if len(block) > 3 else bool(sc.CONFIG.get("ends_vector"))
     fp32 = "*fp64" if dtype == "float64" else "*fp32"
     nc, lc = sc.chunking(batch, channels, length, bd)
     ncp = triton.next_power_of_2(nc)
@@ -150,7 +152,8 @@ def chunked_scan_kernels(block: tuple[int, int], dtype: str, arch: int, length: 
     outs = {**{p: ptr for p in ("U", "DT", "Z", "Bm", "Cm", "Y")}, **{p: fp32 for p in ("A", "Dv", "BIAS", "HEND")},
             **{k: "i32" for k in ud + ["sz_b", "sz_d", "sz_l"] + bstr + cstr + ["sy_b", "sy_d", "sy_l"] + ints_}}
     prefix_block = min(bd, max(1, sc.PREFIX_ELEMENTS // (ncp * d_state)))
-    return {f"chunk ends NC={nc}": _compile(sc._chunk_ends, ends, common, arch, warps, 1),
+    return {f"chunk ends NC={nc}": _compile(sc._chunk_ends, ends, dict(common, VEC=ends_vector and steps > 0), arch,
+                                            warps, 1),
             f"chunk prefix NC={nc}": _compile(sc._chunk_prefix, {"HEND": fp32, "PROD": fp32, "DIM": "i32"},
                                               dict(NC=nc, NCP=ncp, N=d_state, BD=prefix_block), arch, 4, 1),
             f"chunk outputs NC={nc}": _compile(sc._chunk_outputs, outs, dict(common, HAS_D=True, HAS_Z=False),
@@ -195,7 +198,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--scan-tiles", action="append", default=None,
                     help="BD,BT,warps of the triton selective scan (repeatable): report its kernels instead")
     ap.add_argument("--chunked-scan", action="append", default=None,
-                    help="BD,warps[,steps] of the chunked inference scan (repeatable): report its kernels instead")
+                    help="BD,warps[,steps[,ends_vector]] of the chunked inference scan (repeatable): report its "
+                         "kernels instead")
     ap.add_argument("--fusion-direct", action="append", default=None,
                     help="warps,frames[,unroll] of the triton fusion's direct forward at --shape / --scales "
                          "(repeatable): report it instead")

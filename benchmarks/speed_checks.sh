@@ -14,8 +14,9 @@
 #   default: batch-1 compiled latency of msf_mamba and msf_mamba_plus tiny with MSF_SCALE_CONV1D_COMPILED=cudnn, then
 #   =shifted (the default since session 16), ~4 minutes; "scaninfer", not in the default: the chunked inference scan's GPU tests, its batch-1 kernel
 #   against mamba-ssm's at tiny / small / base widths with a sweep of its blocks, and batch-1 compiled latency of
-#   msf_mamba tiny and videomamba base with the scan on cuda (mamba-ssm), then on auto (chunked at batch 1), ~6
-#   minutes; "fusiondirect", not in the default: the triton fusion's direct-convolution forward (CONFIG "fwd_direct",
+#   msf_mamba tiny and videomamba base with the scan on cuda (mamba-ssm), then on auto (chunked at batch 1),
+#   then the same with CONFIG "ends_vector" (pass 1 on per-step vectors, off by default), ~8 minutes; "fusiondirect", not
+#   in the default: the triton fusion's direct-convolution forward (CONFIG "fwd_direct",
 #   off): its GPU tests, the op at batch 1 (3/5/7 + ASWM, and 3 alone) against the band form's batch-1 settings with
 #   a sweep of its frames / unroll / warps, then batch-1 compiled latency of msf_mamba_plus (3 sizes) and msf_mamba
 #   (tiny, base; its 3^3 fusion on triton for the second run) without and with it, ~7 minutes; "patchembed", not in the default: batch-1 compiled latency with MSF_SCALE_PATCH_EMBED_COMPILED=conv, then
@@ -90,17 +91,22 @@ part conv1d 240 bash -c conv1d
 scaninfer() {   # the chunked scan: GPU tests, kernel timings, then the models' batch-1 latency on mamba-ssm and auto
   local rc=0
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_scan_chunked.py || rc=1
-  "$PY" benchmarks/bench_scan_infer.py --out "$OUT/scan_infer.json" --configs 16,1,2048,0 16,1,2048,4 16,1,2048,16 \
-    16,1,1024,8 || rc=1   # the default (blocks of 8 steps) first, then per step, blocks of 4 and 16, fewer programs
+  "$PY" benchmarks/bench_scan_infer.py --out "$OUT/scan_infer.json" --configs 16,1,2048,8,1 16,1,2048,4,1 \
+    16,1,2048,0 16,1,2048,4 16,1,1024,8 || rc=1   # the default (blocks of 8), then pass 1 on per-step vectors
   for scan in cuda auto; do   # mamba-ssm, then auto (the chunked scan at batch 1)
     MSF_SCALE_SCAN_BACKEND=$scan "$PY" benchmarks/bench_latency.py --out "$OUT/latency_scan_$scan" \
       --models msf_mamba_tiny,videomamba_base --modes compile --measures clip --compile-measures clip \
       --budget-s 100 --compile-cap-s 60 || rc=1
   done
+  "$PY" -c "import runpy, sys   # auto with pass 1 on per-step vectors (CONFIG ends_vector, off by default)
+from msf_scale.ops import _scan_chunked as sc; sc.CONFIG['ends_vector'] = True
+sys.argv[0] = 'benchmarks/bench_latency.py'; runpy.run_path(sys.argv[0], run_name='__main__')" \
+    --out "$OUT/latency_scan_ends_vector" --models msf_mamba_tiny,videomamba_base --modes compile --measures clip \
+    --compile-measures clip --budget-s 100 --compile-cap-s 60 || rc=1
   return $rc
 }
 export -f scaninfer
-part scaninfer 420 bash -c scaninfer
+part scaninfer 540 bash -c scaninfer
 fusiondirect() {   # the triton fusion's direct-convolution forward (CONFIG "fwd_direct", off by default, untimed)
   local rc=0 on
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_fusion_triton.py -k batch_one || rc=1
