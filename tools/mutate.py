@@ -281,8 +281,8 @@ MUTANTS = [
       "return (not torch.is_grad_enabled()", ["tests/ops/test_grouped_scan.py", "-k", "packed"]),
     # --- session 12: the triton fusion's forward-only op and `auto`'s inference choice ----------------------------
     M("fusion_op_packs_raw_kernels_unfolded", "ops", "msf_scale/models/blocks.py",
-      "lambda: pack_kernels(self.kernels, self.theta, h.shape[1], h.dtype)",
-      "lambda: pack_kernels(self.kernels, 0.0, h.shape[1], h.dtype)", [FUSION_TRITON, "-k", "forward_only"]),
+      "lambda: pack_kernels(own, self.theta, h.shape[1], h.dtype)",
+      "lambda: pack_kernels(own, 0.0, h.shape[1], h.dtype)", [FUSION_TRITON, "-k", "forward_only"]),
     M("fusion_op_logit_groups_skip_channels", "ops", "msf_scale/ops/_fusion_triton.py",
       "    n_cg = g.C // cg\n    partials = ", "    n_cg = max(1, g.C // cg // 2)\n    partials = ",
       [FUSION_TRITON, "-k", "forward_only"]),
