@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from msf_scale.models._registry import ModelOptionError
+from msf_scale.ops._choice import env_choice
 
 # The patch embedding's form in a compiled forward without autograd on CUDA (read at import): "conv" (cuDNN; the
 # default) or "gemm" (patchify_linear). Why an alternative: at batch 1 cuDNN runs this 3-channel, 16 x 16-strided
@@ -24,11 +25,8 @@ from msf_scale.models._registry import ModelOptionError
 # ~6% of videomamba tiny), where as one [T'H'W', 3 x k] x [3 x k, d] GEMM it is a few microseconds by arithmetic.
 # Not the default: not yet timed (issue 19 keeps only what a measurement shows pays; speed_checks PARTS=patchembed).
 def patch_embed_compiled_form(environ=os.environ) -> str:
-    """$MSF_SCALE_PATCH_EMBED_COMPILED: "conv" (the default) or "gemm"; anything else is refused."""
-    form = environ.get("MSF_SCALE_PATCH_EMBED_COMPILED", "conv")
-    if form not in ("conv", "gemm"):
-        raise ValueError(f"MSF_SCALE_PATCH_EMBED_COMPILED must be conv or gemm, got {form!r}")
-    return form
+    """$MSF_SCALE_PATCH_EMBED_COMPILED: "conv" (the default) or "gemm"."""
+    return env_choice("MSF_SCALE_PATCH_EMBED_COMPILED", ("conv", "gemm"), "conv", environ)
 
 
 PATCH_EMBED_COMPILED_FORM = patch_embed_compiled_form()

@@ -21,6 +21,15 @@ def requested_backend(backend: str | None, env_var: str, known: tuple[str, ...],
     return backend
 
 
+def env_choice(env_var: str, choices: tuple[str, ...], default: str, environ=os.environ) -> str:
+    """$env_var's value, one of ``choices`` (``default`` when unset): a form read once at import (the conv1d's and
+    the patch embedding's compiled-inference forms); anything else is refused in one line."""
+    value = environ.get(env_var, default)
+    if value not in choices:
+        raise ValueError(f"{env_var} must be {' or '.join(choices)}, got {value!r}")
+    return value
+
+
 def tf32_matmul_allowed() -> bool:
     """torch's TF32 setting for fp32 matmuls, through either API: the legacy flag raises once the new
     ``fp32_precision`` one has been set."""

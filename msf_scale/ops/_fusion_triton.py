@@ -162,6 +162,23 @@ def _add_logits(lg0, lg1, lg2, acc, a_ptr, stride, NS: tl.constexpr, ACC: tl.con
 
 
 @triton.jit
+def _frame_tile(BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """A forward program's tile: rows = BT frames x BH rows of frame block program_id(1), columns x: (t, y, x)."""
+    rows = tl.arange(0, BT * BH)
+    return tl.program_id(1) * BT + rows // BH, rows % BH, tl.arange(0, BW)
+
+
+@triton.jit
+def _store_partials(logit_ptr, lbase, thw, own, own_m, lg0, lg1, lg2, NS: tl.constexpr):
+    """One slice of the logit partials: lg_j at logit_ptr + lbase + j * thw (+ own positions), j < NS."""
+    tl.store(logit_ptr + lbase + own, lg0, mask=own_m)
+    if NS >= 2:
+        tl.store(logit_ptr + lbase + thw + own, lg1, mask=own_m)
+    if NS >= 3:
+        tl.store(logit_ptr + lbase + 2 * thw + own, lg2, mask=own_m)
+
+
+@triton.jit
 def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_cg,
          NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
          OFF1: tl.constexpr, OFF2: tl.constexpr, KTOT: tl.constexpr, KM: tl.constexpr,
@@ -172,13 +189,9 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
     (registers), atomically added across groups (PARTIALS: stored per group instead, [n_cg, B, NS, T, H, W], for
     torch to sum). Program = (b * n_cg + group, frame block)."""
     pid = tl.program_id(0)
-    tb = tl.program_id(1)
     b = pid // n_cg
     cg = pid % n_cg
-    rows = tl.arange(0, BT * BH)
-    t = tb * BT + rows // BH
-    y = rows % BH
-    x = tl.arange(0, BW)
+    t, y, x = _frame_tile(BT, BH, BW)
     xi = tl.arange(0, BW)
     xj = tl.arange(0, BW)
     thw = T * H * W
@@ -228,11 +241,7 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
     if ASWM:
         if PARTIALS:   # this group's own slice: plain stores, summed over groups in torch
             lbase = ((cg * (tl.num_programs(0) // n_cg) + b) * NS).to(tl.int64) * thw   # [group, b, NS] slice
-            tl.store(logit_ptr + lbase + own, lg0, mask=own_m)
-            if NS >= 2:
-                tl.store(logit_ptr + lbase + thw + own, lg1, mask=own_m)
-            if NS >= 3:
-                tl.store(logit_ptr + lbase + 2 * thw + own, lg2, mask=own_m)
+            _store_partials(logit_ptr, lbase, thw, own, own_m, lg0, lg1, lg2, NS)
         else:
             lbase = (b * NS).to(tl.int64) * thw
             tl.atomic_add(logit_ptr + lbase + own, lg0, mask=own_m)
@@ -267,13 +276,9 @@ def _fwd_direct(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, B, C, T
     83 dot steps measured ~0.9 us each at batch 1, latency-bound). With ASWM the channel's logit contributions are
     stored as partials [C, B, NS, T, H, W] (as CONFIG "logit_partials"). Program = (b * C + c, frame block)."""
     pid = tl.program_id(0)
-    tb = tl.program_id(1)
     b = pid // C
     c = pid % C
-    rows = tl.arange(0, BT * BH)
-    t = tb * BT + rows // BH
-    y = rows % BH
-    x = tl.arange(0, BW)
+    t, y, x = _frame_tile(BT, BH, BW)
     thw = T * H * W
     base = pid.to(tl.int64) * thw
     wc = w_ptr + c * KTOT
@@ -311,11 +316,7 @@ def _fwd_direct(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, B, C, T
         if NS >= 3:
             lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc2, aw_ptr + 2 * C + c, NS * C, NS, ACC)
         lbase = ((c * B + b) * NS).to(tl.int64) * thw
-        tl.store(logit_ptr + lbase + own, lg0, mask=own_m)
-        if NS >= 2:
-            tl.store(logit_ptr + lbase + thw + own, lg1, mask=own_m)
-        if NS >= 3:
-            tl.store(logit_ptr + lbase + 2 * thw + own, lg2, mask=own_m)
+        _store_partials(logit_ptr, lbase, thw, own, own_m, lg0, lg1, lg2, NS)
 
 
 @triton.jit

@@ -18,12 +18,11 @@ import os
 import torch
 import torch.nn.functional as F
 
+from msf_scale.ops._choice import env_choice
+
 def compiled_inference_form(environ=os.environ) -> str:
-    """$MSF_SCALE_CONV1D_COMPILED: "shifted" (the default) or "cudnn"; anything else is refused."""
-    form = environ.get("MSF_SCALE_CONV1D_COMPILED", "shifted")
-    if form not in ("cudnn", "shifted"):
-        raise ValueError(f"MSF_SCALE_CONV1D_COMPILED must be cudnn or shifted, got {form!r}")
-    return form
+    """$MSF_SCALE_CONV1D_COMPILED: "shifted" (the default) or "cudnn"."""
+    return env_choice("MSF_SCALE_CONV1D_COMPILED", ("cudnn", "shifted"), "shifted", environ)
 
 
 COMPILED_INFERENCE_FORM = compiled_inference_form()
