@@ -250,6 +250,7 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
             if NS >= 3:
                 tl.atomic_add(logit_ptr + lbase + 2 * thw + own, lg2, mask=own_m)
 
+
 @triton.jit
 def _direct_tap(acc, a, wc, ot, oy, ox, K: tl.constexpr, KM: tl.constexpr, ACC: tl.constexpr, WT):
     """acc += w[ot, oy, ox] * a for a K^3 kernel (taps rounded to the input dtype WT, as the band path rounds them)
