@@ -12,15 +12,16 @@
 #   and torch.compile with Inductor's freezing, ~3 minutes; "fusioninfer", not in the default: the fusion paths' batch-1
 #   forwards by graph replay, 3/5/7 + ASWM with the triton launch sweep and 3 alone, ~1.5 minutes; "conv1d", not in the
 #   default: batch-1 compiled latency of msf_mamba and msf_mamba_plus tiny with MSF_SCALE_CONV1D_COMPILED=cudnn, then
-#   =shifted (the default since session 16), ~4 minutes; "scaninfer", not in the default: the chunked inference scan's GPU tests, its batch-1 kernel
-#   against mamba-ssm's at tiny / small / base widths with a sweep of its blocks, and batch-1 compiled latency of
-#   msf_mamba tiny and videomamba base with the scan on cuda (mamba-ssm), then on auto (chunked at batch 1),
-#   then the same with CONFIG "ends_vector" (pass 1 on per-step vectors, off by default), ~8 minutes; "fusiondirect", not
-#   in the default: the triton fusion's direct-convolution forward (CONFIG "fwd_direct",
-#   off): its GPU tests, the op at batch 1 (3/5/7 + ASWM, and 3 alone) against the band form's batch-1 settings with
-#   a sweep of its frames / unroll / warps, then batch-1 compiled latency of msf_mamba_plus (3 sizes) and msf_mamba
-#   (tiny, base; its 3^3 fusion on triton for the second run) without and with it, ~7 minutes; "patchembed", not in the default: batch-1 compiled latency with MSF_SCALE_PATCH_EMBED_COMPILED=conv, then
-#   =gemm (the tubelet embedding as one GEMM), four models, ~5 minutes), SIZES="tiny,small" (bench_model),
+#   =shifted (the default since session 16), ~4 minutes; "scaninfer", not in the default: the chunked inference scan's
+#   GPU tests, its batch-1 kernel against mamba-ssm's at tiny / small / base widths with a sweep of its blocks, and
+#   batch-1 compiled latency of msf_mamba tiny and videomamba base with the scan on cuda (mamba-ssm), then on auto
+#   (chunked at batch 1), then the same with CONFIG "ends_vector" (pass 1 on per-step vectors, off by default), ~8
+#   minutes; "fusiondirect", not in the default: the triton fusion's direct-convolution forward (CONFIG "fwd_direct",
+#   off): its GPU tests, the op at batch 1 (3/5/7 + ASWM, and 3 alone) against the band form's batch-1 settings with a
+#   sweep of its frames / unroll / warps, then batch-1 compiled latency of msf_mamba_plus (3 sizes) and msf_mamba (tiny,
+#   base; its 3^3 fusion on triton for the second run) without and with it, ~7 minutes; "patchembed", not in the
+#   default: batch-1 compiled latency with MSF_SCALE_PATCH_EMBED_COMPILED=conv, then =gemm (the tubelet embedding as one
+#   GEMM), four models, ~5 minutes), SIZES="tiny,small" (bench_model),
 #   SWEEP_S=90 (igemm tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
 #   PYTHON=python.

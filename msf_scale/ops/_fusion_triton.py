@@ -41,7 +41,8 @@ convolution on CUDA cores, one channel and frame block a program, one loop over 
 shifted tile feeds every scale. At batch 1 the band form's forward is a chain of 49-83 dependent dot steps per
 program (~0.9 us each on the H100, session 16), so a program's latency, not FLOPs, bounds it; the direct loop's
 steps are independent loads and FMAs (343 steps at 3/5/7; at 4 warps and 8 frames a program 16 positions a
-thread: ~5.5 k loads and ~7.9 k FMAs a thread), no band building and no operand layout changes. Its ASWM logits are per-channel partials summed in torch.
+thread: ~5.5 k loads and ~7.9 k FMAs a thread), no band building and no operand layout changes. Its ASWM logits
+are per-channel partials summed in torch.
 
 Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter; how the tests run it).
 """
@@ -562,7 +563,8 @@ def _pos_block(thw: int) -> int:
 
 
 # The forward's settings at batch 1 where CONFIG leaves them None (lent H100, session 16, bench_fusion_infer.py
-# --points: 1.23 / 1.67 / 1.60x session 12's batch-1 setting within one call at 192 / 384 / 576 channels, 3/5/7 + ASWM, docs/BENCHMARKS.md).
+# --points: 1.23 / 1.67 / 1.60x session 12's batch-1 setting within one call at 192 / 384 / 576 channels, 3/5/7 +
+# ASWM, docs/BENCHMARKS.md).
 # Larger batches keep the training settings (not timed with these).
 # "fwd_direct" (the direct-convolution kernel) is not timed yet: off.
 BATCH1_FORWARD = {"logit_partials": True, "fwd_shared": True, "fwd_loop_stages": 1, "fwd_unroll": None,
