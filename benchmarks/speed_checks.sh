@@ -22,7 +22,7 @@
 #   base; its 3^3 fusion on triton for the second run) without and with it, ~7 minutes; "patchembed", not in the
 #   default: batch-1 compiled latency with MSF_SCALE_PATCH_EMBED_COMPILED=conv, then =gemm (the tubelet embedding as one
 #   GEMM), four models, ~5 minutes), SIZES="tiny,small" (bench_model),
-#   SWEEP_S=90 (igemm tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
+#   SCAN_LAT_BACKENDS="cuda auto" (scaninfer's latency runs before ends_vector), SWEEP_S=90 (igemm tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
 #   PYTHON=python.
 # Each part runs under its own `timeout` and the next runs whatever its exit code; OUT/status.txt lists each part's
@@ -94,7 +94,7 @@ scaninfer() {   # the chunked scan: GPU tests, kernel timings, then the models' 
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_scan_chunked.py || rc=1
   "$PY" benchmarks/bench_scan_infer.py --out "$OUT/scan_infer.json" --configs 16,1,2048,8,1 16,1,2048,4,1 \
     16,1,2048,0 16,1,2048,4 16,1,1024,8 || rc=1   # the default (blocks of 8), then pass 1 on per-step vectors
-  for scan in cuda auto; do   # mamba-ssm, then auto (the chunked scan at batch 1)
+  for scan in ${SCAN_LAT_BACKENDS:-cuda auto}; do   # mamba-ssm, then auto (the chunked scan at batch 1)
     MSF_SCALE_SCAN_BACKEND=$scan "$PY" benchmarks/bench_latency.py --out "$OUT/latency_scan_$scan" \
       --models msf_mamba_tiny,videomamba_base --modes compile --measures clip --compile-measures clip \
       --budget-s 100 --compile-cap-s 60 || rc=1

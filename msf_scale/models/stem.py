@@ -19,14 +19,15 @@ import torch.nn.functional as F
 from msf_scale.models._registry import ModelOptionError
 from msf_scale.ops._choice import env_choice
 
-# The patch embedding's form in a compiled forward without autograd on CUDA (read at import): "conv" (cuDNN; the
-# default) or "gemm" (patchify_linear). Why an alternative: at batch 1 cuDNN runs this 3-channel, 16 x 16-strided
+# The patch embedding's form in a compiled forward without autograd on CUDA (read at import): "gemm" (patchify_linear;
+# the default) or "conv" (cuDNN). Why an alternative: at batch 1 cuDNN runs this 3-channel, 16 x 16-strided
 # conv as a generic implicit-GEMM kernel, 0.12 ms a forward at every size on the lent H100 (session 16's profiles:
 # ~6% of videomamba tiny), where as one [T'H'W', 3 x k] x [3 x k, d] GEMM it is a few microseconds by arithmetic.
-# Not the default: not yet timed (issue 19 keeps only what a measurement shows pays; speed_checks PARTS=patchembed).
+# Measured (H100, session 17, batch-1 compiled, conv -> gemm in one call): msf_mamba_plus tiny 3.36 -> 3.24 ms,
+# videomamba base 5.22 -> 5.05, msf_mamba base 6.16 -> 5.97 (3.1-3.6%); hence the default.
 def patch_embed_compiled_form(environ=os.environ) -> str:
-    """$MSF_SCALE_PATCH_EMBED_COMPILED: "conv" (the default) or "gemm"."""
-    return env_choice("MSF_SCALE_PATCH_EMBED_COMPILED", ("conv", "gemm"), "conv", environ)
+    """$MSF_SCALE_PATCH_EMBED_COMPILED: "gemm" (the default) or "conv"."""
+    return env_choice("MSF_SCALE_PATCH_EMBED_COMPILED", ("conv", "gemm"), "gemm", environ)
 
 
 PATCH_EMBED_COMPILED_FORM = patch_embed_compiled_form()
@@ -64,7 +65,7 @@ def patchify_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 class PatchEmbed(nn.Conv3d):
     """VideoMamba's tubelet embedding: a Conv3d whose stride is its kernel (the same parameters and state_dict keys),
-    run as patchify_linear in a compiled CUDA forward without autograd when MSF_SCALE_PATCH_EMBED_COMPILED=gemm."""
+    run as patchify_linear in a compiled CUDA forward without autograd (MSF_SCALE_PATCH_EMBED_COMPILED=gemm, the default)."""
 
     def __init__(self, in_chans: int, dim: int, kernel: tuple[int, int, int], device=None, dtype=None):
         super().__init__(in_chans, dim, kernel, stride=kernel, device=device, dtype=dtype)

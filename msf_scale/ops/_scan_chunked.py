@@ -34,12 +34,14 @@ import triton.language as tl
 # step loads its own inputs (session 14: latency-bound, 0.7-0.9 us a step); a power of two, blocks of that many steps
 # load theirs at once and pick a step's column out of the tiles (8: 1.28 / 1.58 / 1.72x mamba-ssm's kernel at tiny /
 # small / base's batch-1 widths, against 0.79 / 0.87 / 0.87x per step; 4: the same; 16: slower; issuing the next
-# block's loads before this block's steps: slower, 1.18 / 1.46 / 1.60x; H100, session 15, docs/BENCHMARKS.md).
+# block's loads before this block's steps: slower, 1.18 / 1.46 / 1.60x; H100, session 15, docs/BENCHMARKS.md). Session
+# 17, one call: 4 is 1.30 / 1.62 / 1.54x against 8's 1.28 / 1.58 / 1.47x (base width 1152), 2 no better: 4 is the
+# default (videomamba / msf_mamba base batch-1 compiled 1.5-1.6% faster).
 # "ends_vector": pass 1 with TS > 0 loads each step's inputs as vectors in an unrolled block instead of tiles it
 # picks columns out of: compiled for sm_90 the pass has no barriers, shared-memory round trips or shuffles left (10,
 # 59 and 25 in the tile form's block, session 16); pass 3 the same way kept 8 barriers and 256 shuffles (its y
 # reduction and stores), so it stays on tiles. Off: not timed yet.
-CONFIG = {"BD": 16, "warps": 1, "programs": 2048, "min_chunk": 16, "steps": 8, "ends_vector": False}
+CONFIG = {"BD": 16, "warps": 1, "programs": 2048, "min_chunk": 16, "steps": 4, "ends_vector": False}
 PREFIX_ELEMENTS = 4096   # elements of a chunk-prefix program's [channels, chunks, N] tile (4 warps: no spills on sm_90)
 
 

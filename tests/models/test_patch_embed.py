@@ -65,7 +65,7 @@ def test_the_model_keeps_its_conv_parameters():
 
 
 def test_environment_variable_is_read_and_checked():
-    assert stem.patch_embed_compiled_form({}) == "conv"
+    assert stem.patch_embed_compiled_form({}) == "gemm"   # the default since session 17 (measured 3.1-3.6% faster)
     assert stem.patch_embed_compiled_form({"MSF_SCALE_PATCH_EMBED_COMPILED": "gemm"}) == "gemm"
     with pytest.raises(ValueError, match="conv or gemm"):
         stem.patch_embed_compiled_form({"MSF_SCALE_PATCH_EMBED_COMPILED": "fast"})
