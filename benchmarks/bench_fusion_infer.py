@@ -11,8 +11,7 @@ captured in one CUDA graph (as msf_scale.inference replays the model) and the gr
     triton[...]     ops/_fusion_triton.multiscale_fusion_triton (scales and ASWM fused) at launch settings from its
                     CONFIG: g = aswm_group (channels per program), f = fwd_frames (frames per program), s = fwd_shared,
                     st / u = fwd_loop_stages / fwd_unroll (the window loop's pipelining / unrolling), p =
-                    logit_partials (ASWM logits per channel group, summed in torch, instead of atomics), d =
-                    fwd_direct (direct convolution on CUDA cores instead of the band dots)
+                    logit_partials (ASWM logits per channel group, summed in torch, instead of atomics)
 Each row's error is the max |out - ref| / max |ref| against the float64 ``ref`` backend on the same rounded inputs.
 Writes DIR/bench_fusion_infer.json and .md; prints the table.
 """
@@ -67,8 +66,8 @@ def sweep_points(groups, frames, shared):
 
 
 def parse_point(text: str) -> dict:
-    """'aswm_group=1,fwd_unroll=2,direct=8/1' -> {"aswm_group": 1, "fwd_unroll": 2, "direct": (8, 1)} (integers,
-    '/'-separated tuples of them; 'none' for None)."""
+    """'aswm_group=1,fwd_unroll=2,fwd=8/3' -> {"aswm_group": 1, "fwd_unroll": 2, "fwd": (8, 3)} (integers,
+    '/'-separated tuples of them, as CONFIG's (num_warps, num_stages) pairs; 'none' for None)."""
     point = {}
     for item in filter(str.strip, text.split(",")):   # empty items (a trailing comma) are skipped
         key, _, value = item.partition("=")
@@ -80,7 +79,7 @@ def parse_point(text: str) -> dict:
 
 def point_label(point: dict, name: str = "triton") -> str:
     short = {"aswm_group": "g", "fwd_frames": "f", "fwd_shared": "s", "fwd_loop_stages": "st", "fwd_unroll": "u",
-             "logit_partials": "p", "fwd_direct": "d"}
+             "logit_partials": "p"}
     def shown(v):
         return "/".join(map(str, v)) if isinstance(v, tuple) else str(int(v)) if isinstance(v, bool) else str(v)
     text = ",".join(f"{short.get(k, k)}={shown(v)}" for k, v in point.items())
@@ -99,7 +98,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--shared", default="1", help="fwd_shared values swept (0, 1)")
     ap.add_argument("--points", default=None,
                     help="instead of the sweep: CONFIG settings, 'key=value,...' separated by ';' (e.g. "
-                         "'aswm_group=1,fwd_shared=0,fwd_unroll=2;fwd_direct=1,direct=8/1')")
+                         "'aswm_group=1,fwd_shared=0,fwd_unroll=2;logit_partials=1,fwd=8/3')")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (CUDA-graph replay)")

@@ -69,14 +69,16 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--inner", type=int, default=10)
     ap.add_argument("--configs", nargs="*", default=[],
-                    help="BD,warps,programs[,steps[,ends_vector]] settings after the default")
+                    help="BD,warps,programs[,steps] settings after the default")
     args = ap.parse_args(argv)
     dev, dtype = torch.device("cuda"), torch.bfloat16
     default = dict(_scan_chunked.CONFIG)
+    configs = [c.split(",") for c in args.configs]
+    if any(len(v) not in (3, 4) for v in configs):
+        ap.error("--configs: each setting is BD,warps,programs[,steps]")
     settings = [default] + [dict(default, BD=int(v[0]), warps=int(v[1]), programs=int(v[2]),
-                                 steps=int(v[3]) if len(v) > 3 else default["steps"],
-                                 ends_vector=bool(int(v[4])) if len(v) > 4 else default.get("ends_vector", False))
-                            for v in (c.split(",") for c in args.configs)]
+                                 steps=int(v[3]) if len(v) > 3 else default["steps"])
+                            for v in configs]
     rows = []
     with torch.no_grad():
         for width in (int(w) for w in args.widths.split(",")):
@@ -98,12 +100,11 @@ def main(argv=None):
                 bd = _scan_chunked._block(2 * width, width)
                 chunks = _scan_chunked.chunking(args.batch, 2 * width, args.length, bd)[0]
                 row["chunked"].append(dict(BD=cfg["BD"], warps=cfg["warps"], programs=cfg["programs"],
-                                           steps=cfg["steps"], ends_vector=bool(cfg.get("ends_vector")),
-                                           chunks=chunks, ms=ms, vs_cuda=cuda_ms / ms, agreement_rel=rel_cfg))
+                                           steps=cfg["steps"], chunks=chunks, ms=ms, vs_cuda=cuda_ms / ms,
+                                           agreement_rel=rel_cfg))
                 print(f"width {width}: cuda {cuda_ms * 1e3:.1f} us, chunked BD {cfg['BD']} warps {cfg['warps']} "
-                      f"programs {cfg['programs']} steps {cfg['steps']} ends_vector {int(bool(cfg.get('ends_vector')))}"
-                      f" ({chunks} chunks) {ms * 1e3:.1f} us = {cuda_ms / ms:.2f}x cuda; "
-                      f"agreement {rel_cfg:.2e}", flush=True)
+                      f"programs {cfg['programs']} steps {cfg['steps']} ({chunks} chunks) {ms * 1e3:.1f} us = "
+                      f"{cuda_ms / ms:.2f}x cuda; agreement {rel_cfg:.2e}", flush=True)
             _scan_chunked.CONFIG.update(default)
             rows.append(row)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, host=platform.node(),

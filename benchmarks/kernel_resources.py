@@ -4,7 +4,6 @@
     python benchmarks/kernel_resources.py --arch 90 --dtype bfloat16 --shape 1,384,8,14,14 --tiles 64,64,4,2
     python benchmarks/kernel_resources.py --scan-tiles 16,32,8 --scan-tiles 4,32,4   # the triton scan instead
     python benchmarks/kernel_resources.py --chunked-scan 16,1 --chunked-scan 8,1     # the chunked inference scan
-    python benchmarks/kernel_resources.py --shape 1,192,8,14,14 --fusion-direct 4,8 --fusion-direct 4,2,4
 
 Why: tile sizes that spill registers to local memory are slow on every GPU run, and ptxas says so at compile time.
 Triton compiles a kernel for a named target on any machine (its ASTSource + GPUTarget), and the ptxas it ships
@@ -31,7 +30,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from msf_scale.ops import _fusion_igemm as fi  # noqa: E402
-from msf_scale.ops import _fusion_triton as ft  # noqa: E402
 from msf_scale.ops import _scan_chunked as sc  # noqa: E402
 from msf_scale.ops import _scan_triton as st  # noqa: E402
 
@@ -134,12 +132,10 @@ def scan_kernels(tiles: tuple[int, int, int], dtype: str, arch: int, length: int
 def chunked_scan_kernels(block: tuple[int, int], dtype: str, arch: int, length: int, d_state: int,
                          batch: int = 1, channels: int = 2 * 384) -> dict:
     """ops/_scan_chunked.py's three kernels as batch-1 inference of a tiny model runs them (D = 2 x 384 grouped
-    channels, D, delta_bias, softplus, no z), with BD channels and ``warps`` a program and optionally ``steps`` and
-    ``ends_vector`` (CONFIG's by default; the prefix kernel: its own block and 4 warps, as the op launches it)."""
+    channels, D, delta_bias, softplus, no z), with BD channels and ``warps`` a program and optionally ``steps``
+    (CONFIG's by default; the prefix kernel: its own block and 4 warps, as the op launches it)."""
     ptr, acc, _ = DTYPES[dtype]
-    bd, warps = block[:2]
-    steps = block[2] if len(block) > 2 else sc.CONFIG["steps"]
-    ends_vector = bool(block[3]) if len(block) > 3 else bool(sc.CONFIG.get("ends_vector"))
+    bd, warps, steps = (*block, sc.CONFIG["steps"])[:3]
     fp32 = "*fp64" if dtype == "float64" else "*fp32"
     nc, lc = sc.chunking(batch, channels, length, bd)
     ncp = triton.next_power_of_2(nc)
@@ -152,34 +148,11 @@ def chunked_scan_kernels(block: tuple[int, int], dtype: str, arch: int, length: 
     outs = {**{p: ptr for p in ("U", "DT", "Z", "Bm", "Cm", "Y")}, **{p: fp32 for p in ("A", "Dv", "BIAS", "HEND")},
             **{k: "i32" for k in ud + ["sz_b", "sz_d", "sz_l"] + bstr + cstr + ["sy_b", "sy_d", "sy_l"] + ints_}}
     prefix_block = min(bd, max(1, sc.PREFIX_ELEMENTS // (ncp * d_state)))
-    return {f"chunk ends NC={nc}": _compile(sc._chunk_ends, ends, dict(common, VEC=ends_vector and steps > 0), arch,
-                                            warps, 1),
+    return {f"chunk ends NC={nc}": _compile(sc._chunk_ends, ends, common, arch, warps, 1),
             f"chunk prefix NC={nc}": _compile(sc._chunk_prefix, {"HEND": fp32, "PROD": fp32, "DIM": "i32"},
                                               dict(NC=nc, NCP=ncp, N=d_state, BD=prefix_block), arch, 4, 1),
             f"chunk outputs NC={nc}": _compile(sc._chunk_outputs, outs, dict(common, HAS_D=True, HAS_Z=False),
                                                arch, warps, 1)}
-
-
-def fusion_direct_kernel(setting: tuple[int, ...], shape, ks, dtype: str, arch: int):
-    """ops/_fusion_triton.py's direct-convolution forward (_fwd_direct, CONFIG "fwd_direct") with ASWM as the fused
-    op launches it at ``shape``: setting = (warps, frames a program[, unroll factor])."""
-    ptr, acc, _ = DTYPES[dtype]
-    warps, frames, unroll = (*setting, 0)[:3]
-    _, _, t, hh, ww = shape
-    bh, bw = ft._pow2(hh), max(16, ft._pow2(ww))
-    bt = min(max(1, 128 // bh), ft._pow2(t), ft._pow2(frames))   # as _Geom: at most 128 rows, fwd_frames fewer
-    bt = max(bt, triton.cdiv(16, bh))
-    kk = list(ks) + [0] * (ft.MAX_SCALES - len(ks))
-    offs = [0]
-    for k in ks:
-        offs.append(offs[-1] + k ** 3)
-    fp32 = "*fp64" if dtype == "float64" else "*fp32"
-    signature = {"h_ptr": ptr, "w_ptr": fp32, "f0_ptr": ptr, "f1_ptr": ptr, "f2_ptr": ptr, "aw_ptr": ptr,
-                 "logit_ptr": fp32, **{k: "i32" for k in ("B", "C", "T", "H", "W")}}
-    constants = dict(NS=len(ks), K0=kk[0], K1=kk[1], K2=kk[2], OFF1=offs[1] if len(ks) > 1 else 0,
-                     OFF2=offs[2] if len(ks) > 2 else 0, KTOT=offs[len(ks)], KM=max(ks), BT=bt, BH=bh, BW=bw,
-                     ASWM=len(ks) > 1, ACC=acc, UNROLL=unroll or None)
-    return _compile(ft._fwd_direct, signature, constants, arch, warps, 1)
 
 
 def main(argv=None) -> list[dict]:
@@ -198,11 +171,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--scan-tiles", action="append", default=None,
                     help="BD,BT,warps of the triton selective scan (repeatable): report its kernels instead")
     ap.add_argument("--chunked-scan", action="append", default=None,
-                    help="BD,warps[,steps[,ends_vector]] of the chunked inference scan (repeatable): report its "
-                         "kernels instead")
-    ap.add_argument("--fusion-direct", action="append", default=None,
-                    help="warps,frames[,unroll] of the triton fusion's direct forward at --shape / --scales "
-                         "(repeatable): report it instead")
+                    help="BD,warps[,steps] of the chunked inference scan (repeatable): report its kernels instead")
     ap.add_argument("--scan-length", type=int, default=1569, help="the scan's L (tiles are a compile constant)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = ap.parse_args(argv)
@@ -235,10 +204,7 @@ def main(argv=None) -> list[dict]:
         for kernel, compiled in chunked_scan_kernels(ints(block, None, "--chunked-scan"), args.dtype, args.arch,
                                                      args.scan_length, 16).items():
             row(f"chunked scan {kernel} L={args.scan_length}", block, compiled)
-    for setting in args.fusion_direct or []:
-        row(f"fusion direct forward k={scales}", setting,
-            fusion_direct_kernel(ints(setting, None, "--fusion-direct"), shape, ks, args.dtype, args.arch))
-    scans = args.scan_tiles or args.chunked_scan or args.fusion_direct
+    scans = args.scan_tiles or args.chunked_scan
     for tiles in ([] if scans else args.tiles
                   or [",".join(str(cfg[k]) for k in ("BM", "BK", "warps", "stages"))]):
         bm, bk, warps, stages = ints(tiles, 4, "--tiles")
@@ -253,7 +219,7 @@ def main(argv=None) -> list[dict]:
     if args.json:
         print(json.dumps(rows))
         return rows
-    what = "scan / direct fusion kernels" if scans else f"igemm kernels, shape {shape},"
+    what = "scan kernels" if scans else f"igemm kernels, shape {shape},"
     print(f"{what} for sm_{args.arch}, {args.dtype} (ptxas -v; compile-time facts)\n")
     print("| kernel | tiles | registers | spill stores / loads (B) | shared (B) | MMA |\n|---|---|---:|---:|---:|---|")
     for r in rows:

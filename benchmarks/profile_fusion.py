@@ -64,7 +64,7 @@ KINDS = (  # first match wins: a kernel's name -> what it does. Inductor's kerne
 
 
 EXACT_KINDS = {   # this project's Triton kernels whose short names would match no key, or a wrong one
-    "_fwd": "fusion", "_bwd": "fusion", "_fwd_direct": "fusion",   # ops/_fusion_triton.py
+    "_fwd": "fusion", "_bwd": "fusion",                       # ops/_fusion_triton.py
     "_chunk_outputs": "scan", "_chunk_prefix": "scan",        # ops/_scan_chunked.py (_chunk_ends matches "scan")
 }
 

@@ -15,14 +15,10 @@
 #   =shifted (the default since session 16), ~4 minutes; "scaninfer", not in the default: the chunked inference scan's
 #   GPU tests, its batch-1 kernel against mamba-ssm's at tiny / small / base widths with a sweep of its blocks, and
 #   batch-1 compiled latency of msf_mamba tiny and videomamba base with the scan on cuda (mamba-ssm), then on auto
-#   (chunked at batch 1), then the same with CONFIG "ends_vector" (pass 1 on per-step vectors, off by default), ~8
-#   minutes; "fusiondirect", not in the default: the triton fusion's direct-convolution forward (CONFIG "fwd_direct",
-#   off): its GPU tests, the op at batch 1 (3/5/7 + ASWM, and 3 alone) against the band form's batch-1 settings with a
-#   sweep of its frames / unroll / warps, then batch-1 compiled latency of msf_mamba_plus (3 sizes) and msf_mamba (tiny,
-#   base; its 3^3 fusion on triton for the second run) without and with it, ~7 minutes; "patchembed", not in the
-#   default: batch-1 compiled latency with MSF_SCALE_PATCH_EMBED_COMPILED=conv, then =gemm (the tubelet embedding as one
-#   GEMM), four models, ~5 minutes), SIZES="tiny,small" (bench_model),
-#   SCAN_LAT_BACKENDS="cuda auto" (scaninfer's latency runs before ends_vector), SWEEP_S=90 (igemm tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
+#   (chunked at batch 1), ~5 minutes; "patchembed", not in the default: batch-1 compiled latency with
+#   MSF_SCALE_PATCH_EMBED_COMPILED=conv, then =gemm (the tubelet embedding as one GEMM), four models, ~5 minutes),
+#   SIZES="tiny,small" (bench_model), SCAN_LAT_BACKENDS="cuda auto" (scaninfer's latency runs), SWEEP_S=90 (igemm
+#   tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
 #   PYTHON=python.
 # Each part runs under its own `timeout` and the next runs whatever its exit code; OUT/status.txt lists each part's
@@ -92,43 +88,17 @@ part conv1d 240 bash -c conv1d
 scaninfer() {   # the chunked scan: GPU tests, kernel timings, then the models' batch-1 latency on mamba-ssm and auto
   local rc=0
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_scan_chunked.py || rc=1
-  "$PY" benchmarks/bench_scan_infer.py --out "$OUT/scan_infer.json" --configs 16,1,2048,8,1 16,1,2048,4,1 \
-    16,1,2048,0 16,1,2048,4 16,1,1024,8 || rc=1   # the default (blocks of 8), then pass 1 on per-step vectors
+  "$PY" benchmarks/bench_scan_infer.py --out "$OUT/scan_infer.json" --configs 16,1,2048,8 \
+    16,1,2048,2 16,1,2048,0 16,1,1024,4 || rc=1   # the default (blocks of 4), then blocks of 8, 2, per step, fewer programs
   for scan in ${SCAN_LAT_BACKENDS:-cuda auto}; do   # mamba-ssm, then auto (the chunked scan at batch 1)
     MSF_SCALE_SCAN_BACKEND=$scan "$PY" benchmarks/bench_latency.py --out "$OUT/latency_scan_$scan" \
       --models msf_mamba_tiny,videomamba_base --modes compile --measures clip --compile-measures clip \
       --budget-s 100 --compile-cap-s 60 || rc=1
   done
-  "$PY" -c "import runpy, sys   # auto with pass 1 on per-step vectors (CONFIG ends_vector, off by default)
-from msf_scale.ops import _scan_chunked as sc; sc.CONFIG['ends_vector'] = True
-sys.argv[0] = 'benchmarks/bench_latency.py'; runpy.run_path(sys.argv[0], run_name='__main__')" \
-    --out "$OUT/latency_scan_ends_vector" --models msf_mamba_tiny,videomamba_base --modes compile --measures clip \
-    --compile-measures clip --budget-s 100 --compile-cap-s 60 || rc=1
   return $rc
 }
 export -f scaninfer
-part scaninfer 540 bash -c scaninfer
-fusiondirect() {   # the triton fusion's direct-convolution forward (CONFIG "fwd_direct", off by default, untimed)
-  local rc=0 on
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_fusion_triton.py -k batch_one || rc=1
-  local pts="aswm_group=1;fwd_direct=1;fwd_direct=1,fwd_frames=2;fwd_direct=1,fwd_frames=1;fwd_direct=1,fwd_unroll=4"
-  pts="$pts;fwd_direct=1,fwd_frames=2,fwd_unroll=4;fwd_direct=1,direct=8/1;fwd_direct=1,fwd_frames=2,direct=2/1"
-  "$PY" benchmarks/bench_fusion_infer.py --out "$OUT/fusion_direct" --points "$pts" || rc=1
-  "$PY" benchmarks/bench_fusion_infer.py --out "$OUT/fusion_direct3" --scales 3 --points "$pts" || rc=1
-  # batch-1 compiled latency: `auto` (plus: the band form's batch-1 settings; msf_mamba: conv for its 3^3 window),
-  # then the direct forward with the fusion on triton (the same op for plus; msf_mamba's 3^3 on it too)
-  for on in 0 1; do
-    env $([ $on = 1 ] && echo MSF_SCALE_FUSION_BACKEND=triton) "$PY" -c "import runpy, sys
-from msf_scale.ops import _fusion_triton as ft; ft.CONFIG['fwd_direct'] = $on or None
-sys.argv[0] = 'benchmarks/bench_latency.py'; runpy.run_path(sys.argv[0], run_name='__main__')" \
-      --out "$OUT/latency_direct$on" \
-      --models msf_mamba_plus_tiny,msf_mamba_plus_small,msf_mamba_plus_base,msf_mamba_tiny,msf_mamba_base \
-      --modes compile --measures clip --compile-measures clip --budget-s 160 --compile-cap-s 60 || rc=1
-  done
-  return $rc
-}
-export -f fusiondirect
-part fusiondirect 560 bash -c fusiondirect
+part scaninfer 420 bash -c scaninfer
 patchembed() {   # the patch embedding's compiled-inference form: cuDNN's conv (default), then one GEMM
   local form rc=0
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/models/test_patch_embed.py || rc=1

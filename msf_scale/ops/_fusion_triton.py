@@ -36,14 +36,6 @@ sum_j A[j, m*C + c] dlogit_j, and per-(batch, block) partials of the 1x1 conv's 
 every tap's gradient, summed over the tile's rows, as partials [n_groups * n_tb, C, sum k^3] that torch sums over
 the first axis: a two-stage, deterministic reduction, no weight atomics).
 
-A second forward for small batches, ``_fwd_direct`` (``CONFIG["fwd_direct"]``; off, not yet timed): direct
-convolution on CUDA cores, one channel and frame block a program, one loop over the largest window's offsets whose
-shifted tile feeds every scale. At batch 1 the band form's forward is a chain of 49-83 dependent dot steps per
-program (~0.9 us each on the H100, session 16), so a program's latency, not FLOPs, bounds it; the direct loop's
-steps are independent loads and FMAs (343 steps at 3/5/7; at 4 warps and 8 frames a program 16 positions a
-thread: ~5.5 k loads and ~7.9 k FMAs a thread), no band building and no operand layout changes. Its ASWM logits
-are per-channel partials summed in torch.
-
 Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter; how the tests run it).
 """
 from __future__ import annotations
@@ -69,12 +61,10 @@ MAX_SCALES = 3
 # "fwd_loop_stages" / "fwd_unroll": the forward's window-row loop's software-pipelining depth and unroll factor
 # (tl.range's num_stages / loop_unroll_factor; None: Triton's defaults, the kernel's num_stages and no unrolling).
 # "logit_partials": the ASWM logits stored per channel group and summed in torch, instead of atomics into one buffer.
-# "fwd_direct": the forward by direct convolution on CUDA cores (_fwd_direct: one channel a program, logits as
-# partials) instead of the band dots; meant for small batches: its partials buffer is C x the logits (~350 MB at
-# batch 32, 576 channels). "direct": its (num_warps, num_stages) or num_warps alone, None: (4, 1).
+# A direct-convolution forward for small batches was built and timed in session 17: 2.1-2.9x slower than this band
+# form at batch 1 (docs/BENCHMARKS.md), removed.
 CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None, "fwd_shared": None, "aswm_group": None,
-                "fwd_frames": None, "fwd_loop_stages": None, "fwd_unroll": None, "logit_partials": None,
-                "fwd_direct": None, "direct": None}
+                "fwd_frames": None, "fwd_loop_stages": None, "fwd_unroll": None, "logit_partials": None}
 
 
 def _pow2(n: int) -> int:
@@ -250,75 +240,6 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
                 tl.atomic_add(logit_ptr + lbase + thw + own, lg1, mask=own_m)
             if NS >= 3:
                 tl.atomic_add(logit_ptr + lbase + 2 * thw + own, lg2, mask=own_m)
-
-
-@triton.jit
-def _direct_tap(acc, a, wc, ot, oy, ox, K: tl.constexpr, KM: tl.constexpr, ACC: tl.constexpr, WT):
-    """acc += w[ot, oy, ox] * a for a K^3 kernel (taps rounded to the input dtype WT, as the band path rounds them)
-    when the offset is inside its window."""
-    R: tl.constexpr = K // 2
-    if K == KM:
-        acc += tl.load(wc + ((ot + R) * K + oy + R) * K + ox + R).to(WT).to(ACC) * a
-    else:
-        if (ot >= -R) & (ot <= R) & (oy >= -R) & (oy <= R) & (ox >= -R) & (ox <= R):
-            acc += tl.load(wc + ((ot + R) * K + oy + R) * K + ox + R).to(WT).to(ACC) * a
-    return acc
-
-
-@triton.jit
-def _fwd_direct(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, B, C, T, H, W,
-                NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-                OFF1: tl.constexpr, OFF2: tl.constexpr, KTOT: tl.constexpr, KM: tl.constexpr,
-                BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, ASWM: tl.constexpr, ACC: tl.constexpr,
-                UNROLL: tl.constexpr):
-    """The forward by direct convolution on CUDA cores, for small batches (CONFIG "fwd_direct"): one channel and one
-    frame block a program, one loop over the KM^3 offsets of the largest window, each offset's shifted tile loaded
-    once (masked, from L1/L2) and multiply-added into every scale whose window holds it. No tensor-core dots, so no
-    band building and no operand layout changes per step: the steps are independent loads and FMAs (the band path's
-    83 dot steps measured ~0.9 us each at batch 1, latency-bound). With ASWM the channel's logit contributions are
-    stored as partials [C, B, NS, T, H, W] (as CONFIG "logit_partials"). Program = (b * C + c, frame block)."""
-    pid = tl.program_id(0)
-    b = pid // C
-    c = pid % C
-    t, y, x = _frame_tile(BT, BH, BW)
-    thw = T * H * W
-    base = pid.to(tl.int64) * thw
-    wc = w_ptr + c * KTOT
-    WT = h_ptr.dtype.element_ty
-    acc0 = tl.zeros((BT * BH, BW), dtype=ACC)
-    acc1 = tl.zeros((BT * BH, BW), dtype=ACC)
-    acc2 = tl.zeros((BT * BH, BW), dtype=ACC)
-    RM: tl.constexpr = KM // 2
-    for d in tl.range(KM * KM * KM, loop_unroll_factor=UNROLL):
-        ot = d // (KM * KM) - RM
-        oy = (d // KM) % KM - RM
-        ox = d % KM - RM
-        tt = t + ot
-        yy = y + oy
-        xx = x + ox
-        m = ((tt >= 0) & (tt < T) & (yy >= 0) & (yy < H))[:, None] & ((xx >= 0) & (xx < W))[None, :]
-        a = tl.load(h_ptr + base + (tt * (H * W) + yy * W)[:, None] + xx[None, :], mask=m, other=0.0).to(ACC)
-        acc0 = _direct_tap(acc0, a, wc, ot, oy, ox, K0, KM, ACC, WT)
-        if NS >= 2:
-            acc1 = _direct_tap(acc1, a, wc + OFF1, ot, oy, ox, K1, KM, ACC, WT)
-        if NS >= 3:
-            acc2 = _direct_tap(acc2, a, wc + OFF2, ot, oy, ox, K2, KM, ACC, WT)
-    own_m = ((t < T) & (y < H))[:, None] & (x < W)[None, :]
-    own = (t * (H * W) + y * W)[:, None] + x[None, :]
-    tl.store(f0_ptr + base + own, acc0.to(f0_ptr.dtype.element_ty), mask=own_m)
-    if NS >= 2:
-        tl.store(f1_ptr + base + own, acc1.to(f1_ptr.dtype.element_ty), mask=own_m)
-    if NS >= 3:
-        tl.store(f2_ptr + base + own, acc2.to(f2_ptr.dtype.element_ty), mask=own_m)
-    if ASWM:   # lg_j = sum_m A[j, m*C + c] F_m[c], this channel's share, stored in its own slice
-        lg0, lg1, lg2 = _add_logits(tl.zeros((BT * BH, BW), dtype=ACC), tl.zeros((BT * BH, BW), dtype=ACC),
-                                    tl.zeros((BT * BH, BW), dtype=ACC), acc0, aw_ptr + c, NS * C, NS, ACC)
-        if NS >= 2:
-            lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc1, aw_ptr + C + c, NS * C, NS, ACC)
-        if NS >= 3:
-            lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc2, aw_ptr + 2 * C + c, NS * C, NS, ACC)
-        lbase = ((c * B + b) * NS).to(tl.int64) * thw
-        _store_partials(logit_ptr, lbase, thw, own, own_m, lg0, lg1, lg2, NS)
 
 
 @triton.jit
@@ -566,22 +487,13 @@ def _pos_block(thw: int) -> int:
 # --points: 1.23 / 1.67 / 1.60x session 12's batch-1 setting within one call at 192 / 384 / 576 channels, 3/5/7 +
 # ASWM, docs/BENCHMARKS.md).
 # Larger batches keep the training settings (not timed with these).
-# "fwd_direct" (the direct-convolution kernel) is not timed yet: off.
-BATCH1_FORWARD = {"logit_partials": True, "fwd_shared": True, "fwd_loop_stages": 1, "fwd_unroll": None,
-                  "fwd_direct": None}
+BATCH1_FORWARD = {"logit_partials": True, "fwd_shared": True, "fwd_loop_stages": 1, "fwd_unroll": None}
 
 
 def _forward_knobs(batch: int) -> dict:
     """CONFIG's forward settings, with BATCH1_FORWARD filling the ones CONFIG leaves None at batch 1."""
-    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_direct")
+    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll")
     return {k: CONFIG.get(k) if CONFIG.get(k) is not None or batch != 1 else BATCH1_FORWARD[k] for k in keys}
-
-
-def _direct_launch() -> dict:
-    """_fwd_direct's (num_warps, num_stages): CONFIG "direct" (a pair, or num_warps alone), else (4, 1)."""
-    cfg = CONFIG.get("direct") or (4, 1)
-    warps, stages = (cfg, 1) if isinstance(cfg, int) else (*cfg, 1)[:2]
-    return {"num_warps": warps, "num_stages": stages}
 
 
 def _launch_forward(h, wpack, aw, ab, ks):
@@ -592,29 +504,22 @@ def _launch_forward(h, wpack, aw, ab, ks):
     aswm = aw is not None
     awc = aw.detach().reshape(g.NS, g.NS * g.C).contiguous() if aswm else wpack
     knob = _forward_knobs(g.B)
-    if knob["fwd_shared"] and knob["fwd_unroll"] and not knob["fwd_direct"]:
+    if knob["fwd_shared"] and knob["fwd_unroll"]:
         raise ValueError("CONFIG fwd_unroll with fwd_shared (batch 1's default) does not compile in Triton 3.6 "
                          "(PassManager::run failed); set fwd_shared False to unroll")
-    direct = bool(knob["fwd_direct"])
-    cg = 1 if direct or not aswm else _channel_group(g.C, g.B)
+    cg = _channel_group(g.C, g.B) if aswm else 1
     n_cg = g.C // cg
-    partials = aswm and (direct or bool(knob["logit_partials"]))
+    partials = aswm and bool(knob["logit_partials"])
     if partials:   # every element written by exactly one program: no zeroing
         logits = torch.empty((n_cg, g.B, g.NS, g.T, g.H, g.W), device=h.device, dtype=g.acc_dtype)
     else:
         logits = torch.zeros((g.B, g.NS, g.T, g.H, g.W), device=h.device, dtype=g.acc_dtype) if aswm else fs[0]
     f3 = _three(fs)
-    if direct:
-        _fwd_direct[(g.B * g.C, g.fwd_n_tb)](h, wpack, *f3, awc, logits, g.B, g.C, g.T, g.H, g.W, **g.scale_kw(),
-                                             BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=aswm, ACC=g.ACC,
-                                             UNROLL=knob["fwd_unroll"],
-                                             **_direct_launch())
-    else:
-        _fwd[(g.B * n_cg, g.fwd_n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **g.scale_kw(),
-                                       CG=cg, BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=aswm,
-                                       SHARE=bool(knob["fwd_shared"]), ACC=g.ACC, PREC=g.PREC,
-                                       STAGES=knob["fwd_loop_stages"], UNROLL=knob["fwd_unroll"],
-                                       PARTIALS=partials, **g.launch("fwd", aswm, rows=g.fwd_BT * g.BH))
+    _fwd[(g.B * n_cg, g.fwd_n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **g.scale_kw(),
+                                   CG=cg, BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=aswm,
+                                   SHARE=bool(knob["fwd_shared"]), ACC=g.ACC, PREC=g.PREC,
+                                   STAGES=knob["fwd_loop_stages"], UNROLL=knob["fwd_unroll"],
+                                   PARTIALS=partials, **g.launch("fwd", aswm, rows=g.fwd_BT * g.BH))
     if not aswm:
         return fs, ()
     if partials:

@@ -37,11 +37,9 @@ import triton.language as tl
 # block's loads before this block's steps: slower, 1.18 / 1.46 / 1.60x; H100, session 15, docs/BENCHMARKS.md). Session
 # 17, one call: 4 is 1.30 / 1.62 / 1.54x against 8's 1.28 / 1.58 / 1.47x (base width 1152), 2 no better: 4 is the
 # default (videomamba / msf_mamba base batch-1 compiled 1.5-1.6% faster).
-# "ends_vector": pass 1 with TS > 0 loads each step's inputs as vectors in an unrolled block instead of tiles it
-# picks columns out of: compiled for sm_90 the pass has no barriers, shared-memory round trips or shuffles left (10,
-# 59 and 25 in the tile form's block, session 16); pass 3 the same way kept 8 barriers and 256 shuffles (its y
-# reduction and stores), so it stays on tiles. Off: not timed yet.
-CONFIG = {"BD": 16, "warps": 1, "programs": 2048, "min_chunk": 16, "steps": 4, "ends_vector": False}
+# Pass 1 on per-step vectors (no barriers or shuffles when compiled) was timed in session 17: slower than the tiles
+# (1.00-1.18x mamba-ssm against 1.30-1.65x), removed.
+CONFIG = {"BD": 16, "warps": 1, "programs": 2048, "min_chunk": 16, "steps": 4}
 PREFIX_ELEMENTS = 4096   # elements of a chunk-prefix program's [channels, chunks, N] tile (4 warps: no spills on sm_90)
 
 
@@ -134,10 +132,10 @@ def _outputs_block(h, s, delta, u, Bt, Ct, A2, BD: tl.constexpr, TS: tl.constexp
 def _chunk_ends(U, DT, A, Bm, BIAS, HEND, PROD,
                 su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, L, DIM, DPG, REV_FROM,
                 NC: tl.constexpr, LC: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                SOFTPLUS: tl.constexpr, CDT: tl.constexpr, TS: tl.constexpr, VEC: tl.constexpr = False):
+                SOFTPLUS: tl.constexpr, CDT: tl.constexpr, TS: tl.constexpr):
     """Pass 1: chunk c from a zero state: its end state (HEND) and decay product (PROD), [batch, D, NC, N]. TS = 0:
     each step loads its own inputs; TS > 0: blocks of TS steps load theirs at once (then a step's column is picked
-    out of the tiles; VEC: each of a block's TS steps loads its own vectors, unrolled, no column picking)."""
+    out of the tiles)."""
     b, c, d, g, rev, n, A2 = _setup(A, DPG, REV_FROM, DIM, N, BD, CDT)
     h = tl.zeros([BD, N], dtype=CDT)
     total = tl.zeros([BD], dtype=CDT)
@@ -147,15 +145,6 @@ def _chunk_ends(U, DT, A, Bm, BIAS, HEND, PROD,
                                            sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, HAS_BIAS, SOFTPLUS, CDT)
             h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
             total += delta
-    elif VEC:
-        for blk in range((LC + TS - 1) // TS):
-            for i in tl.static_range(TS):
-                t, valid, u, delta, Bt = _step(U, DT, BIAS, Bm, b, g, d, n, c * LC + blk * TS + i, L, rev,
-                                               su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l,
-                                               HAS_BIAS, SOFTPLUS, CDT)
-                delta = tl.where(blk * TS + i < LC, delta, 0.0)   # past the chunk: an identity step
-                h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
-                total += delta
     else:
         for blk in range((LC + TS - 1) // TS):
             s, tt, valid, u, delta, Bt = _tile(U, DT, BIAS, Bm, b, g, d, n, c, blk, L, rev, su_b, su_d, su_l,
@@ -308,8 +297,7 @@ def _launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
     if nc > 1:
         prod = torch.empty_like(hend)
         _chunk_ends[grid](u, delta, A, B, bias, hend, prod, *strides, *bstride, length, dim, dpg, rev_from,
-                          NC=nc, LC=lc, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-                          VEC=bool(CONFIG.get("ends_vector")) and common["TS"] > 0, **common)
+                          NC=nc, LC=lc, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, **common)
         ncp = triton.next_power_of_2(nc)
         bdp = min(bd, max(1, PREFIX_ELEMENTS // (ncp * n)))   # a power of two dividing BD, so D
         _chunk_prefix[(batch * (dim // bdp),)](hend, prod, dim, NC=nc, NCP=ncp, N=n, BD=bdp, num_warps=4)

@@ -21,9 +21,9 @@ def test_without_cuda_it_refuses_in_one_line(tmp_path, capsys):
 
 def test_points_parse_into_config_settings_and_short_labels():
     bench = load_benchmark("bench_fusion_infer")
-    point = bench.parse_point("aswm_group=1, fwd_unroll=2,fwd_loop_stages=none,logit_partials=1,direct=8/1")
-    assert point == {"aswm_group": 1, "fwd_unroll": 2, "fwd_loop_stages": None, "logit_partials": 1, "direct": (8, 1)}
-    assert bench.point_label(point) == "triton[g=1,u=2,st=None,p=1,direct=8/1]"
-    assert bench.point_label({"fwd_direct": 1}, "triton+torch") == "triton+torch[d=1]"
-    assert bench.parse_point("fwd_direct=1,") == {"fwd_direct": 1}                    # a trailing comma
+    point = bench.parse_point("aswm_group=1, fwd_unroll=2,fwd_loop_stages=none,logit_partials=1,fwd=8/3")
+    assert point == {"aswm_group": 1, "fwd_unroll": 2, "fwd_loop_stages": None, "logit_partials": 1, "fwd": (8, 3)}
+    assert bench.point_label(point) == "triton[g=1,u=2,st=None,p=1,fwd=8/3]"
+    assert bench.point_label({"fwd_shared": 0}, "triton+torch") == "triton+torch[s=0]"
+    assert bench.parse_point("fwd_loop_stages=1,") == {"fwd_loop_stages": 1}          # a trailing comma
     assert bench.point_label({"aswm_group": 4, "fwd_frames": 2, "fwd_shared": True}) == "triton[g=4,f=2,s=1]"

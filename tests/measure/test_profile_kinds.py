@@ -15,7 +15,6 @@ prof = load_benchmark("profile_fusion")
     ("_chunk_prefix", "scan"),
     ("_fwd", "fusion"),
     ("_bwd", "fusion"),
-    ("_fwd_direct", "fusion"),
     # Inductor's kernels name every aten op they fused: their prefix says what kind of kernel they are
     ("triton_poi_fused_cat_exp_neg_selective_scan_fwd_split_with_sizes_view_9", "elementwise"),
     ("triton_poi_fused__unsafe_view_cat_convolution_flip_silu_slice_split_transpose_16", "elementwise"),

@@ -178,16 +178,14 @@ class _Spy:
 
 
 @interp
-@pytest.mark.parametrize("scales, fwd_frames, loop", [((3, 5, 7), None, {}), ((3, 5), 1, {}),
+@pytest.mark.parametrize("scales, fwd_frames, loop", [((3, 5, 7), None, {}), ((3, 5), 1, {}), ((5, 3), 1, {}),
                                                      ((3, 5, 7), 2, {"logit_partials": True, "fwd_unroll": 2,
-                                                                     "fwd_loop_stages": 2}),
-                                                     ((5, 3), 1, {"fwd_direct": True, "fwd_unroll": 2})])
+                                                                     "fwd_loop_stages": 2})])
 def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fwd_frames, loop):
     """Without autograd (inference) the launches run as one custom op (msf_scale::triton_fusion_forward), one
     channel per ASWM program at batch 1, and frame blocks of ``fwd_frames``: the same values as ref, with ASWM
     and without, from raw kernels or StateFusion's packed inference cache; the logits also as per-group partials
-    (CONFIG "logit_partials"; the loop settings beside it are compile hints the interpreter ignores); and by the
-    direct-convolution kernel (CONFIG "fwd_direct", the largest window first or last)."""
+    (CONFIG "logit_partials"; the loop settings beside it are compile hints the interpreter ignores)."""
     from msf_scale.ops import _fusion_triton as ft
 
     monkeypatch.setitem(ft.CONFIG, "fwd_frames", fwd_frames)
@@ -196,9 +194,7 @@ def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fw
     if loop.get("fwd_shared") is None and loop.get("fwd_unroll"):
         monkeypatch.setitem(ft.CONFIG, "fwd_shared", False)   # unrolling the shared loop does not compile (GPU)
     kernels_run = []
-    for name in ("_fwd", "_fwd_direct"):
-        real = getattr(ft, name)
-        monkeypatch.setattr(ft, name, _Spy(real, name, kernels_run))
+    monkeypatch.setattr(ft, "_fwd", _Spy(ft._fwd, "_fwd", kernels_run))
     calls = []
     launch = ft._launch_forward
     monkeypatch.setattr(ft, "_launch_forward", lambda *a: calls.append(a[0].shape) or launch(*a))
@@ -221,33 +217,12 @@ def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fw
         packed = fusion.__dict__["_inference_packed"][1]
         cached.append(fusion(h))                          # packed once, then reused
     assert len(calls) == 4, "every no-grad call runs the forward-only op"
-    assert set(kernels_run) == {"_fwd_direct" if loop.get("fwd_direct") else "_fwd"}, kernels_run
+    assert set(kernels_run) == {"_fwd"}, kernels_run
     assert fusion.__dict__["_inference_packed"][1] is packed
     for a, b in zip(got_f, want_f):
         assert rel(a, b) < 1e-12
     for out in (got, *cached):
         assert not out.requires_grad and rel(out, want) < 1e-12, f"rel err {rel(out, want):.2e}"
-
-
-def test_direct_forward_compiles_for_hopper_without_spills():
-    """The direct-convolution forward at its default launch (4 warps, 8 frames a program), 3/5/7 + ASWM, bf16,
-    compiled ahead of time for sm_90 by benchmarks/kernel_resources.py in its own process (this one runs Triton's
-    interpreter; no GPU needed): it compiles, spills no registers and uses CUDA cores only."""
-    pytest.importorskip("triton")
-    import json
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--json",
-                          "--shape", "1,192,8,14,14", "--fusion-direct", "4,8"], capture_output=True, text=True,
-                         env=env, cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
-    assert [r["kernel"] for r in rows] == ["fusion direct forward k=3,5,7"], rows
-    assert all(r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0 for r in rows), rows
-    assert all(r["mma"].startswith("none") for r in rows), rows
 
 
 def test_batch_one_forward_settings_fill_what_config_leaves_unset(monkeypatch):
@@ -256,7 +231,7 @@ def test_batch_one_forward_settings_fill_what_config_leaves_unset(monkeypatch):
     pytest.importorskip("triton")
     from msf_scale.ops import _fusion_triton as ft
 
-    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_direct")
+    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll")
     for key in keys:
         monkeypatch.setitem(ft.CONFIG, key, None)
     assert ft._forward_knobs(1) == {k: ft.BATCH1_FORWARD[k] for k in keys}
@@ -266,33 +241,6 @@ def test_batch_one_forward_settings_fill_what_config_leaves_unset(monkeypatch):
     monkeypatch.setitem(ft.CONFIG, "fwd_loop_stages", 3)
     assert ft._forward_knobs(1)["fwd_shared"] is False and ft._forward_knobs(1)["fwd_loop_stages"] == 3
     assert ft._forward_knobs(4)["fwd_loop_stages"] == 3
-
-
-@interp
-def test_interpreter_direct_forward_at_batch_two_with_gradients(monkeypatch):
-    """The direct-convolution forward (CONFIG "fwd_direct") where clips share the launch: batch 2, its logit partials
-    [C, B, ...] per clip, and the backward on its outputs, against the float64 reference."""
-    from msf_scale.ops import _fusion_triton as ft
-    from msf_scale.ops._fusion_triton import multiscale_fusion_triton
-
-    monkeypatch.setitem(ft.CONFIG, "fwd_direct", True)
-    kernels_run = []
-    monkeypatch.setattr(ft, "_fwd", _Spy(ft._fwd, "_fwd", kernels_run))
-    monkeypatch.setattr(ft, "_fwd_direct", _Spy(ft._fwd_direct, "_fwd_direct", kernels_run))
-    c = 3
-    fusion = StateFusion(c, (3, 5), theta=0.7, theta_learnable=True, use_aswm=True, backend="ref",
-                         init="uniform").double()
-    torch.nn.init.normal_(fusion.aswm.weight, std=1.0)
-    torch.nn.init.normal_(fusion.aswm.bias, std=1.0)
-    h = torch.randn(2, c, 3, 5, 6, dtype=torch.float64, requires_grad=True)
-    got = multiscale_fusion_triton(h, list(fusion.kernels), fusion.theta, fusion.aswm.weight, fusion.aswm.bias)
-    want = aswm_ref(state_fusion_ref(h, list(fusion.kernels), fusion.theta), fusion.aswm.weight, fusion.aswm.bias)
-    assert rel(got, want) < 1e-12, f"forward rel err {rel(got, want):.2e}"
-    assert kernels_run == ["_fwd_direct"], kernels_run
-    g = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad(got, [h, fusion.aswm.weight], g),
-                    torch.autograd.grad(want, [h, fusion.aswm.weight], g)):
-        assert rel(a, b) < 1e-12
 
 
 @interp
@@ -491,14 +439,9 @@ def test_gpu_the_model_runs_on_triton(triton_on_gpu):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("channels", [192, 576])
-@pytest.mark.parametrize("direct", [None, True])
-def test_gpu_batch_one_inference_path_matches_float64(triton_on_gpu, monkeypatch, channels, direct):
+def test_gpu_batch_one_inference_path_matches_float64(triton_on_gpu, monkeypatch, channels):
     """What `auto` runs for msf_mamba_plus at batch 1 without gradients (the fused forward-only op, one channel per
-    program) against the float64 ref, bf16, at the tiny and base widths; and `auto` does pick it there. Also with
-    the direct-convolution forward (CONFIG "fwd_direct")."""
-    from msf_scale.ops import _fusion_triton as ft
-
-    monkeypatch.setitem(ft.CONFIG, "fwd_direct", direct)
+    program) against the float64 ref, bf16, at the tiny and base widths; and `auto` does pick it there."""
     torch.manual_seed(0)
     fusion = StateFusion(channels, (3, 5, 7), 0.7, False, use_aswm=True, init="uniform").cuda().bfloat16().eval()
     torch.nn.init.normal_(fusion.aswm.weight, std=channels ** -0.5)

@@ -25,14 +25,13 @@ from msf_scale.ops import _scan_chunked, selective_scan  # noqa: E402
 from msf_scale.ops.scan import ENV_VAR, inference_backend  # noqa: E402
 
 
-@pytest.fixture(params=[(0, False), (2, False), (4, True)], ids=["per-step", "blocks", "ends-vector"])
+@pytest.fixture(params=[0, 2, 4, 8], ids=["per-step", "blocks-2", "blocks-4", "blocks-8"])
 def small_blocks(monkeypatch, request):
     """4 channels a program, chunks until 16 programs, chunks at least 2 steps long: interpreter-sized shapes
-    with several chunks; the inputs loaded a step at a time, in blocks of 2 steps (chunks of 3 or 13 steps end in
-    a partial block), or in blocks of 4 with pass 1 on per-step vectors (CONFIG "ends_vector")."""
-    steps, ends_vector = request.param
+    with several chunks; the inputs loaded a step at a time, or in blocks of 2, 4 (CONFIG's default) or 8 steps
+    (chunks of 3 or 13 steps end in a partial block)."""
     monkeypatch.setattr(_scan_chunked, "CONFIG", {"BD": 4, "warps": 1, "programs": 16, "min_chunk": 2,
-                                                  "steps": steps, "ends_vector": ends_vector})
+                                                  "steps": request.param})
 
 
 def mixer_pair(backend):
@@ -200,27 +199,25 @@ def test_default_block_compiles_for_hopper_without_spills():
     cfg = _scan_chunked.CONFIG
     block = f"{cfg['BD']},{cfg['warps']},{cfg['steps']}"
     out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--json",
-                          "--chunked-scan", block, "--chunked-scan", block + ",1"],   # + pass 1 on vectors
-                         capture_output=True, text=True, env=env, cwd=root, timeout=600)
+                          "--chunked-scan", block], capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     nc = _scan_chunked.chunking(1, 768, 1569, cfg["BD"])[0]
-    assert sorted(r["kernel"] for r in rows) == sorted(2 * [f"chunked scan chunk {k} NC={nc} L=1569"
-                                                            for k in ("ends", "outputs", "prefix")]), rows
+    assert sorted(r["kernel"] for r in rows) == [f"chunked scan chunk {k} NC={nc} L=1569"
+                                                 for k in ("ends", "outputs", "prefix")], rows
     for r in rows:
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("steps, ends_vector", [(0, False), (8, False), (16, False), (8, True)])
+@pytest.mark.parametrize("steps", [0, 4, 8, 16])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_gpu_matches_float64(monkeypatch, dtype, tol, batch, steps, ends_vector):
-    """The models' length (1569) per step and in blocks of 8 (the shipped CONFIG's) or 16 steps, and blocks of 8 with
-    pass 1 on per-step vectors (CONFIG "ends_vector"), one group reversed; A, D, delta_bias fp32 (model parameters);
-    y and the last state within the bound relative to float64 on CPU."""
+def test_gpu_matches_float64(monkeypatch, dtype, tol, batch, steps):
+    """The models' length (1569) per step and in blocks of 4 (the shipped CONFIG's), 8 or 16 steps, one group
+    reversed; A, D, delta_bias fp32 (model parameters); y and the last state within the bound relative to float64 on
+    CPU."""
     monkeypatch.setitem(_scan_chunked.CONFIG, "steps", steps)
-    monkeypatch.setitem(_scan_chunked.CONFIG, "ends_vector", ends_vector)
     x = inputs(batch, 2, 64, 16, 1569, dtype, device="cuda")
     for k in ("A", "D", "delta_bias"):
         x[k] = x[k].detach().float()
