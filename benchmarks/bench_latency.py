@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None, log=None) -> int:
     log(table(rows))
     log(f"\n{env['gpu'] or env['cpu']}, driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}, "
         f"mamba-ssm {env['mamba_ssm']}; {args.runs_per} runs per row after up to {args.warmup} warm-up "
-        f"(--row-cap-s {args.row_cap_s:g}); {budget.elapsed():.0f} s in all.\nNote: {lat.LAUNCH_BOUND_NOTE}.\n"
+        f"(--row-cap-s {args.row_cap_s:g}); {budget.elapsed():.0f} s in all.\n{lat.choices_line(env)}.\n"
+        f"Note: {lat.LAUNCH_BOUND_NOTE}.\n"
         f"-> {Path(args.out) / 'latency.csv'}, {Path(args.out) / 'latency.json'}")
     return rc
 

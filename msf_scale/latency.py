@@ -144,7 +144,37 @@ def environment(device: torch.device) -> dict:
                                            capture_output=True, text=True, timeout=20).stdout.split("\n")[0].strip()
         except (OSError, subprocess.SubprocessError):
             env["driver"] = None
+    env["choices"] = implementation_choices()
     return env
+
+
+def implementation_choices() -> dict:
+    """What a latency figure depends on besides versions and hardware: every MSF_SCALE_* variable that is set, the
+    compiled-inference forms read at import, and the Triton kernels' settings as they stand in this process (a
+    script that patches a CONFIG before measuring is recorded as it ran), so that a table says which code it timed."""
+    from msf_scale.models import stem
+    from msf_scale.ops import causal_conv1d
+
+    choices = {"variables": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MSF_SCALE_")},
+               "conv1d_compiled": causal_conv1d.COMPILED_INFERENCE_FORM,
+               "patch_embed_compiled": stem.PATCH_EMBED_COMPILED_FORM}
+    try:   # the Triton kernels' modules import triton
+        from msf_scale.ops import _fusion_triton, _scan_chunked
+    except ImportError:
+        return choices
+    choices["scan_chunked"] = dict(_scan_chunked.CONFIG)
+    choices["fusion_triton"] = dict(_fusion_triton.CONFIG)
+    choices["fusion_triton_batch1"] = dict(_fusion_triton.BATCH1_FORWARD)
+    return choices
+
+
+def choices_line(env: dict) -> str:
+    """One line of a table's footer: the forms and any MSF_SCALE_* variables (environment()["choices"])."""
+    c = env.get("choices") or {}
+    variables = ", ".join(f"{k}={v}" for k, v in c.get("variables", {}).items()) or "none"
+    scan = c.get("scan_chunked")
+    return (f"compiled forms: conv1d {c.get('conv1d_compiled')}, patch embedding {c.get('patch_embed_compiled')}"
+            + (f", chunked scan blocks of {scan['steps']} steps" if scan else "") + f"; MSF_SCALE_* set: {variables}")
 
 
 def _stats(ms: list[float]) -> dict:
@@ -679,7 +709,8 @@ def run_command(args) -> int:
     csv_path, json_path = write_results(rows, env, Path(args.out), settings)
     print(format_table(rows))
     print(f"\n{env.get('gpu') or env['cpu']}, torch {env['torch']}, CUDA {env['cuda']}, mamba-ssm {env['mamba_ssm']}; "
-          f"{args.runs_per} timed runs per row after {args.warmup} warm-up.\nNote: {LAUNCH_BOUND_NOTE}.\n"
+          f"{args.runs_per} timed runs per row after {args.warmup} warm-up; {choices_line(env)}.\n"
+          f"Note: {LAUNCH_BOUND_NOTE}.\n"
           f"-> {csv_path}, {json_path}")
     return 0
 

@@ -52,6 +52,25 @@ def test_cli_writes_well_formed_csv_and_json(tmp_path, capsys):
     assert latency.preferred_latency(data["results"])[("cnn3d", "tiny")]["mode"] == "eager"
 
 
+def test_results_record_the_forms_and_settings_they_ran_with(tmp_path, monkeypatch, capsys):
+    """The JSON (and the printed footer) name the implementation a figure timed: the MSF_SCALE_* variables set, the
+    compiled-inference forms, and the Triton CONFIGs as patched in this process, not as the defaults read."""
+    from msf_scale.ops import _scan_chunked
+
+    monkeypatch.setenv("MSF_SCALE_SCAN_BACKEND", "torch")
+    monkeypatch.setitem(_scan_chunked.CONFIG, "steps", 2)
+    out = tmp_path / "lat"
+    assert cli.main(["latency", "--models", "cnn3d_tiny", "--device", "cpu", "--frames", "4", "--img-size", "32",
+                     "--views", "1", "--measures", "clip", "--runs-per", "2", "--warmup", "0", "--out", str(out)]) == 0
+    choices = json.loads((out / "latency.json").read_text())["environment"]["choices"]
+    assert choices["variables"] == {"MSF_SCALE_SCAN_BACKEND": "torch"}
+    assert choices["scan_chunked"]["steps"] == 2
+    assert {choices["conv1d_compiled"], choices["patch_embed_compiled"]} <= {"shifted", "cudnn", "gemm", "conv"}
+    assert {"fusion_triton", "fusion_triton_batch1"} <= set(choices)
+    printed = capsys.readouterr().out
+    assert "blocks of 2 steps" in printed and "MSF_SCALE_SCAN_BACKEND=torch" in printed
+
+
 def test_cli_times_a_run_directory_at_its_own_shape(tmp_path):
     from safetensors.torch import save_file
 
