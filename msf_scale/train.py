@@ -101,7 +101,7 @@ def train(cfg: RunConfig, callbacks: Iterable[Any] = ()) -> TrainResult:
 def _loop(run: Run, callbacks: Callbacks) -> TrainResult:
     """Epochs of optimizer steps; a log line every log.log_every steps, a checkpoint every train.ckpt_every steps
     and at each epoch's end, an evaluation every train.eval_every epochs, then the final evaluation and export."""
-    cfg, acc, state = run.cfg, run.acc, run.state
+    cfg, state = run.cfg, run.state
     meter, evaluate, save = LogWindow(run), Evaluator(run), Checkpointer(run, callbacks)
     window = StepWindow(run, meter)
     stopped, last_eval = False, None

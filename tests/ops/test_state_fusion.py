@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from msf_scale.models.blocks import StateFusion
-from msf_scale.ops import state_fusion, state_fusion_ref
+from msf_scale.ops import state_fusion
 
 
 def naive_cfd(h, w, theta):

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import msf_scale.data.builders as builders_mod
 import msf_scale.train as train_mod
