@@ -201,7 +201,10 @@ def main(argv=None) -> list[dict]:
                                              args.scan_length, 16).items():
             row(f"scan {kernel} L={args.scan_length}", tiles, compiled)
     for block in args.chunked_scan or []:
-        for kernel, compiled in chunked_scan_kernels(ints(block, None, "--chunked-scan"), args.dtype, args.arch,
+        setting = ints(block, None, "--chunked-scan")
+        if not 2 <= len(setting) <= 3:
+            ap.error(f"--chunked-scan is BD,warps[,steps], got {block!r}")
+        for kernel, compiled in chunked_scan_kernels(setting, args.dtype, args.arch,
                                                      args.scan_length, 16).items():
             row(f"chunked scan {kernel} L={args.scan_length}", block, compiled)
     scans = args.scan_tiles or args.chunked_scan

@@ -89,7 +89,7 @@ scaninfer() {   # the chunked scan: GPU tests, kernel timings, then the models' 
   local rc=0
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_scan_chunked.py || rc=1
   "$PY" benchmarks/bench_scan_infer.py --out "$OUT/scan_infer.json" --configs 16,1,2048,8 \
-    16,1,2048,2 16,1,2048,0 16,1,1024,4 || rc=1   # the default (blocks of 4), then blocks of 8, 2, per step, fewer programs
+    16,1,2048,2 16,1,2048,0 16,1,1024,4 || rc=1   # the default (4-step blocks), then 8, 2, per step, fewer programs
   for scan in ${SCAN_LAT_BACKENDS:-cuda auto}; do   # mamba-ssm, then auto (the chunked scan at batch 1)
     MSF_SCALE_SCAN_BACKEND=$scan "$PY" benchmarks/bench_latency.py --out "$OUT/latency_scan_$scan" \
       --models msf_mamba_tiny,videomamba_base --modes compile --measures clip --compile-measures clip \
@@ -99,7 +99,7 @@ scaninfer() {   # the chunked scan: GPU tests, kernel timings, then the models' 
 }
 export -f scaninfer
 part scaninfer 420 bash -c scaninfer
-patchembed() {   # the patch embedding's compiled-inference form: cuDNN's conv (default), then one GEMM
+patchembed() {   # the patch embedding's compiled-inference form: cuDNN's conv, then one GEMM (the default)
   local form rc=0
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/models/test_patch_embed.py || rc=1
   for form in conv gemm; do

@@ -123,7 +123,7 @@ def _peak_gb(device: torch.device) -> float:
 
 
 def environment(device: torch.device) -> dict:
-    """Versions and hardware that the numbers depend on."""
+    """Versions and hardware that the numbers depend on, and the implementation choices (implementation_choices)."""
     from importlib import metadata
 
     def version(pkg: str) -> str | None:
@@ -170,11 +170,14 @@ def implementation_choices() -> dict:
 
 def choices_line(env: dict) -> str:
     """One line of a table's footer: the forms and any MSF_SCALE_* variables (environment()["choices"])."""
-    c = env.get("choices") or {}
+    c = env.get("choices")
+    if not c:
+        return "compiled forms: not recorded"
     variables = ", ".join(f"{k}={v}" for k, v in c.get("variables", {}).items()) or "none"
     scan = c.get("scan_chunked")
     return (f"compiled forms: conv1d {c.get('conv1d_compiled')}, patch embedding {c.get('patch_embed_compiled')}"
-            + (f", chunked scan blocks of {scan['steps']} steps" if scan else "") + f"; MSF_SCALE_* set: {variables}")
+            + (f", chunked scan (where it runs) blocks of {scan['steps']} steps" if scan else "")
+            + f"; MSF_SCALE_* set: {variables}; Triton settings in the JSON")
 
 
 def _stats(ms: list[float]) -> dict:

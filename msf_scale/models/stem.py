@@ -20,7 +20,7 @@ from msf_scale.models._registry import ModelOptionError
 from msf_scale.ops._choice import env_choice
 
 # The patch embedding's form in a compiled forward without autograd on CUDA (read at import): "gemm" (patchify_linear;
-# the default) or "conv" (cuDNN). Why an alternative: at batch 1 cuDNN runs this 3-channel, 16 x 16-strided
+# the default) or "conv" (cuDNN). Why not cuDNN there: at batch 1 it runs this 3-channel, 16 x 16-strided
 # conv as a generic implicit-GEMM kernel, 0.12 ms a forward at every size on the lent H100 (session 16's profiles:
 # ~6% of videomamba tiny), where as one [T'H'W', 3 x k] x [3 x k, d] GEMM it is a few microseconds by arithmetic.
 # Measured (H100, session 17, batch-1 compiled, conv -> gemm in one call): msf_mamba_plus tiny 3.36 -> 3.24 ms,
@@ -65,7 +65,8 @@ def patchify_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 class PatchEmbed(nn.Conv3d):
     """VideoMamba's tubelet embedding: a Conv3d whose stride is its kernel (the same parameters and state_dict keys),
-    run as patchify_linear in a compiled CUDA forward without autograd (MSF_SCALE_PATCH_EMBED_COMPILED=gemm, the default)."""
+    run as patchify_linear in a compiled CUDA forward without autograd (MSF_SCALE_PATCH_EMBED_COMPILED=gemm, the
+    default)."""
 
     def __init__(self, in_chans: int, dim: int, kernel: tuple[int, int, int], device=None, dtype=None):
         super().__init__(in_chans, dim, kernel, stride=kernel, device=device, dtype=dtype)

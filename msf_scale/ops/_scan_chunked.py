@@ -36,9 +36,9 @@ import triton.language as tl
 # small / base's batch-1 widths, against 0.79 / 0.87 / 0.87x per step; 4: the same; 16: slower; issuing the next
 # block's loads before this block's steps: slower, 1.18 / 1.46 / 1.60x; H100, session 15, docs/BENCHMARKS.md). Session
 # 17, one call: 4 is 1.30 / 1.62 / 1.54x against 8's 1.28 / 1.58 / 1.47x (base width 1152), 2 no better: 4 is the
-# default (videomamba / msf_mamba base batch-1 compiled 1.5-1.6% faster).
+# default (videomamba / msf_mamba base batch-1 compiled 1.4-1.5% faster).
 # Pass 1 on per-step vectors (no barriers or shuffles when compiled) was timed in session 17: slower than the tiles
-# (1.00-1.18x mamba-ssm against 1.30-1.65x), removed.
+# (0.98-1.18x mamba-ssm against the tiles' 1.28-1.65x), removed.
 CONFIG = {"BD": 16, "warps": 1, "programs": 2048, "min_chunk": 16, "steps": 4}
 PREFIX_ELEMENTS = 4096   # elements of a chunk-prefix program's [channels, chunks, N] tile (4 warps: no spills on sm_90)
 

@@ -55,8 +55,13 @@ def test_cli_writes_well_formed_csv_and_json(tmp_path, capsys):
 def test_results_record_the_forms_and_settings_they_ran_with(tmp_path, monkeypatch, capsys):
     """The JSON (and the printed footer) name the implementation a figure timed: the MSF_SCALE_* variables set, the
     compiled-inference forms, and the Triton CONFIGs as patched in this process, not as the defaults read."""
+    import os
+
+    pytest.importorskip("triton")
     from msf_scale.ops import _scan_chunked
 
+    for name in [k for k in os.environ if k.startswith("MSF_SCALE_")]:   # the runner's own settings
+        monkeypatch.delenv(name)
     monkeypatch.setenv("MSF_SCALE_SCAN_BACKEND", "torch")
     monkeypatch.setitem(_scan_chunked.CONFIG, "steps", 2)
     out = tmp_path / "lat"

@@ -288,6 +288,7 @@ def test_bench_latency_main_end_to_end(tmp_path, fake_compile):
     assert all(r["median_ms"] > 0 and r["error"] == "" for r in js) and status["finished"] is True
     assert sum(" s] " in ln and "/8 " in ln and "compiling" not in ln for ln in lines) == 8
     assert any(ln.startswith("| tiny | ") for ln in "\n".join(lines).splitlines())
+    assert any(ln.startswith("compiled forms: conv1d ") for ln in "\n".join(lines).splitlines())   # the footer
 
 
 def test_curve_runs_table_part_streams_its_lines_and_leaves_rows_in_out_when_killed(tmp_path):

@@ -1,6 +1,7 @@
 """The tubelet patch embedding (models/stem.py PatchEmbed): a Conv3d whose stride is its kernel, and its GEMM form
-for compiled CUDA inference (MSF_SCALE_PATCH_EMBED_COMPILED=gemm): the same values as the conv in float64, taken only
-where asked for, and the model's parameters and state_dict keys unchanged."""
+for compiled CUDA inference (MSF_SCALE_PATCH_EMBED_COMPILED=gemm, the default): the same values as the conv in
+float64, taken only in a compiled CUDA forward without autograd (and never with the form set to conv), and the model's
+parameters and state_dict keys unchanged."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,7 @@ def test_the_model_keeps_its_conv_parameters():
 def test_environment_variable_is_read_and_checked():
     assert stem.patch_embed_compiled_form({}) == "gemm"   # the default since session 17 (measured 3.1-3.6% faster)
     assert stem.patch_embed_compiled_form({"MSF_SCALE_PATCH_EMBED_COMPILED": "gemm"}) == "gemm"
+    assert stem.patch_embed_compiled_form({"MSF_SCALE_PATCH_EMBED_COMPILED": "conv"}) == "conv"
     with pytest.raises(ValueError, match="conv or gemm"):
         stem.patch_embed_compiled_form({"MSF_SCALE_PATCH_EMBED_COMPILED": "fast"})
 
