@@ -16,7 +16,9 @@
 #   GPU tests, its batch-1 kernel against mamba-ssm's at tiny / small / base widths with a sweep of its blocks, and
 #   batch-1 compiled latency of msf_mamba tiny and videomamba base with the scan on cuda (mamba-ssm), then on auto
 #   (chunked at batch 1), ~5 minutes; "patchembed", not in the default: batch-1 compiled latency with
-#   MSF_SCALE_PATCH_EMBED_COMPILED=conv, then =gemm (the tubelet embedding as one GEMM), four models, ~5 minutes),
+#   MSF_SCALE_PATCH_EMBED_COMPILED=conv, then =gemm (the tubelet embedding as one GEMM), four models, ~5 minutes;
+#   "table", not in the default: issue 19's batch-1 bar, the nine models compiled at batch 1 with the defaults (the
+#   forms and CONFIGs it ran with land in table/latency.json), ~5 minutes),
 #   SIZES="tiny,small" (bench_model), SCAN_LAT_BACKENDS="cuda auto" (scaninfer's latency runs), SWEEP_S=90 (igemm
 #   tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
@@ -111,4 +113,8 @@ patchembed() {   # the patch embedding's compiled-inference form: cuDNN's conv, 
 }
 export -f patchembed
 part patchembed 420 bash -c patchembed
+NINE=videomamba_tiny,videomamba_small,msf_mamba_tiny,msf_mamba_small,msf_mamba_plus_tiny,msf_mamba_plus_small
+NINE=$NINE,videomamba_base,msf_mamba_base,msf_mamba_plus_base
+part table 480 "$PY" benchmarks/bench_latency.py --out "$OUT/table" --models "$NINE" --modes compile --measures clip \
+  --compile-measures clip --budget-s 400 --compile-cap-s 60
 cat "$OUT/status.txt"

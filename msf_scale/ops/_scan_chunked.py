@@ -268,6 +268,15 @@ def _chunked_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
         return _launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)  # current device
 
 
+def _fits_int32(nc: int, n: int, u, *tensors) -> bool:
+    """Whether every element offset the kernels form (int32 arithmetic: program ids times strides) stays below 2^31:
+    each input's furthest element by its strides, y (contiguous, u's shape) and the chunk states [batch, D, NC, N]."""
+    batch, dim, length = u.shape
+    furthest = [sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+                for t in (u, *tensors) if t is not None]
+    return max(furthest + [batch * dim * length, batch * dim * nc * n]) < 2 ** 31
+
+
 def _launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups):
     batch, dim, length = u.shape
     if B.dim() == 3:
@@ -283,6 +292,9 @@ def _launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
     dpg = dim // groups
     bd = _block(dim, dpg)
     nc, lc = chunking(batch, dim, length, bd)
+    if not _fits_int32(nc, n, u, delta, B, C, z):
+        raise ValueError(f"the chunked scan indexes with int32: u {tuple(u.shape)} with d_state {n} is too large "
+                         f"(split the batch, or use backend 'cuda')")
     cdt = tl.float64 if u.dtype == torch.float64 else tl.float32
     A = A.contiguous()
     D = D.contiguous() if D is not None else None

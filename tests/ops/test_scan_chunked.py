@@ -209,6 +209,23 @@ def test_default_block_compiles_for_hopper_without_spills():
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
 
 
+
+def test_refuses_sizes_past_int32_offsets():
+    """The kernels index with int32: a call whose tensors or outputs reach 2^31 elements fails before allocating or
+    launching (expanded views: no memory behind the sizes); one just below runs the check without refusing."""
+    big = torch.zeros(1, 1, 1, dtype=torch.float64).expand(64, 2048, 2 ** 15)
+    B = torch.zeros(1, 1, 1, 1, dtype=torch.float64).expand(64, 2, 16, 2 ** 15)
+    A = -torch.ones(2048, 16, dtype=torch.float64)
+    with torch.no_grad(), pytest.raises(ValueError, match="int32"):
+        selective_scan(big, big, A, B, B, backend="chunked", reverse_groups=1)
+    from msf_scale.ops._scan_chunked import _fits_int32
+
+    u = torch.zeros(1, 1, 1).expand(2, 2 ** 14, 2 ** 15 - 1)               # y: 2^30 - 2^15 elements
+    assert _fits_int32(1, 16, u, u) and not _fits_int32(2 ** 10, 2 ** 11, u, u)   # chunk states: 2^31 and more
+    meta = torch.empty(0, device="meta")                                       # strides without memory
+    assert _fits_int32(1, 1, meta.as_strided((2, 4, 8), (2 ** 30, 1, 4)))     # furthest element 2^30 + 31
+    assert not _fits_int32(1, 1, meta.as_strided((3, 4, 8), (2 ** 30, 1, 4)))  # 2^31 + 31
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("steps", [0, 4, 8, 16])
 @pytest.mark.parametrize("batch", [1, 2])
