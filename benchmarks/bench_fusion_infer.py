@@ -11,7 +11,9 @@ captured in one CUDA graph (as msf_scale.inference replays the model) and the gr
     triton[...]     ops/_fusion_triton.multiscale_fusion_triton (scales and ASWM fused) at launch settings from its
                     CONFIG: g = aswm_group (channels per program), f = fwd_frames (frames per program), s = fwd_shared,
                     st / u = fwd_loop_stages / fwd_unroll (the window loop's pipelining / unrolling), p =
-                    logit_partials (ASWM logits per channel group, summed in torch, instead of atomics)
+                    logit_partials (ASWM logits per channel group, summed in torch, instead of atomics), k =
+                    fwd_stack (the scales' bands side by side, one product per window row), a = alpha_kernel (the
+                    ASWM weights in one launch); the rows start from BATCH1_FORWARD (CONFIG's None) at batch 1
 Each row's error is the max |out - ref| / max |ref| against the float64 ``ref`` backend on the same rounded inputs.
 Writes DIR/bench_fusion_infer.json and .md; prints the table.
 """
@@ -79,7 +81,7 @@ def parse_point(text: str) -> dict:
 
 def point_label(point: dict, name: str = "triton") -> str:
     short = {"aswm_group": "g", "fwd_frames": "f", "fwd_shared": "s", "fwd_loop_stages": "st", "fwd_unroll": "u",
-             "logit_partials": "p"}
+             "logit_partials": "p", "fwd_stack": "k", "alpha_kernel": "a"}
     def shown(v):
         return "/".join(map(str, v)) if isinstance(v, tuple) else str(int(v)) if isinstance(v, bool) else str(v)
     text = ",".join(f"{short.get(k, k)}={shown(v)}" for k, v in point.items())

@@ -61,10 +61,16 @@ MAX_SCALES = 3
 # "fwd_loop_stages" / "fwd_unroll": the forward's window-row loop's software-pipelining depth and unroll factor
 # (tl.range's num_stages / loop_unroll_factor; None: Triton's defaults, the kernel's num_stages and no unrolling).
 # "logit_partials": the ASWM logits stored per channel group and summed in torch, instead of atomics into one buffer.
+# "alpha_kernel": the ASWM weights (the logit partials' sum, the bias, the softmax) in one launch (_alpha) instead of
+# torch's four; "alpha_tile": its (partial slices, positions) per load, powers of two (None: (64, 16)). Session 17 timed
+# a one-kernel form with 13 programs (slower than torch); this one has THW / 16 (session 18).
+# "fwd_stack": every scale's band side by side, one product per window row of the largest window (49 at 3/5/7)
+# where the shared form issues one per scale and row (83); takes precedence over fwd_shared (session 18).
 # A direct-convolution forward for small batches was built and timed in session 17: 2.1-2.9x slower than this band
 # form at batch 1 (docs/BENCHMARKS.md), removed.
 CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None, "fwd_shared": None, "aswm_group": None,
-                "fwd_frames": None, "fwd_loop_stages": None, "fwd_unroll": None, "logit_partials": None}
+                "fwd_frames": None, "fwd_loop_stages": None, "fwd_unroll": None, "logit_partials": None,
+                "fwd_stack": None, "alpha_kernel": None, "alpha_tile": None}
 
 
 def _pow2(n: int) -> int:
@@ -142,6 +148,39 @@ def _fwd_shared(h_ptr, base, wc, t, y, x, xi, xj, T, H, W, acc0, acc1, acc2, NS:
 
 
 @triton.jit
+def _fwd_stacked(h_ptr, base, wc, t, y, x, xi, T, H, W, acc, NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
+                 K2: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KM: tl.constexpr, BW: tl.constexpr,
+                 NSP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr = None,
+                 UNROLL: tl.constexpr = None):
+    """Every scale in one product per window row: the bands of the scales side by side, [BW, NSP * BW] (column
+    m * BW + x: scale m's output column x; zero where the row is outside scale m's window, and for m >= NS), so a
+    row costs one tl.dot where the shared form issues one per scale. acc: [rows, NSP * BW]."""
+    RM: tl.constexpr = KM // 2
+    col = tl.arange(0, NSP * BW)
+    m = col // BW
+    xc = col % BW
+    k = tl.where(m == 0, K0, tl.where(m == 1, K1, K2))
+    r = k // 2
+    off = tl.where(m == 0, 0, tl.where(m == 1, OFF1, OFF2))
+    e = xi[:, None] - xc[None, :] + r[None, :]
+    em = (e >= 0) & (e < k[None, :]) & (m < NS)[None, :]
+    xm = x < W
+    for d in tl.range(KM * KM, num_stages=STAGES, loop_unroll_factor=UNROLL):
+        ot = d // KM - RM
+        oy = d % KM - RM
+        tt = t + ot
+        yy = y + oy
+        rm = (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H)
+        a = tl.load(h_ptr + base + (tt * (H * W) + yy * W)[:, None] + x[None, :], mask=rm[:, None] & xm[None, :],
+                    other=0.0)
+        inwin = (ot >= -r) & (ot <= r) & (oy >= -r) & (oy <= r)   # [NSP * BW]: this row in scale m's window
+        tap = off + ((ot + r) * k + oy + r) * k
+        bd = tl.load(wc + tap[None, :] + e, mask=em & inwin[None, :], other=0.0).to(a.dtype)
+        acc += tl.dot(a, bd, input_precision=PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
 def _add_logits(lg0, lg1, lg2, acc, a_ptr, stride, NS: tl.constexpr, ACC: tl.constexpr):
     """lg_j += A[j, m*C + c] * F_m[c] for j < NS (a_ptr points at A[0, m*C + c]; stride: A's row length)."""
     lg0 += tl.load(a_ptr).to(ACC) * acc
@@ -149,6 +188,25 @@ def _add_logits(lg0, lg1, lg2, acc, a_ptr, stride, NS: tl.constexpr, ACC: tl.con
         lg1 += tl.load(a_ptr + stride).to(ACC) * acc
     if NS >= 3:
         lg2 += tl.load(a_ptr + 2 * stride).to(ACC) * acc
+    return lg0, lg1, lg2
+
+
+@triton.jit
+def _scale_sum(v, ROWS: tl.constexpr, NSP: tl.constexpr, BW: tl.constexpr):
+    """[rows, NSP * BW] -> [rows, BW]: the stacked scales' column blocks summed."""
+    return tl.sum(tl.reshape(v, (ROWS, NSP, BW)), axis=1)
+
+
+@triton.jit
+def _add_stacked_logits(lg0, lg1, lg2, acc, a_ptr, a_m, stride, NS: tl.constexpr, ROWS: tl.constexpr,
+                        NSP: tl.constexpr, BW: tl.constexpr, ACC: tl.constexpr):
+    """_add_logits for the stacked accumulator: lg_j += sum_m A[j, m*C + c] * F_m[c], where a_ptr [NSP * BW] points
+    at A[0, m*C + c] for each column's scale m (a_m: m < NS)."""
+    lg0 += _scale_sum(acc * tl.load(a_ptr, mask=a_m, other=0.0).to(ACC)[None, :], ROWS, NSP, BW)
+    if NS >= 2:
+        lg1 += _scale_sum(acc * tl.load(a_ptr + stride, mask=a_m, other=0.0).to(ACC)[None, :], ROWS, NSP, BW)
+    if NS >= 3:
+        lg2 += _scale_sum(acc * tl.load(a_ptr + 2 * stride, mask=a_m, other=0.0).to(ACC)[None, :], ROWS, NSP, BW)
     return lg0, lg1, lg2
 
 
@@ -175,10 +233,12 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
          OFF1: tl.constexpr, OFF2: tl.constexpr, KTOT: tl.constexpr, KM: tl.constexpr,
          CG: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
          ASWM: tl.constexpr, SHARE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-         STAGES: tl.constexpr, UNROLL: tl.constexpr, PARTIALS: tl.constexpr):
+         STAGES: tl.constexpr, UNROLL: tl.constexpr, PARTIALS: tl.constexpr, STACK: tl.constexpr = False,
+         NSP: tl.constexpr = 1):
     """F_m for every scale of the CG channels of one group, one frame block; with ASWM the group's partial logits
     (registers), atomically added across groups (PARTIALS: stored per group instead, [n_cg, B, NS, T, H, W], for
-    torch to sum). Program = (b * n_cg + group, frame block)."""
+    torch to sum). Program = (b * n_cg + group, frame block). STACK: every scale's band side by side in one product
+    per window row (_fwd_stacked; NSP = NS rounded up to a power of two)."""
     pid = tl.program_id(0)
     b = pid // n_cg
     cg = pid % n_cg
@@ -191,11 +251,26 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
     lg0 = tl.zeros((BT * BH, BW), dtype=ACC)
     lg1 = tl.zeros((BT * BH, BW), dtype=ACC)
     lg2 = tl.zeros((BT * BH, BW), dtype=ACC)
+    scol = tl.arange(0, NSP * BW)   # the stacked form's columns: scale scol // BW, x = scol % BW
+    sm = scol // BW
+    own_s = (t * (H * W) + y * W)[:, None] + (scol % BW)[None, :]
+    own_sm = ((t < T) & (y < H))[:, None] & (scol % BW < W)[None, :]
     for ci in range(CG):
         c = cg * CG + ci
         base = (b * C + c).to(tl.int64) * thw
         wc = w_ptr + c * KTOT
-        if SHARE:
+        if STACK:
+            acc = _fwd_stacked(h_ptr, base, wc, t, y, x, xi, T, H, W, tl.zeros((BT * BH, NSP * BW), dtype=ACC),
+                               NS, K0, K1, K2, OFF1, OFF2, KM, BW, NSP, PREC, ACC, STAGES, UNROLL)
+            tl.store(f0_ptr + base + own_s, acc.to(f0_ptr.dtype.element_ty), mask=own_sm & (sm == 0)[None, :])
+            if NS >= 2:
+                tl.store(f1_ptr + base + own_s, acc.to(f1_ptr.dtype.element_ty), mask=own_sm & (sm == 1)[None, :])
+            if NS >= 3:
+                tl.store(f2_ptr + base + own_s, acc.to(f2_ptr.dtype.element_ty), mask=own_sm & (sm == 2)[None, :])
+            if ASWM:
+                lg0, lg1, lg2 = _add_stacked_logits(lg0, lg1, lg2, acc, aw_ptr + sm * C + c, sm < NS, NS * C, NS,
+                                                    BT * BH, NSP, BW, ACC)
+        elif SHARE:
             acc0, acc1, acc2 = _fwd_shared(h_ptr, base, wc, t, y, x, xi, xj, T, H, W,
                                            tl.zeros((BT * BH, BW), dtype=ACC), tl.zeros((BT * BH, BW), dtype=ACC),
                                            tl.zeros((BT * BH, BW), dtype=ACC), NS, K0, K1, K2, OFF1, OFF2, KM,
@@ -260,6 +335,55 @@ def _combine(f0_ptr, f1_ptr, f2_ptr, alpha_ptr, out_ptr, C, THW, NS: tl.constexp
         out += (tl.load(alpha_ptr + abase + 2 * THW, mask=m, other=0.0).to(ACC)
                 * tl.load(f2_ptr + base, mask=m, other=0.0).to(ACC))
     tl.store(out_ptr + base, out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _alpha(logit_ptr, bias_ptr, alpha_ptr, B, THW, N_PART: tl.constexpr, NS: tl.constexpr, HAS_BIAS: tl.constexpr,
+           G: tl.constexpr, P: tl.constexpr, ACC: tl.constexpr):
+    """The ASWM weights from the forward's logits in one launch: alpha[b, :, p] = softmax_m(sum over the N_PART
+    slices of logit partials [N_PART, B, NS, THW] + bias). Program = (block of P positions, b); each loads G slices
+    at once, [G, P] tiles (torch's way is four launches: sum, bias add, softmax and a copy)."""
+    b = tl.program_id(1)
+    p = tl.program_id(0) * P + tl.arange(0, P)
+    pm = p < THW
+    gi = tl.arange(0, G)
+    l0 = tl.zeros((P,), dtype=ACC)
+    l1 = tl.zeros((P,), dtype=ACC)
+    l2 = tl.zeros((P,), dtype=ACC)
+    for g0 in tl.static_range(0, N_PART, G):
+        gg = g0 + gi
+        m = (gg < N_PART)[:, None] & pm[None, :]
+        off = ((gg * B + b) * NS).to(tl.int64)[:, None] * THW + p[None, :]
+        l0 += tl.sum(tl.load(logit_ptr + off, mask=m, other=0.0), axis=0)
+        if NS >= 2:
+            l1 += tl.sum(tl.load(logit_ptr + off + THW, mask=m, other=0.0), axis=0)
+        if NS >= 3:
+            l2 += tl.sum(tl.load(logit_ptr + off + 2 * THW, mask=m, other=0.0), axis=0)
+    if HAS_BIAS:
+        l0 += tl.load(bias_ptr).to(ACC)
+        if NS >= 2:
+            l1 += tl.load(bias_ptr + 1).to(ACC)
+        if NS >= 3:
+            l2 += tl.load(bias_ptr + 2).to(ACC)
+    top = l0
+    if NS >= 2:
+        top = tl.maximum(top, l1)
+    if NS >= 3:
+        top = tl.maximum(top, l2)
+    e0 = tl.exp(l0 - top)
+    total = e0
+    if NS >= 2:
+        e1 = tl.exp(l1 - top)
+        total += e1
+    if NS >= 3:
+        e2 = tl.exp(l2 - top)
+        total += e2
+    out = alpha_ptr + (b * NS).to(tl.int64) * THW + p
+    tl.store(out, e0 / total, mask=pm)
+    if NS >= 2:
+        tl.store(out + THW, e1 / total, mask=pm)
+    if NS >= 3:
+        tl.store(out + 2 * THW, e2 / total, mask=pm)
 
 
 @triton.jit
@@ -487,12 +611,13 @@ def _pos_block(thw: int) -> int:
 # --points: 1.23 / 1.67 / 1.60x session 12's batch-1 setting within one call at 192 / 384 / 576 channels, 3/5/7 +
 # ASWM, docs/BENCHMARKS.md).
 # Larger batches keep the training settings (not timed with these).
-BATCH1_FORWARD = {"logit_partials": True, "fwd_shared": True, "fwd_loop_stages": 1, "fwd_unroll": None}
+BATCH1_FORWARD = {"logit_partials": True, "fwd_shared": True, "fwd_loop_stages": 1, "fwd_unroll": None,
+                  "fwd_stack": None, "alpha_kernel": None}
 
 
 def _forward_knobs(batch: int) -> dict:
     """CONFIG's forward settings, with BATCH1_FORWARD filling the ones CONFIG leaves None at batch 1."""
-    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll")
+    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_stack", "alpha_kernel")
     return {k: CONFIG.get(k) if CONFIG.get(k) is not None or batch != 1 else BATCH1_FORWARD[k] for k in keys}
 
 
@@ -519,14 +644,23 @@ def _launch_forward(h, wpack, aw, ab, ks):
                                    CG=cg, BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=aswm,
                                    SHARE=bool(knob["fwd_shared"]), ACC=g.ACC, PREC=g.PREC,
                                    STAGES=knob["fwd_loop_stages"], UNROLL=knob["fwd_unroll"],
-                                   PARTIALS=partials, **g.launch("fwd", aswm, rows=g.fwd_BT * g.BH))
+                                   PARTIALS=partials, STACK=bool(knob["fwd_stack"]), NSP=_pow2(g.NS),
+                                   **g.launch("fwd", aswm, rows=g.fwd_BT * g.BH))
     if not aswm:
         return fs, ()
-    if partials:
-        logits = logits.sum(dim=0)
-    if ab is not None:   # an nn.Conv3d(bias=False) passes None
-        logits += ab.detach().to(logits.dtype).view(1, -1, 1, 1, 1)
-    alpha = torch.softmax(logits, dim=1).contiguous()
+    if knob["alpha_kernel"]:   # sum of partials, bias and softmax in one launch
+        alpha = torch.empty((g.B, g.NS, g.T, g.H, g.W), device=h.device, dtype=g.acc_dtype)
+        parts = logits if partials else logits[None]
+        tile_g, tile_p = CONFIG.get("alpha_tile") or (64, 16)
+        _alpha[(triton.cdiv(g.THW, tile_p), g.B)](parts, ab.detach() if ab is not None else parts, alpha, g.B,
+                                                   g.THW, N_PART=parts.shape[0], NS=g.NS, HAS_BIAS=ab is not None,
+                                                   G=tile_g, P=tile_p, ACC=g.ACC, num_warps=4)
+    else:
+        if partials:
+            logits = logits.sum(dim=0)
+        if ab is not None:   # an nn.Conv3d(bias=False) passes None
+            logits += ab.detach().to(logits.dtype).view(1, -1, 1, 1, 1)
+        alpha = torch.softmax(logits, dim=1).contiguous()
     out = torch.empty_like(h)
     blk = _pos_block(g.THW)
     _combine[(g.B * g.C, triton.cdiv(g.THW, blk))](*f3, alpha, out, g.C, g.THW, NS=g.NS, BLOCK=blk, ACC=g.ACC)

@@ -120,12 +120,14 @@ def test_interpreter_backward_batch_tiles(monkeypatch, bwd_batch):
 
 
 @interp
-@pytest.mark.parametrize("scales", [(3, 5, 7), (7, 3), (5,)])
-def test_interpreter_shared_neighbourhood_forward(monkeypatch, scales):
-    """CONFIG fwd_shared: one load of each row-shifted tile of the largest window feeds every scale."""
+@pytest.mark.parametrize("scales", [(3, 5, 7), (7, 3), (5,), (5, 3)])
+@pytest.mark.parametrize("form", ["fwd_shared", "fwd_stack"])
+def test_interpreter_shared_neighbourhood_forward(monkeypatch, scales, form):
+    """CONFIG fwd_shared: one load of each row-shifted tile of the largest window feeds every scale; fwd_stack: the
+    scales' bands side by side, one product per row (zero columns where a row is outside a smaller window)."""
     from msf_scale.ops import _fusion_triton as ft
 
-    monkeypatch.setitem(ft.CONFIG, "fwd_shared", True)
+    monkeypatch.setitem(ft.CONFIG, form, True)
     h, ks = make((2, 3, 4, 5, 6), scales, torch.float64, seed=4)
     for k, a, b in zip(scales, state_fusion(h, ks, 0.7, backend="triton"), state_fusion_ref(h, ks, 0.7)):
         assert rel(a, b) < 1e-12, f"k={k}: rel err {rel(a, b):.2e}"
@@ -134,14 +136,16 @@ def test_interpreter_shared_neighbourhood_forward(monkeypatch, scales):
 @interp
 @pytest.mark.parametrize("scales", [(3, 5), (3, 5, 7)])
 @pytest.mark.parametrize("theta", [0.0, 0.7])
-@pytest.mark.parametrize("fwd_shared", [False, True])
-def test_interpreter_aswm_matches_ref_float64(monkeypatch, scales, theta, fwd_shared):
+@pytest.mark.parametrize("form", ["loop", "shared", "stack", "stack_alpha"])
+def test_interpreter_aswm_matches_ref_float64(monkeypatch, scales, theta, form):
     from msf_scale.ops import _fusion_triton as ft
     from msf_scale.ops._fusion_triton import multiscale_fusion_triton
 
-    monkeypatch.setitem(ft.CONFIG, "fwd_shared", fwd_shared)
-    monkeypatch.setitem(ft.CONFIG, "aswm_group", 2 if fwd_shared else None)   # 3 channels: groups of 1 / of 3
-    monkeypatch.setitem(ft.CONFIG, "logit_partials", fwd_shared)   # per-group logits at batch 2, 3 groups
+    monkeypatch.setitem(ft.CONFIG, "fwd_shared", form == "shared")
+    monkeypatch.setitem(ft.CONFIG, "fwd_stack", form.startswith("stack"))   # the stacked logits: A's columns
+    monkeypatch.setitem(ft.CONFIG, "alpha_kernel", form == "stack_alpha")   # alpha in one launch; the backward
+    monkeypatch.setitem(ft.CONFIG, "aswm_group", None if form == "loop" else 2)   # 3 channels: groups of 1 / of 3
+    monkeypatch.setitem(ft.CONFIG, "logit_partials", form != "loop")   # per-group logits at batch 2, 3 groups
 
     c = 3
     fusion = StateFusion(c, scales, theta=theta, theta_learnable=True, use_aswm=True, backend="ref",
@@ -180,7 +184,12 @@ class _Spy:
 @interp
 @pytest.mark.parametrize("scales, fwd_frames, loop", [((3, 5, 7), None, {}), ((3, 5), 1, {}), ((5, 3), 1, {}),
                                                      ((3, 5, 7), 2, {"logit_partials": True, "fwd_unroll": 2,
-                                                                     "fwd_loop_stages": 2})])
+                                                                     "fwd_loop_stages": 2}),
+                                                     ((3, 5, 7), None, {"fwd_stack": True}),
+                                                     ((5, 3), 2, {"fwd_stack": True, "logit_partials": False}),
+                                                     ((3, 5, 7), 1, {"alpha_kernel": True, "alpha_tile": (4, 8)}),
+                                                     ((3, 5), None, {"alpha_kernel": True,
+                                                                     "logit_partials": False})])
 def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fwd_frames, loop):
     """Without autograd (inference) the launches run as one custom op (msf_scale::triton_fusion_forward), one
     channel per ASWM program at batch 1, and frame blocks of ``fwd_frames``: the same values as ref, with ASWM
@@ -231,7 +240,7 @@ def test_batch_one_forward_settings_fill_what_config_leaves_unset(monkeypatch):
     pytest.importorskip("triton")
     from msf_scale.ops import _fusion_triton as ft
 
-    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll")
+    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_stack", "alpha_kernel")
     for key in keys:
         monkeypatch.setitem(ft.CONFIG, key, None)
     assert ft._forward_knobs(1) == {k: ft.BATCH1_FORWARD[k] for k in keys}
@@ -439,9 +448,16 @@ def test_gpu_the_model_runs_on_triton(triton_on_gpu):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("channels", [192, 576])
-def test_gpu_batch_one_inference_path_matches_float64(triton_on_gpu, monkeypatch, channels):
+@pytest.mark.parametrize("knobs", [{}, {"fwd_stack": True}, {"fwd_stack": True, "alpha_kernel": True}])
+def test_gpu_batch_one_inference_path_matches_float64(triton_on_gpu, monkeypatch, channels, knobs):
     """What `auto` runs for msf_mamba_plus at batch 1 without gradients (the fused forward-only op, one channel per
-    program) against the float64 ref, bf16, at the tiny and base widths; and `auto` does pick it there."""
+    program) against the float64 ref, bf16, at the tiny and base widths; and `auto` does pick it there. With
+    CONFIG's fwd_stack / alpha_kernel set, the stacked-band form and the one-launch ASWM weights (unset:
+    BATCH1_FORWARD's choice)."""
+    from msf_scale.ops import _fusion_triton as ft
+
+    for key, value in knobs.items():
+        monkeypatch.setitem(ft.CONFIG, key, value)
     torch.manual_seed(0)
     fusion = StateFusion(channels, (3, 5, 7), 0.7, False, use_aswm=True, init="uniform").cuda().bfloat16().eval()
     torch.nn.init.normal_(fusion.aswm.weight, std=channels ** -0.5)
