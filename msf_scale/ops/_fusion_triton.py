@@ -572,12 +572,12 @@ class _Geom:
         # backward tiles hold BB batch elements: the per-row-shift weight-gradient diagonals are taken once per BB
         self.bwd_batch = 2 if self.BT * self.BH <= 128 and b > 1 else 1
 
-    def launch(self, which: str, aswm: bool = False, rows: int = 0) -> dict:
-        """(num_warps, num_stages): CONFIG's, else 8 warps for tiles over 2048 elements, for fp32 and for the ASWM
-        forward (its 3 logit tiles), else 4."""
+    def launch(self, which: str, aswm: bool = False, rows: int = 0, cfg: tuple | None = None) -> dict:
+        """(num_warps, num_stages): ``cfg``, else CONFIG's, else 8 warps for tiles over 2048 elements, for fp32 and
+        for the ASWM forward (its 3 logit tiles), else 4."""
         tile = (rows or self.BT * self.BH) * self.BW
         default = (8, 3) if tile > 2048 or self.fp32 or (which == "fwd" and aswm) else (4, 3)
-        cfg = CONFIG.get(which) or default
+        cfg = cfg or CONFIG.get(which) or default
         return {"num_warps": cfg[0], "num_stages": cfg[1]}
 
     def scale_kw(self):
@@ -612,12 +612,12 @@ def _pos_block(thw: int) -> int:
 # ASWM, docs/BENCHMARKS.md).
 # Larger batches keep the training settings (not timed with these).
 BATCH1_FORWARD = {"logit_partials": True, "fwd_shared": True, "fwd_loop_stages": 1, "fwd_unroll": None,
-                  "fwd_stack": None, "alpha_kernel": None}
+                  "fwd_stack": None, "alpha_kernel": True, "fwd": (4, 1)}
 
 
 def _forward_knobs(batch: int) -> dict:
     """CONFIG's forward settings, with BATCH1_FORWARD filling the ones CONFIG leaves None at batch 1."""
-    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_stack", "alpha_kernel")
+    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_stack", "alpha_kernel", "fwd")
     return {k: CONFIG.get(k) if CONFIG.get(k) is not None or batch != 1 else BATCH1_FORWARD[k] for k in keys}
 
 
@@ -645,7 +645,7 @@ def _launch_forward(h, wpack, aw, ab, ks):
                                    SHARE=bool(knob["fwd_shared"]), ACC=g.ACC, PREC=g.PREC,
                                    STAGES=knob["fwd_loop_stages"], UNROLL=knob["fwd_unroll"],
                                    PARTIALS=partials, STACK=bool(knob["fwd_stack"]), NSP=_pow2(g.NS),
-                                   **g.launch("fwd", aswm, rows=g.fwd_BT * g.BH))
+                                   **g.launch("fwd", aswm, rows=g.fwd_BT * g.BH, cfg=knob["fwd"]))
     if not aswm:
         return fs, ()
     if knob["alpha_kernel"]:   # sum of partials, bias and softmax in one launch

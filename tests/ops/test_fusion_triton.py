@@ -240,7 +240,7 @@ def test_batch_one_forward_settings_fill_what_config_leaves_unset(monkeypatch):
     pytest.importorskip("triton")
     from msf_scale.ops import _fusion_triton as ft
 
-    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_stack", "alpha_kernel")
+    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_stack", "alpha_kernel", "fwd")
     for key in keys:
         monkeypatch.setitem(ft.CONFIG, key, None)
     assert ft._forward_knobs(1) == {k: ft.BATCH1_FORWARD[k] for k in keys}
