@@ -556,7 +556,8 @@ class _Geom:
             bt *= 2
         self.BT = bt
         self.n_tb = triton.cdiv(t, bt)
-        fbt = CONFIG.get("fwd_frames")   # the forward's frame block (the backward keeps BT); only ever fewer rows
+        fbt = CONFIG.get("fwd_frames") or (BATCH1_FORWARD["fwd_frames"] if b == 1 else None)   # the forward's
+        # frame block (the backward keeps BT); only ever fewer rows
         self.fwd_BT = max(bt if not fbt else min(_pow2(int(fbt)), bt), triton.cdiv(16, self.BH))
         self.fwd_n_tb = triton.cdiv(t, self.fwd_BT)
         self.THW = t * hh * ww
@@ -607,18 +608,26 @@ def _pos_block(thw: int) -> int:
     return min(1024, _pow2(thw))
 
 
-# The forward's settings at batch 1 where CONFIG leaves them None (lent H100, session 16, bench_fusion_infer.py
-# --points: 1.23 / 1.67 / 1.60x session 12's batch-1 setting within one call at 192 / 384 / 576 channels, 3/5/7 +
-# ASWM, docs/BENCHMARKS.md).
+# The forward's settings at batch 1 where CONFIG leaves them None (lent H100, bench_fusion_infer.py --points, 3/5/7 +
+# ASWM, docs/BENCHMARKS.md). Session 16: partials, shared tiles, one loop stage: 1.23 / 1.67 / 1.60x session 12's
+# setting at 192 / 384 / 576 channels. Session 18: the ASWM weights in one launch and 4 warps a program, 1.10 / 1.12 /
+# 1.10x on top (msf_mamba_plus tiny 3.44 -> 3.24 ms, base 8.76 -> 8.35 compiled); frame blocks of 4 (two programs a
+# channel) 1.05 / 1.03x on top at 192 / 576; the stacked bands on those 1.03x at 192 channels (msf_mamba_plus tiny
+# 3.29 -> 3.09 ms with both) but 0.92x at 576 (and 0.80x at 384 with 8 warps): stacked up to STACK_MAX_CHANNELS.
 # Larger batches keep the training settings (not timed with these).
 BATCH1_FORWARD = {"logit_partials": True, "fwd_shared": True, "fwd_loop_stages": 1, "fwd_unroll": None,
-                  "fwd_stack": None, "alpha_kernel": True, "fwd": (4, 1)}
+                  "fwd_stack": None, "alpha_kernel": True, "fwd": (4, 1), "fwd_frames": 4}
+STACK_MAX_CHANNELS = 256   # batch 1: the stacked form where C is at most this (faster at 192, slower at 384 and 576)
 
 
-def _forward_knobs(batch: int) -> dict:
-    """CONFIG's forward settings, with BATCH1_FORWARD filling the ones CONFIG leaves None at batch 1."""
+def _forward_knobs(batch: int, channels: int = 0) -> dict:
+    """CONFIG's forward settings, with BATCH1_FORWARD filling the ones CONFIG leaves None at batch 1 (fwd_stack: for
+    up to STACK_MAX_CHANNELS channels)."""
     keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_stack", "alpha_kernel", "fwd")
-    return {k: CONFIG.get(k) if CONFIG.get(k) is not None or batch != 1 else BATCH1_FORWARD[k] for k in keys}
+    knobs = {k: CONFIG.get(k) if CONFIG.get(k) is not None or batch != 1 else BATCH1_FORWARD[k] for k in keys}
+    if batch == 1 and CONFIG.get("fwd_stack") is None:
+        knobs["fwd_stack"] = channels <= STACK_MAX_CHANNELS
+    return knobs
 
 
 def _launch_forward(h, wpack, aw, ab, ks):
@@ -628,7 +637,7 @@ def _launch_forward(h, wpack, aw, ab, ks):
     fs = [torch.empty_like(h) for _ in ks]
     aswm = aw is not None
     awc = aw.detach().reshape(g.NS, g.NS * g.C).contiguous() if aswm else wpack
-    knob = _forward_knobs(g.B)
+    knob = _forward_knobs(g.B, g.C)
     if knob["fwd_shared"] and knob["fwd_unroll"]:
         raise ValueError("CONFIG fwd_unroll with fwd_shared (batch 1's default) does not compile in Triton 3.6 "
                          "(PassManager::run failed); set fwd_shared False to unroll")

@@ -241,11 +241,19 @@ def test_batch_one_forward_settings_fill_what_config_leaves_unset(monkeypatch):
     from msf_scale.ops import _fusion_triton as ft
 
     keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_stack", "alpha_kernel", "fwd")
-    for key in keys:
+    for key in keys + ("fwd_frames",):
         monkeypatch.setitem(ft.CONFIG, key, None)
-    assert ft._forward_knobs(1) == {k: ft.BATCH1_FORWARD[k] for k in keys}
+    narrow, wide = ft.STACK_MAX_CHANNELS, ft.STACK_MAX_CHANNELS * 2
+    unset = {k: ft.BATCH1_FORWARD[k] for k in keys if k != "fwd_stack"}
+    assert ft._forward_knobs(1, narrow) == {**unset, "fwd_stack": True}   # stacked bands for narrow models only
+    assert ft._forward_knobs(1, wide) == {**unset, "fwd_stack": False}
     assert ft.BATCH1_FORWARD["logit_partials"] and ft.BATCH1_FORWARD["fwd_shared"]
-    assert ft._forward_knobs(2) == dict.fromkeys(keys)
+    assert ft._forward_knobs(2, narrow) == dict.fromkeys(keys)
+    h = torch.empty(1, 4, 8, 14, 14)
+    assert ft._Geom(h, (3, 5)).fwd_BT == ft.BATCH1_FORWARD["fwd_frames"]   # frame blocks: batch 1 only
+    assert ft._Geom(h.expand(2, -1, -1, -1, -1), (3, 5)).fwd_BT == 8
+    monkeypatch.setitem(ft.CONFIG, "fwd_stack", True)
+    assert ft._forward_knobs(1, wide)["fwd_stack"] is True
     monkeypatch.setitem(ft.CONFIG, "fwd_shared", False)
     monkeypatch.setitem(ft.CONFIG, "fwd_loop_stages", 3)
     assert ft._forward_knobs(1)["fwd_shared"] is False and ft._forward_knobs(1)["fwd_loop_stages"] == 3
