@@ -164,7 +164,8 @@ def implementation_choices() -> dict:
         return choices
     choices["scan_chunked"] = dict(_scan_chunked.CONFIG)
     choices["fusion_triton"] = dict(_fusion_triton.CONFIG)
-    choices["fusion_triton_batch1"] = dict(_fusion_triton.BATCH1_FORWARD)
+    choices["fusion_triton_batch1"] = {**_fusion_triton.BATCH1_FORWARD,
+                                       "stack_max_channels": _fusion_triton.STACK_MAX_CHANNELS}
     return choices
 
 

@@ -72,6 +72,7 @@ def test_results_record_the_forms_and_settings_they_ran_with(tmp_path, monkeypat
     assert choices["scan_chunked"]["steps"] == 2
     assert {choices["conv1d_compiled"], choices["patch_embed_compiled"]} <= {"shifted", "cudnn", "gemm", "conv"}
     assert {"fusion_triton", "fusion_triton_batch1"} <= set(choices)
+    assert choices["fusion_triton_batch1"]["stack_max_channels"] > 0   # the stacked bands' width rule
     printed = capsys.readouterr().out
     assert "blocks of 2 steps" in printed and "MSF_SCALE_SCAN_BACKEND=torch" in printed
 
