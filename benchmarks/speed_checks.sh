@@ -18,7 +18,8 @@
 #   (chunked at batch 1), ~5 minutes; "patchembed", not in the default: batch-1 compiled latency with
 #   MSF_SCALE_PATCH_EMBED_COMPILED=conv, then =gemm (the tubelet embedding as one GEMM), four models, ~5 minutes;
 #   "table", not in the default: issue 19's batch-1 bar, the nine models compiled at batch 1 with the defaults (the
-#   forms and CONFIGs it ran with land in table/latency.json), ~5 minutes),
+#   forms and CONFIGs it ran with land in table/latency.json), ~5 minutes; "fusion3", not in the default: msf_mamba base
+#   and small compiled at batch 1 with the 3^3 fusion on conv (auto), then on the triton op, ~4.5 minutes),
 #   SIZES="tiny,small" (bench_model), SCAN_LAT_BACKENDS="cuda auto" (scaninfer's latency runs), SWEEP_S=90 (igemm
 #   tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
@@ -113,6 +114,17 @@ patchembed() {   # the patch embedding's compiled-inference form: cuDNN's conv, 
 }
 export -f patchembed
 part patchembed 420 bash -c patchembed
+fusion3() {   # msf_mamba's 3^3 window at batch 1 on conv (auto), then on the triton op (session 18's settings), base
+  local backend rc=0
+  for backend in auto triton; do
+    MSF_SCALE_FUSION_BACKEND=$backend "$PY" benchmarks/bench_latency.py --out "$OUT/fusion3_$backend" \
+      --models msf_mamba_base,msf_mamba_small --modes compile --measures clip --compile-measures clip \
+      --budget-s 140 --compile-cap-s 70 || rc=1
+  done
+  return $rc
+}
+export -f fusion3
+part fusion3 300 bash -c fusion3
 NINE=videomamba_tiny,videomamba_small,msf_mamba_tiny,msf_mamba_small,msf_mamba_plus_tiny,msf_mamba_plus_small
 NINE=$NINE,videomamba_base,msf_mamba_base,msf_mamba_plus_base
 part table 480 "$PY" benchmarks/bench_latency.py --out "$OUT/table" --models "$NINE" --modes compile --measures clip \
