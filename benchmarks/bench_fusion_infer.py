@@ -13,7 +13,9 @@ captured in one CUDA graph (as msf_scale.inference replays the model) and the gr
                     st / u = fwd_loop_stages / fwd_unroll (the window loop's pipelining / unrolling), p =
                     logit_partials (ASWM logits per channel group, summed in torch, instead of atomics), k =
                     fwd_stack (the scales' bands side by side, one product per window row), a = alpha_kernel (the
-                    ASWM weights in one launch); the rows start from BATCH1_FORWARD (CONFIG's None) at batch 1
+                    ASWM weights in one launch), fwd = the forward's num_warps / num_stages, alpha_tile = _alpha's
+                    (slices, positions) per load; unnamed settings are BATCH1_FORWARD's at batch 1 (frame blocks of
+                    4, 4 warps in 16-bit, _alpha, stacked bands up to STACK_MAX_CHANNELS; session 18)
 Each row's error is the max |out - ref| / max |ref| against the float64 ``ref`` backend on the same rounded inputs.
 Writes DIR/bench_fusion_infer.json and .md; prints the table.
 """

@@ -18,10 +18,12 @@ BT frames x BH rows (H padded to a power of two) and the columns are x (W padded
 
 The loops over window rows (o_t, o_y) are runtime loops: fully unrolled 7 x 7 bodies measured 255 registers plus
 2.5-3.8 KB of spill stack per thread and 60-150 s compiles (ptxas, sm_90); as loops no kernel spills for bf16/fp16.
-Two forward variants (``CONFIG["fwd_shared"]``): by default one loop per scale (one accumulator live, every scale
-reloads its row-shifted [rows, 16] tiles from L1/L2); shared, the 49 tiles of the largest window are loaded once
+Three forward variants: by default one loop per scale (one accumulator live, every scale reloads its row-shifted
+[rows, 16] tiles from L1/L2); shared (``CONFIG["fwd_shared"]``), the 49 tiles of the largest window are loaded once
 and feed every scale whose window holds that row (the issue's "one loaded 7^3 neighbourhood"; runtime branches, 3
-accumulators). The band matrices are gathered from the taps in registers. Accumulation is fp32 (fp64 for fp64
+accumulators); stacked (``CONFIG["fwd_stack"]``, precedence over shared), the scales' bands side by side so each
+of those rows is one product for every scale. The band matrices are gathered from the taps in registers. At batch 1
+BATCH1_FORWARD fills what CONFIG leaves None (shared or stacked by width, 4 warps, frame blocks of 4, ``_alpha``). Accumulation is fp32 (fp64 for fp64
 inputs); bf16/fp16 operands go to the tensor cores as they are (the band is rounded to the input dtype, as the
 ``conv`` backend rounds its kernel); fp32 operands use IEEE fp32 dots (tf32 only when
 ``torch.backends.cuda.matmul.allow_tf32`` is set).
@@ -29,7 +31,8 @@ inputs); bf16/fp16 operands go to the tensor cores as they are (the band is roun
 Launches. Forward: ``_fwd`` (program = batch x channel group (16 channels with ASWM) x frame block: every scale of
 every channel in the group, F_m stored in the input dtype, the ASWM logits summed over the group in registers and
 atomically added across groups into a zeroed fp32 [B, M, T, H, W]), the softmax on those logits (torch, tiny) and
-``_combine`` (out = sum alpha_m F_m). Backward: with ASWM ``_aswm_dot`` (s_m = sum_c dout F_m, atomics across
+``_combine`` (out = sum alpha_m F_m); at batch 1 (BATCH1_FORWARD) one channel a program, the logits stored per channel
+and summed by ``_alpha`` with the bias and the softmax in one launch. Backward: with ASWM ``_aswm_dot`` (s_m = sum_c dout F_m, atomics across
 channel groups), the softmax backward on [B, M, T, H, W] (torch, tiny), ``_aswm_grad`` (dF_m = alpha_m dout +
 sum_j A[j, m*C + c] dlogit_j, and per-(batch, block) partials of the 1x1 conv's weight gradient); then ``_bwd``
 (program = batch group x channel x frame block, the tile's rows stacking ``bwd_batch`` batch elements: dh, and
@@ -52,12 +55,13 @@ from msf_scale.ops._choice import tf32_matmul_allowed
 
 MAX_SCALES = 3
 # Launch settings of the two heavy kernels, (num_warps, num_stages); None: the defaults in _Geom (no spills on sm_90
-# by ptxas's count for bf16/fp16/fp32). benchmarks/bench_fusion.py --sweep times alternatives by setting these.
+# by ptxas's count for bf16/fp16/fp32), at batch 1 in 16-bit BATCH1_FORWARD's forward (4, 1). benchmarks/bench_fusion.py --sweep times alternatives by setting these.
 # "bwd_batch": batch elements per backward tile (None: 2 where a tile of one has <= 128 rows).
 # "fwd_shared": True loads each row-shifted tile of the largest window once for every scale (runtime branches
 # per scale), False/None: one loop per scale (reloads, no branches).
 # "aswm_group": channels per program of the ASWM forward and of _aswm_dot (None: 16).
-# "fwd_frames": frames per forward program (None: as many as fit 128 rows; fewer give more programs at batch 1).
+# "fwd_frames": frames per forward program (None: as many as fit 128 rows, at batch 1 BATCH1_FORWARD's 4; fewer give
+# more programs at batch 1).
 # "fwd_loop_stages" / "fwd_unroll": the forward's window-row loop's software-pipelining depth and unroll factor
 # (tl.range's num_stages / loop_unroll_factor; None: Triton's defaults, the kernel's num_stages and no unrolling).
 # "logit_partials": the ASWM logits stored per channel group and summed in torch, instead of atomics into one buffer.
@@ -342,7 +346,8 @@ def _alpha(logit_ptr, bias_ptr, alpha_ptr, B, THW, N_PART: tl.constexpr, NS: tl.
            G: tl.constexpr, P: tl.constexpr, ACC: tl.constexpr):
     """The ASWM weights from the forward's logits in one launch: alpha[b, :, p] = softmax_m(sum over the N_PART
     slices of logit partials [N_PART, B, NS, THW] + bias). Program = (block of P positions, b); each loads G slices
-    at once, [G, P] tiles (torch's way is four launches: sum, bias add, softmax and a copy)."""
+    at once, [G, P] tiles (torch's way is four launches: sum, bias add, softmax and a copy). N_PART is a constexpr
+    (C at batch 1): one compile per width, the loop over slices unrolled (9 steps at 576 channels with G = 64)."""
     b = tl.program_id(1)
     p = tl.program_id(0) * P + tl.arange(0, P)
     pm = p < THW
@@ -612,8 +617,9 @@ def _pos_block(thw: int) -> int:
 # ASWM, docs/BENCHMARKS.md). Session 16: partials, shared tiles, one loop stage: 1.23 / 1.67 / 1.60x session 12's
 # setting at 192 / 384 / 576 channels. Session 18: the ASWM weights in one launch and 4 warps a program, 1.10 / 1.12 /
 # 1.10x on top (msf_mamba_plus tiny 3.44 -> 3.24 ms, base 8.76 -> 8.35 compiled); frame blocks of 4 (two programs a
-# channel) 1.05 / 1.03x on top at 192 / 576; the stacked bands on those 1.03x at 192 channels (msf_mamba_plus tiny
-# 3.29 -> 3.09 ms with both) but 0.92x at 576 (and 0.80x at 384 with 8 warps): stacked up to STACK_MAX_CHANNELS.
+# channel) 1.05 / 1.03x on top at 192 / 576 (384 not timed); the stacked bands on those 1.03x at 192 channels
+# (msf_mamba_plus tiny 3.29 -> 3.09 ms with both) but 0.92x at 576 (and 0.80x at 384 with 8 warps): stacked up to
+# STACK_MAX_CHANNELS. All timed in bf16; fp32 / fp64 keep _Geom's warps (the rest is tested there, not timed).
 # Larger batches keep the training settings (not timed with these).
 BATCH1_FORWARD = {"logit_partials": True, "fwd_shared": True, "fwd_loop_stages": 1, "fwd_unroll": None,
                   "fwd_stack": None, "alpha_kernel": True, "fwd": (4, 1), "fwd_frames": 4}
@@ -638,9 +644,9 @@ def _launch_forward(h, wpack, aw, ab, ks):
     aswm = aw is not None
     awc = aw.detach().reshape(g.NS, g.NS * g.C).contiguous() if aswm else wpack
     knob = _forward_knobs(g.B, g.C)
-    if knob["fwd_shared"] and knob["fwd_unroll"]:
-        raise ValueError("CONFIG fwd_unroll with fwd_shared (batch 1's default) does not compile in Triton 3.6 "
-                         "(PassManager::run failed); set fwd_shared False to unroll")
+    if (knob["fwd_shared"] or knob["fwd_stack"]) and knob["fwd_unroll"]:   # the stacked loop: not tried unrolled
+        raise ValueError("CONFIG fwd_unroll with fwd_shared or fwd_stack (batch 1's defaults) does not compile in "
+                         "Triton 3.6 (PassManager::run failed); set both False to unroll")
     cg = _channel_group(g.C, g.B) if aswm else 1
     n_cg = g.C // cg
     partials = aswm and bool(knob["logit_partials"])
@@ -654,7 +660,8 @@ def _launch_forward(h, wpack, aw, ab, ks):
                                    SHARE=bool(knob["fwd_shared"]), ACC=g.ACC, PREC=g.PREC,
                                    STAGES=knob["fwd_loop_stages"], UNROLL=knob["fwd_unroll"],
                                    PARTIALS=partials, STACK=bool(knob["fwd_stack"]), NSP=_pow2(g.NS),
-                                   **g.launch("fwd", aswm, rows=g.fwd_BT * g.BH, cfg=knob["fwd"]))
+                                   **g.launch("fwd", aswm, rows=g.fwd_BT * g.BH,   # batch 1's warps: timed in bf16
+                                              cfg=knob["fwd"] if CONFIG.get("fwd") or not g.fp32 else None))
     if not aswm:
         return fs, ()
     if knob["alpha_kernel"]:   # sum of partials, bias and softmax in one launch

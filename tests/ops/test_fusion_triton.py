@@ -136,16 +136,17 @@ def test_interpreter_shared_neighbourhood_forward(monkeypatch, scales, form):
 @interp
 @pytest.mark.parametrize("scales", [(3, 5), (3, 5, 7)])
 @pytest.mark.parametrize("theta", [0.0, 0.7])
-@pytest.mark.parametrize("form", ["loop", "shared", "stack", "stack_alpha"])
+@pytest.mark.parametrize("form", ["loop", "shared", "stack", "stack_alpha", "loop_alpha"])
 def test_interpreter_aswm_matches_ref_float64(monkeypatch, scales, theta, form):
     from msf_scale.ops import _fusion_triton as ft
     from msf_scale.ops._fusion_triton import multiscale_fusion_triton
 
     monkeypatch.setitem(ft.CONFIG, "fwd_shared", form == "shared")
     monkeypatch.setitem(ft.CONFIG, "fwd_stack", form.startswith("stack"))   # the stacked logits: A's columns
-    monkeypatch.setitem(ft.CONFIG, "alpha_kernel", form == "stack_alpha")   # alpha in one launch; the backward
-    monkeypatch.setitem(ft.CONFIG, "aswm_group", None if form == "loop" else 2)   # 3 channels: groups of 1 / of 3
-    monkeypatch.setitem(ft.CONFIG, "logit_partials", form != "loop")   # per-group logits at batch 2, 3 groups
+    monkeypatch.setitem(ft.CONFIG, "alpha_kernel", form.endswith("alpha"))   # alpha in one launch; the backward
+    monkeypatch.setitem(ft.CONFIG, "aswm_group", None if form.startswith("loop") else 2)   # 3 channels: 1 / 3 groups
+    monkeypatch.setitem(ft.CONFIG, "logit_partials", not form.startswith("loop"))   # per-group logits, 3 groups;
+    # loop_alpha: the atomically summed logits [B, M, ...] read by _alpha as one slice, at batch 2
 
     c = 3
     fusion = StateFusion(c, scales, theta=theta, theta_learnable=True, use_aswm=True, backend="ref",
@@ -188,6 +189,7 @@ class _Spy:
                                                      ((3, 5, 7), None, {"fwd_stack": True}),
                                                      ((5, 3), 2, {"fwd_stack": True, "logit_partials": False}),
                                                      ((3, 5, 7), 1, {"alpha_kernel": True, "alpha_tile": (4, 8)}),
+                                                     ((3, 5, 7), None, {"fwd_stack": False}),   # wide models' form
                                                      ((3, 5), None, {"alpha_kernel": True,
                                                                      "logit_partials": False})])
 def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fwd_frames, loop):
@@ -202,6 +204,7 @@ def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fw
         monkeypatch.setitem(ft.CONFIG, key, value)
     if loop.get("fwd_shared") is None and loop.get("fwd_unroll"):
         monkeypatch.setitem(ft.CONFIG, "fwd_shared", False)   # unrolling the shared loop does not compile (GPU)
+        monkeypatch.setitem(ft.CONFIG, "fwd_stack", False)    # nor is the stacked loop tried unrolled
     kernels_run = []
     monkeypatch.setattr(ft, "_fwd", _Spy(ft._fwd, "_fwd", kernels_run))
     calls = []
@@ -232,6 +235,9 @@ def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fw
         assert rel(a, b) < 1e-12
     for out in (got, *cached):
         assert not out.requires_grad and rel(out, want) < 1e-12, f"rel err {rel(out, want):.2e}"
+    with torch.no_grad():   # an ASWM conv without a bias (nn.Conv3d(bias=False) passes None)
+        unbiased = ft.multiscale_fusion_triton(h, list(fusion.kernels), fusion.theta, fusion.aswm.weight, None)
+    assert rel(unbiased, aswm_ref(want_f, fusion.aswm.weight, None)) < 1e-12
 
 
 def test_batch_one_forward_settings_fill_what_config_leaves_unset(monkeypatch):
@@ -427,6 +433,15 @@ def test_gpu_matches_float64_realistic(triton_on_gpu, monkeypatch, dtype, use_as
 
     monkeypatch.setitem(ft.CONFIG, "fwd_shared", fwd_shared)
     _gpu_vs_float64((2, 384, 8, 14, 14), (3, 5, 7), dtype, use_aswm)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [192, 384])
+def test_gpu_batch_one_defaults_with_autograd(triton_on_gpu, dtype, channels):
+    """BATCH1_FORWARD (stacked bands at 192 channels, shared tiles at 384; frame blocks of 4, _alpha; 4 warps in bf16)
+    under the autograd path, forward and every gradient against float64 (session 18: written without a GPU)."""
+    _gpu_vs_float64((1, channels, 8, 14, 14), (3, 5, 7), dtype, True)
 
 
 @pytest.mark.gpu
