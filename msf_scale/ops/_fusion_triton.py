@@ -128,21 +128,27 @@ def _shared_tap(acc, a, wc, ot, oy, xi, xj, K: tl.constexpr, KM: tl.constexpr, P
 
 
 @triton.jit
+def _row_tile(h_ptr, base, t, y, x, d, T, H, W, KM: tl.constexpr):
+    """Row d of the largest window's KM x KM (frame, row) offsets: (o_t, o_y) and the row-shifted tile
+    h[(t + o_t, y + o_y), x] (zero outside the grid), as the shared and stacked forwards walk them."""
+    ot = d // KM - KM // 2
+    oy = d % KM - KM // 2
+    tt = t + ot
+    yy = y + oy
+    m = (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H)
+    a = tl.load(h_ptr + base + (tt * (H * W) + yy * W)[:, None] + x[None, :], mask=m[:, None] & (x < W)[None, :],
+                other=0.0)
+    return ot, oy, a
+
+
+@triton.jit
 def _fwd_shared(h_ptr, base, wc, t, y, x, xi, xj, T, H, W, acc0, acc1, acc2, NS: tl.constexpr, K0: tl.constexpr,
                 K1: tl.constexpr, K2: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KM: tl.constexpr,
                 PREC: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr = None, UNROLL: tl.constexpr = None):
     """Every scale from one loaded neighbourhood: the KM^2 row-shifted tiles of the largest window are loaded once
     and each feeds the band of every scale whose window holds that row (the other variant reloads per scale)."""
-    RM: tl.constexpr = KM // 2
-    xm = x < W
     for d in tl.range(KM * KM, num_stages=STAGES, loop_unroll_factor=UNROLL):
-        ot = d // KM - RM
-        oy = d % KM - RM
-        tt = t + ot
-        yy = y + oy
-        m = (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H)
-        a = tl.load(h_ptr + base + (tt * (H * W) + yy * W)[:, None] + x[None, :], mask=m[:, None] & xm[None, :],
-                    other=0.0)
+        ot, oy, a = _row_tile(h_ptr, base, t, y, x, d, T, H, W, KM)
         acc0 = _shared_tap(acc0, a, wc, ot, oy, xi, xj, K0, KM, PREC, ACC)
         if NS >= 2:
             acc1 = _shared_tap(acc1, a, wc + OFF1, ot, oy, xi, xj, K1, KM, PREC, ACC)
@@ -159,7 +165,6 @@ def _fwd_stacked(h_ptr, base, wc, t, y, x, xi, T, H, W, acc, NS: tl.constexpr, K
     """Every scale in one product per window row: the bands of the scales side by side, [BW, NSP * BW] (column
     m * BW + x: scale m's output column x; zero where the row is outside scale m's window, and for m >= NS), so a
     row costs one tl.dot where the shared form issues one per scale. acc: [rows, NSP * BW]."""
-    RM: tl.constexpr = KM // 2
     col = tl.arange(0, NSP * BW)
     m = col // BW
     xc = col % BW
@@ -168,15 +173,8 @@ def _fwd_stacked(h_ptr, base, wc, t, y, x, xi, T, H, W, acc, NS: tl.constexpr, K
     off = tl.where(m == 0, 0, tl.where(m == 1, OFF1, OFF2))
     e = xi[:, None] - xc[None, :] + r[None, :]
     em = (e >= 0) & (e < k[None, :]) & (m < NS)[None, :]
-    xm = x < W
     for d in tl.range(KM * KM, num_stages=STAGES, loop_unroll_factor=UNROLL):
-        ot = d // KM - RM
-        oy = d % KM - RM
-        tt = t + ot
-        yy = y + oy
-        rm = (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H)
-        a = tl.load(h_ptr + base + (tt * (H * W) + yy * W)[:, None] + x[None, :], mask=rm[:, None] & xm[None, :],
-                    other=0.0)
+        ot, oy, a = _row_tile(h_ptr, base, t, y, x, d, T, H, W, KM)
         inwin = (ot >= -r) & (ot <= r) & (oy >= -r) & (oy <= r)   # [NSP * BW]: this row in scale m's window
         tap = off + ((ot + r) * k + oy + r) * k
         bd = tl.load(wc + tap[None, :] + e, mask=em & inwin[None, :], other=0.0).to(a.dtype)
