@@ -18,13 +18,13 @@ BT frames x BH rows (H padded to a power of two) and the columns are x (W padded
 
 The loops over window rows (o_t, o_y) are runtime loops: fully unrolled 7 x 7 bodies measured 255 registers plus
 2.5-3.8 KB of spill stack per thread and 60-150 s compiles (ptxas, sm_90); as loops no kernel spills for bf16/fp16.
-Three forward variants: by default one loop per scale (one accumulator live, every scale reloads its row-shifted
-[rows, 16] tiles from L1/L2); shared (``CONFIG["fwd_shared"]``), the 49 tiles of the largest window are loaded once
-and feed every scale whose window holds that row (the issue's "one loaded 7^3 neighbourhood"; runtime branches, 3
-accumulators); stacked (``CONFIG["fwd_stack"]``, precedence over shared), the scales' bands side by side so each
-of those rows is one product for every scale. The band matrices are gathered from the taps in registers. At batch 1
-BATCH1_FORWARD fills what CONFIG leaves None (shared or stacked by width, 4 warps, frame blocks of 4, ``_alpha``). Accumulation is fp32 (fp64 for fp64
-inputs); bf16/fp16 operands go to the tensor cores as they are (the band is rounded to the input dtype, as the
+Three forward variants: by default one loop per scale (one accumulator live, every scale reloads its row-shifted [rows,
+16] tiles from L1/L2); shared (``CONFIG["fwd_shared"]``), the 49 tiles of the largest window are loaded once and feed
+every scale whose window holds that row (the issue's "one loaded 7^3 neighbourhood"; runtime branches, 3 accumulators);
+stacked (``CONFIG["fwd_stack"]``, precedence over shared), the scales' bands side by side so each of those rows is one
+product for every scale. The band matrices are gathered from the taps in registers. At batch 1 BATCH1_FORWARD fills what
+CONFIG leaves None (shared or stacked by width, 4 warps, frame blocks of 4, ``_alpha``). Accumulation is fp32 (fp64 for
+fp64 inputs); bf16/fp16 operands go to the tensor cores as they are (the band is rounded to the input dtype, as the
 ``conv`` backend rounds its kernel); fp32 operands use IEEE fp32 dots (tf32 only when
 ``torch.backends.cuda.matmul.allow_tf32`` is set).
 
@@ -32,10 +32,10 @@ Launches. Forward: ``_fwd`` (program = batch x channel group (16 channels with A
 every channel in the group, F_m stored in the input dtype, the ASWM logits summed over the group in registers and
 atomically added across groups into a zeroed fp32 [B, M, T, H, W]), the softmax on those logits (torch, tiny) and
 ``_combine`` (out = sum alpha_m F_m); at batch 1 (BATCH1_FORWARD) one channel a program, the logits stored per channel
-and summed by ``_alpha`` with the bias and the softmax in one launch. Backward: with ASWM ``_aswm_dot`` (s_m = sum_c dout F_m, atomics across
-channel groups), the softmax backward on [B, M, T, H, W] (torch, tiny), ``_aswm_grad`` (dF_m = alpha_m dout +
-sum_j A[j, m*C + c] dlogit_j, and per-(batch, block) partials of the 1x1 conv's weight gradient); then ``_bwd``
-(program = batch group x channel x frame block, the tile's rows stacking ``bwd_batch`` batch elements: dh, and
+and summed by ``_alpha`` with the bias and the softmax in one launch. Backward: with ASWM ``_aswm_dot`` (s_m = sum_c
+dout F_m, atomics across channel groups), the softmax backward on [B, M, T, H, W] (torch, tiny), ``_aswm_grad`` (dF_m =
+alpha_m dout + sum_j A[j, m*C + c] dlogit_j, and per-(batch, block) partials of the 1x1 conv's weight gradient); then
+``_bwd`` (program = batch group x channel x frame block, the tile's rows stacking ``bwd_batch`` batch elements: dh, and
 every tap's gradient, summed over the tile's rows, as partials [n_groups * n_tb, C, sum k^3] that torch sums over
 the first axis: a two-stage, deterministic reduction, no weight atomics).
 
@@ -54,8 +54,9 @@ from msf_scale.ops._cfd import cfd_kernel
 from msf_scale.ops._choice import tf32_matmul_allowed
 
 MAX_SCALES = 3
-# Launch settings of the two heavy kernels, (num_warps, num_stages); None: the defaults in _Geom (no spills on sm_90
-# by ptxas's count for bf16/fp16/fp32), at batch 1 in 16-bit BATCH1_FORWARD's forward (4, 1). benchmarks/bench_fusion.py --sweep times alternatives by setting these.
+# Launch settings of the two heavy kernels, (num_warps, num_stages); None: the defaults in _Geom (no spills on sm_90 by
+# ptxas's count for bf16/fp16/fp32), at batch 1 in 16-bit BATCH1_FORWARD's forward (4, 1). benchmarks/bench_fusion.py
+# --sweep times alternatives by setting these.
 # "bwd_batch": batch elements per backward tile (None: 2 where a tile of one has <= 128 rows).
 # "fwd_shared": True loads each row-shifted tile of the largest window once for every scale (runtime branches
 # per scale), False/None: one loop per scale (reloads, no branches).
