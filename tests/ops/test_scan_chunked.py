@@ -332,3 +332,23 @@ def test_gpu_gluon_matches_float64(monkeypatch, dtype, tol, batch, warps, steps,
         y_ref, last_ref = reference(ref_in, reverse, True, True)
         assert rel(y.cpu(), y_ref) < tol, f"reverse {reverse} y: {rel(y.cpu(), y_ref):.2e}"
         assert rel(last.cpu(), last_ref) < tol, f"reverse {reverse} last: {rel(last.cpu(), last_ref):.2e}"
+
+
+def test_gluon_taken_only_where_it_runs(monkeypatch):
+    """With GLUON on, the Gluon passes take CUDA 16/32-bit calls whose D and group width are whole programs of 32 x
+    warps channels; CPU tensors (the interpreter, which Gluon lacks), float64 and narrower groups keep the Triton
+    passes. Checked on stand-ins that carry a device and a dtype (no kernel runs)."""
+    monkeypatch.setattr(_scan_chunked, "GLUON", dict(_scan_chunked.GLUON, gluon=True, gluon_warps=1))
+    fits = _scan_chunked._gluon_fits
+
+    class Cuda:   # what _gluon_fits reads of a tensor
+        def __init__(self, dtype, kind="cuda"):
+            self.device, self.dtype = torch.device(kind), dtype
+    assert fits(Cuda(torch.bfloat16), 768, 384) and fits(Cuda(torch.float32), 64, 32)
+    assert not fits(Cuda(torch.float64), 768, 384)
+    assert not fits(Cuda(torch.bfloat16, "cpu"), 768, 384)
+    assert not fits(Cuda(torch.bfloat16), 48, 16) and not fits(Cuda(torch.bfloat16), 96, 48)
+    monkeypatch.setitem(_scan_chunked.GLUON, "gluon_warps", 2)
+    assert not fits(Cuda(torch.bfloat16), 96, 32) and fits(Cuda(torch.bfloat16), 128, 64)
+    monkeypatch.setitem(_scan_chunked.GLUON, "gluon", False)
+    assert not fits(Cuda(torch.bfloat16), 768, 384)
