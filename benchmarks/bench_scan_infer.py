@@ -11,9 +11,7 @@ tensors (it reads the backward half in reverse itself). Each is captured in a CU
 latency harness runs a model), the median of ``--reps`` replays of ``--inner`` calls each. Agreement: the chunked
 scan against mamba-ssm on the same inputs with reverse_groups=0 (the same recurrence), the largest difference of
 y relative to mamba-ssm's largest |y|. ``--configs``: CONFIG settings "BD,warps,programs[,steps]" to time after the
-default (steps: 0, a step's inputs loaded per step; > 0, blocks of that many steps loaded at once). ``--gluon``:
-settings "warps,steps,programs" of the Gluon passes (ops/_scan_chunked_gluon.py; GLUON in ops/_scan_chunked.py), timed
-after the Triton ones (rows marked gluon).
+default (steps: 0, a step's inputs loaded per step; > 0, blocks of that many steps loaded at once).
 Widths: tiny 384, small 768, base 1152 (d_inner = 2 x d_model; sessions 14-15 ran 1536 as "base", wider than it).
 """
 from __future__ import annotations
@@ -72,22 +70,15 @@ def main(argv=None):
     ap.add_argument("--inner", type=int, default=10)
     ap.add_argument("--configs", nargs="*", default=[],
                     help="BD,warps,programs[,steps] settings after the default")
-    ap.add_argument("--gluon", nargs="*", default=[], help="warps,steps,programs settings of the Gluon passes")
     args = ap.parse_args(argv)
     dev, dtype = torch.device("cuda"), torch.bfloat16
-    default, gluon_default = dict(_scan_chunked.CONFIG), dict(_scan_chunked.GLUON)
+    default = dict(_scan_chunked.CONFIG)
     configs = [c.split(",") for c in args.configs]
     if any(len(v) not in (3, 4) for v in configs):
         ap.error("--configs: each setting is BD,warps,programs[,steps]")
-    glu = [c.split(",") for c in args.gluon]
-    if any(len(v) != 3 for v in glu):
-        ap.error("--gluon: each setting is warps,steps,programs")
-    settings = [(default, dict(gluon_default, gluon=False))]
-    settings += [(dict(default, BD=int(v[0]), warps=int(v[1]), programs=int(v[2]),
-                       steps=int(v[3]) if len(v) > 3 else default["steps"]), dict(gluon_default, gluon=False))
-                 for v in configs]
-    settings += [(default, dict(gluon=True, gluon_warps=int(v[0]), gluon_steps=int(v[1]), gluon_programs=int(v[2])))
-                 for v in glu]
+    settings = [default] + [dict(default, BD=int(v[0]), warps=int(v[1]), programs=int(v[2]),
+                                 steps=int(v[3]) if len(v) > 3 else default["steps"])
+                            for v in configs]
     rows = []
     with torch.no_grad():
         for width in (int(w) for w in args.widths.split(",")):
@@ -99,32 +90,22 @@ def main(argv=None):
             cuda_ms = graph_time(lambda: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="cuda",
                                                         **common), args.reps, args.inner)
             row = dict(width=width, channels=2 * width, cuda_ms=cuda_ms, agreement_rel=rel, chunked=[])
-            for cfg, gcfg in settings:
+            for cfg in settings:
                 _scan_chunked.CONFIG.update(cfg)
-                _scan_chunked.GLUON.update(gcfg)
                 y_cfg = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="chunked", **common)
                 rel_cfg = ((y_cfg.float() - y_ref.float()).abs().max() / y_ref.float().abs().max()).item()
                 ms = graph_time(lambda: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"],
                                                        backend="chunked", reverse_groups=1, **common),
                                 args.reps, args.inner)
-                if gcfg["gluon"]:
-                    chunks = _scan_chunked.gluon_chunking(args.batch, 2 * width, args.length, gcfg["gluon_warps"],
-                                                          gcfg["gluon_steps"])[0]
-                    setting = dict(kernel="gluon", BD=32 * gcfg["gluon_warps"], warps=gcfg["gluon_warps"],
-                                   programs=gcfg["gluon_programs"], steps=gcfg["gluon_steps"])
-                else:
-                    bd = _scan_chunked._block(2 * width, width)
-                    chunks = _scan_chunked.chunking(args.batch, 2 * width, args.length, bd)[0]
-                    setting = dict(kernel="triton", BD=cfg["BD"], warps=cfg["warps"], programs=cfg["programs"],
-                                   steps=cfg["steps"])
-                row["chunked"].append(dict(setting, chunks=chunks, ms=ms, vs_cuda=cuda_ms / ms,
+                bd = _scan_chunked._block(2 * width, width)
+                chunks = _scan_chunked.chunking(args.batch, 2 * width, args.length, bd)[0]
+                row["chunked"].append(dict(BD=cfg["BD"], warps=cfg["warps"], programs=cfg["programs"],
+                                           steps=cfg["steps"], chunks=chunks, ms=ms, vs_cuda=cuda_ms / ms,
                                            agreement_rel=rel_cfg))
-                print(f"width {width}: cuda {cuda_ms * 1e3:.1f} us, chunked {setting['kernel']} BD {setting['BD']} "
-                      f"warps {setting['warps']} programs {setting['programs']} steps {setting['steps']} "
-                      f"({chunks} chunks) {ms * 1e3:.1f} us = {cuda_ms / ms:.2f}x cuda; agreement {rel_cfg:.2e}",
-                      flush=True)
+                print(f"width {width}: cuda {cuda_ms * 1e3:.1f} us, chunked BD {cfg['BD']} warps {cfg['warps']} "
+                      f"programs {cfg['programs']} steps {cfg['steps']} ({chunks} chunks) {ms * 1e3:.1f} us = "
+                      f"{cuda_ms / ms:.2f}x cuda; agreement {rel_cfg:.2e}", flush=True)
             _scan_chunked.CONFIG.update(default)
-            _scan_chunked.GLUON.update(gluon_default)
             rows.append(row)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, host=platform.node(),
                   batch=args.batch, length=args.length, d_state=args.d_state, dtype="bfloat16", rows=rows)

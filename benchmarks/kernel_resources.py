@@ -4,13 +4,13 @@
     python benchmarks/kernel_resources.py --arch 90 --dtype bfloat16 --shape 1,384,8,14,14 --tiles 64,64,4,2
     python benchmarks/kernel_resources.py --scan-tiles 16,32,8 --scan-tiles 4,32,4   # the triton scan instead
     python benchmarks/kernel_resources.py --chunked-scan 16,1 --chunked-scan 8,1     # the chunked inference scan
-    python benchmarks/kernel_resources.py --chunked-scan-gluon 1,16                  # its Gluon passes (warps,steps)
 
 Why: tile sizes that spill registers to local memory are slow on every GPU run, and ptxas says so at compile time.
 Triton compiles a kernel for a named target on any machine (its ASTSource + GPUTarget), and the ptxas it ships
-reports per-kernel registers and spill bytes (-v). Each row is one kernel as ops/_fusion_igemm.py would launch it
-at --shape: the forward, the input gradient and the kernel gradients (each every window in one launch); whether
-the tensor-core path is wgmma (Hopper) or mma.sync. Compile-time facts, not timings.
+reports per-kernel registers and spill bytes (-v); the PTX's shuffles, barriers and exp2 are counted. Each row is
+one kernel as ops/_fusion_igemm.py would launch it at --shape: the forward, the input gradient and the kernel
+gradients (each every window in one launch); whether the tensor-core path is wgmma (Hopper) or mma.sync.
+Compile-time facts, not timings.
 """
 from __future__ import annotations
 
@@ -158,30 +158,6 @@ def chunked_scan_kernels(block: tuple[int, int], dtype: str, arch: int, length: 
                                                arch, warps, 1)}
 
 
-def chunked_scan_gluon_kernels(setting: tuple[int, int], dtype: str, arch: int, length: int, d_state: int,
-                               batch: int = 1, channels: int = 2 * 384) -> dict:
-    """ops/_scan_chunked_gluon.py's two passes as _scan_chunked launches them with GLUON (warps, steps) at batch 1,
-    tiny's width (D, delta_bias, softplus, no z); both directions' walks are in each kernel (a runtime branch)."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from msf_scale.ops import _scan_chunked_gluon as sg
-    ptr = DTYPES[dtype][0]
-    warps, steps = setting
-    nc, lc = sc.gluon_chunking(batch, channels, length, warps, steps)
-    names = "U DT Z A Bm Cm Dv BIAS HEND PROD Y".split()
-    ints_ = [f"s{t}_{a}" for t, axes in (("u", "bdl"), ("dt", "bdl"), ("z", "bdl"), ("B", "bgnl"), ("C", "bgnl"),
-                                         ("y", "bdl")) for a in axes] + ["L", "DIM", "DPG", "REV_FROM"]
-    out = {}
-    for name, outputs in (("ends", False), ("outputs", True)):
-        constants = dict(NC=nc, LC=lc, N=d_state, W=warps, TS=steps, TPT=min(steps, 32), OUTPUTS=outputs,
-                         HAS_D=True, HAS_Z=False, HAS_BIAS=True, SOFTPLUS=True)
-        signature = {p: "*fp32" if p in ("A", "Dv", "BIAS", "HEND", "PROD") else ptr for p in names}
-        signature.update({k: "i32" for k in ints_}, **{k: "constexpr" for k in constants})
-        src = GluonASTSource(sg.chunk_pass, signature, constexprs=constants)
-        out[f"gluon {name} NC={nc}"] = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                                      options={"num_warps": warps, "num_stages": 1})
-    return out
-
-
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
@@ -199,8 +175,6 @@ def main(argv=None) -> list[dict]:
                     help="BD,BT,warps of the triton selective scan (repeatable): report its kernels instead")
     ap.add_argument("--chunked-scan", action="append", default=None,
                     help="BD,warps[,steps] of the chunked inference scan (repeatable): report its kernels instead")
-    ap.add_argument("--chunked-scan-gluon", action="append", default=None,
-                    help="warps,steps of the chunked scan's Gluon passes (repeatable): report those kernels instead")
     ap.add_argument("--scan-length", type=int, default=1569, help="the scan's L (tiles are a compile constant)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = ap.parse_args(argv)
@@ -236,11 +210,7 @@ def main(argv=None) -> list[dict]:
         for kernel, compiled in chunked_scan_kernels(setting, args.dtype, args.arch,
                                                      args.scan_length, 16).items():
             row(f"chunked scan {kernel} L={args.scan_length}", block, compiled)
-    for setting in args.chunked_scan_gluon or []:
-        for kernel, compiled in chunked_scan_gluon_kernels(ints(setting, 2, "--chunked-scan-gluon"), args.dtype,
-                                                           args.arch, args.scan_length, 16).items():
-            row(f"chunked scan {kernel} L={args.scan_length}", setting, compiled)
-    scans = args.scan_tiles or args.chunked_scan or args.chunked_scan_gluon
+    scans = args.scan_tiles or args.chunked_scan
     for tiles in ([] if scans else args.tiles
                   or [",".join(str(cfg[k]) for k in ("BM", "BK", "warps", "stages"))]):
         bm, bk, warps, stages = ints(tiles, 4, "--tiles")

@@ -40,10 +40,6 @@ import triton.language as tl
 # Pass 1 on per-step vectors (no barriers or shuffles when compiled) was timed in session 17: slower than the tiles
 # (0.98-1.18x mamba-ssm against the tiles' 1.28-1.65x), removed.
 CONFIG = {"BD": 16, "warps": 1, "programs": 2048, "min_chunk": 16, "steps": 4}
-# The Gluon form of passes 1 and 3 (_scan_chunked_gluon.py: a thread a channel, its N states in registers), on CUDA for
-# 16/32-bit inputs when "gluon" is set: "gluon_warps" warps a program (32 channels each), blocks of "gluon_steps"
-# steps (a power of two; chunks are whole blocks), "gluon_programs" programs to aim for (session 19).
-GLUON = {"gluon": False, "gluon_warps": 1, "gluon_steps": 16, "gluon_programs": 4096}
 PREFIX_ELEMENTS = 4096   # elements of a chunk-prefix program's [channels, chunks, N] tile (4 warps: no spills on sm_90)
 
 
@@ -246,30 +242,6 @@ def chunking(batch: int, dim: int, length: int, bd: int) -> tuple[int, int]:
     return -(-length // steps), steps
 
 
-def gluon_chunking(batch: int, dim: int, length: int, warps: int, steps: int) -> tuple[int, int]:
-    """(chunks, steps a chunk) for the Gluon passes: enough chunks that batch x D / (32 warps) x chunks reaches
-    GLUON["gluon_programs"], each a whole number of blocks of ``steps`` steps."""
-    rows = batch * (dim // (32 * warps))
-    want = max(1, min(-(-GLUON["gluon_programs"] // rows), -(-length // steps)))
-    lc = -(-(-(-length // want)) // steps) * steps
-    return -(-length // lc), lc
-
-
-def _gluon_fits(u, dim: int, per_group: int) -> bool:
-    """Whether the Gluon passes take this call: asked for, CUDA, 16/32-bit, 32 x warps channels dividing D and a
-    group's channels, and Gluon importable."""
-    if not GLUON["gluon"] or u.device.type != "cuda" or u.dtype == torch.float64:
-        return False
-    bd = 32 * GLUON["gluon_warps"]
-    if dim % bd or per_group % bd:
-        return False
-    try:
-        from msf_scale.ops import _scan_chunked_gluon  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _block(dim: int, per_group: int) -> int:
     """Channels per program: CONFIG's BD or the largest power of two dividing both D and a group's channels."""
     bd = CONFIG["BD"]
@@ -318,14 +290,8 @@ def _launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
     if length == 0:   # nothing to scan: an empty y, the zero start state
         return torch.empty_like(u, memory_format=torch.contiguous_format), u.new_zeros(batch, dim, n, dtype=state)
     dpg = dim // groups
-    gluon = _gluon_fits(u, dim, dpg)
-    if gluon:
-        warps, steps = GLUON["gluon_warps"], GLUON["gluon_steps"]
-        bd = 32 * warps
-        nc, lc = gluon_chunking(batch, dim, length, warps, steps)
-    else:
-        bd = _block(dim, dpg)
-        nc, lc = chunking(batch, dim, length, bd)
+    bd = _block(dim, dpg)
+    nc, lc = chunking(batch, dim, length, bd)
     if not _fits_int32(nc, n, u, delta, B, C, z):
         raise ValueError(f"the chunked scan indexes with int32: u {tuple(u.shape)} with d_state {n} is too large "
                          f"(split the batch, or use backend 'cuda')")
@@ -340,10 +306,6 @@ def _launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
     bstride = B.stride()
     grid = (batch * (dim // bd), nc)
     rev_from = groups - reverse_groups
-    if gluon:
-        _gluon_passes(u, delta, z, A, B, C, D, bias, hend, y, grid, strides, bstride, length, dim, dpg, rev_from, nc,
-                      lc, n, delta_bias is not None, delta_softplus)
-        return y, hend[:, :, -1].clone()
     if nc > 1:
         prod = torch.empty_like(hend)
         _chunk_ends[grid](u, delta, A, B, bias, hend, prod, *strides, *bstride, length, dim, dpg, rev_from,
@@ -357,25 +319,6 @@ def _launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
                          NC=nc, LC=lc, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                          SOFTPLUS=delta_softplus, **common)
     return y, hend[:, :, -1].clone()
-
-
-def _gluon_passes(u, delta, z, A, B, C, D, bias, hend, y, grid, strides, bstride, length, dim, dpg, rev_from, nc,
-                  lc, n, has_bias, softplus):
-    """Passes 1 and 3 in Gluon around the Triton chunk prefix (pass 2)."""
-    from msf_scale.ops._scan_chunked_gluon import chunk_pass
-    warps, steps = GLUON["gluon_warps"], GLUON["gluon_steps"]
-    zz = z if z is not None else u
-    common = dict(NC=nc, LC=lc, N=n, W=warps, TS=steps, TPT=min(steps, 32), HAS_D=D is not None,
-                  HAS_Z=z is not None, HAS_BIAS=has_bias, SOFTPLUS=softplus, num_warps=warps)
-    args = (u, delta, zz, A, B, C, D if D is not None else A, bias)
-    tail = (*strides, *zz.stride(), *bstride, *C.stride(), *y.stride(), length, dim, dpg, rev_from)
-    if nc > 1:
-        prod = torch.empty_like(hend)
-        chunk_pass[grid](*args, hend, prod, y, *tail, OUTPUTS=False, **common)
-        ncp = triton.next_power_of_2(nc)
-        bdp = min(32 * warps, max(1, PREFIX_ELEMENTS // (ncp * n)))
-        _chunk_prefix[(u.shape[0] * (dim // bdp),)](hend, prod, dim, NC=nc, NCP=ncp, N=n, BD=bdp, num_warps=4)
-    chunk_pass[grid](*args, hend, hend, y, *tail, OUTPUTS=True, **common)
 
 
 @_chunked_scan.register_fake

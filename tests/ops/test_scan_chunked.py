@@ -8,9 +8,6 @@ is narrow, every optional input present or absent, ungrouped B/C. It refuses inp
 mixer's grouped path on it matches the two-call path, eager and under torch.compile (one custom op, no flips).
 ``auto`` takes it on CUDA with autograd off for grouped batch-1 calls only. On the GPU (marked gpu): bf16 and fp32 against
 float64 at the models' length, batch 1 (chunked) and batch 2; the mixer on ``auto`` takes it at batch-1 inference.
-The Gluon passes (ops/_scan_chunked_gluon.py; Gluon has no CPU interpreter): on CPU their chunking and an
-ahead-of-time compile for sm_90 (no spills, no shuffles); on the GPU the same float64 checks with every optional
-input, each direction, one warp or two, blocks of 8 or 16 steps, one chunk or many.
 """
 from __future__ import annotations
 
@@ -272,83 +269,3 @@ def test_gpu_bimamba_on_auto_takes_chunked_at_batch_1_inference(monkeypatch):
     mixer(x)
     assert launched == [1], "auto took the chunked scan at batch 2 or with autograd on"
     assert rel(y, y_ref) < 1e-4
-
-
-def test_gluon_chunking_whole_blocks():
-    """The Gluon passes' chunks are whole blocks of steps, cover the sequence, are the shortest whole-block length
-    that reaches GLUON's program count in as many chunks, and stay one chunk when the batch fills the programs."""
-    for batch, dim, length, warps, steps in [(1, 768, 1569, 1, 16), (1, 2304, 1569, 2, 8), (1, 64, 5, 1, 16),
-                                             (256, 768, 1569, 1, 16)]:
-        nc, lc = _scan_chunked.gluon_chunking(batch, dim, length, warps, steps)
-        assert lc % steps == 0 and nc * lc >= length and (nc - 1) * lc < length, (nc, lc)
-        rows = batch * dim // (32 * warps)
-        want = min(-(-_scan_chunked.GLUON["gluon_programs"] // rows), -(-length // steps))   # chunks aimed at
-        assert lc * want >= length and (lc == steps or (lc - steps) * want < length), (nc, lc)   # the shortest
-    assert _scan_chunked.gluon_chunking(256, 768, 1569, 1, 16) == (1, 1584)   # 6144 programs already
-
-
-def test_gluon_passes_compile_for_hopper_without_spills_or_shuffles():
-    """Both passes at batch 1, tiny's width, compiled for sm_90 on this machine (kernel_resources.py
-    --chunked-scan-gluon, Gluon's ahead-of-time compile and ptxas -v): no spills, no shuffles (the sum over N for y
-    stays in a thread: the point of the layout), two barriers a block and direction. Compile-time facts."""
-    import json
-    import os
-    import subprocess
-    import sys
-    pytest.importorskip("triton.experimental.gluon")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    g = _scan_chunked.GLUON
-    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--json",
-                          "--chunked-scan-gluon", f"{g['gluon_warps']},{g['gluon_steps']}"], capture_output=True,
-                         text=True, env=env, cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
-    assert sorted(r["kernel"].split()[3] for r in rows) == ["ends", "outputs"], rows
-    for r in rows:
-        assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
-        assert r["shuffles"] == 0 and r["barriers"] == 4, r
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("warps, steps, programs", [(1, 16, 4096), (2, 8, 512), (1, 16, 1)])
-@pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_gpu_gluon_matches_float64(monkeypatch, dtype, tol, batch, warps, steps, programs):
-    """The Gluon passes at the models' length, one group reversed, every optional input (z, D, delta_bias), against
-    float64 on CPU; many chunks (4096 / 512 programs) and one (programs 1: pass 3 alone). The kernel ran: the
-    Triton passes are made to fail."""
-    monkeypatch.setattr(_scan_chunked, "GLUON", {"gluon": True, "gluon_warps": warps, "gluon_steps": steps,
-                                                 "gluon_programs": programs})
-    monkeypatch.setattr(_scan_chunked, "_chunk_outputs", None)
-    x = inputs(batch, 2, 64, 16, 1569, dtype, device="cuda")
-    for k in ("A", "D", "delta_bias"):
-        x[k] = x[k].detach().float()
-    for reverse in (0, 1, 2):
-        with torch.no_grad():
-            y, last = selective_scan(*(x[k].detach() for k in NAMES), delta_softplus=True, backend="chunked",
-                                     reverse_groups=reverse, return_last_state=True)
-        ref_in = {k: v.detach().cpu().double() for k, v in x.items()}
-        y_ref, last_ref = reference(ref_in, reverse, True, True)
-        assert rel(y.cpu(), y_ref) < tol, f"reverse {reverse} y: {rel(y.cpu(), y_ref):.2e}"
-        assert rel(last.cpu(), last_ref) < tol, f"reverse {reverse} last: {rel(last.cpu(), last_ref):.2e}"
-
-
-def test_gluon_taken_only_where_it_runs(monkeypatch):
-    """With GLUON on, the Gluon passes take CUDA 16/32-bit calls whose D and group width are whole programs of 32 x
-    warps channels; CPU tensors (the interpreter, which Gluon lacks), float64 and narrower groups keep the Triton
-    passes. Checked on stand-ins that carry a device and a dtype (no kernel runs)."""
-    monkeypatch.setattr(_scan_chunked, "GLUON", dict(_scan_chunked.GLUON, gluon=True, gluon_warps=1))
-    fits = _scan_chunked._gluon_fits
-
-    class Cuda:   # what _gluon_fits reads of a tensor
-        def __init__(self, dtype, kind="cuda"):
-            self.device, self.dtype = torch.device(kind), dtype
-    assert fits(Cuda(torch.bfloat16), 768, 384) and fits(Cuda(torch.float32), 64, 32)
-    assert not fits(Cuda(torch.float64), 768, 384)
-    assert not fits(Cuda(torch.bfloat16, "cpu"), 768, 384)
-    assert not fits(Cuda(torch.bfloat16), 48, 16) and not fits(Cuda(torch.bfloat16), 96, 48)
-    monkeypatch.setitem(_scan_chunked.GLUON, "gluon_warps", 2)
-    assert not fits(Cuda(torch.bfloat16), 96, 32) and fits(Cuda(torch.bfloat16), 128, 64)
-    monkeypatch.setitem(_scan_chunked.GLUON, "gluon", False)
-    assert not fits(Cuda(torch.bfloat16), 768, 384)
