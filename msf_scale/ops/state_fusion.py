@@ -9,9 +9,9 @@ grid border. Shapes: h [batch, C, T, H, W]; each kernel [C, 1, k, k, k] (k odd);
 (learnable). Returns one fused tensor per kernel, each shaped like h.
 
 Backends (``backend=``; ``auto``, the default, means ``$MSF_SCALE_FUSION_BACKEND`` when set, else on GPU ``gemm`` for
-training-sized batches and ``conv`` for small ones, on CPU ``shift`` for 3 x 3 x 3 windows and ``conv`` otherwise;
-see resolve_backend, logged once). A new backend is a name in BACKENDS, a branch in ``_dispatch``
-and, if optional, a lazily imported private module (``_fusion_triton.py``). All but ``ref`` fold
+training-sized batches and ``conv`` for small ones (``triton``'s forward at inference), on CPU ``shift`` for 3 x 3 x 3
+windows and ``conv`` otherwise; see resolve_backend, logged once). A new backend is a name in BACKENDS, a branch in
+``_dispatch`` and, if optional, a lazily imported private module (``_fusion_triton.py``). All but ``ref`` fold
 the difference term into the kernel's centre tap (the CFD term only ever touches H(p0), which is never padded),
 so each scale is one depthwise 'same' convolution with an adjusted kernel: exact, and theta's gradient comes from
 autograd through that fold.
@@ -45,16 +45,22 @@ log = logging.getLogger(__name__)
 # Estimates, not measured thresholds: timed were rows 8 (gemm slowest) and 256 (gemm fastest) on a 14 x 14 grid.
 GEMM_MIN_ROWS = 64    # T * B: below it the bands' bytes (fixed, whatever the batch) outweigh the GEMMs' gain
 GEMM_MAX_GRID = 256   # H * W: the bands grow with its square (C * sum(k) * (H W)^2 values)
+# 3 x 3 x 3 alone (msf_mamba) without gradients: triton for one clip (T * B <= BATCH1_ROWS) from TRITON_3X3_MIN_CHANNELS
+# channels (compiled batch-1 latency, H100, session 19: base 5.91 -> 5.59 ms, small 3.02 -> 2.85; tiny's 192 channels
+# 2.12 -> 2.15, so conv there; larger batches not timed on it)
+BATCH1_ROWS = 16
+TRITON_3X3_MIN_CHANNELS = 384
 
 
 def resolve_backend(backend: str | None, device: torch.device | None = None, k: int = 3, rows: int | None = None,
-                    grid: int | None = None, grad: bool | None = None) -> str:
+                    grid: int | None = None, grad: bool | None = None, channels: int | None = None) -> str:
     """The concrete backend for one kernel of window k on tensors with rows = T * B and grid = H * W. ``auto``:
     on GPU ``gemm`` for training-sized batches (rows >= GEMM_MIN_ROWS, grid <= GEMM_MAX_GRID); for smaller ones
-    ``triton`` where no gradient is needed (``grad``; None: torch.is_grad_enabled()) and k > 3, else ``conv``; on
-    CPU shifts for 3 x 3 x 3 only (autograd through 125 or 343 shifted slices costs more than PyTorch's slow
-    depthwise conv3d). Measured on the H200 (docs/BENCHMARKS.md, session 7): MCFM + ASWM forward + backward at
-    batch 32, conv 46 ms, triton 15 ms, gemm 7.5 ms; at batch 1 gemm is the slowest (its bands do not shrink).
+    ``triton`` where no gradient is needed (``grad``; None: torch.is_grad_enabled()) and k > 3, or k = 3 for one clip
+    (rows <= BATCH1_ROWS) of at least TRITON_3X3_MIN_CHANNELS channels, else ``conv``; on CPU shifts for 3 x 3 x 3
+    only (autograd through 125 or 343 shifted slices costs more than PyTorch's slow depthwise conv3d). Measured on
+    the H200 (docs/BENCHMARKS.md, session 7): MCFM + ASWM forward + backward at batch 32, conv 46 ms, triton 15 ms,
+    gemm 7.5 ms; at batch 1 gemm is the slowest (its bands do not shrink).
     Batch-1 forward, 3/5/7 + ASWM, on the lent H100 (session 12): triton (one program per channel) 0.12-0.20 ms,
     conv 0.20-0.42 ms, gemm 0.65-1.67 ms, at 192-576 channels."""
     backend = requested_backend(backend, ENV_VAR, BACKENDS, "state-fusion")
@@ -66,7 +72,11 @@ def resolve_backend(backend: str | None, device: torch.device | None = None, k: 
         # With gradients not triton, though it is faster at batch 1 (H200, session 7): its bf16 GPU check failed
         # (theta's gradient 6% off float64 on a two-scale ASWM case where conv's was 0.8%; a badly conditioned sum,
         # one draw). Its forward is as accurate as conv's, and without autograd it is one op torch.compile traces.
-        if k > 3 and not (torch.is_grad_enabled() if grad is None else grad) and _HAS_TRITON:
+        # Without gradients triton: for the multiscale windows since session 12, for 3 x 3 x 3 alone at batch 1 from
+        # 384 channels since session 19 (above).
+        one_clip = rows is not None and rows <= BATCH1_ROWS and (channels or 0) >= TRITON_3X3_MIN_CHANNELS
+        if ((k > 3 or one_clip) and _HAS_TRITON
+                and not (torch.is_grad_enabled() if grad is None else grad)):
             return _chosen("triton", "cuda", k)
         return _chosen("conv", "cuda", k)
     return backend
@@ -97,7 +107,8 @@ def state_fusion(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backen
 
 def _dispatch(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backend: str | None) -> list[torch.Tensor]:
     rows, grid = h.shape[0] * h.shape[2], h.shape[3] * h.shape[4]
-    chosen = resolve_backend(backend, h.device, max(w.shape[-1] for w in kernels), rows, grid) if kernels else None
+    chosen = (resolve_backend(backend, h.device, max(w.shape[-1] for w in kernels), rows, grid, channels=h.shape[1])
+              if kernels else None)
     if chosen == "triton":   # all scales at once
         from msf_scale.ops._fusion_triton import state_fusion_triton   # lazy: triton is optional
         return state_fusion_triton(h, kernels, theta)
