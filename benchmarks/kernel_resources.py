@@ -1,4 +1,5 @@
-"""Registers, spills and shared memory of the igemm fusion kernels for a GPU, compiled ahead of time: no GPU needed.
+"""Registers, spills and shared memory of Triton kernels (the igemm fusion's by default, the scans' by flag) for a GPU,
+compiled ahead of time: no GPU needed.
 
     python benchmarks/kernel_resources.py                          # sm_90, bf16, (32, 384, 8, 14, 14), scales 3,5,7
     python benchmarks/kernel_resources.py --arch 90 --dtype bfloat16 --shape 1,384,8,14,14 --tiles 64,64,4,2
@@ -46,7 +47,8 @@ def _compile(fn, signature: dict, constants: dict, arch: int, warps: int, stages
 
 
 def _resources(kernel, arch: int) -> dict:
-    """ptxas -v on the kernel's PTX: registers and spill bytes; shared memory from Triton; the MMA instruction."""
+    """ptxas -v on the kernel's PTX: registers and spill bytes; shared memory from Triton; the MMA instruction; the
+    PTX's shuffle, barrier and exp2 instructions (static counts: what layout round trips a kernel carries)."""
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     ptx = kernel.asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -62,8 +64,8 @@ def _resources(kernel, arch: int) -> dict:
             "spill_load_bytes": int(spills[-1][1]) if spills else None,
             "shared_bytes": kernel.metadata.shared,
             "mma": "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none (CUDA cores)",
-            "shuffles": len(re.findall(r"shfl\.sync", ptx)), "barriers": len(re.findall(r"bar\.sync|barrier\.sync", ptx)),
-            "exp2": len(re.findall(r"ex2\.approx", ptx))}
+            "shuffles": len(re.findall(r"shfl\.sync", ptx)),
+            "barriers": len(re.findall(r"bar\.sync|barrier\.sync", ptx)), "exp2": len(re.findall(r"ex2\.approx", ptx))}
 
 
 def row_conv(shape, ks, dtype: str, arch: int, cfg: dict, shared: bool):

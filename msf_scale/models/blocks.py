@@ -264,7 +264,7 @@ class StateFusion(nn.Module):
             kernels, theta = self.folded_kernels(h.dtype), 0.0   # theta 0.0: the backends fold nothing more
         if self.aswm is not None and not torch.jit.is_tracing():   # tracing (FLOP counting) takes the named op
             chosen = resolve_backend(self.backend, h.device, max(self.scales), h.shape[0] * h.shape[2],
-                                     h.shape[3] * h.shape[4])
+                                     h.shape[3] * h.shape[4], channels=h.shape[1])
             if chosen == "gemm":
                 return multiscale_fusion_gemm(h, kernels, theta, self.aswm.weight, self.aswm.bias)
             if chosen == "triton" and not torch.is_grad_enabled():   # scales + ASWM in one forward-only op

@@ -9,12 +9,12 @@ grid border. Shapes: h [batch, C, T, H, W]; each kernel [C, 1, k, k, k] (k odd);
 (learnable). Returns one fused tensor per kernel, each shaped like h.
 
 Backends (``backend=``; ``auto``, the default, means ``$MSF_SCALE_FUSION_BACKEND`` when set, else on GPU ``gemm`` for
-training-sized batches and ``conv`` for small ones (``triton``'s forward at inference), on CPU ``shift`` for 3 x 3 x 3
-windows and ``conv`` otherwise; see resolve_backend, logged once). A new backend is a name in BACKENDS, a branch in
-``_dispatch`` and, if optional, a lazily imported private module (``_fusion_triton.py``). All but ``ref`` fold
-the difference term into the kernel's centre tap (the CFD term only ever touches H(p0), which is never padded),
-so each scale is one depthwise 'same' convolution with an adjusted kernel: exact, and theta's gradient comes from
-autograd through that fold.
+training-sized batches and ``conv`` for small ones (without gradients ``triton``'s forward for windows over 3 x 3 x 3
+and, from 384 channels, one clip's 3 x 3 x 3), on CPU ``shift`` for 3 x 3 x 3 windows and ``conv`` otherwise; see
+resolve_backend, logged once). A new backend is a name in BACKENDS, a branch in ``_dispatch`` and, if optional, a
+lazily imported private module (``_fusion_triton.py``). All but ``ref`` fold the difference term into the kernel's
+centre tap (the CFD term only ever touches H(p0), which is never padded), so each scale is one depthwise 'same'
+convolution with an adjusted kernel: exact, and theta's gradient comes from autograd through that fold.
     ``conv``  as F.conv3d (cuDNN on GPU)
     ``shift`` as k^3 shifted multiply-adds (CPU: PyTorch's depthwise conv3d backward is slow there)
     ``ref``   :func:`state_fusion_ref`, the equation as written: conv3d minus theta * H * (off-centre weight sum).
@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 # Estimates, not measured thresholds: timed were rows 8 (gemm slowest) and 256 (gemm fastest) on a 14 x 14 grid.
 GEMM_MIN_ROWS = 64    # T * B: below it the bands' bytes (fixed, whatever the batch) outweigh the GEMMs' gain
 GEMM_MAX_GRID = 256   # H * W: the bands grow with its square (C * sum(k) * (H W)^2 values)
-# 3 x 3 x 3 alone (msf_mamba) without gradients: triton for one clip (T * B <= BATCH1_ROWS) from TRITON_3X3_MIN_CHANNELS
-# channels (compiled batch-1 latency, H100, session 19: base 5.91 -> 5.59 ms, small 3.02 -> 2.85; tiny's 192 channels
-# 2.12 -> 2.15, so conv there; larger batches not timed on it)
+# 3 x 3 x 3 alone (msf_mamba) without gradients: triton for T * B <= BATCH1_ROWS (one clip of up to 16 frames; also two
+# clips of 8, untimed) from TRITON_3X3_MIN_CHANNELS channels (compiled batch-1 latency, H100, session 19: base 5.91 ->
+# 5.59 ms, small 3.02 -> 2.85; tiny's 192 channels 2.12 -> 2.15, so conv there; larger batches and graph replay untimed)
 BATCH1_ROWS = 16
 TRITON_3X3_MIN_CHANNELS = 384
 

@@ -375,7 +375,7 @@ def test_auto_picks_by_device_batch_and_grid():
     # without gradients (inference) small batches take triton's forward for 5^3 and 7^3 windows; 3^3 alone takes it
     # for one clip (T * B <= 16) from 384 channels (msf_mamba small / base, session 19), else stays on conv
     assert fusion_mod.resolve_backend("auto", cuda, 7, rows=8, grid=196, grad=False) == "triton"
-    assert fusion_mod.resolve_backend("auto", cuda, 3, rows=8, grid=196, grad=False) == "conv"
+    assert fusion_mod.resolve_backend("auto", cuda, 3, rows=8, grid=196, grad=False) == "conv"   # width not given
     assert fusion_mod.resolve_backend("auto", cuda, 3, rows=8, grid=196, grad=False, channels=384) == "triton"
     assert fusion_mod.resolve_backend("auto", cuda, 3, rows=16, grid=196, grad=False, channels=576) == "triton"
     assert fusion_mod.resolve_backend("auto", cuda, 3, rows=8, grid=196, grad=False, channels=192) == "conv"
@@ -389,13 +389,22 @@ def test_auto_picks_by_device_batch_and_grid():
 
 
 def test_dispatch_tells_auto_the_width(monkeypatch):
-    """state_fusion hands `auto` the channel count (the 3^3 rule above depends on it), with rows = T * B."""
+    """state_fusion and StateFusion's ASWM path hand `auto` the channel count (the 3^3 rule above depends on it), with
+    rows = T * B."""
     seen = []
     real = fusion_mod.resolve_backend
     monkeypatch.setattr(fusion_mod, "resolve_backend", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
     h = torch.randn(1, 5, 3, 4, 4)
     state_fusion(h, [torch.randn(5, 1, 3, 3, 3)], 0.0)
     assert seen and all(k.get("channels") == 5 and a[3] == 3 for a, k in seen[:1]), seen
+    from msf_scale.models import blocks
+
+    seen.clear()
+    monkeypatch.setattr(blocks, "resolve_backend", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
+    fusion = StateFusion(5, (1, 3), 0.0, False, use_aswm=True).eval()   # the ASWM path asks auto first
+    with torch.no_grad():
+        fusion(h)
+    assert seen and seen[0][1].get("channels") == 5, seen
 
 
 # ------------------------------------------------------------------------------------------------ GPU, compiled
@@ -533,6 +542,38 @@ def test_gpu_batch_one_inference_path_matches_float64(triton_on_gpu, monkeypatch
         got, want = fusion(h), ref(h.double())
     assert calls == [1], "auto at batch 1 without autograd runs the fused op"
     assert got.dtype == torch.bfloat16 and rel(got, want) < TOL[torch.bfloat16][0], f"rel err {rel(got, want):.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels", [384, 576])
+def test_gpu_auto_3x3x3_alone_at_batch_one(triton_on_gpu, monkeypatch, channels):
+    """msf_mamba's fusion (3 x 3 x 3 alone, no ASWM) at batch 1 without autograd from 384 channels: `auto` runs the
+    triton forward op (session 19), bf16 against the float64 ref, and torch.compile(fullgraph=True) traces it whole
+    with the inference cache on (theta folded to 0.0). Written without a GPU (session 19): first run pending."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from msf_scale.ops import _fusion_triton as ft
+
+    torch.manual_seed(0)
+    fusion = StateFusion(channels, (3,), 0.7, True, use_aswm=False, init="uniform").cuda().bfloat16().eval()
+    ref = StateFusion(channels, (3,), 0.7, True, use_aswm=False, backend="ref").cuda().double().eval()
+    ref.load_state_dict({k: v.double() for k, v in fusion.state_dict().items()})
+    h = torch.randn(1, channels, 8, 14, 14, device="cuda").bfloat16()
+    calls = []
+    launch = ft._launch_forward
+    monkeypatch.setattr(ft, "_launch_forward", lambda *a: calls.append(1) or launch(*a))
+    with torch.no_grad():
+        got, want = fusion(h), ref(h.double())
+    assert calls == [1], "auto at batch 1 without autograd runs the triton forward op for 3 x 3 x 3 alone"
+    assert got.dtype == torch.bfloat16 and rel(got, want) < TOL[torch.bfloat16][0], f"rel err {rel(got, want):.2e}"
+    torch._dynamo.reset()
+    fusion.inference_cache = True
+    counter = CompileCounterWithBackend("eager")
+    with torch.no_grad():
+        out = torch.compile(fusion, fullgraph=True, backend=counter)(h)
+    ops = [str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert counter.frame_count == 1 and any("msf_scale.triton_fusion_forward" in op for op in ops), ops
+    assert rel(out.float(), got.float()) < 1e-2
 
 
 @pytest.mark.gpu
