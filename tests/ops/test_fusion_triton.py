@@ -533,6 +533,11 @@ def test_gpu_batch_one_inference_path_matches_float64(triton_on_gpu, monkeypatch
     ref.load_state_dict({k: v.double() for k, v in fusion.state_dict().items()})
     h = torch.randn(1, channels, 8, 14, 14, device="cuda").bfloat16()
     assert fusion_mod.resolve_backend("auto", h.device, 7, rows=8, grid=196, grad=False) == "triton"
+    _one_launch_against_ref(monkeypatch, fusion, ref, h)
+
+
+def _one_launch_against_ref(monkeypatch, fusion, ref, h):
+    """fusion(h) without autograd: one launch of the triton forward op, bf16 within bound of the float64 ref."""
     from msf_scale.ops import _fusion_triton as ft
 
     calls = []
@@ -540,8 +545,9 @@ def test_gpu_batch_one_inference_path_matches_float64(triton_on_gpu, monkeypatch
     monkeypatch.setattr(ft, "_launch_forward", lambda *a: calls.append(1) or launch(*a))
     with torch.no_grad():
         got, want = fusion(h), ref(h.double())
-    assert calls == [1], "auto at batch 1 without autograd runs the fused op"
+    assert calls == [1], "auto at batch 1 without autograd runs the triton forward op"
     assert got.dtype == torch.bfloat16 and rel(got, want) < TOL[torch.bfloat16][0], f"rel err {rel(got, want):.2e}"
+    return got
 
 
 @pytest.mark.gpu
@@ -552,20 +558,12 @@ def test_gpu_auto_3x3x3_alone_at_batch_one(triton_on_gpu, monkeypatch, channels)
     with the inference cache on (theta folded to 0.0). Written without a GPU (session 19): first run pending."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from msf_scale.ops import _fusion_triton as ft
-
     torch.manual_seed(0)
     fusion = StateFusion(channels, (3,), 0.7, True, use_aswm=False, init="uniform").cuda().bfloat16().eval()
     ref = StateFusion(channels, (3,), 0.7, True, use_aswm=False, backend="ref").cuda().double().eval()
     ref.load_state_dict({k: v.double() for k, v in fusion.state_dict().items()})
     h = torch.randn(1, channels, 8, 14, 14, device="cuda").bfloat16()
-    calls = []
-    launch = ft._launch_forward
-    monkeypatch.setattr(ft, "_launch_forward", lambda *a: calls.append(1) or launch(*a))
-    with torch.no_grad():
-        got, want = fusion(h), ref(h.double())
-    assert calls == [1], "auto at batch 1 without autograd runs the triton forward op for 3 x 3 x 3 alone"
-    assert got.dtype == torch.bfloat16 and rel(got, want) < TOL[torch.bfloat16][0], f"rel err {rel(got, want):.2e}"
+    got = _one_launch_against_ref(monkeypatch, fusion, ref, h)
     torch._dynamo.reset()
     fusion.inference_cache = True
     counter = CompileCounterWithBackend("eager")
