@@ -19,7 +19,8 @@
 #   MSF_SCALE_PATCH_EMBED_COMPILED=conv, then =gemm (the tubelet embedding as one GEMM), four models, ~5 minutes;
 #   "table", not in the default: issue 19's batch-1 bar, the nine models compiled at batch 1 with the defaults (the
 #   forms and CONFIGs it ran with land in table/latency.json), ~5 minutes; "fusion3", not in the default: msf_mamba base
-#   and small compiled at batch 1 with the 3^3 fusion on conv (auto), then on the triton op, ~4.5 minutes),
+#   and small compiled at batch 1 with the 3^3 fusion on conv, then on the triton op (auto's choice there since
+#   session 19), ~4.5 minutes),
 #   SIZES="tiny,small" (bench_model), SCAN_LAT_BACKENDS="cuda auto" (scaninfer's latency runs), SWEEP_S=90 (igemm
 #   tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
@@ -77,27 +78,25 @@ export OUT PY
 part latprofile 240 bash -c latprofile
 part fusioninfer 150 bash -c "$PY benchmarks/bench_fusion_infer.py --out $OUT/fusioninfer && \
   $PY benchmarks/bench_fusion_infer.py --out $OUT/fusioninfer3 --scales 3"
-conv1d() {   # the conv1d's compiled-inference form, cuDNN (default) against shifted, same models, one after the other
-  local form rc=0
-  for form in cudnn shifted; do
-    MSF_SCALE_CONV1D_COMPILED=$form "$PY" benchmarks/bench_latency.py --out "$OUT/conv1d_$form" \
-      --models msf_mamba_tiny,msf_mamba_plus_tiny --modes compile --measures clip --compile-measures clip \
-      --budget-s 110 --compile-cap-s 60 || rc=1
+latency_ab() {   # latency_ab TAG VAR "VALUES" MODELS BUDGET_S CAP_S: compiled batch-1 latency, VAR set to each value
+  local tag=$1 var=$2 values=$3 models=$4 budget=$5 cap=$6 value rc=0
+  for value in $values; do
+    env "$var=$value" "$PY" benchmarks/bench_latency.py --out "$OUT/${tag}_$value" --models "$models" --modes compile \
+      --measures clip --compile-measures clip --budget-s "$budget" --compile-cap-s "$cap" || rc=1
   done
   return $rc
 }
-export -f conv1d
-part conv1d 240 bash -c conv1d
+export -f latency_ab
+# the conv1d's compiled-inference form, cuDNN against shifted (the default), same models, one after the other
+part conv1d 240 bash -c "latency_ab conv1d MSF_SCALE_CONV1D_COMPILED 'cudnn shifted' \
+  msf_mamba_tiny,msf_mamba_plus_tiny 110 60"
 scaninfer() {   # the chunked scan: GPU tests, kernel timings, then the models' batch-1 latency on mamba-ssm and auto
   local rc=0
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_scan_chunked.py || rc=1
   "$PY" benchmarks/bench_scan_infer.py --out "$OUT/scan_infer.json" --configs 16,1,2048,8 \
     16,1,2048,2 16,1,2048,0 16,1,1024,4 || rc=1   # the default (4-step blocks), then 8, 2, per step, fewer programs
-  for scan in ${SCAN_LAT_BACKENDS:-cuda auto}; do   # mamba-ssm, then auto (the chunked scan at batch 1)
-    MSF_SCALE_SCAN_BACKEND=$scan "$PY" benchmarks/bench_latency.py --out "$OUT/latency_scan_$scan" \
-      --models msf_mamba_tiny,videomamba_base --modes compile --measures clip --compile-measures clip \
-      --budget-s 100 --compile-cap-s 60 || rc=1
-  done
+  latency_ab latency_scan MSF_SCALE_SCAN_BACKEND "${SCAN_LAT_BACKENDS:-cuda auto}" \
+    msf_mamba_tiny,videomamba_base 100 60 || rc=1   # mamba-ssm, then auto (the chunked scan at batch 1)
   return $rc
 }
 export -f scaninfer
@@ -105,26 +104,15 @@ part scaninfer 420 bash -c scaninfer
 patchembed() {   # the patch embedding's compiled-inference form: cuDNN's conv, then one GEMM (the default)
   local form rc=0
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/models/test_patch_embed.py || rc=1
-  for form in conv gemm; do
-    MSF_SCALE_PATCH_EMBED_COMPILED=$form "$PY" benchmarks/bench_latency.py --out "$OUT/patch_embed_$form" \
-      --models videomamba_tiny,msf_mamba_plus_tiny,videomamba_base,msf_mamba_base --modes compile --measures clip \
-      --compile-measures clip --budget-s 130 --compile-cap-s 60 || rc=1
-  done
+  latency_ab patch_embed MSF_SCALE_PATCH_EMBED_COMPILED "conv gemm" \
+    videomamba_tiny,msf_mamba_plus_tiny,videomamba_base,msf_mamba_base 130 60 || rc=1
   return $rc
 }
 export -f patchembed
 part patchembed 420 bash -c patchembed
-fusion3() {   # msf_mamba's 3^3 window at batch 1 on conv (auto), then on the triton op (session 18's settings), base
-  local backend rc=0
-  for backend in auto triton; do
-    MSF_SCALE_FUSION_BACKEND=$backend "$PY" benchmarks/bench_latency.py --out "$OUT/fusion3_$backend" \
-      --models msf_mamba_base,msf_mamba_small --modes compile --measures clip --compile-measures clip \
-      --budget-s 140 --compile-cap-s 70 || rc=1
-  done
-  return $rc
-}
-export -f fusion3
-part fusion3 300 bash -c fusion3
+# msf_mamba's 3^3 window at batch 1 on conv, then on the triton op (auto's choice there since session 19)
+part fusion3 300 bash -c "latency_ab fusion3 MSF_SCALE_FUSION_BACKEND 'conv triton' \
+  msf_mamba_base,msf_mamba_small 140 70"
 NINE=videomamba_tiny,videomamba_small,msf_mamba_tiny,msf_mamba_small,msf_mamba_plus_tiny,msf_mamba_plus_small
 NINE=$NINE,videomamba_base,msf_mamba_base,msf_mamba_plus_base
 part table 480 "$PY" benchmarks/bench_latency.py --out "$OUT/table" --models "$NINE" --modes compile --measures clip \
