@@ -1,4 +1,6 @@
 """CFD state fusion against a direct transcription of SPEC.md's equation, and ASWM's weights."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,3 +160,34 @@ def test_cfd_fold_of_plain_zero_is_the_kernel_itself():
     w = torch.randn(4, 1, 3, 3, 3)
     assert cfd_kernel(w, 0.0) is w and cfd_kernel(w, 0) is w
     assert torch.equal(cfd_kernel(w, torch.tensor(0.0)), w)   # a tensor theta folds (its gradient is needed)
+
+
+def test_cfd_fold_is_a_constant_under_inductor_freezing():
+    """Frozen compiled inference (msf_scale.inference's default on CUDA) treats parameters and buffers as constants
+    and folds the work done on them alone: the CFD fold must be such work, not a kernel in every forward. The CPU
+    compile here names its kernels by the ops they fuse; with the fold folded, the only kernel is the product with x
+    (a constructor in the fold, zeros_like, stops Inductor's folding: session 19's profiles had that kernel)."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from msf_scale.ops._cfd import cfd_kernel
+
+    class Folded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(6, 1, 5, 5, 5))
+            self.register_buffer("theta", torch.tensor(0.7), persistent=False)
+
+        def forward(self, x):
+            return x * cfd_kernel(self.w, self.theta).reshape(6, -1)
+
+    torch._dynamo.reset()
+    module, x = Folded().eval(), torch.randn(6, 125)
+    with torch.no_grad(), inductor_config.patch(freezing=True):   # (pytest's monkeypatch would delete the setting)
+        out, (code, *_) = run_and_get_code(torch.compile(module), x)
+        want = x * cfd_kernel(module.w, module.theta).reshape(6, -1)
+    torch._dynamo.reset()
+    assert torch.allclose(out, want)
+    kernels = set(re.findall(r"\b(cpp_fused_\w+|triton_\w+_fused_\w+)\(", code))
+    assert kernels, "no kernel names found in Inductor's code"
+    assert all(re.fullmatch(r"(cpp|triton_\w+)_fused_mul_\d+", k) for k in kernels), kernels
