@@ -20,7 +20,8 @@
 #   "table", not in the default: issue 19's batch-1 bar, the nine models compiled at batch 1 with the defaults (the
 #   forms and CONFIGs it ran with land in table/latency.json), ~5 minutes; "fusion3", not in the default: msf_mamba base
 #   and small compiled at batch 1 with the 3^3 fusion on conv, then on the triton op (auto's choice there since
-#   session 19), ~4.5 minutes),
+#   session 19), ~4.5 minutes; "layout", not in the default: msf_mamba base, videomamba base and msf_mamba_plus tiny
+#   compiled at batch 1 with MSF_SCALE_MIXER_LAYOUT=channels, then =tokens (the default since session 20), ~5 minutes),
 #   SIZES="tiny,small" (bench_model), SCAN_LAT_BACKENDS="cuda auto" (scaninfer's latency runs), SWEEP_S=90 (igemm
 #   tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
@@ -113,6 +114,10 @@ part patchembed 420 bash -c patchembed
 # msf_mamba's 3^3 window at batch 1 on conv, then on the triton op (auto's choice there since session 19)
 part fusion3 300 bash -c "latency_ab fusion3 MSF_SCALE_FUSION_BACKEND 'conv triton' \
   msf_mamba_base,msf_mamba_small 140 70"
+# the grouped mixer's batch-1 layout on the chunked scan: channel-major (as training), then token-major (the default
+# since session 20: aligned GEMMs, no transposed reads)
+part layout 360 bash -c "latency_ab layout MSF_SCALE_MIXER_LAYOUT 'channels tokens' \
+  msf_mamba_base,videomamba_base,msf_mamba_plus_tiny 140 70"
 NINE=videomamba_tiny,videomamba_small,msf_mamba_tiny,msf_mamba_small,msf_mamba_plus_tiny,msf_mamba_plus_small
 NINE=$NINE,videomamba_base,msf_mamba_base,msf_mamba_plus_base
 part table 480 "$PY" benchmarks/bench_latency.py --out "$OUT/table" --models "$NINE" --modes compile --measures clip \

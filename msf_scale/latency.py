@@ -152,12 +152,13 @@ def implementation_choices() -> dict:
     """What a latency figure depends on besides versions and hardware: every MSF_SCALE_* variable that is set, the
     compiled-inference forms read at import, and the Triton kernels' settings as they stand in this process (a
     script that patches a CONFIG before measuring is recorded as it ran), so that a table says which code it timed."""
-    from msf_scale.models import stem
+    from msf_scale.models import blocks, stem
     from msf_scale.ops import causal_conv1d
 
     choices = {"variables": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MSF_SCALE_")},
                "conv1d_compiled": causal_conv1d.COMPILED_INFERENCE_FORM,
-               "patch_embed_compiled": stem.PATCH_EMBED_COMPILED_FORM}
+               "patch_embed_compiled": stem.PATCH_EMBED_COMPILED_FORM,
+               "mixer_layout": blocks.MIXER_INFERENCE_LAYOUT}
     try:   # the Triton kernels' modules import triton
         from msf_scale.ops import _fusion_triton, _scan_chunked
     except ImportError:
@@ -177,6 +178,7 @@ def choices_line(env: dict) -> str:
     variables = ", ".join(f"{k}={v}" for k, v in c.get("variables", {}).items()) or "none"
     scan = c.get("scan_chunked")
     return (f"compiled forms: conv1d {c.get('conv1d_compiled')}, patch embedding {c.get('patch_embed_compiled')}"
+            + (f", mixer layout {c['mixer_layout']} (batch-1 chunked scan)" if "mixer_layout" in c else "")
             + (f", chunked scan (where it runs) blocks of {scan['steps']} steps" if scan else "")
             + f"; MSF_SCALE_* set: {variables}; Triton settings in the JSON")
 

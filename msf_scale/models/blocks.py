@@ -11,11 +11,18 @@ import torch.nn.functional as F
 from msf_scale.models._registry import ModelOptionError
 from msf_scale.ops import causal_depthwise_conv1d, selective_scan, state_fusion
 from msf_scale.ops.causal_conv1d import anticausal_depthwise_conv1d
-from msf_scale.ops.scan import inference_backend
+from msf_scale.ops._choice import env_choice
+from msf_scale.ops.scan import chunked_requested, inference_backend
 from msf_scale.ops.scan import reverses_in_kernel as scan_reverses_in_kernel
 from msf_scale.ops._cfd import cfd_kernel
 from msf_scale.ops._fusion_gemm import multiscale_fusion_gemm
 from msf_scale.ops.state_fusion import resolve_backend
+
+# The grouped mixer's layout on the chunked scan (batch-1 inference, autograd off), read at import from
+# $MSF_SCALE_MIXER_LAYOUT: "tokens" (the default) keeps the input projection's [B, L, 2E] through the conv1d, the
+# projections and the scan (rows of E or 2E channels: aligned GEMMs, no transposed reads; BiMamba.
+# _forward_token_major); "channels" transposes to [B, 2E, L] as training does (rows of L = 1569 elements).
+MIXER_INFERENCE_LAYOUT = env_choice("MSF_SCALE_MIXER_LAYOUT", ("tokens", "channels"), "tokens")
 
 
 def inference_cache_applies(module: nn.Module) -> bool:
@@ -99,15 +106,20 @@ class BiMamba(nn.Module):
             direction.reset_parameters(*self.dt_init if mamba_dt else ())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:    # x [B, L, d]
+        if self.grouped_scan:   # asked once, before any layout is chosen (under compile it must be a name)
+            backend = inference_backend(self.scan_backend, x.device, (x.shape[0], 2 * self.d_inner, x.shape[1]), 2,
+                                        self.d_state)
+            if self._token_major(backend, x):
+                return self._forward_token_major(x, backend)
         xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)   # [B, E, L] each
         if self.grouped_scan:
-            y = self._both_directions(xs)
+            y = self._both_directions(xs, backend)
         else:
             y = self.fwd(xs, self.scan_backend) + self.bwd(xs.flip(-1), self.scan_backend).flip(-1)
         y = 0.5 * y * F.silu(z)                                  # gate once: silu(z) is shared by both directions
         return self.out_proj(y.transpose(1, 2))
 
-    def _both_directions(self, xs: torch.Tensor) -> torch.Tensor:   # xs [B, E, L] -> y_fwd + y_bwd flipped back
+    def _both_directions(self, xs: torch.Tensor, backend: str | None) -> torch.Tensor:   # [B, E, L] -> y_f + y_b
         """_Direction.forward for fwd on xs and bwd on xs flipped, as one op of each kernel kind: channels [0, E) are
         the forward direction, [E, 2E) the backward one, and the scan reads B/C group 0 or 1 accordingly."""
         batch, width, length = xs.shape
@@ -115,7 +127,6 @@ class BiMamba(nn.Module):
         # a scan that runs group 1 backwards itself (triton; chunked, auto's choice for batch-1 inference) needs
         # no flipped copies: the backward direction's conv runs backwards in time instead (anticausal) and its
         # output comes back in forward time order
-        backend = inference_backend(self.scan_backend, xs.device, (batch, 2 * width, length), 2, self.d_state)
         reverse = int(scan_reverses_in_kernel(backend, xs.device, batch))
         if reverse:
             x = torch.cat([causal_depthwise_conv1d(xs, conv_weight[:width], conv_bias[:width]),
@@ -137,6 +148,57 @@ class BiMamba(nn.Module):
                            reverse_groups=reverse)
         y_fwd, y_bwd = y.chunk(2, dim=1)
         return y_fwd + (y_bwd if reverse else y_bwd.flip(-1))
+
+    def _token_major(self, backend: str | None, x: torch.Tensor) -> bool:
+        """Whether this forward takes the token-major path: MIXER_INFERENCE_LAYOUT "tokens", autograd off, and the
+        grouped scan on the chunked backend reversing group 1 itself (not under fvcore's trace: FLOP counts follow the
+        channel-major path, whose projections carry no zero blocks)."""
+        return (MIXER_INFERENCE_LAYOUT == "tokens" and not torch.is_grad_enabled() and chunked_requested(backend)
+                and scan_reverses_in_kernel(backend, x.device, x.shape[0]))
+
+    def _forward_token_major(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:
+        """forward's grouped path with every tensor [B, L, channels], as the input projection leaves them: the conv1d
+        along axis 1, the two directions' x_proj (and dt_proj) as one GEMM each on block-diagonal weights (their zero
+        blocks double those two GEMMs' small FLOPs), the scan reading u, delta, B and C through strides and writing y
+        in u's layout. Why: with L = 1569 every time-innermost row is unaligned (cuBLAS fell back to a 2-element-aligned
+        CUTLASS kernel, 14 us a block at base) and the conv read the projection transposed; here every row is E, 2E
+        or P (a multiple of 8) elements long. The same values as the channel-major path (float64 tests)."""
+        e, r, n = self.d_inner, self.dt_rank, self.d_state
+        xz = self.in_proj(x)                                                    # [B, L, 2E]: x | z
+        xs, z = xz[..., :e], xz[..., e:]
+        conv_weight, conv_bias, x_proj, dt_proj, A, D, delta_bias = self._token_major_params()
+        u = F.silu(torch.cat([causal_depthwise_conv1d(xs, conv_weight[:e], conv_bias[:e], token_major=True),
+                              anticausal_depthwise_conv1d(xs, conv_weight[e:], conv_bias[e:], token_major=True)],
+                             dim=-1))                                          # [B, L, 2E]: forward | backward
+        proj = F.linear(u, x_proj.to(u.dtype))              # [B, L, P]: dt_f, dt_b | B_f, B_b | C_f, C_b | zeros
+        delta = F.linear(proj[..., :2 * r], dt_proj.to(u.dtype))                 # [B, L, 2E]
+
+        def per_group(cols: int) -> torch.Tensor:          # proj's [B, L, 2N] block at cols -> [B, 2, N, L], a view
+            return proj[..., cols:cols + 2 * n].unflatten(-1, (2, n)).permute(0, 2, 3, 1)
+        y = selective_scan(u.transpose(1, 2), delta.transpose(1, 2), A, per_group(2 * r), per_group(2 * r + 2 * n),
+                           D, None, delta_bias, delta_softplus=True, backend=backend, reverse_groups=1)
+        y = y.transpose(1, 2)                                                   # [B, L, 2E] (u's layout)
+        return self.out_proj(0.5 * (y[..., :e] + y[..., e:]) * F.silu(z))
+
+    def _token_major_params(self) -> tuple[torch.Tensor, ...]:
+        """_packed_params with the projections block-diagonal over the two directions: x_proj [P, 2E] (rows dt_f,
+        dt_b, B_f, B_b, C_f, C_b, then zero rows up to P, 2R + 4N rounded up to a multiple of 8) and dt_proj [2E, 2R].
+        Built by zero padding (F.pad), not from a zeros tensor: Inductor's freezing folds it into constants then (it
+        folds nothing downstream of a tensor constructor). Cached for inference like _packed_params."""
+        conv_weight, conv_bias, x_proj, dt_proj, A, D, delta_bias = self._packed_params()
+        e, r, n = self.d_inner, self.dt_rank, self.d_state
+        rows = 2 * r + 4 * n
+        params = [d.weight for d in (self.fwd.x_proj, self.bwd.x_proj, self.fwd.dt_proj, self.bwd.dt_proj)]
+
+        def build():
+            def side(w, g):   # w [k, E] -> [k, 2E], in direction g's columns
+                return F.pad(w, (0, e) if g == 0 else (e, 0))
+            blocks = [side(x_proj[g, lo:hi], g) for lo, hi in ((0, r), (r, r + n), (r + n, r + 2 * n)) for g in (0, 1)]
+            x_blk = F.pad(torch.cat(blocks), (0, 0, 0, -rows % 8))
+            dt_blk = torch.cat([F.pad(dt_proj[0], (0, r)), F.pad(dt_proj[1], (r, 0))])
+            return x_blk, dt_blk
+        x_blk, dt_blk = cached_for_inference(self, "_inference_token_major", params, build)
+        return conv_weight, conv_bias, x_blk, dt_blk, A, D, delta_bias
 
     def _packed_params(self) -> tuple[torch.Tensor, ...]:
         """Both directions' parameters side by side (conv weight [2E, 1, K] and bias, x_proj [2, R + 2N, E], dt_proj

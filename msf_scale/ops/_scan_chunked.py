@@ -251,7 +251,8 @@ def _block(dim: int, per_group: int) -> int:
 
 
 def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse_groups=0):
-    """(y [batch, D, L] in u's dtype, last state [batch, D, N] float32 (float64 inputs: float64)), forward only."""
+    """(y [batch, D, L] in u's dtype and layout (torch.empty_like: a [batch, L, D] tensor's transposed view gives a
+    transposed view back), last state [batch, D, N] float32 (float64 inputs: float64)), forward only."""
     check_device(u.device)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (u, delta, A, B, C, D, z, delta_bias)):
@@ -270,7 +271,7 @@ def _chunked_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
 
 def _fits_int32(nc: int, n: int, u, *tensors) -> bool:
     """Whether every element offset the kernels form (int32 arithmetic: program ids times strides) stays below 2^31:
-    each input's furthest element by its strides, y (contiguous, u's shape) and the chunk states [batch, D, NC, N]."""
+    each input's furthest element by its strides, y (dense, u's shape) and the chunk states [batch, D, NC, N]."""
     batch, dim, length = u.shape
     furthest = [sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
                 for t in (u, *tensors) if t is not None]
@@ -288,7 +289,7 @@ def _launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
         raise ValueError(f"reverse_groups={reverse_groups} must be within 0..G={groups}")
     state = torch.float64 if u.dtype == torch.float64 else torch.float32
     if length == 0:   # nothing to scan: an empty y, the zero start state
-        return torch.empty_like(u, memory_format=torch.contiguous_format), u.new_zeros(batch, dim, n, dtype=state)
+        return torch.empty_like(u), u.new_zeros(batch, dim, n, dtype=state)
     dpg = dim // groups
     bd = _block(dim, dpg)
     nc, lc = chunking(batch, dim, length, bd)
@@ -300,7 +301,7 @@ def _launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
     D = D.contiguous() if D is not None else None
     bias = delta_bias.contiguous() if delta_bias is not None else A
     hend = torch.empty((batch, dim, nc, n), device=u.device, dtype=state)
-    y = torch.empty_like(u, memory_format=torch.contiguous_format)
+    y = torch.empty_like(u)
     common = dict(N=n, BD=bd, CDT=cdt, TS=int(CONFIG["steps"]), num_warps=CONFIG["warps"])
     strides = (*u.stride(), *delta.stride())
     bstride = B.stride()
@@ -324,5 +325,5 @@ def _launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
 @_chunked_scan.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups):
     state = torch.float64 if u.dtype == torch.float64 else torch.float32
-    return (torch.empty_like(u, memory_format=torch.contiguous_format),
+    return (torch.empty_like(u),
             u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=state))

@@ -35,30 +35,46 @@ def _cudnn(x: torch.Tensor) -> bool:
                               and not torch.is_grad_enabled())
 
 
-def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            token_major: bool = False) -> torch.Tensor:
+    """token_major: x and the result are [B, L, E] (channels innermost) instead of [B, E, L]."""
     k = weight.shape[-1]
     if _cudnn(x):
+        if token_major:
+            return causal_depthwise_conv1d(x.transpose(1, 2), weight, bias).transpose(1, 2)
         return F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])[..., :x.shape[-1]]
-    return _shifted(x, weight, bias)
+    return _shifted(x, weight, bias, token_major=token_major)
 
 
-def anticausal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def anticausal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                token_major: bool = False) -> torch.Tensor:
     """causal_depthwise_conv1d(x.flip(-1), weight, bias).flip(-1): output t = bias + sum_k w[k] x[t + K - 1 - k]."""
     k = weight.shape[-1]
     if _cudnn(x):
+        if token_major:
+            return anticausal_depthwise_conv1d(x.transpose(1, 2), weight, bias).transpose(1, 2)
         return F.conv1d(x, weight.flip(-1), bias, padding=k - 1, groups=x.shape[1])[..., k - 1:]
-    return _shifted(x, weight, bias, anticausal=True)
+    return _shifted(x, weight, bias, anticausal=True, token_major=token_major)
 
 
-def _shifted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, anticausal: bool = False
-             ) -> torch.Tensor:
+def _shifted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, anticausal: bool = False,
+             token_major: bool = False) -> torch.Tensor:
     """The CPU (and compiled inference) form: sum over taps i of w[:, i] * x shifted right by K-1-i (anticausal:
-    left by K-1-i)."""
-    k, length = weight.shape[-1], x.shape[-1]
-    xp = F.pad(x, (0, k - 1) if anticausal else (k - 1, 0))
-    w = weight[:, 0, :].to(x.dtype)
+    left by K-1-i), along the last axis, or along axis 1 with ``token_major`` ([B, L, E]: the taps broadcast over
+    the channels, the innermost axis)."""
+    k = weight.shape[-1]
+    length = x.shape[1] if token_major else x.shape[-1]
+    pad = (0, k - 1) if anticausal else (k - 1, 0)
+    xp = F.pad(x, (0, 0, *pad) if token_major else pad)
+    w = weight[:, 0, :].to(x.dtype)   # [E, K]
     start = (lambda i: k - 1 - i) if anticausal else (lambda i: i)
-    out = xp[..., start(0):start(0) + length] * w[:, 0, None]
+
+    def tap(i):   # (the shifted input, tap i's weights shaped to broadcast against it)
+        s = start(i)
+        return (xp[:, s:s + length], w[:, i]) if token_major else (xp[..., s:s + length], w[:, i, None])
+    out = torch.mul(*tap(0))
     for i in range(1, k):
-        out = torch.addcmul(out, xp[..., start(i):start(i) + length], w[:, i, None])
-    return out if bias is None else out + bias.to(x.dtype)[:, None]
+        out = torch.addcmul(out, *tap(i))
+    if bias is None:
+        return out
+    return out + (bias.to(x.dtype) if token_major else bias.to(x.dtype)[:, None])

@@ -182,11 +182,11 @@ def reverses_in_kernel(backend: str | None, device: torch.device, batch: int) ->
         return False
     if torch.compiler.is_compiling():   # the name only (selective_scan and the mixer turn an `auto` that means
         # chunked into the name first: inference_backend), and the resolver is cached
-        return _chunked_requested(backend)
+        return chunked_requested(backend)
     return resolve_backend(backend, device, batch=batch) in ("triton", "chunked")
 
 
-def _chunked_requested(backend: str | None) -> bool:
+def chunked_requested(backend: str | None) -> bool:
     return requested_backend(backend, ENV_VAR, BACKENDS, "selective-scan") == "chunked"
 
 
@@ -208,7 +208,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             return _by_flipping(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend,
                                 reverse_groups)
     if (torch.compiler.is_compiling() and backend != "ref"   # ref is plain PyTorch: dynamo traces it as is
-            and not _chunked_requested(backend)):             # chunked: already one custom op
+            and not chunked_requested(backend)):             # chunked: already one custom op
         return _compiled_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend)
     if torch.jit.is_tracing():   # one named node for fvcore (msf_scale/flops.py counts it), whatever the backend
         y, last = torch.ops.msf_scale.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,

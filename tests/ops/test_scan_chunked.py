@@ -20,6 +20,7 @@ from test_selective_scan import rel
 
 pytest.importorskip("triton")
 
+from msf_scale.models import blocks  # noqa: E402
 from msf_scale.models.blocks import BiMamba  # noqa: E402
 from msf_scale.ops import _scan_chunked, selective_scan  # noqa: E402
 from msf_scale.ops.scan import ENV_VAR, inference_backend  # noqa: E402
@@ -166,14 +167,24 @@ def test_needs_cuda_or_the_interpreter(monkeypatch):
             selective_scan(*(x[k] for k in NAMES), backend="chunked")
 
 
+@pytest.mark.parametrize("layout", ["tokens", "channels"])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_bimamba_grouped_on_chunked_matches_two_calls(small_blocks, monkeypatch, compiled):
+def test_bimamba_grouped_on_chunked_matches_two_calls(small_blocks, monkeypatch, compiled, layout):
     """The mixer's grouped path on the chunked scan (anticausal conv, group 1 reversed in the kernel, no flips),
     eager and under torch.compile (the custom op in the graph, still reversing itself), against its two-call path on
-    ref scans (float64, no autograd)."""
-    launched = []
-    real = _scan_chunked.scan
+    ref scans (float64, no autograd); in both layouts (blocks.MIXER_INFERENCE_LAYOUT): token-major, the scan reads
+    [B, L, 2E] rows through strides (the channel stride 1, also under compile) and writes y in that layout; channel-
+    major, u is [B, 2E, L] with time innermost."""
+    launched, layouts = [], []
+    real, real_launch = _scan_chunked.scan, _scan_chunked._launch
+
+    def launch(u, *a):   # what the kernels get at run time (under compile: after Inductor's layout choices)
+        y, last = real_launch(u, *a)
+        layouts.append((u.stride(1) == 1, y.stride() == u.stride()))
+        return y, last
     monkeypatch.setattr(_scan_chunked, "scan", lambda *a: launched.append(a[-1]) or real(*a))
+    monkeypatch.setattr(_scan_chunked, "_launch", launch)
+    monkeypatch.setattr(blocks, "MIXER_INFERENCE_LAYOUT", layout)
     two_calls, one_call, x = mixer_pair("chunked")
     with torch.no_grad():
         y_ref = two_calls(x)
@@ -184,6 +195,7 @@ def test_bimamba_grouped_on_chunked_matches_two_calls(small_blocks, monkeypatch,
             y = one_call(x)
     assert rel(y, y_ref) < 1e-12
     assert launched == [1], "the mixer did not hand the backward direction to the kernel reversed"
+    assert layouts == [(layout == "tokens", True)], "the scan's u or y is not in the layout's order"
 
 
 def test_default_block_compiles_for_hopper_without_spills():
