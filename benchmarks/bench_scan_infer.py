@@ -11,7 +11,10 @@ tensors (it reads the backward half in reverse itself). Each is captured in a CU
 latency harness runs a model), the median of ``--reps`` replays of ``--inner`` calls each. Agreement: the chunked
 scan against mamba-ssm on the same inputs with reverse_groups=0 (the same recurrence), the largest difference of
 y relative to mamba-ssm's largest |y|. ``--configs``: CONFIG settings "BD,warps,programs[,steps]" to time after the
-default (steps: 0, a step's inputs loaded per step; > 0, blocks of that many steps loaded at once).
+default (steps: 0, a step's inputs loaded per step; > 0, blocks of that many steps loaded at once). ``--layouts``:
+the chunked scan's inputs channel-major (u, delta [batch, 2E, L] time innermost, B / C time innermost: the training
+layout) and / or token-major (the same values as views of [batch, L, 2E] and [batch, L, 2, N] tensors: the grouped
+mixer's batch-1 path since session 20, y written in that layout too).
 Widths: tiny 384, small 768, base 1152 (d_inner = 2 x d_model; sessions 14-15 ran 1536 as "base", wider than it).
 """
 from __future__ import annotations
@@ -32,6 +35,13 @@ def make_inputs(batch, width, length, n, dtype, device, seed=0):
     return dict(u=r(batch, dim, length).to(device, dtype), delta=(0.5 * r(batch, dim, length)).to(device, dtype),
                 A=(-torch.rand(dim, n, generator=g) * n).to(device), B=r(batch, 2, n, length).to(device, dtype),
                 C=r(batch, 2, n, length).to(device, dtype), D=r(dim).to(device), delta_bias=(r(dim) - 4).to(device))
+
+
+def token_major(x: dict) -> dict:
+    """The same values with u, delta as views of [batch, L, 2E] and B, C of [batch, L, 2, N] tensors."""
+    tokens = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)
+    groups = lambda t: t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    return dict(x, u=tokens(x["u"]), delta=tokens(x["delta"]), B=groups(x["B"]), C=groups(x["C"]))
 
 
 def graph_time(fn, reps: int, inner: int) -> float:
@@ -68,6 +78,7 @@ def main(argv=None):
     ap.add_argument("--d-state", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--inner", type=int, default=10)
+    ap.add_argument("--layouts", default="channels", help="chunked inputs' layouts: channels, tokens or both")
     ap.add_argument("--configs", nargs="*", default=[],
                     help="BD,warps,programs[,steps] settings after the default")
     args = ap.parse_args(argv)
@@ -90,20 +101,23 @@ def main(argv=None):
             cuda_ms = graph_time(lambda: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="cuda",
                                                         **common), args.reps, args.inner)
             row = dict(width=width, channels=2 * width, cuda_ms=cuda_ms, agreement_rel=rel, chunked=[])
-            for cfg in settings:
+            for layout, cfg in [(lay, cfg) for lay in args.layouts.split(",") for cfg in settings]:
+                x_in = x if layout == "channels" else token_major(x)
                 _scan_chunked.CONFIG.update(cfg)
-                y_cfg = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="chunked", **common)
+                y_cfg = selective_scan(x_in["u"], x_in["delta"], x_in["A"], x_in["B"], x_in["C"], backend="chunked",
+                                       **common)
                 rel_cfg = ((y_cfg.float() - y_ref.float()).abs().max() / y_ref.float().abs().max()).item()
-                ms = graph_time(lambda: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"],
+                ms = graph_time(lambda: selective_scan(x_in["u"], x_in["delta"], x_in["A"], x_in["B"], x_in["C"],
                                                        backend="chunked", reverse_groups=1, **common),
                                 args.reps, args.inner)
                 bd = _scan_chunked._block(2 * width, width)
                 chunks = _scan_chunked.chunking(args.batch, 2 * width, args.length, bd)[0]
-                row["chunked"].append(dict(BD=cfg["BD"], warps=cfg["warps"], programs=cfg["programs"],
-                                           steps=cfg["steps"], chunks=chunks, ms=ms, vs_cuda=cuda_ms / ms,
-                                           agreement_rel=rel_cfg))
-                print(f"width {width}: cuda {cuda_ms * 1e3:.1f} us, chunked BD {cfg['BD']} warps {cfg['warps']} "
-                      f"programs {cfg['programs']} steps {cfg['steps']} ({chunks} chunks) {ms * 1e3:.1f} us = "
+                row["chunked"].append(dict(layout=layout, BD=cfg["BD"], warps=cfg["warps"],
+                                           programs=cfg["programs"], steps=cfg["steps"], chunks=chunks, ms=ms,
+                                           vs_cuda=cuda_ms / ms, agreement_rel=rel_cfg))
+                print(f"width {width}: cuda {cuda_ms * 1e3:.1f} us, chunked {layout} BD {cfg['BD']} "
+                      f"warps {cfg['warps']} programs {cfg['programs']} steps {cfg['steps']} ({chunks} chunks) "
+                      f"{ms * 1e3:.1f} us = "
                       f"{cuda_ms / ms:.2f}x cuda; agreement {rel_cfg:.2e}", flush=True)
             _scan_chunked.CONFIG.update(default)
             rows.append(row)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from msf_scale.models._registry import ModelOptionError
 from msf_scale.ops import causal_depthwise_conv1d, selective_scan, state_fusion
-from msf_scale.ops.causal_conv1d import anticausal_depthwise_conv1d
+from msf_scale.ops.causal_conv1d import anticausal_depthwise_conv1d, conv1d_both_silu_token_major
 from msf_scale.ops._choice import env_choice
 from msf_scale.ops.scan import chunked_requested, inference_backend
 from msf_scale.ops.scan import reverses_in_kernel as scan_reverses_in_kernel
@@ -167,9 +167,7 @@ class BiMamba(nn.Module):
         xz = self.in_proj(x)                                                    # [B, L, 2E]: x | z
         xs, z = xz[..., :e], xz[..., e:]
         conv_weight, conv_bias, x_proj, dt_proj, A, D, delta_bias = self._token_major_params()
-        u = F.silu(torch.cat([causal_depthwise_conv1d(xs, conv_weight[:e], conv_bias[:e], token_major=True),
-                              anticausal_depthwise_conv1d(xs, conv_weight[e:], conv_bias[e:], token_major=True)],
-                             dim=-1))                                          # [B, L, 2E]: forward | backward
+        u = conv1d_both_silu_token_major(xs, conv_weight, conv_bias)          # [B, L, 2E]: forward | backward
         proj = F.linear(u, x_proj.to(u.dtype))              # [B, L, P]: dt_f, dt_b | B_f, B_b | C_f, C_b | zeros
         delta = F.linear(proj[..., :2 * r], dt_proj.to(u.dtype))                 # [B, L, 2E]
 

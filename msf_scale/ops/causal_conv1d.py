@@ -28,6 +28,14 @@ def compiled_inference_form(environ=os.environ) -> str:
 COMPILED_INFERENCE_FORM = compiled_inference_form()
 
 
+def token_major_form(environ=os.environ) -> str:
+    """$MSF_SCALE_CONV1D_TOKENS: "triton" (the default) or "torch": conv1d_both_silu_token_major's form."""
+    return env_choice("MSF_SCALE_CONV1D_TOKENS", ("triton", "torch"), "triton", environ)
+
+
+TOKEN_MAJOR_FORM = token_major_form()
+
+
 def _cudnn(x: torch.Tensor) -> bool:
     """cuDNN's conv on CUDA, except in a compiled forward without autograd (the shifted form, unless the environment
     asks for cudnn)."""
@@ -78,3 +86,20 @@ def _shifted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a
     if bias is None:
         return out
     return out + (bias.to(x.dtype) if token_major else bias.to(x.dtype)[:, None])
+
+
+def conv1d_both_silu_token_major(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The grouped mixer's token-major inference step: x [B, L, E] -> [B, L, 2E], silu of the causal conv with
+    weight[:E] | silu of the anticausal one with weight[E:] (weight [2E, 1, K], bias [2E]). Where Triton runs (CUDA,
+    or TRITON_INTERPRET=1) and TOKEN_MAJOR_FORM is "triton": one kernel (ops/_conv1d_triton.py; compiled, Inductor
+    made two of the torch form); otherwise the two convs, the concatenation and the silu in torch."""
+    if TOKEN_MAJOR_FORM == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        try:
+            from msf_scale.ops._conv1d_triton import conv1d_both_silu
+        except ImportError:   # no triton: the torch form
+            pass
+        else:
+            return conv1d_both_silu(x, weight, bias)
+    e = x.shape[-1]
+    return F.silu(torch.cat([causal_depthwise_conv1d(x, weight[:e], bias[:e], token_major=True),
+                             anticausal_depthwise_conv1d(x, weight[e:], bias[e:], token_major=True)], dim=-1))

@@ -51,3 +51,67 @@ def test_token_major_layout_matches_a_loop(monkeypatch, form, anticausal):
         assert got.shape == x.shape
         assert torch.allclose(got, want + (0 if b is None else b), rtol=1e-12, atol=1e-12)
         assert torch.allclose(got, op(x.transpose(1, 2).contiguous(), weight, b).transpose(1, 2), rtol=1e-12)
+
+
+def _torch_both(x, weight, bias):
+    """The torch form of conv1d_both_silu_token_major: the two convs, concatenated, silu."""
+    e = x.shape[-1]
+    fwd = cc.causal_depthwise_conv1d(x, weight[:e], bias[:e], token_major=True)
+    bwd = cc.anticausal_depthwise_conv1d(x, weight[e:], bias[e:], token_major=True)
+    return torch.nn.functional.silu(torch.cat([fwd, bwd], dim=-1))
+
+
+@pytest.mark.parametrize("k", [4, 3])
+def test_both_directions_kernel_matches_torch_float64(k):
+    """The Triton kernel (ops/_conv1d_triton.py, under the interpreter) in float64 against the torch form: x a slice
+    of a wider [B, L, 2E] tensor (the input projection's output, as the mixer passes it), L and E not multiples of
+    the program's block (masked edges), two batch rows; each direction's half checked on its own."""
+    pytest.importorskip("triton")
+    from msf_scale.ops._conv1d_triton import BLOCK_E, BLOCK_L, conv1d_both_silu
+    torch.manual_seed(0)
+    length, e = BLOCK_L + 5, BLOCK_E + 3
+    xz = torch.randn(2, length, 2 * e, dtype=torch.float64)
+    x = xz[..., :e]
+    weight, bias = torch.randn(2 * e, 1, k, dtype=torch.float64), torch.randn(2 * e, dtype=torch.float64)
+    got, want = conv1d_both_silu(x, weight, bias), _torch_both(x, weight, bias)
+    assert got.shape == (2, length, 2 * e) and got.dtype == torch.float64
+    assert torch.allclose(got[..., :e], want[..., :e], rtol=1e-12, atol=1e-12), "forward (causal) half"
+    assert torch.allclose(got[..., e:], want[..., e:], rtol=1e-12, atol=1e-12), "backward (anticausal) half"
+
+
+@pytest.mark.parametrize("form", ["triton", "torch"])
+def test_token_major_dispatch_follows_the_form(monkeypatch, form):
+    """conv1d_both_silu_token_major launches the kernel where Triton runs and TOKEN_MAJOR_FORM is "triton"
+    ($MSF_SCALE_CONV1D_TOKENS), the torch form otherwise; the same values; the variable refuses other names."""
+    pytest.importorskip("triton")
+    from msf_scale.ops import _conv1d_triton
+    monkeypatch.setattr(cc, "TOKEN_MAJOR_FORM", form)
+    launched = []
+    real = _conv1d_triton.conv1d_both_silu
+    monkeypatch.setattr(_conv1d_triton, "conv1d_both_silu", lambda *a: launched.append(1) or real(*a))
+    x = torch.randn(1, 7, 5, dtype=torch.float64)
+    weight, bias = torch.randn(10, 1, 4, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    got = cc.conv1d_both_silu_token_major(x, weight, bias)
+    assert launched == ([1] if form == "triton" else [])
+    assert torch.allclose(got, _torch_both(x, weight, bias), rtol=1e-12, atol=1e-12)
+    assert cc.token_major_form({}) == "triton"
+    with pytest.raises(ValueError, match="triton or torch"):
+        cc.token_major_form({"MSF_SCALE_CONV1D_TOKENS": "cuda"})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [384, 1152])
+def test_gpu_both_directions_kernel_bf16_against_float64(width):
+    """The kernel on the GPU in bf16 at the mixer's widths (tiny / base d_inner) and the models' length, against the
+    torch form in float64 on the same (bf16-rounded) inputs: one rounding of the output, ~bf16's precision."""
+    from msf_scale.ops._conv1d_triton import conv1d_both_silu
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run on the lent GPU: pytest -m gpu)")
+    torch.manual_seed(0)
+    xz = torch.randn(1, 1569, 2 * width, device="cuda", dtype=torch.bfloat16)
+    x = xz[..., :width]
+    weight, bias = torch.randn(2 * width, 1, 4, device="cuda") * 0.5, torch.randn(2 * width, device="cuda")
+    got = conv1d_both_silu(x, weight, bias).double()
+    want = _torch_both(x.double(), weight.double(), bias.double())
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < 8e-3, err
