@@ -11,7 +11,8 @@ tensors (it reads the backward half in reverse itself). Each is captured in a CU
 latency harness runs a model), the median of ``--reps`` replays of ``--inner`` calls each. Agreement: the chunked
 scan against mamba-ssm on the same inputs with reverse_groups=0 (the same recurrence), the largest difference of
 y relative to mamba-ssm's largest |y|. ``--configs``: CONFIG settings "BD,warps,programs[,steps]" to time after the
-default (steps: 0, a step's inputs loaded per step; > 0, blocks of that many steps loaded at once). ``--layouts``:
+default (steps: 0, a step's inputs loaded per step; > 0, blocks of that many steps loaded at once; a setting's steps
+apply to both layouts, the default row takes CONFIG's steps / steps_tokens). ``--layouts``:
 the chunked scan's inputs channel-major (u, delta [batch, 2E, L] time innermost, B / C time innermost: the training
 layout) and / or token-major (the same values as views of [batch, L, 2E] and [batch, L, 2, N] tensors: the grouped
 mixer's batch-1 path since session 20, y written in that layout too).
@@ -88,7 +89,8 @@ def main(argv=None):
     if any(len(v) not in (3, 4) for v in configs):
         ap.error("--configs: each setting is BD,warps,programs[,steps]")
     settings = [default] + [dict(default, BD=int(v[0]), warps=int(v[1]), programs=int(v[2]),
-                                 steps=int(v[3]) if len(v) > 3 else default["steps"])
+                                 steps=int(v[3]) if len(v) > 3 else default["steps"],
+                                 steps_tokens=int(v[3]) if len(v) > 3 else default["steps_tokens"])
                             for v in configs]
     rows = []
     with torch.no_grad():
@@ -110,13 +112,13 @@ def main(argv=None):
                 ms = graph_time(lambda: selective_scan(x_in["u"], x_in["delta"], x_in["A"], x_in["B"], x_in["C"],
                                                        backend="chunked", reverse_groups=1, **common),
                                 args.reps, args.inner)
-                bd = _scan_chunked._block(2 * width, width)
+                bd, steps = _scan_chunked._block(2 * width, width), _scan_chunked.steps_per_block(x_in["u"])
                 chunks = _scan_chunked.chunking(args.batch, 2 * width, args.length, bd)[0]
                 row["chunked"].append(dict(layout=layout, BD=cfg["BD"], warps=cfg["warps"],
-                                           programs=cfg["programs"], steps=cfg["steps"], chunks=chunks, ms=ms,
+                                           programs=cfg["programs"], steps=steps, chunks=chunks, ms=ms,
                                            vs_cuda=cuda_ms / ms, agreement_rel=rel_cfg))
                 print(f"width {width}: cuda {cuda_ms * 1e3:.1f} us, chunked {layout} BD {cfg['BD']} "
-                      f"warps {cfg['warps']} programs {cfg['programs']} steps {cfg['steps']} ({chunks} chunks) "
+                      f"warps {cfg['warps']} programs {cfg['programs']} steps {steps} ({chunks} chunks) "
                       f"{ms * 1e3:.1f} us = "
                       f"{cuda_ms / ms:.2f}x cuda; agreement {rel_cfg:.2e}", flush=True)
             _scan_chunked.CONFIG.update(default)

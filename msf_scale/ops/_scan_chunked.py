@@ -39,7 +39,11 @@ import triton.language as tl
 # default (videomamba / msf_mamba base batch-1 compiled 1.4-1.5% faster).
 # Pass 1 on per-step vectors (no barriers or shuffles when compiled) was timed in session 17: slower than the tiles
 # (0.98-1.18x mamba-ssm against the tiles' 1.28-1.65x), removed.
-CONFIG = {"BD": 16, "warps": 1, "programs": 2048, "min_chunk": 16, "steps": 4}
+# ``steps_tokens``: the same for token-major inputs (u and delta with the channels at unit stride: the grouped mixer's
+# batch-1 path since session 20), where the tiles' step axis no longer lies in one thread: 2 (session 20, H100,
+# bench_scan_infer --layouts: 1.41 / 1.64x mamba-ssm at tiny / base width against 4's 1.26 / 1.39x and 8's 0.75 /
+# 0.77x; channel-major inputs with 4: 1.30 / 1.55x).
+CONFIG = {"BD": 16, "warps": 1, "programs": 2048, "min_chunk": 16, "steps": 4, "steps_tokens": 2}
 PREFIX_ELEMENTS = 4096   # elements of a chunk-prefix program's [channels, chunks, N] tile (4 warps: no spills on sm_90)
 
 
@@ -242,6 +246,13 @@ def chunking(batch: int, dim: int, length: int, bd: int) -> tuple[int, int]:
     return -(-length // steps), steps
 
 
+def steps_per_block(u: torch.Tensor) -> int:
+    """CONFIG's steps a loaded block for u's layout: ``steps_tokens`` where the channels are at unit stride (and the
+    sequence is not), ``steps`` otherwise."""
+    token_major = u.stride(1) == 1 and u.shape[2] > 1 and u.stride(2) != 1
+    return int(CONFIG["steps_tokens"] if token_major else CONFIG["steps"])
+
+
 def _block(dim: int, per_group: int) -> int:
     """Channels per program: CONFIG's BD or the largest power of two dividing both D and a group's channels."""
     bd = CONFIG["BD"]
@@ -302,7 +313,7 @@ def _launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
     bias = delta_bias.contiguous() if delta_bias is not None else A
     hend = torch.empty((batch, dim, nc, n), device=u.device, dtype=state)
     y = torch.empty_like(u)
-    common = dict(N=n, BD=bd, CDT=cdt, TS=int(CONFIG["steps"]), num_warps=CONFIG["warps"])
+    common = dict(N=n, BD=bd, CDT=cdt, TS=steps_per_block(u), num_warps=CONFIG["warps"])
     strides = (*u.stride(), *delta.stride())
     bstride = B.stride()
     grid = (batch * (dim // bd), nc)

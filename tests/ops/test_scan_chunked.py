@@ -32,7 +32,7 @@ def small_blocks(monkeypatch, request):
     with several chunks; the inputs loaded a step at a time, or in blocks of 2, 4 (CONFIG's default) or 8 steps
     (chunks of 3 or 13 steps end in a partial block)."""
     monkeypatch.setattr(_scan_chunked, "CONFIG", {"BD": 4, "warps": 1, "programs": 16, "min_chunk": 2,
-                                                  "steps": request.param})
+                                                  "steps": request.param, "steps_tokens": request.param})
 
 
 def mixer_pair(backend):
@@ -167,6 +167,17 @@ def test_needs_cuda_or_the_interpreter(monkeypatch):
             selective_scan(*(x[k] for k in NAMES), backend="chunked")
 
 
+def test_steps_per_block_follow_the_layout(monkeypatch):
+    """Token-major u (channels at unit stride: the mixer's batch-1 path) takes CONFIG's steps_tokens, channel-major u
+    (time innermost) its steps; a one-step sequence, whose strides say nothing, counts as channel-major."""
+    monkeypatch.setitem(_scan_chunked.CONFIG, "steps", 4)
+    monkeypatch.setitem(_scan_chunked.CONFIG, "steps_tokens", 2)
+    channels = torch.zeros(1, 8, 13)
+    assert _scan_chunked.steps_per_block(channels) == 4
+    assert _scan_chunked.steps_per_block(channels.transpose(1, 2).contiguous().transpose(1, 2)) == 2
+    assert _scan_chunked.steps_per_block(torch.zeros(1, 8, 1)) == 4
+
+
 @pytest.mark.parametrize("layout", ["tokens", "channels"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_bimamba_grouped_on_chunked_matches_two_calls(small_blocks, monkeypatch, compiled, layout):
@@ -239,20 +250,27 @@ def test_refuses_sizes_past_int32_offsets():
     assert not _fits_int32(1, 1, meta.as_strided((3, 4, 8), (2 ** 30, 1, 4)))  # 2^31 + 31
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("steps", [0, 4, 8, 16])
+@pytest.mark.parametrize("layout", ["channels", "tokens"])
+@pytest.mark.parametrize("steps", [0, 2, 4, 16])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_gpu_matches_float64(monkeypatch, dtype, tol, batch, steps):
-    """The models' length (1569) per step and in blocks of 4 (the shipped CONFIG's), 8 or 16 steps, one group
-    reversed; A, D, delta_bias fp32 (model parameters); y and the last state within the bound relative to float64 on
-    CPU."""
+def test_gpu_matches_float64(monkeypatch, dtype, tol, batch, steps, layout):
+    """The models' length (1569) per step and in blocks of 2 (the shipped CONFIG's for token-major inputs), 4 (for
+    channel-major ones) or 16 steps, one group reversed, inputs channel-major or token-major (u, delta, B, C as
+    views of [batch, L, channels] tensors: the mixer's batch-1 path); A, D, delta_bias fp32 (model parameters); y and
+    the last state within the bound relative to float64 on CPU."""
     monkeypatch.setitem(_scan_chunked.CONFIG, "steps", steps)
+    monkeypatch.setitem(_scan_chunked.CONFIG, "steps_tokens", steps)
     x = inputs(batch, 2, 64, 16, 1569, dtype, device="cuda")
     for k in ("A", "D", "delta_bias"):
         x[k] = x[k].detach().float()
+    args = [x[k].detach() for k in NAMES]
+    if layout == "tokens":
+        args = [t if t is None or t.dim() < 3 else t.movedim(-1, 1).contiguous().movedim(1, -1) for t in args]
+        assert args[0].stride(1) == 1 and _scan_chunked.steps_per_block(args[0]) == steps
     with torch.no_grad():
-        y, last = selective_scan(*(x[k].detach() for k in NAMES), delta_softplus=True, backend="chunked",
-                                 reverse_groups=1, return_last_state=True)
+        y, last = selective_scan(*args, delta_softplus=True, backend="chunked", reverse_groups=1,
+                                 return_last_state=True)
     ref_in = {k: v.detach().cpu().double() for k, v in x.items()}
     y_ref, last_ref = reference(ref_in, 1, True, True)
     assert rel(y.cpu(), y_ref) < tol, f"y: {rel(y.cpu(), y_ref):.2e}"
