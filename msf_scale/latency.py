@@ -179,7 +179,8 @@ def choices_line(env: dict) -> str:
     scan = c.get("scan_chunked")
     return (f"compiled forms: conv1d {c.get('conv1d_compiled')}, patch embedding {c.get('patch_embed_compiled')}"
             + (f", mixer layout {c['mixer_layout']} (batch-1 chunked scan)" if "mixer_layout" in c else "")
-            + (f", chunked scan (where it runs) blocks of {scan['steps']} steps" if scan else "")
+            + (f", chunked scan (where it runs) blocks of {scan['steps']} steps"
+               + (f" ({scan['steps_tokens']} token-major)" if "steps_tokens" in scan else "") if scan else "")
             + f"; MSF_SCALE_* set: {variables}; Triton settings in the JSON")
 
 

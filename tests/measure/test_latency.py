@@ -64,6 +64,7 @@ def test_results_record_the_forms_and_settings_they_ran_with(tmp_path, monkeypat
         monkeypatch.delenv(name)
     monkeypatch.setenv("MSF_SCALE_SCAN_BACKEND", "torch")
     monkeypatch.setitem(_scan_chunked.CONFIG, "steps", 2)
+    monkeypatch.setitem(_scan_chunked.CONFIG, "steps_tokens", 8)
     out = tmp_path / "lat"
     assert cli.main(["latency", "--models", "cnn3d_tiny", "--device", "cpu", "--frames", "4", "--img-size", "32",
                      "--views", "1", "--measures", "clip", "--runs-per", "2", "--warmup", "0", "--out", str(out)]) == 0
@@ -75,7 +76,8 @@ def test_results_record_the_forms_and_settings_they_ran_with(tmp_path, monkeypat
     assert {"fusion_triton", "fusion_triton_batch1"} <= set(choices)
     assert choices["fusion_triton_batch1"]["stack_max_channels"] > 0   # the stacked bands' width rule
     printed = capsys.readouterr().out
-    assert "blocks of 2 steps" in printed and "MSF_SCALE_SCAN_BACKEND=torch" in printed
+    assert "blocks of 2 steps (8 token-major)" in printed and "MSF_SCALE_SCAN_BACKEND=torch" in printed
+    assert "mixer layout " in printed
 
 
 def test_cli_times_a_run_directory_at_its_own_shape(tmp_path):
