@@ -158,11 +158,12 @@ def implementation_choices() -> dict:
     choices = {"variables": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MSF_SCALE_")},
                "conv1d_compiled": causal_conv1d.COMPILED_INFERENCE_FORM,
                "patch_embed_compiled": stem.PATCH_EMBED_COMPILED_FORM,
-               "mixer_layout": blocks.MIXER_INFERENCE_LAYOUT}
+               "mixer_layout": blocks.MIXER_INFERENCE_LAYOUT, "conv1d_tokens": causal_conv1d.TOKEN_MAJOR_FORM}
     try:   # the Triton kernels' modules import triton
-        from msf_scale.ops import _fusion_triton, _scan_chunked
+        from msf_scale.ops import _conv1d_triton, _fusion_triton, _scan_chunked
     except ImportError:
         return choices
+    choices["conv1d_triton"] = dict(_conv1d_triton.CONFIG)
     choices["scan_chunked"] = dict(_scan_chunked.CONFIG)
     choices["fusion_triton"] = dict(_fusion_triton.CONFIG)
     choices["fusion_triton_batch1"] = {**_fusion_triton.BATCH1_FORWARD,

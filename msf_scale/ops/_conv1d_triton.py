@@ -20,7 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_L, BLOCK_E, WARPS = 32, 64, 4
+# Launch settings: positions (BL) and channels (BE) a program, warps a program. Untuned: session 20's profiles had the
+# kernel at 12.4 us a block at base's width and 5.8 at tiny's, ~3-4x what its bytes need;
+# benchmarks/bench_conv1d_tokens.py --points times alternatives by setting these.
+CONFIG = {"BL": 32, "BE": 64, "warps": 4}
 
 
 @triton.jit
@@ -62,10 +65,11 @@ def conv1d_both_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     w = weight.reshape(2 * width, -1).contiguous()
     out = x.new_empty(batch, length, 2 * width)
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-    grid = (triton.cdiv(length, BLOCK_L), triton.cdiv(width, BLOCK_E), batch)
+    bl, be = CONFIG["BL"], CONFIG["BE"]
+    grid = (triton.cdiv(length, bl), triton.cdiv(width, be), batch)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else nullcontext():
         _conv_both[grid](x, w, bias.contiguous(), out, length, width, x.stride(0), x.stride(1), out.stride(0),
-                         out.stride(1), K=w.shape[1], BL=BLOCK_L, BE=BLOCK_E, ACC=acc, num_warps=WARPS)
+                         out.stride(1), K=w.shape[1], BL=bl, BE=be, ACC=acc, num_warps=CONFIG["warps"])
     return out
 
 

@@ -72,7 +72,8 @@ def test_results_record_the_forms_and_settings_they_ran_with(tmp_path, monkeypat
     assert choices["variables"] == {"MSF_SCALE_SCAN_BACKEND": "torch"}
     assert choices["scan_chunked"]["steps"] == 2
     assert {choices["conv1d_compiled"], choices["patch_embed_compiled"]} <= {"shifted", "cudnn", "gemm", "conv"}
-    assert choices["mixer_layout"] in ("tokens", "channels")
+    assert choices["mixer_layout"] in ("tokens", "channels") and choices["conv1d_tokens"] in ("triton", "torch")
+    assert set(choices["conv1d_triton"]) == {"BL", "BE", "warps"}
     assert {"fusion_triton", "fusion_triton_batch1"} <= set(choices)
     assert choices["fusion_triton_batch1"]["stack_max_channels"] > 0   # the stacked bands' width rule
     printed = capsys.readouterr().out

@@ -67,9 +67,9 @@ def test_both_directions_kernel_matches_torch_float64(k):
     of a wider [B, L, 2E] tensor (the input projection's output, as the mixer passes it), L and E not multiples of
     the program's block (masked edges), two batch rows; each direction's half checked on its own."""
     pytest.importorskip("triton")
-    from msf_scale.ops._conv1d_triton import BLOCK_E, BLOCK_L, conv1d_both_silu
+    from msf_scale.ops._conv1d_triton import CONFIG, conv1d_both_silu
     torch.manual_seed(0)
-    length, e = BLOCK_L + 5, BLOCK_E + 3
+    length, e = CONFIG["BL"] + 5, CONFIG["BE"] + 3
     xz = torch.randn(2, length, 2 * e, dtype=torch.float64)
     x = xz[..., :e]
     weight, bias = torch.randn(2 * e, 1, k, dtype=torch.float64), torch.randn(2 * e, dtype=torch.float64)

@@ -1,0 +1,117 @@
+"""The token-major mixer's conv1d + silu, both directions (batch-1 inference), CUDA-graph replayed, side by side.
+
+    python benchmarks/bench_conv1d_tokens.py --out DIR                          # tiny / small / base widths
+    python benchmarks/bench_conv1d_tokens.py --out DIR --points "BL=64,BE=64;BL=16,BE=128,warps=2"
+
+Rows per width (d_inner E; x is the [1, L, E] slice of the input projection's [1, L, 2E] output, as the mixer passes
+it): ``torch`` is the torch form (two shifted convs, the concatenation, the silu) compiled by Inductor (what the
+mixer ran before session 20: two kernels), ``triton[...]`` ops/_conv1d_triton.conv1d_both_silu at its CONFIG and at
+each ``--points`` setting (BL positions and BE channels a program, warps). ``bytes_us``: the time its bytes alone
+take at ``--bandwidth`` GB/s (one read of x, one write of the output), the floor to compare with. Error: max |out -
+ref| / max |ref| against the torch form in float64 on the same bf16 inputs. Writes DIR/bench_conv1d_tokens.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from msf_scale.ops import _conv1d_triton  # noqa: E402
+from msf_scale.ops import causal_conv1d as cc  # noqa: E402
+
+
+def torch_form(x, weight, bias):
+    e = x.shape[-1]
+    fwd = cc.causal_depthwise_conv1d(x, weight[:e], bias[:e], token_major=True)
+    bwd = cc.anticausal_depthwise_conv1d(x, weight[e:], bias[e:], token_major=True)
+    return torch.nn.functional.silu(torch.cat([fwd, bwd], dim=-1))
+
+
+def graph_us(fn, reps: int, inner: int = 20) -> float:
+    """Median us of one call, from CUDA-graph replays of ``inner`` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / inner)
+    return sorted(times)[len(times) // 2]
+
+
+def parse_point(text: str) -> dict:
+    point = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        if key not in _conv1d_triton.CONFIG:
+            raise SystemExit(f"--points: unknown setting {key!r}; expected one of {sorted(_conv1d_triton.CONFIG)}")
+        point[key] = int(value)
+    return point
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--widths", default="384,768,1152", help="d_inner, comma-separated (tiny / small / base)")
+    ap.add_argument("--length", type=int, default=1569)
+    ap.add_argument("--points", default="", help="CONFIG settings to time after the default, ';'-separated")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--bandwidth", type=float, default=3000.0, help="GB/s for the bytes floor (H100 SXM ~3350)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_conv1d_tokens.py needs a CUDA GPU")
+    default = dict(_conv1d_triton.CONFIG)
+    points = [default] + [dict(default, **parse_point(p)) for p in args.points.split(";") if p]
+    compiled = torch.compile(torch_form, dynamic=False)
+    rows = []
+    with torch.no_grad():
+        for width in (int(w) for w in args.widths.split(",")):
+            torch.manual_seed(0)
+            xz = torch.randn(1, args.length, 2 * width, device="cuda", dtype=torch.bfloat16)
+            x = xz[..., :width]
+            weight = torch.randn(2 * width, 1, 4, device="cuda") * 0.5
+            bias = torch.randn(2 * width, device="cuda")
+            ref = torch_form(x.double(), weight.double(), bias.double())
+            err = lambda out: ((out.double() - ref).abs().max() / ref.abs().max()).item()
+            floor = (x.numel() + 2 * x.numel()) * 2 / (args.bandwidth * 1e3)   # bytes / (GB/s) in us
+            row = dict(width=width, bytes_us=floor, results=[])
+            us = graph_us(lambda: compiled(x, weight, bias), args.reps)
+            row["results"].append(dict(name="torch (Inductor)", us=us, error=err(compiled(x, weight, bias))))
+            for point in points:
+                _conv1d_triton.CONFIG.update(point)
+                out = _conv1d_triton.conv1d_both_silu(x, weight, bias)
+                us = graph_us(lambda: _conv1d_triton.conv1d_both_silu(x, weight, bias), args.reps)
+                label = "triton[" + ",".join(f"{k}={v}" for k, v in point.items()) + "]"
+                row["results"].append(dict(name=label, us=us, error=err(out), **point))
+            _conv1d_triton.CONFIG.update(default)
+            rows.append(row)
+            for r in row["results"]:
+                print(f"width {width}: {r['name']:36s} {r['us']:7.2f} us ({r['us'] / floor:.1f}x the bytes' "
+                      f"{floor:.2f} us)  error {r['error']:.2e}", flush=True)
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, host=platform.node(),
+                  length=args.length, dtype="bfloat16", rows=rows)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_conv1d_tokens.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
