@@ -21,7 +21,9 @@
 #   forms and CONFIGs it ran with land in table/latency.json), ~5 minutes; "fusion3", not in the default: msf_mamba base
 #   and small compiled at batch 1 with the 3^3 fusion on conv, then on the triton op (auto's choice there since
 #   session 19), ~4.5 minutes; "layout", not in the default: msf_mamba base, videomamba base and msf_mamba_plus tiny
-#   compiled at batch 1 with MSF_SCALE_MIXER_LAYOUT=channels, then =tokens (the default since session 20), ~5 minutes),
+#   compiled at batch 1 with MSF_SCALE_MIXER_LAYOUT=channels, then =tokens (the default since session 20), ~5 minutes;
+#   "tokens", not in the default: the token-major path's conv1d kernel with a sweep of its blocks and the chunked scan
+#   on both layouts with a sweep of its step blocks, ~2 minutes),
 #   SIZES="tiny,small" (bench_model), SCAN_LAT_BACKENDS="cuda auto" (scaninfer's latency runs), SWEEP_S=90 (igemm
 #   tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
@@ -118,6 +120,12 @@ part fusion3 300 bash -c "latency_ab fusion3 MSF_SCALE_FUSION_BACKEND 'conv trit
 # since session 20: aligned GEMMs, no transposed reads)
 part layout 360 bash -c "latency_ab layout MSF_SCALE_MIXER_LAYOUT 'channels tokens' \
   msf_mamba_base,videomamba_base,msf_mamba_plus_tiny 140 70"
+# the token-major path's kernels alone: the one-kernel conv1d + silu against Inductor's torch form with a sweep of its
+# blocks, and the chunked scan on both layouts with a sweep of its step blocks
+part tokens 240 bash -c "$PY benchmarks/bench_conv1d_tokens.py --out $OUT/conv1d_tokens \
+  --points 'BL=64,BE=64;BL=16,BE=128;BL=64,BE=128,warps=8;BL=8,BE=256,warps=2' && \
+  $PY benchmarks/bench_scan_infer.py --out $OUT/scan_layouts.json --layouts channels,tokens --configs 16,1,2048,1 \
+  16,1,2048,2 16,1,4096,2 16,1,1024,2"
 NINE=videomamba_tiny,videomamba_small,msf_mamba_tiny,msf_mamba_small,msf_mamba_plus_tiny,msf_mamba_plus_small
 NINE=$NINE,videomamba_base,msf_mamba_base,msf_mamba_plus_base
 part table 480 "$PY" benchmarks/bench_latency.py --out "$OUT/table" --models "$NINE" --modes compile --measures clip \
