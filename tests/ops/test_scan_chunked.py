@@ -299,3 +299,30 @@ def test_gpu_bimamba_on_auto_takes_chunked_at_batch_1_inference(monkeypatch):
     mixer(x)
     assert launched == [1], "auto took the chunked scan at batch 2 or with autograd on"
     assert rel(y, y_ref) < 1e-4
+
+
+def test_whole_model_on_chunked_same_logits_in_both_layouts(monkeypatch):
+    """A whole two-block msf_mamba_plus (fp32: the models keep their norms in fp32) with grouped mixers on the chunked
+    scan, as the inference runners run it at batch 1: the token-major layout (every block's mixer through
+    _forward_token_major, the multiscale fusion reading its output) gives the channel-major layout's logits and the
+    ref scan's (to fp32 rounding: the GEMMs sum in another order). Eager; the mixer's compiled path is checked above."""
+    from msf_scale.models import create_model
+    monkeypatch.setattr(_scan_chunked, "CONFIG", {"BD": 4, "warps": 1, "programs": 16, "min_chunk": 2, "steps": 4,
+                                                  "steps_tokens": 2})
+    torch.manual_seed(0)
+    model = create_model("msf_mamba_plus", size="tiny", num_frames=2, img_size=32, patch_size=8, num_classes=3,
+                         depth=2, embed_dim=16, grouped_scan=True, scan_backend="ref").eval()
+    x = torch.randn(1, 3, 2, 32, 32)
+    taken = []
+    real = BiMamba._forward_token_major
+    monkeypatch.setattr(BiMamba, "_forward_token_major", lambda self, *a: taken.append(1) or real(self, *a))
+    with torch.no_grad():
+        want = model(x)
+        model.set_backends(scan="chunked")
+        logits = {}
+        for layout in ("channels", "tokens"):
+            monkeypatch.setattr(blocks, "MIXER_INFERENCE_LAYOUT", layout)
+            logits[layout] = model(x)
+    assert len(taken) == 2, "the token-major path did not run in every block"
+    for name, got in logits.items():
+        assert rel(got, want) < 1e-5, f"{name}: {rel(got, want):.2e}"
