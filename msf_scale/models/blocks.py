@@ -166,8 +166,8 @@ class BiMamba(nn.Module):
         e, r, n = self.d_inner, self.dt_rank, self.d_state
         xz = self.in_proj(x)                                                    # [B, L, 2E]: x | z
         xs, z = xz[..., :e], xz[..., e:]
-        conv_weight, conv_bias, x_proj, dt_proj, A, D, delta_bias = self._token_major_params()
-        u = conv1d_both_silu_token_major(xs, conv_weight, conv_bias)          # [B, L, 2E]: forward | backward
+        conv_taps, conv_bias, x_proj, dt_proj, A, D, delta_bias = self._token_major_params()
+        u = conv1d_both_silu_token_major(xs, conv_taps, conv_bias)            # [B, L, 2E]: forward | backward
         proj = F.linear(u, x_proj.to(u.dtype))              # [B, L, P]: dt_f, dt_b | B_f, B_b | C_f, C_b | zeros
         delta = F.linear(proj[..., :2 * r], dt_proj.to(u.dtype))                 # [B, L, 2E]
 
@@ -179,14 +179,16 @@ class BiMamba(nn.Module):
         return self.out_proj(0.5 * (y[..., :e] + y[..., e:]) * F.silu(z))
 
     def _token_major_params(self) -> tuple[torch.Tensor, ...]:
-        """_packed_params with the projections block-diagonal over the two directions: x_proj [P, 2E] (rows dt_f,
-        dt_b, B_f, B_b, C_f, C_b, then zero rows up to P, 2R + 4N rounded up to a multiple of 8) and dt_proj [2E, 2R].
-        Built by zero padding (F.pad), not from a zeros tensor: Inductor's freezing folds it into constants then (it
-        folds nothing downstream of a tensor constructor). Cached for inference like _packed_params."""
+        """_packed_params with the conv1d's taps tap-major [K, 2E] (as ops/_conv1d_triton reads them) and the
+        projections block-diagonal over the two directions: x_proj [P, 2E] (rows dt_f, dt_b, B_f, B_b, C_f, C_b, then
+        zero rows up to P, 2R + 4N rounded up to a multiple of 8) and dt_proj [2E, 2R]. Built by zero padding (F.pad),
+        not from a zeros tensor: Inductor's freezing folds it into constants then (it folds nothing downstream of a
+        tensor constructor). Cached for inference like _packed_params."""
         conv_weight, conv_bias, x_proj, dt_proj, A, D, delta_bias = self._packed_params()
         e, r, n = self.d_inner, self.dt_rank, self.d_state
         rows = 2 * r + 4 * n
-        params = [d.weight for d in (self.fwd.x_proj, self.bwd.x_proj, self.fwd.dt_proj, self.bwd.dt_proj)]
+        params = [d.weight for d in (self.fwd.x_proj, self.bwd.x_proj, self.fwd.dt_proj, self.bwd.dt_proj,
+                                     self.fwd.conv1d, self.bwd.conv1d)]
 
         def build():
             def side(w, g):   # w [k, E] -> [k, 2E], in direction g's columns
@@ -194,9 +196,9 @@ class BiMamba(nn.Module):
             blocks = [side(x_proj[g, lo:hi], g) for lo, hi in ((0, r), (r, r + n), (r + n, r + 2 * n)) for g in (0, 1)]
             x_blk = F.pad(torch.cat(blocks), (0, 0, 0, -rows % 8))
             dt_blk = torch.cat([F.pad(dt_proj[0], (0, r)), F.pad(dt_proj[1], (r, 0))])
-            return x_blk, dt_blk
-        x_blk, dt_blk = cached_for_inference(self, "_inference_token_major", params, build)
-        return conv_weight, conv_bias, x_blk, dt_blk, A, D, delta_bias
+            return conv_weight[:, 0, :].t().contiguous(), x_blk, dt_blk
+        conv_taps, x_blk, dt_blk = cached_for_inference(self, "_inference_token_major", params, build)
+        return conv_taps, conv_bias, x_blk, dt_blk, A, D, delta_bias
 
     def _packed_params(self) -> tuple[torch.Tensor, ...]:
         """Both directions' parameters side by side (conv weight [2E, 1, K] and bias, x_proj [2, R + 2N, E], dt_proj

@@ -1,11 +1,12 @@
 """Both directions' depthwise conv1d and the silu after it, token-major, in one Triton pass: the grouped mixer's
 batch-1 inference path (models.blocks.BiMamba._forward_token_major).
 
-    out[b, t, e]     = silu(bias[e]     + sum_i w[e, i]     x[b, t - K + 1 + i, e])    causal (forward direction)
-    out[b, t, E + e] = silu(bias[E + e] + sum_i w[E + e, i] x[b, t + K - 1 - i, e])    anticausal (backward one)
+    out[b, t, e]     = silu(bias[e]     + sum_i w[i, e]     x[b, t - K + 1 + i, e])    causal (forward direction)
+    out[b, t, E + e] = silu(bias[E + e] + sum_i w[i, E + e] x[b, t + K - 1 - i, e])    anticausal (backward one)
 
-x [B, L, E] (any row stride: a slice of the input projection's [B, L, 2E] output), w [2E, K], bias [2E] -> out
-[B, L, 2E], zero padding outside the sequence. Why: compiled, Inductor ran this as two kernels (one direction to a
+x [B, L, E] (any row stride: a slice of the input projection's [B, L, 2E] output), w [K, 2E] tap-major (a thread's
+channels of one tap are contiguous: vector loads; channel-major taps compiled to 64 scalar loads a thread at the
+default block, PTX for sm_90), bias [2E] -> out [B, L, 2E], zero padding outside the sequence. Why: compiled, Inductor ran this as two kernels (one direction to a
 buffer, then the other, the concatenation and the silu: 12.8 us a block at base's width on the lent H100, session 20)
 for what is one read of x and one write of out. Each program: BL positions x BE channels, the 2K - 1 row-shifted
 [BL, BE] tiles read (from L1/L2 after the first), accumulation in fp32 (fp64 for fp64 inputs), one rounding to the
@@ -46,9 +47,9 @@ def _conv_both(X, W, BIAS, OUT, L, E, sx_b, sx_l, so_b, so_l, K: tl.constexpr, B
     bwd = tl.zeros([BL, BE], dtype=ACC) + tl.load(BIAS + E + e, mask=em, other=0.0).to(ACC)[None, :]
     for i in tl.static_range(K):
         fwd += _tap(X, b, t - (K - 1) + i, e, em, L, sx_b, sx_l,
-                    tl.load(W + e * K + i, mask=em, other=0.0).to(ACC), ACC)
+                    tl.load(W + i * 2 * E + e, mask=em, other=0.0).to(ACC), ACC)
         bwd += _tap(X, b, t + (K - 1) - i, e, em, L, sx_b, sx_l,
-                    tl.load(W + (E + e) * K + i, mask=em, other=0.0).to(ACC), ACC)
+                    tl.load(W + i * 2 * E + E + e, mask=em, other=0.0).to(ACC), ACC)
     m = (t < L)[:, None] & em[None, :]
     out = OUT + b * so_b + t[:, None] * so_l + e[None, :]
     tl.store(out, (fwd / (1.0 + tl.exp(-fwd))).to(OUT.dtype.element_ty), mask=m)
@@ -56,23 +57,26 @@ def _conv_both(X, W, BIAS, OUT, L, E, sx_b, sx_l, so_b, so_l, K: tl.constexpr, B
 
 
 @torch.library.custom_op("msf_scale::conv1d_both_silu", mutates_args=())
-def conv1d_both_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x [B, L, E] (channels at unit stride), weight [2E, 1, K] or [2E, K], bias [2E] -> [B, L, 2E] in x's dtype:
-    silu of the causal conv (channels [0, E), weights [0, E)) | silu of the anticausal one ([E, 2E))."""
+def conv1d_both_silu(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x [B, L, E] (channels at unit stride), taps [K, 2E] (tap-major: a conv1d weight [2E, 1, K]'s
+    ``[:, 0, :].t()``), bias [2E] -> [B, L, 2E] in x's dtype: silu of the causal conv (channels [0, E), taps' columns
+    [0, E)) | silu of the anticausal one ([E, 2E))."""
     batch, length, width = x.shape
     if x.stride(-1) != 1:
         raise ValueError(f"conv1d_both_silu needs channels at unit stride, got strides {x.stride()}")
-    w = weight.reshape(2 * width, -1).contiguous()
+    if taps.dim() != 2 or taps.shape[1] != 2 * width:
+        raise ValueError(f"conv1d_both_silu needs taps [K, 2E] = [K, {2 * width}], got {tuple(taps.shape)}")
+    w = taps.contiguous()
     out = x.new_empty(batch, length, 2 * width)
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
     bl, be = CONFIG["BL"], CONFIG["BE"]
     grid = (triton.cdiv(length, bl), triton.cdiv(width, be), batch)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else nullcontext():
         _conv_both[grid](x, w, bias.contiguous(), out, length, width, x.stride(0), x.stride(1), out.stride(0),
-                         out.stride(1), K=w.shape[1], BL=bl, BE=be, ACC=acc, num_warps=CONFIG["warps"])
+                         out.stride(1), K=w.shape[0], BL=bl, BE=be, ACC=acc, num_warps=CONFIG["warps"])
     return out
 
 
 @conv1d_both_silu.register_fake
-def _(x, weight, bias):
+def _(x, taps, bias):
     return x.new_empty(x.shape[0], x.shape[1], 2 * x.shape[2])

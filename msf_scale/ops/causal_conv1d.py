@@ -88,18 +88,19 @@ def _shifted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a
     return out + (bias.to(x.dtype) if token_major else bias.to(x.dtype)[:, None])
 
 
-def conv1d_both_silu_token_major(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The grouped mixer's token-major inference step: x [B, L, E] -> [B, L, 2E], silu of the causal conv with
-    weight[:E] | silu of the anticausal one with weight[E:] (weight [2E, 1, K], bias [2E]). Where Triton runs (CUDA,
-    or TRITON_INTERPRET=1) and TOKEN_MAJOR_FORM is "triton": one kernel (ops/_conv1d_triton.py; compiled, Inductor
-    made two of the torch form); otherwise the two convs, the concatenation and the silu in torch."""
+def conv1d_both_silu_token_major(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The grouped mixer's token-major inference step: x [B, L, E] -> [B, L, 2E], silu of the causal conv with taps'
+    columns [0, E) | silu of the anticausal one with [E, 2E) (taps [K, 2E]: a conv1d weight [2E, 1, K] tap-major, as
+    the kernel reads it; bias [2E]). Where Triton runs (CUDA, or TRITON_INTERPRET=1) and TOKEN_MAJOR_FORM is "triton":
+    one kernel (ops/_conv1d_triton.py; compiled, Inductor made two of the torch form); otherwise the two convs, the
+    concatenation and the silu in torch."""
     if TOKEN_MAJOR_FORM == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         try:
             from msf_scale.ops._conv1d_triton import conv1d_both_silu
         except ImportError:   # no triton: the torch form
             pass
         else:
-            return conv1d_both_silu(x, weight, bias)
-    e = x.shape[-1]
+            return conv1d_both_silu(x, taps, bias)
+    e, weight = x.shape[-1], taps.t().unsqueeze(1)                        # [2E, 1, K]
     return F.silu(torch.cat([causal_depthwise_conv1d(x, weight[:e], bias[:e], token_major=True),
                              anticausal_depthwise_conv1d(x, weight[e:], bias[e:], token_major=True)], dim=-1))

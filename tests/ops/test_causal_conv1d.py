@@ -73,7 +73,7 @@ def test_both_directions_kernel_matches_torch_float64(k):
     xz = torch.randn(2, length, 2 * e, dtype=torch.float64)
     x = xz[..., :e]
     weight, bias = torch.randn(2 * e, 1, k, dtype=torch.float64), torch.randn(2 * e, dtype=torch.float64)
-    got, want = conv1d_both_silu(x, weight, bias), _torch_both(x, weight, bias)
+    got, want = conv1d_both_silu(x, weight[:, 0].t().contiguous(), bias), _torch_both(x, weight, bias)
     assert got.shape == (2, length, 2 * e) and got.dtype == torch.float64
     assert torch.allclose(got[..., :e], want[..., :e], rtol=1e-12, atol=1e-12), "forward (causal) half"
     assert torch.allclose(got[..., e:], want[..., e:], rtol=1e-12, atol=1e-12), "backward (anticausal) half"
@@ -91,7 +91,7 @@ def test_token_major_dispatch_follows_the_form(monkeypatch, form):
     monkeypatch.setattr(_conv1d_triton, "conv1d_both_silu", lambda *a: launched.append(1) or real(*a))
     x = torch.randn(1, 7, 5, dtype=torch.float64)
     weight, bias = torch.randn(10, 1, 4, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
-    got = cc.conv1d_both_silu_token_major(x, weight, bias)
+    got = cc.conv1d_both_silu_token_major(x, weight[:, 0].t(), bias)   # taps [K, 2E] (a view: the op copies it)
     assert launched == ([1] if form == "triton" else [])
     assert torch.allclose(got, _torch_both(x, weight, bias), rtol=1e-12, atol=1e-12)
     assert cc.token_major_form({}) == "triton"
@@ -111,7 +111,7 @@ def test_gpu_both_directions_kernel_bf16_against_float64(width):
     xz = torch.randn(1, 1569, 2 * width, device="cuda", dtype=torch.bfloat16)
     x = xz[..., :width]
     weight, bias = torch.randn(2 * width, 1, 4, device="cuda") * 0.5, torch.randn(2 * width, device="cuda")
-    got = conv1d_both_silu(x, weight, bias).double()
+    got = conv1d_both_silu(x, weight[:, 0].t().contiguous(), bias).double()
     want = _torch_both(x.double(), weight.double(), bias.double())
     err = ((got - want).abs().max() / want.abs().max()).item()
     assert err < 8e-3, err
