@@ -26,13 +26,6 @@ from msf_scale.ops import _conv1d_triton  # noqa: E402
 from msf_scale.ops import causal_conv1d as cc  # noqa: E402
 
 
-def torch_form(x, weight, bias):
-    e = x.shape[-1]
-    fwd = cc.causal_depthwise_conv1d(x, weight[:e], bias[:e], token_major=True)
-    bwd = cc.anticausal_depthwise_conv1d(x, weight[e:], bias[e:], token_major=True)
-    return torch.nn.functional.silu(torch.cat([fwd, bwd], dim=-1))
-
-
 def graph_us(fn, reps: int, inner: int = 20) -> float:
     """Median us of one call, from CUDA-graph replays of ``inner`` calls."""
     stream = torch.cuda.Stream()
@@ -59,9 +52,11 @@ def graph_us(fn, reps: int, inner: int = 20) -> float:
 def parse_point(text: str) -> dict:
     point = {}
     for item in filter(None, text.split(",")):
-        key, value = item.split("=")
+        key, _, value = item.partition("=")
         if key not in _conv1d_triton.CONFIG:
             raise SystemExit(f"--points: unknown setting {key!r}; expected one of {sorted(_conv1d_triton.CONFIG)}")
+        if not value.isdigit():
+            raise SystemExit(f"--points: {key} needs a positive integer, got {value!r}")
         point[key] = int(value)
     return point
 
@@ -79,7 +74,7 @@ def main(argv=None) -> dict:
         raise SystemExit("bench_conv1d_tokens.py needs a CUDA GPU")
     default = dict(_conv1d_triton.CONFIG)
     points = [default] + [dict(default, **parse_point(p)) for p in args.points.split(";") if p]
-    compiled = torch.compile(torch_form, dynamic=False)
+    compiled = torch.compile(cc.conv1d_both_silu_torch, dynamic=False)
     rows = []
     with torch.no_grad():
         for width in (int(w) for w in args.widths.split(",")):
@@ -89,19 +84,21 @@ def main(argv=None) -> dict:
             weight = torch.randn(2 * width, 1, 4, device="cuda") * 0.5
             bias = torch.randn(2 * width, device="cuda")
             taps = weight[:, 0].t().contiguous()                 # [K, 2E], as the mixer passes them
-            ref = torch_form(x.double(), weight.double(), bias.double())
-            err = lambda out: ((out.double() - ref).abs().max() / ref.abs().max()).item()
+            ref = cc.conv1d_both_silu_torch(x.double(), taps.double(), bias.double())
+            err = lambda out: ((out.double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
             floor = (x.numel() + 2 * x.numel()) * 2 / (args.bandwidth * 1e3)   # bytes / (GB/s) in us
             row = dict(width=width, bytes_us=floor, results=[])
-            us = graph_us(lambda: compiled(x, weight, bias), args.reps)
-            row["results"].append(dict(name="torch (Inductor)", us=us, error=err(compiled(x, weight, bias))))
-            for point in points:
-                _conv1d_triton.CONFIG.update(point)
-                out = _conv1d_triton.conv1d_both_silu(x, taps, bias)
-                us = graph_us(lambda: _conv1d_triton.conv1d_both_silu(x, taps, bias), args.reps)
-                label = "triton[" + ",".join(f"{k}={v}" for k, v in point.items()) + "]"
-                row["results"].append(dict(name=label, us=us, error=err(out), **point))
-            _conv1d_triton.CONFIG.update(default)
+            us = graph_us(lambda: compiled(x, taps, bias), args.reps)
+            row["results"].append(dict(name="torch (Inductor)", us=us, error=err(compiled(x, taps, bias))))
+            try:
+                for point in points:
+                    _conv1d_triton.CONFIG.update(point)
+                    out = _conv1d_triton.conv1d_both_silu(x, taps, bias)
+                    us = graph_us(lambda: _conv1d_triton.conv1d_both_silu(x, taps, bias), args.reps)
+                    label = "triton[" + ",".join(f"{k}={v}" for k, v in point.items()) + "]"
+                    row["results"].append(dict(name=label, us=us, error=err(out), **point))
+            finally:
+                _conv1d_triton.CONFIG.update(default)
             rows.append(row)
             for r in row["results"]:
                 print(f"width {width}: {r['name']:36s} {r['us']:7.2f} us ({r['us'] / floor:.1f}x the bytes' "

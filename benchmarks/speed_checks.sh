@@ -122,10 +122,16 @@ part layout 360 bash -c "latency_ab layout MSF_SCALE_MIXER_LAYOUT 'channels toke
   msf_mamba_base,videomamba_base,msf_mamba_plus_tiny 140 70"
 # the token-major path's kernels alone: the one-kernel conv1d + silu against Inductor's torch form with a sweep of its
 # blocks, and the chunked scan on both layouts with a sweep of its step blocks
-part tokens 240 bash -c "$PY benchmarks/bench_conv1d_tokens.py --out $OUT/conv1d_tokens \
-  --points 'BL=64,BE=64;BL=16,BE=128;BL=64,BE=128,warps=8;BL=8,BE=256,warps=2' && \
-  $PY benchmarks/bench_scan_infer.py --out $OUT/scan_layouts.json --layouts channels,tokens --configs 16,1,2048,1 \
-  16,1,2048,2 16,1,4096,2 16,1,1024,2"
+tokens() {   # exit code: nonzero if either benchmark failed (each runs whatever the other did)
+  local rc=0
+  "$PY" benchmarks/bench_conv1d_tokens.py --out "$OUT/conv1d_tokens" \
+    --points "BL=64,BE=64;BL=16,BE=128;BL=64,BE=128,warps=8;BL=8,BE=256,warps=2" || rc=1
+  "$PY" benchmarks/bench_scan_infer.py --out "$OUT/scan_layouts.json" --layouts channels,tokens \
+    --configs 16,1,2048,1 16,1,2048,2 16,1,4096,2 16,1,1024,2 || rc=1
+  return $rc
+}
+export -f tokens
+part tokens 240 bash -c tokens
 NINE=videomamba_tiny,videomamba_small,msf_mamba_tiny,msf_mamba_small,msf_mamba_plus_tiny,msf_mamba_plus_small
 NINE=$NINE,videomamba_base,msf_mamba_base,msf_mamba_plus_base
 part table 480 "$PY" benchmarks/bench_latency.py --out "$OUT/table" --models "$NINE" --modes compile --measures clip \

@@ -109,7 +109,7 @@ class BiMamba(nn.Module):
         if self.grouped_scan:   # asked once, before any layout is chosen (under compile it must be a name)
             backend = inference_backend(self.scan_backend, x.device, (x.shape[0], 2 * self.d_inner, x.shape[1]), 2,
                                         self.d_state)
-            if self._token_major(backend, x):
+            if self._takes_token_major(backend, x):
                 return self._forward_token_major(x, backend)
         xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)   # [B, E, L] each
         if self.grouped_scan:
@@ -149,12 +149,13 @@ class BiMamba(nn.Module):
         y_fwd, y_bwd = y.chunk(2, dim=1)
         return y_fwd + (y_bwd if reverse else y_bwd.flip(-1))
 
-    def _token_major(self, backend: str | None, x: torch.Tensor) -> bool:
+    def _takes_token_major(self, backend: str | None, x: torch.Tensor) -> bool:
         """Whether this forward takes the token-major path: MIXER_INFERENCE_LAYOUT "tokens", autograd off, and the
-        grouped scan on the chunked backend reversing group 1 itself (not under fvcore's trace: FLOP counts follow the
-        channel-major path, whose projections carry no zero blocks)."""
-        return (MIXER_INFERENCE_LAYOUT == "tokens" and not torch.is_grad_enabled() and chunked_requested(backend)
-                and scan_reverses_in_kernel(backend, x.device, x.shape[0]))
+        grouped scan on the chunked backend reversing group 1 itself: `auto`'s choice at batch 1 (timed there), or
+        `chunked` asked for by name at any batch. Not under fvcore's trace: FLOP counts follow the channel-major path,
+        whose projections carry no zero blocks."""
+        return (MIXER_INFERENCE_LAYOUT == "tokens" and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+                and chunked_requested(backend) and scan_reverses_in_kernel(backend, x.device, x.shape[0]))
 
     def _forward_token_major(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:
         """forward's grouped path with every tensor [B, L, channels], as the input projection leaves them: the conv1d
@@ -166,10 +167,10 @@ class BiMamba(nn.Module):
         e, r, n = self.d_inner, self.dt_rank, self.d_state
         xz = self.in_proj(x)                                                    # [B, L, 2E]: x | z
         xs, z = xz[..., :e], xz[..., e:]
-        conv_taps, conv_bias, x_proj, dt_proj, A, D, delta_bias = self._token_major_params()
+        conv_taps, conv_bias, x_proj, dt_proj, A, D, delta_bias = self._token_major_params(xz.dtype)
         u = conv1d_both_silu_token_major(xs, conv_taps, conv_bias)            # [B, L, 2E]: forward | backward
-        proj = F.linear(u, x_proj.to(u.dtype))              # [B, L, P]: dt_f, dt_b | B_f, B_b | C_f, C_b | zeros
-        delta = F.linear(proj[..., :2 * r], dt_proj.to(u.dtype))                 # [B, L, 2E]
+        proj = F.linear(u, x_proj)                          # [B, L, P]: dt_f, dt_b | B_f, B_b | C_f, C_b | zeros
+        delta = F.linear(proj[..., :2 * r], dt_proj)                           # [B, L, 2E]
 
         def per_group(cols: int) -> torch.Tensor:          # proj's [B, L, 2N] block at cols -> [B, 2, N, L], a view
             return proj[..., cols:cols + 2 * n].unflatten(-1, (2, n)).permute(0, 2, 3, 1)
@@ -178,12 +179,13 @@ class BiMamba(nn.Module):
         y = y.transpose(1, 2)                                                   # [B, L, 2E] (u's layout)
         return self.out_proj(0.5 * (y[..., :e] + y[..., e:]) * F.silu(z))
 
-    def _token_major_params(self) -> tuple[torch.Tensor, ...]:
+    def _token_major_params(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """_packed_params with the conv1d's taps tap-major [K, 2E] (as ops/_conv1d_triton reads them) and the
-        projections block-diagonal over the two directions: x_proj [P, 2E] (rows dt_f, dt_b, B_f, B_b, C_f, C_b, then
-        zero rows up to P, 2R + 4N rounded up to a multiple of 8) and dt_proj [2E, 2R]. Built by zero padding (F.pad),
-        not from a zeros tensor: Inductor's freezing folds it into constants then (it folds nothing downstream of a
-        tensor constructor). Cached for inference like _packed_params."""
+        projections block-diagonal over the two directions, in ``dtype`` (the activations'; cast once, not per
+        forward): x_proj [P, 2E] (rows dt_f, dt_b, B_f, B_b, C_f, C_b, then zero rows up to P, 2R + 4N rounded up to a
+        multiple of 8) and dt_proj [2E, 2R]. Built by zero padding (F.pad), not from a zeros tensor: Inductor's
+        freezing folds it into constants then (it folds nothing downstream of a tensor constructor). Cached for
+        inference like _packed_params (per dtype)."""
         conv_weight, conv_bias, x_proj, dt_proj, A, D, delta_bias = self._packed_params()
         e, r, n = self.d_inner, self.dt_rank, self.d_state
         rows = 2 * r + 4 * n
@@ -196,8 +198,8 @@ class BiMamba(nn.Module):
             blocks = [side(x_proj[g, lo:hi], g) for lo, hi in ((0, r), (r, r + n), (r + n, r + 2 * n)) for g in (0, 1)]
             x_blk = F.pad(torch.cat(blocks), (0, 0, 0, -rows % 8))
             dt_blk = torch.cat([F.pad(dt_proj[0], (0, r)), F.pad(dt_proj[1], (r, 0))])
-            return conv_weight[:, 0, :].t().contiguous(), x_blk, dt_blk
-        conv_taps, x_blk, dt_blk = cached_for_inference(self, "_inference_token_major", params, build)
+            return conv_weight[:, 0, :].t().contiguous(), x_blk.to(dtype), dt_blk.to(dtype)
+        conv_taps, x_blk, dt_blk = cached_for_inference(self, "_inference_token_major", params, build, dtype)
         return conv_taps, conv_bias, x_blk, dt_blk, A, D, delta_bias
 
     def _packed_params(self) -> tuple[torch.Tensor, ...]:

@@ -271,7 +271,12 @@ def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=Fals
     return torch.ops.msf_scale.chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_groups)
 
 
-@torch.library.custom_op("msf_scale::chunked_scan", mutates_args=())
+# Inductor must hand the op the strides it was traced with (y follows u's layout): recent torch's default constraint,
+# asked for explicitly where the tag exists
+EXACT_STRIDES = tuple(t for t in (getattr(torch.Tag, "needs_exact_strides", None),) if t is not None)
+
+
+@torch.library.custom_op("msf_scale::chunked_scan", mutates_args=(), tags=EXACT_STRIDES)
 def _chunked_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                   D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
                   delta_softplus: bool, reverse_groups: int) -> tuple[torch.Tensor, torch.Tensor]:

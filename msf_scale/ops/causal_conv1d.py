@@ -101,6 +101,12 @@ def conv1d_both_silu_token_major(x: torch.Tensor, taps: torch.Tensor, bias: torc
             pass
         else:
             return conv1d_both_silu(x, taps, bias)
+    return conv1d_both_silu_torch(x, taps, bias)
+
+
+def conv1d_both_silu_torch(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """conv1d_both_silu_token_major's torch form (any device, autograd): the two token-major convs, concatenated,
+    silu."""
     e, weight = x.shape[-1], taps.t().unsqueeze(1)                        # [2E, 1, K]
     return F.silu(torch.cat([causal_depthwise_conv1d(x, weight[:e], bias[:e], token_major=True),
                              anticausal_depthwise_conv1d(x, weight[e:], bias[e:], token_major=True)], dim=-1))

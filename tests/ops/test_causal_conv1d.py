@@ -54,11 +54,8 @@ def test_token_major_layout_matches_a_loop(monkeypatch, form, anticausal):
 
 
 def _torch_both(x, weight, bias):
-    """The torch form of conv1d_both_silu_token_major: the two convs, concatenated, silu."""
-    e = x.shape[-1]
-    fwd = cc.causal_depthwise_conv1d(x, weight[:e], bias[:e], token_major=True)
-    bwd = cc.anticausal_depthwise_conv1d(x, weight[e:], bias[e:], token_major=True)
-    return torch.nn.functional.silu(torch.cat([fwd, bwd], dim=-1))
+    """The torch form (checked against loops above through the per-direction functions) on a [2E, 1, K] weight."""
+    return cc.conv1d_both_silu_torch(x, weight[:, 0].t(), bias)
 
 
 @pytest.mark.parametrize("k", [4, 3])
@@ -95,6 +92,9 @@ def test_token_major_dispatch_follows_the_form(monkeypatch, form):
     assert launched == ([1] if form == "triton" else [])
     assert torch.allclose(got, _torch_both(x, weight, bias), rtol=1e-12, atol=1e-12)
     assert cc.token_major_form({}) == "triton"
+    if form == "triton":   # forward only: a gradient is refused up front, not at backward()
+        with pytest.raises(RuntimeError, match="forward-only"):
+            cc.conv1d_both_silu_token_major(x.requires_grad_(), weight[:, 0].t(), bias)
     with pytest.raises(ValueError, match="triton or torch"):
         cc.token_major_form({"MSF_SCALE_CONV1D_TOKENS": "cuda"})
 

@@ -326,3 +326,42 @@ def test_whole_model_on_chunked_same_logits_in_both_layouts(monkeypatch):
     assert len(taken) == 2, "the token-major path did not run in every block"
     for name, got in logits.items():
         assert rel(got, want) < 1e-5, f"{name}: {rel(got, want):.2e}"
+
+
+def test_token_major_path_at_batch_two_and_through_the_inference_cache(monkeypatch):
+    """The token-major path with `chunked` asked for by name at batch 2, and with the inference cache on (as the
+    runners set it): its packed parameters (tap-major conv taps, block-diagonal projections) are built once and reused,
+    and rebuilt after any parameter changes (one at a time: a key missing one fails); outputs as the two-call path."""
+    monkeypatch.setattr(_scan_chunked, "CONFIG", {"BD": 4, "warps": 1, "programs": 16, "min_chunk": 2, "steps": 4,
+                                                  "steps_tokens": 2})
+    monkeypatch.setattr(blocks, "MIXER_INFERENCE_LAYOUT", "tokens")
+    two_calls, one_call, _ = mixer_pair("chunked")
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel(one_call(x), two_calls(x)) < 1e-12
+        one_call.inference_cache = True
+        first = one_call._token_major_params(torch.float64)
+        assert all(a is b for a, b in zip(one_call._token_major_params(torch.float64), first))
+        for name, _ in one_call.named_parameters():
+            one_call.get_parameter(name).mul_(1.5)
+            two_calls.get_parameter(name).mul_(1.5)
+            assert rel(one_call(x), two_calls(x)) < 1e-12, name
+
+
+def test_token_major_weights_fold_into_constants_under_freezing(monkeypatch):
+    """Frozen compiled inference (the runners' default on CUDA) folds the token-major path's weight work (the tap-major
+    taps, the block-diagonal projections, built by padding and concatenation) into constants: no kernel of the CPU
+    compile pads, concatenates or copies (a zeros-and-scatter build would leave one in every forward)."""
+    import re
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+    monkeypatch.setattr(blocks, "MIXER_INFERENCE_LAYOUT", "tokens")
+    _, one_call, x = mixer_pair("chunked")
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        y, (code, *_) = run_and_get_code(torch.compile(one_call), x)
+    torch._dynamo.reset()
+    kernels = set(re.findall(r"\b(cpp_fused_\w+)\(", code))
+    assert kernels, "no kernel names found in Inductor's code"
+    assert not [k for k in kernels if re.search(r"pad|cat|clone|zeros|scatter|copy", k)], kernels
