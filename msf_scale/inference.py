@@ -36,8 +36,9 @@ def group_scans(model: nn.Module, on: bool = True) -> int:
 
 
 def cache_for_inference(model: nn.Module, on: bool = True) -> int:
-    """Let every module with an ``inference_cache`` (the grouped mixer's packed parameters, each direction's A,
-    StateFusion's CFD-folded kernels; models.blocks.cached_for_inference) build it once and reuse it in forwards
+    """Let every module with an ``inference_cache`` (the grouped mixer's packed parameters and its token-major path's
+    tap-major conv taps and block-diagonal projections, each direction's A, StateFusion's CFD-folded kernels;
+    models.blocks.cached_for_inference) build it once and reuse it in forwards
     without autograd, until a parameter's identity, storage or in-place version changes; ``on=False`` also drops what
     was cached. For a model whose weights stay put while it serves: evaluation
     inside training does not use it (DeepSpeed ZeRO-3 regathers parameters into reused storage, which that key would

@@ -194,7 +194,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    return_last_state=False, backend: str | None = "auto", reverse_groups: int = 0):
     """Selective scan with optional skip ``D``, gate ``z``, ``delta_bias`` and softplus on delta.
 
-    Returns ``out`` [batch, D, L] in u's dtype, or ``(out, last_state [batch, D, N])`` with return_last_state.
+    Returns ``out`` [batch, D, L] in u's dtype, or ``(out, last_state [batch, D, N])`` with return_last_state. The
+    ``chunked`` backend writes ``out`` in u's layout: for token-major u (a [batch, L, D] tensor's transposed view, the
+    grouped mixer's batch-1 path) a transposed view too, not contiguous.
     ``reverse_groups``: the last k groups of a grouped B/C run backwards in time (their last state is after t = 0).
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
