@@ -21,32 +21,15 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_scan_infer import graph_time  # noqa: E402  (CUDA-graph replay timing, ms)
 from msf_scale.ops import _conv1d_triton  # noqa: E402
 from msf_scale.ops import causal_conv1d as cc  # noqa: E402
 
 
 def graph_us(fn, reps: int, inner: int = 20) -> float:
-    """Median us of one call, from CUDA-graph replays of ``inner`` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / inner)
-    return sorted(times)[len(times) // 2]
+    return graph_time(fn, reps, inner) * 1e3
 
 
 def parse_point(text: str) -> dict:
