@@ -23,7 +23,8 @@
 #   session 19), ~4.5 minutes; "layout", not in the default: msf_mamba base, videomamba base and msf_mamba_plus tiny
 #   compiled at batch 1 with MSF_SCALE_MIXER_LAYOUT=channels, then =tokens (the default since session 20), ~5 minutes;
 #   "tokens", not in the default: the token-major path's conv1d kernel with a sweep of its blocks and the chunked scan
-#   on both layouts with a sweep of its step blocks, ~2 minutes),
+#   on both layouts with a sweep of its step blocks, ~2 minutes; "fusionout", not in the default: msf_mamba_plus tiny
+#   and base compiled at batch 1 with the fused fusion's output channel-major, then token-major, ~5 minutes),
 #   SIZES="tiny,small" (bench_model), SCAN_LAT_BACKENDS="cuda auto" (scaninfer's latency runs), SWEEP_S=90 (igemm
 #   tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
@@ -132,6 +133,22 @@ tokens() {   # exit code: nonzero if either benchmark failed (each runs whatever
 }
 export -f tokens
 part tokens 240 bash -c tokens
+# the fused fusion's ASWM output token-major (_fusion_triton.CONFIG["out_tokens"], opt-in since session 20, untimed):
+# msf_mamba_plus tiny and base compiled at batch 1 without, then with it
+fusionout() {
+  local on rc=0
+  for on in 0 1; do
+    "$PY" -c "import runpy, sys
+from msf_scale.ops import _fusion_triton as ft
+ft.CONFIG['out_tokens'] = bool($on)
+sys.argv[0] = 'benchmarks/bench_latency.py'; runpy.run_path(sys.argv[0], run_name='__main__')" --out "$OUT/fusionout_$on" \
+      --models msf_mamba_plus_tiny,msf_mamba_plus_base --modes compile --measures clip --compile-measures clip \
+      --budget-s 140 --compile-cap-s 70 || rc=1
+  done
+  return $rc
+}
+export -f fusionout
+part fusionout 320 bash -c fusionout
 NINE=videomamba_tiny,videomamba_small,msf_mamba_tiny,msf_mamba_small,msf_mamba_plus_tiny,msf_mamba_plus_small
 NINE=$NINE,videomamba_base,msf_mamba_base,msf_mamba_plus_base
 part table 480 "$PY" benchmarks/bench_latency.py --out "$OUT/table" --models "$NINE" --modes compile --measures clip \

@@ -73,9 +73,14 @@ MAX_SCALES = 3
 # where the shared form issues one per scale and row (83); takes precedence over fwd_shared (session 18).
 # A direct-convolution forward for small batches was built and timed in session 17: 2.1-2.9x slower than this band
 # form at batch 1 (docs/BENCHMARKS.md), removed.
+# "out_tokens": with ASWM, the output written token-major ([B, T, H, W, C] memory, channels_last_3d strides; the
+# _combine_tokens kernel), so that the block's residual add and the next pre-norm read it along rows instead of
+# transposed (session 20's profile: those reductions 0.17 ms of msf_mamba_plus tiny's 2.56 ms of kernels). Opt-in:
+# untimed (no device time was left); `True` to time it.
+COMBINE_TOKENS_BLOCK = (32, 32)   # _combine_tokens' (channels, positions) a program (untimed)
 CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None, "fwd_shared": None, "aswm_group": None,
                 "fwd_frames": None, "fwd_loop_stages": None, "fwd_unroll": None, "logit_partials": None,
-                "fwd_stack": None, "alpha_kernel": None, "alpha_tile": None}
+                "fwd_stack": None, "alpha_kernel": None, "alpha_tile": None, "out_tokens": None}
 
 
 def _pow2(n: int) -> int:
@@ -338,6 +343,30 @@ def _combine(f0_ptr, f1_ptr, f2_ptr, alpha_ptr, out_ptr, C, THW, NS: tl.constexp
         out += (tl.load(alpha_ptr + abase + 2 * THW, mask=m, other=0.0).to(ACC)
                 * tl.load(f2_ptr + base, mask=m, other=0.0).to(ACC))
     tl.store(out_ptr + base, out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _combine_tokens(f0_ptr, f1_ptr, f2_ptr, alpha_ptr, out_ptr, C, THW, NS: tl.constexpr, CB: tl.constexpr,
+                    P: tl.constexpr, ACC: tl.constexpr):
+    """_combine writing out token-major: out[b, p, c] (memory [B, THW, C]) = sum_m alpha[b, m, p] F_m[b, c, p];
+    program = (b, block of P positions, block of CB channels): F_m read as [CB, P] tiles along positions, out
+    stored along channels (Triton moves the tile between the two orders)."""
+    b = tl.program_id(0)
+    p = tl.program_id(1) * P + tl.arange(0, P)
+    c = tl.program_id(2) * CB + tl.arange(0, CB)
+    m = (c < C)[:, None] & (p < THW)[None, :]
+    f_off = (b * C + c).to(tl.int64)[:, None] * THW + p[None, :]
+    a_off = (b * NS).to(tl.int64) * THW + p
+    out = (tl.load(alpha_ptr + a_off, mask=p < THW, other=0.0).to(ACC)[None, :]
+           * tl.load(f0_ptr + f_off, mask=m, other=0.0).to(ACC))
+    if NS >= 2:
+        out += (tl.load(alpha_ptr + a_off + THW, mask=p < THW, other=0.0).to(ACC)[None, :]
+                * tl.load(f1_ptr + f_off, mask=m, other=0.0).to(ACC))
+    if NS >= 3:
+        out += (tl.load(alpha_ptr + a_off + 2 * THW, mask=p < THW, other=0.0).to(ACC)[None, :]
+                * tl.load(f2_ptr + f_off, mask=m, other=0.0).to(ACC))
+    o_off = (b * THW + p).to(tl.int64)[None, :] * C + c[:, None]
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -676,9 +705,15 @@ def _launch_forward(h, wpack, aw, ab, ks):
         if ab is not None:   # an nn.Conv3d(bias=False) passes None
             logits += ab.detach().to(logits.dtype).view(1, -1, 1, 1, 1)
         alpha = torch.softmax(logits, dim=1).contiguous()
-    out = torch.empty_like(h)
-    blk = _pos_block(g.THW)
-    _combine[(g.B * g.C, triton.cdiv(g.THW, blk))](*f3, alpha, out, g.C, g.THW, NS=g.NS, BLOCK=blk, ACC=g.ACC)
+    if CONFIG.get("out_tokens"):   # [B, C, T, H, W] indexing over [B, T, H, W, C] memory
+        out = torch.empty_like(h, memory_format=torch.channels_last_3d)
+        cb, p = COMBINE_TOKENS_BLOCK
+        _combine_tokens[(g.B, triton.cdiv(g.THW, p), triton.cdiv(g.C, cb))](*f3, alpha, out, g.C, g.THW, NS=g.NS,
+                                                                             CB=cb, P=p, ACC=g.ACC, num_warps=4)
+    else:
+        out = torch.empty_like(h)
+        blk = _pos_block(g.THW)
+        _combine[(g.B * g.C, triton.cdiv(g.THW, blk))](*f3, alpha, out, g.C, g.THW, NS=g.NS, BLOCK=blk, ACC=g.ACC)
     return [out], (awc, alpha, *fs)
 
 
@@ -692,7 +727,10 @@ def _forward_op(h: torch.Tensor, wpack: torch.Tensor, aw: Optional[torch.Tensor]
 
 @_forward_op.register_fake
 def _(h, wpack, aw, ab, ks):
-    return [torch.empty_like(h)] if aw is not None else [torch.empty_like(h) for _ in ks]
+    if aw is not None:
+        return [torch.empty_like(h, memory_format=torch.channels_last_3d if CONFIG.get("out_tokens") else
+                                 torch.preserve_format)]
+    return [torch.empty_like(h) for _ in ks]
 
 
 def _needs_grad(*tensors) -> bool:

@@ -324,6 +324,49 @@ def test_the_forward_only_op_compiles_into_one_graph():
 
 
 @interp
+def test_interpreter_token_major_output(monkeypatch):
+    """CONFIG "out_tokens" (opt-in): the ASWM output written token-major by _combine_tokens (channels_last_3d strides,
+    channels innermost), the same values as ref in float64, through the forward-only op (eager and compiled with
+    Inductor; the op's fake gives the real output's strides, as Inductor plans its consumers by them) and through
+    autograd (gradients as with the channel-major output); blocks of 4 channels and 8 positions, both ending partway
+    (C = 6, THW = 35)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from msf_scale.ops import _fusion_triton as ft
+
+    monkeypatch.setitem(ft.CONFIG, "out_tokens", True)
+    monkeypatch.setattr(ft, "COMBINE_TOKENS_BLOCK", (4, 8))
+    torch.manual_seed(0)
+    fusion = StateFusion(6, (3, 5), theta=0.7, theta_learnable=True, use_aswm=True, backend="triton",
+                         init="uniform").double().eval()
+    torch.nn.init.normal_(fusion.aswm.weight, std=0.3)
+    h = torch.randn(1, 6, 5, 1, 7, dtype=torch.float64)
+    want = aswm_ref(state_fusion_ref(h, list(fusion.kernels), fusion.theta), fusion.aswm.weight, fusion.aswm.bias)
+    with torch.no_grad():
+        out = fusion(h)
+        torch._dynamo.reset()
+        compiled = torch.compile(fusion, fullgraph=True)(h)
+    torch._dynamo.reset()
+    assert out.stride(1) == 1 and out.is_contiguous(memory_format=torch.channels_last_3d)
+    args = (h, ft.pack_kernels(list(fusion.kernels), fusion.theta.detach(), 6, h.dtype), fusion.aswm.weight.detach(),
+            fusion.aswm.bias.detach(), [3, 5])
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = torch.ops.msf_scale.triton_fusion_forward(*args)[0]
+    assert fake.shape == out.shape and fake.stride() == out.stride()
+    assert rel(out, want) < 1e-12 and rel(compiled, want) < 1e-12
+    g = torch.randn_like(h)
+    grads = {}
+    for tokens in (True, False):
+        monkeypatch.setitem(ft.CONFIG, "out_tokens", tokens)
+        hh = h.clone().requires_grad_()   # the fused op's autograd path (StateFusion trains on the per-scale op)
+        y = ft.multiscale_fusion_triton(hh, list(fusion.kernels), fusion.theta, fusion.aswm.weight, fusion.aswm.bias)
+        assert y.stride(1) == (1 if tokens else y.shape[2] * y.shape[3] * y.shape[4])
+        grads[tokens] = torch.autograd.grad((y * g).sum(), [hh, *fusion.parameters()], allow_unused=True)
+    for a, b in zip(grads[True], grads[False]):
+        assert (a is None) == (b is None) and (a is None or rel(a, b) < 1e-12)
+
+
+@interp
 def test_interpreter_float32():
     """fp32 inputs: fp32 accumulators and IEEE fp32 dots; against float64 ref to 1e-5 relative (fp32's epsilon is
     1.2e-7; a sum of up to 343 taps, and weight gradients reduced over every position); theta's gradient, which
