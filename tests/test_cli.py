@@ -57,3 +57,18 @@ def test_measurement_commands_have_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])
     assert e.value.code == 0 and "usage: msf-scale " + command in capsys.readouterr().out
+
+
+def test_a_bad_form_variable_is_one_line_exit_2():
+    """An MSF_SCALE_* form variable with an unknown value (read when a command imports the models) ends the command
+    in one line and exit 2, not a traceback. A fresh interpreter: the forms are read once, at import."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MSF_SCALE_MIXER_LAYOUT="rows")
+    done = subprocess.run([sys.executable, "-m", "msf_scale.cli", "latency", "--models", "videomamba_tiny", "--device",
+                           "cpu", "--out", "unused"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("msf-scale latency: error: MSF_SCALE_MIXER_LAYOUT must be tokens or channels, "
+                                   "got 'rows'")

@@ -23,10 +23,13 @@ def requested_backend(backend: str | None, env_var: str, known: tuple[str, ...],
 
 def env_choice(env_var: str, choices: tuple[str, ...], default: str, environ=os.environ) -> str:
     """$env_var's value, one of ``choices`` (``default`` when unset): a form read once at import (the conv1d's and
-    the patch embedding's compiled-inference forms); anything else is refused in one line."""
+    the patch embedding's compiled-inference forms, the mixer's inference layout); anything else is refused in one
+    line (a ConfigError: a ValueError the command line prints as one line, exit 2)."""
+    from msf_scale.config import ConfigError
+
     value = environ.get(env_var, default)
     if value not in choices:
-        raise ValueError(f"{env_var} must be {' or '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{env_var} must be {' or '.join(choices)}, got {value!r}")
     return value
 
 
