@@ -47,7 +47,9 @@ def _measure(module: str):
 
         try:
             return importlib.import_module(module).run_command(args)
-        except UserError as e:   # a user mistake: one line, exit 2 (anything else keeps its traceback)
+        except Exception as e:   # a user mistake: one line, exit 2 (anything else keeps its traceback); errors
+            if not (isinstance(e, UserError) or getattr(e, "user_error", False)):   # raised in ops mark themselves
+                raise
             print(f"msf-scale {args.command}: error: {e}", file=sys.stderr)
             return 2
     return run

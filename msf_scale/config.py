@@ -35,7 +35,8 @@ SHORT_FLAGS = {"size": "model.size", "variant": "model.variant", "data": "data.r
 
 class UserError(Exception):
     """A mistake in what the user asked for (a flag, a path, a preset): the command line prints one line and
-    exits 2. Everything else is a bug and keeps its traceback."""
+    exits 2. Everything else is a bug and keeps its traceback. (Below this layer, ops mark such errors with a
+    ``user_error`` attribute instead: ops/_choice.EnvChoiceError.)"""
 
 
 class ConfigError(UserError, ValueError):

@@ -21,15 +21,19 @@ def requested_backend(backend: str | None, env_var: str, known: tuple[str, ...],
     return backend
 
 
+class EnvChoiceError(ValueError):
+    """A bad value of an MSF_SCALE_* form variable: a user's mistake. ``user_error`` tells the command line to print
+    it as one line and exit 2, as it does msf_scale.config.UserError (ops import nothing outside ops)."""
+    user_error = True
+
+
 def env_choice(env_var: str, choices: tuple[str, ...], default: str, environ=os.environ) -> str:
     """$env_var's value, one of ``choices`` (``default`` when unset): a form read once at import (the conv1d's and
     the patch embedding's compiled-inference forms, the mixer's inference layout); anything else is refused in one
-    line (a ConfigError: a ValueError the command line prints as one line, exit 2)."""
-    from msf_scale.config import ConfigError
-
+    line (EnvChoiceError)."""
     value = environ.get(env_var, default)
     if value not in choices:
-        raise ConfigError(f"{env_var} must be {' or '.join(choices)}, got {value!r}")
+        raise EnvChoiceError(f"{env_var} must be {' or '.join(choices)}, got {value!r}")
     return value
 
 
