@@ -3,7 +3,7 @@
     python benchmarks/bench_latency.py --out OUT [--frames 8 --img-size 224 --views 6 --batch 64]
         [--modes eager,graph,compile] [--measures clip,video,throughput] [--compile-measures clip]
         [--budget-s 400] [--compile-cap-s 180] [--compile-reserve-s 0] [--row-cap-s 20]
-        [--models a,b,...] [--runs-per 50] [--throughput-runs 20] [--warmup 10]
+        [--models a,b,...] [--runs-per 50] [--throughput-runs 20] [--warmup 10] [--fusion-config k=v,...]
 
 Order (msf_scale.latency.plan_table): every eager and graph row first, measure by measure (the batch-1 clip rows
 of all models, then video, then throughput), then the torch.compile rows, shallowest model first. One progress
@@ -75,6 +75,26 @@ def model_costs(names: list[str], args) -> dict[str, tuple[float, float]]:
     return costs
 
 
+def apply_fusion_config(parser: argparse.ArgumentParser, text: str) -> None:
+    """Set ops/_fusion_triton.CONFIG from 'key=value,...' (an A/B of a kernel setting inside the models); unknown
+    keys and malformed values end the command in one line."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_fusion_infer import parse_point
+
+    try:
+        from msf_scale.ops import _fusion_triton as ft
+    except ImportError as e:
+        parser.error(f"--fusion-config needs triton ({e})")
+    try:
+        point = parse_point(text)
+    except ValueError as e:
+        parser.error(f"--fusion-config: values are integers, '/'-separated integers or none ({e})")
+    unknown = sorted(set(point) - set(ft.CONFIG))
+    if unknown:
+        parser.error(f"--fusion-config: not CONFIG settings of ops/_fusion_triton.py: {', '.join(unknown)}")
+    ft.CONFIG.update(point)
+
+
 def main(argv: list[str] | None = None, log=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -97,8 +117,13 @@ def main(argv: list[str] | None = None, log=None) -> int:
                    help="seconds of the budget that eager/graph rows leave to the compile rows")
     p.add_argument("--row-cap-s", type=float, default=20.0,
                    help="bound on one row's warm-up + timed calls (s; fewer runs, >= 5, when calls are slow)")
+    p.add_argument("--fusion-config", default=None,
+                   help="settings of the fused fusion op's CONFIG (ops/_fusion_triton.py) for this run, "
+                        "'key=value,...' as bench_fusion_infer.py --points takes them (recorded in latency.json)")
     args = p.parse_args(argv)
     log = log or (lambda s: print(s, flush=True))
+    if args.fusion_config:
+        apply_fusion_config(p, args.fusion_config)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else None
