@@ -5,6 +5,7 @@ compiled ahead of time: no GPU needed.
     python benchmarks/kernel_resources.py --arch 90 --dtype bfloat16 --shape 1,384,8,14,14 --tiles 64,64,4,2
     python benchmarks/kernel_resources.py --scan-tiles 16,32,8 --scan-tiles 4,32,4   # the triton scan instead
     python benchmarks/kernel_resources.py --chunked-scan 16,1 --chunked-scan 8,1     # the chunked inference scan
+    python benchmarks/kernel_resources.py --inference --shape 1,192,8,14,14     # batch-1 conv1d + fused fusion forward
 
 Why: tile sizes that spill registers to local memory are slow on every GPU run, and ptxas says so at compile time.
 Triton compiles a kernel for a named target on any machine (its ASTSource + GPUTarget), and the ptxas it ships
@@ -160,6 +161,50 @@ def chunked_scan_kernels(block: tuple[int, int], dtype: str, arch: int, length: 
                                                arch, warps, 1)}
 
 
+def inference_kernels(shape, ks, dtype: str, arch: int, width: int = 384) -> dict:
+    """The batch-1 inference launches beside the chunked scan, as the ops would launch them: the token-major mixer's
+    conv1d (ops/_conv1d_triton.py at its CONFIG, d_conv 4) and the fused fusion forward's kernels at ``shape`` with
+    ASWM (ops/_fusion_triton.py: _fwd with _forward_knobs' settings for that batch and width, _alpha, _combine and
+    _combine_tokens). Why: the interpreter runs any Python the compiler rejects (a reassigned constexpr compiled on
+    no GPU in session 20), so each kernel is compiled here too."""
+    from msf_scale.ops import _conv1d_triton as ct
+    from msf_scale.ops import _fusion_triton as ft
+    import torch
+
+    ptr, acc, _ = DTYPES[dtype]
+    fp32 = "*fp64" if dtype == "float64" else "*fp32"
+    conv = {**{p: ptr for p in ("X", "W", "BIAS", "OUT")},
+            **{k: "i32" for k in ("L", "E", "sx_b", "sx_l", "so_b", "so_l")}}
+    out = {f"conv1d both silu E={width}": _compile(ct._conv_both, conv, dict(K=4, BL=ct.CONFIG["BL"],
+                                                                            BE=ct.CONFIG["BE"], ACC=acc),
+                                                   arch, ct.CONFIG["warps"], 3)}
+    torch_dtype = {"tf32": torch.float32}.get(dtype) or getattr(torch, dtype)
+    h = torch.empty(shape, device="meta", dtype=torch_dtype)
+    g = ft._Geom(h, tuple(ks))
+    knob = ft._forward_knobs(g.B, g.C)
+    fwd = {**{p: ptr for p in ("h_ptr", "f0_ptr", "f1_ptr", "f2_ptr", "aw_ptr")}, "w_ptr": fp32, "logit_ptr": fp32,
+           **{k: "i32" for k in ("C", "T", "H", "W", "n_cg")}}
+    warps, stages = g.launch("fwd", True, rows=g.fwd_BT * g.BH,
+                             cfg=knob["fwd"] if ft.CONFIG.get("fwd") or not g.fp32 else None).values()
+    form = "stacked" if knob["fwd_stack"] else "shared" if knob["fwd_shared"] else "loop"
+    out[f"fusion forward ({form}) C={g.C}"] = _compile(
+        ft._fwd, fwd, dict(g.scale_kw(), CG=ft._channel_group(g.C, g.B), BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=True,
+                           SHARE=bool(knob["fwd_shared"]), ACC=g.ACC, PREC=g.PREC, STAGES=knob["fwd_loop_stages"],
+                           UNROLL=knob["fwd_unroll"], PARTIALS=bool(knob["logit_partials"]),
+                           STACK=bool(knob["fwd_stack"]), NSP=ft._pow2(g.NS)), arch, warps, stages)
+    tile_g, tile_p = ft.CONFIG.get("alpha_tile") or (64, 16)
+    out["fusion alpha"] = _compile(ft._alpha, {"logit_ptr": fp32, "bias_ptr": ptr, "alpha_ptr": fp32, "B": "i32",
+                                               "THW": "i32"},
+                                   dict(N_PART=g.C, NS=g.NS, HAS_BIAS=True, G=tile_g, P=tile_p, ACC=g.ACC), arch, 4, 3)
+    comb = {"f0_ptr": ptr, "f1_ptr": ptr, "f2_ptr": ptr, "alpha_ptr": fp32, "out_ptr": ptr, "C": "i32", "THW": "i32"}
+    out["fusion combine"] = _compile(ft._combine, comb, dict(NS=g.NS, BLOCK=ft._pos_block(g.THW), ACC=g.ACC),
+                                     arch, 4, 3)
+    cb, p = ft.COMBINE_TOKENS_BLOCK
+    out["fusion combine token-major"] = _compile(ft._combine_tokens, comb, dict(NS=g.NS, CB=cb, P=p, ACC=g.ACC),
+                                                 arch, 4, 3)
+    return out
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
@@ -178,6 +223,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--chunked-scan", action="append", default=None,
                     help="BD,warps[,steps] of the chunked inference scan (repeatable): report its kernels instead")
     ap.add_argument("--scan-length", type=int, default=1569, help="the scan's L (tiles are a compile constant)")
+    ap.add_argument("--inference", action="store_true",
+                    help="report the batch-1 inference kernels instead: the token-major conv1d and the fused fusion "
+                         "forward's launches at --shape (use a batch-1 shape) and --scales")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = ap.parse_args(argv)
 
@@ -212,7 +260,12 @@ def main(argv=None) -> list[dict]:
         for kernel, compiled in chunked_scan_kernels(setting, args.dtype, args.arch,
                                                      args.scan_length, 16).items():
             row(f"chunked scan {kernel} L={args.scan_length}", block, compiled)
-    scans = args.scan_tiles or args.chunked_scan
+    if args.inference:
+        if len(ks) < 2:
+            ap.error("--inference: the fused forward's ASWM launches need 2..3 --scales")
+        for kernel, compiled in inference_kernels(shape, ks, args.dtype, args.arch).items():
+            row(kernel, "CONFIG", compiled)
+    scans = args.scan_tiles or args.chunked_scan or args.inference
     for tiles in ([] if scans else args.tiles
                   or [",".join(str(cfg[k]) for k in ("BM", "BK", "warps", "stages"))]):
         bm, bk, warps, stages = ints(tiles, 4, "--tiles")
@@ -227,7 +280,7 @@ def main(argv=None) -> list[dict]:
     if args.json:
         print(json.dumps(rows))
         return rows
-    what = "scan kernels" if scans else f"igemm kernels, shape {shape},"
+    what = ("inference kernels" if args.inference else "scan kernels") if scans else f"igemm kernels, shape {shape},"
     print(f"{what} for sm_{args.arch}, {args.dtype} (ptxas -v; compile-time facts)\n")
     print("| kernel | tiles | registers | spill stores / loads (B) | shared (B) | MMA | shuffles / barriers / exp2 "
           "(PTX) |\n|---|---|---:|---:|---:|---|---:|")

@@ -48,7 +48,7 @@ def _conv_both(X, W, BIAS, OUT, L, E, sx_b, sx_l, so_b, so_l, K: tl.constexpr, B
     fwd = tl.zeros([BL, BE], dtype=ACC) + tl.load(BIAS + e, mask=em, other=0.0).to(ACC)[None, :]
     bwd = tl.zeros([BL, BE], dtype=ACC) + tl.load(BIAS + E + e, mask=em, other=0.0).to(ACC)[None, :]
     for j in tl.static_range(2 * K - 1):
-        o: tl.constexpr = j - (K - 1)
+        o = j - (K - 1)   # a constexpr (static_range unrolls); annotating it fails to compile: reassigned per step
         x = _shifted(X, b * sx_b, t + o, e, em, L, sx_l, ACC)
         if o <= 0:
             fwd += x * tl.load(W + (K - 1 + o) * 2 * E + e, mask=em, other=0.0).to(ACC)[None, :]

@@ -77,15 +77,10 @@ MAX_SCALES = 3
 # _combine_tokens kernel), so that the block's residual add and the next pre-norm read it along rows instead of
 # transposed (session 20's profile: those reductions 0.17 ms of msf_mamba_plus tiny's 2.56 ms of kernels). Opt-in:
 # untimed (no device time was left); `True` to time it.
-# "fwd_kstack": on top of the stacked bands, the window rows stacked along the product's K axis too
-# (_fwd_kstacked): "kstack_frames" frame offsets (None: 1) of every row offset in one [rows, K] x [K, NSP * BW]
-# product, K = kstack_frames * KM * BW rounded up to a power of two: 7 products a channel at 3/5/7 where the stacked
-# form issues 49 and the shared one 83 (session 21).
 COMBINE_TOKENS_BLOCK = (32, 32)   # _combine_tokens' (channels, positions) a program (untimed)
 CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None, "fwd_shared": None, "aswm_group": None,
                 "fwd_frames": None, "fwd_loop_stages": None, "fwd_unroll": None, "logit_partials": None,
-                "fwd_stack": None, "alpha_kernel": None, "alpha_tile": None, "out_tokens": None,
-                "fwd_kstack": None, "kstack_frames": None}
+                "fwd_stack": None, "alpha_kernel": None, "alpha_tile": None, "out_tokens": None}
 
 
 def _pow2(n: int) -> int:
@@ -194,47 +189,6 @@ def _fwd_stacked(h_ptr, base, wc, t, y, x, xi, T, H, W, acc, NS: tl.constexpr, K
 
 
 @triton.jit
-def _fwd_kstacked(h_ptr, base, wc, t, y, T, H, W, acc, NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
-                  K2: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KM: tl.constexpr, BW: tl.constexpr,
-                  NSP: tl.constexpr, TPS: tl.constexpr, KSP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-                  STAGES: tl.constexpr = None):
-    """_fwd_stacked with the window rows also stacked along the product's K axis: slot s of KSP (TPS frame offsets
-    x KM row offsets, padded to a power of two) holds the input columns x' of window row (o_t, o_y), so one
-    [rows, KSP * BW] x [KSP * BW, NSP * BW] product covers TPS frame offsets of every scale, ceil(KM / TPS) products
-    in all where the stacked form issues KM^2 [rows, BW] x [BW, NSP * BW] ones (at batch 1 the forward is bound by
-    its serial steps' latency, not by MMA work). acc: [rows, NSP * BW], as _fwd_stacked's."""
-    RM: tl.constexpr = KM // 2
-    NSTEP: tl.constexpr = (KM + TPS - 1) // TPS
-    kk = tl.arange(0, KSP * BW)
-    slot = kk // BW
-    sub = slot // KM                          # which of the step's TPS frame offsets
-    oy = slot % KM - RM
-    xin = kk % BW
-    kval = (slot < TPS * KM) & (xin < W)
-    col = tl.arange(0, NSP * BW)
-    m = col // BW
-    k = tl.where(m == 0, K0, tl.where(m == 1, K1, K2))
-    r = k // 2
-    off = tl.where(m == 0, 0, tl.where(m == 1, OFF1, OFF2))
-    e = xin[:, None] - (col % BW)[None, :] + r[None, :]                 # [K, N]: the tap along x
-    bmask = (e >= 0) & (e < k[None, :]) & (m < NS)[None, :] & kval[:, None]
-    bmask = bmask & (oy[:, None] >= -r[None, :]) & (oy[:, None] <= r[None, :])
-    yy = y[:, None] + oy[None, :]                                     # [rows, K]
-    amask = (yy >= 0) & (yy < H) & kval[None, :]
-    aoff = yy * W + xin[None, :]
-    for d in tl.range(NSTEP, num_stages=STAGES):
-        ot = d * TPS + sub - RM                                       # [K]: each slot's frame offset
-        tt = t[:, None] + ot[None, :]
-        a = tl.load(h_ptr + base + tt * (H * W) + aoff, mask=amask & (tt >= 0) & (tt < T) & (ot <= RM)[None, :],
-                    other=0.0)
-        inw = (ot[:, None] >= -r[None, :]) & (ot[:, None] <= r[None, :])
-        tap = off[None, :] + ((ot[:, None] + r[None, :]) * k[None, :] + oy[:, None] + r[None, :]) * k[None, :] + e
-        bd = tl.load(wc + tap, mask=bmask & inw, other=0.0).to(a.dtype)
-        acc += tl.dot(a, bd, input_precision=PREC, out_dtype=ACC)
-    return acc
-
-
-@triton.jit
 def _add_logits(lg0, lg1, lg2, acc, a_ptr, stride, NS: tl.constexpr, ACC: tl.constexpr):
     """lg_j += A[j, m*C + c] * F_m[c] for j < NS (a_ptr points at A[0, m*C + c]; stride: A's row length)."""
     lg0 += tl.load(a_ptr).to(ACC) * acc
@@ -288,12 +242,11 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
          CG: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
          ASWM: tl.constexpr, SHARE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
          STAGES: tl.constexpr, UNROLL: tl.constexpr, PARTIALS: tl.constexpr, STACK: tl.constexpr = False,
-         NSP: tl.constexpr = 1, KSTACK: tl.constexpr = False, TPS: tl.constexpr = 1, KSP: tl.constexpr = 8):
+         NSP: tl.constexpr = 1):
     """F_m for every scale of the CG channels of one group, one frame block; with ASWM the group's partial logits
     (registers), atomically added across groups (PARTIALS: stored per group instead, [n_cg, B, NS, T, H, W], for
     torch to sum). Program = (b * n_cg + group, frame block). STACK: every scale's band side by side in one product
-    per window row (_fwd_stacked; NSP = NS rounded up to a power of two); with KSTACK (needs STACK) the window rows
-    also stacked along K, TPS frame offsets a product (_fwd_kstacked; KSP slots = TPS * KM rounded up)."""
+    per window row (_fwd_stacked; NSP = NS rounded up to a power of two)."""
     pid = tl.program_id(0)
     b = pid // n_cg
     cg = pid % n_cg
@@ -315,12 +268,8 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
         base = (b * C + c).to(tl.int64) * thw
         wc = w_ptr + c * KTOT
         if STACK:
-            if KSTACK:
-                acc = _fwd_kstacked(h_ptr, base, wc, t, y, T, H, W, tl.zeros((BT * BH, NSP * BW), dtype=ACC),
-                                    NS, K0, K1, K2, OFF1, OFF2, KM, BW, NSP, TPS, KSP, PREC, ACC, STAGES)
-            else:
-                acc = _fwd_stacked(h_ptr, base, wc, t, y, x, xi, T, H, W, tl.zeros((BT * BH, NSP * BW), dtype=ACC),
-                                   NS, K0, K1, K2, OFF1, OFF2, KM, BW, NSP, PREC, ACC, STAGES, UNROLL)
+            acc = _fwd_stacked(h_ptr, base, wc, t, y, x, xi, T, H, W, tl.zeros((BT * BH, NSP * BW), dtype=ACC),
+                               NS, K0, K1, K2, OFF1, OFF2, KM, BW, NSP, PREC, ACC, STAGES, UNROLL)
             tl.store(f0_ptr + base + own_s, acc.to(f0_ptr.dtype.element_ty), mask=own_sm & (sm == 0)[None, :])
             if NS >= 2:
                 tl.store(f1_ptr + base + own_s, acc.to(f1_ptr.dtype.element_ty), mask=own_sm & (sm == 1)[None, :])
@@ -701,15 +650,14 @@ def _pos_block(thw: int) -> int:
 # STACK_MAX_CHANNELS. All timed in bf16; fp32 / fp64 keep _Geom's warps (the rest is tested there, not timed).
 # Larger batches keep the training settings (not timed with these).
 BATCH1_FORWARD = {"logit_partials": True, "fwd_shared": True, "fwd_loop_stages": 1, "fwd_unroll": None,
-                  "fwd_stack": None, "alpha_kernel": True, "fwd": (4, 1), "fwd_frames": 4, "fwd_kstack": False}
+                  "fwd_stack": None, "alpha_kernel": True, "fwd": (4, 1), "fwd_frames": 4}
 STACK_MAX_CHANNELS = 256   # batch 1: the stacked form where C is at most this (faster at 192, slower at 384 and 576)
 
 
 def _forward_knobs(batch: int, channels: int = 0) -> dict:
     """CONFIG's forward settings, with BATCH1_FORWARD filling the ones CONFIG leaves None at batch 1 (fwd_stack: for
     up to STACK_MAX_CHANNELS channels)."""
-    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_stack", "alpha_kernel", "fwd",
-            "fwd_kstack")
+    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_stack", "alpha_kernel", "fwd")
     knobs = {k: CONFIG.get(k) if CONFIG.get(k) is not None or batch != 1 else BATCH1_FORWARD[k] for k in keys}
     if batch == 1 and CONFIG.get("fwd_stack") is None:
         knobs["fwd_stack"] = channels <= STACK_MAX_CHANNELS
@@ -735,14 +683,11 @@ def _launch_forward(h, wpack, aw, ab, ks):
     else:
         logits = torch.zeros((g.B, g.NS, g.T, g.H, g.W), device=h.device, dtype=g.acc_dtype) if aswm else fs[0]
     f3 = _three(fs)
-    kstack = bool(knob["fwd_kstack"])
-    tps = min(int(CONFIG.get("kstack_frames") or 1), g.KM)
     _fwd[(g.B * n_cg, g.fwd_n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **g.scale_kw(),
                                    CG=cg, BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=aswm,
                                    SHARE=bool(knob["fwd_shared"]), ACC=g.ACC, PREC=g.PREC,
                                    STAGES=knob["fwd_loop_stages"], UNROLL=knob["fwd_unroll"],
-                                   PARTIALS=partials, STACK=bool(knob["fwd_stack"]) or kstack, NSP=_pow2(g.NS),
-                                   KSTACK=kstack, TPS=tps, KSP=_pow2(tps * g.KM),
+                                   PARTIALS=partials, STACK=bool(knob["fwd_stack"]), NSP=_pow2(g.NS),
                                    **g.launch("fwd", aswm, rows=g.fwd_BT * g.BH,   # batch 1's warps: timed in bf16
                                               cfg=knob["fwd"] if CONFIG.get("fwd") or not g.fp32 else None))
     if not aswm:

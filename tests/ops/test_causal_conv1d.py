@@ -58,6 +58,33 @@ def _torch_both(x, weight, bias):
     return cc.conv1d_both_silu_torch(x, weight[:, 0].t(), bias)
 
 
+@pytest.mark.parametrize("shape", ["1,192,8,14,14", "1,576,8,14,14"])
+def test_batch_one_inference_kernels_compile_for_hopper(shape):
+    """The token-major conv1d and the fused fusion forward's launches at batch 1 (tiny's and base's widths: the
+    stacked and the shared forms), compiled for sm_90 on this machine (benchmarks/kernel_resources.py --inference:
+    Triton's ahead-of-time compile and ptxas -v) with no register spills. The interpreter tests run Python that
+    Triton's compiler may reject: session 20's conv kernel reassigned a constexpr, passed every CPU test and failed
+    every compiled model on the GPU. Compile-time facts."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--json",
+                          "--inference", "--shape", shape], capture_output=True, text=True, env=env, cwd=root,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    form = "stacked" if shape.split(",")[1] == "192" else "shared"
+    channels = shape.split(",")[1]
+    assert [r["kernel"] for r in rows] == ["conv1d both silu E=384", f"fusion forward ({form}) C={channels}",
+                                           "fusion alpha", "fusion combine", "fusion combine token-major"], rows
+    for r in rows:
+        assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
+
+
 @pytest.mark.parametrize("k", [4, 3])
 def test_both_directions_kernel_matches_torch_float64(k):
     """The Triton kernel (ops/_conv1d_triton.py, under the interpreter) in float64 against the torch form: x a slice
