@@ -72,11 +72,13 @@ MAX_SCALES = 3
 # "fwd_stack": every scale's band side by side, one product per window row of the largest window (49 at 3/5/7)
 # where the shared form issues one per scale and row (83); takes precedence over fwd_shared (session 18).
 # A direct-convolution forward for small batches was built and timed in session 17: 2.1-2.9x slower than this band
-# form at batch 1 (docs/BENCHMARKS.md), removed.
-# "out_tokens": with ASWM, the output written token-major ([B, T, H, W, C] memory, channels_last_3d strides; the
-# _combine_tokens kernel), so that the block's residual add and the next pre-norm read it along rows instead of
-# transposed (session 20's profile: those reductions 0.17 ms of msf_mamba_plus tiny's 2.56 ms of kernels). Opt-in:
-# untimed (no device time was left); `True` to time it.
+# form at batch 1 (docs/BENCHMARKS.md), removed. So was session 21's K-stacked forward (every window row of a frame
+# offset along the product's K axis: 7 products a channel at 3/5/7 instead of 49): 0.84 / 0.75 / 0.74x this form at
+# 192 / 384 / 576 channels (its best setting 0.87 / 0.87 / 0.84x): the forward is not bound by its serial steps.
+# "out_tokens": with ASWM, the output written token-major ([B, T, H, W, C] memory; the _combine_tokens kernel; the op
+# returns it so and the callers index it [B, C, T, H, W], channels_last_3d strides), so that the block's residual add
+# and the next pre-norm read it along rows instead of transposed (session 20's profile: those reductions 0.17 ms of
+# msf_mamba_plus tiny's 2.56 ms of kernels). Opt-in. Set it before compiling: a compiled graph keeps its layout.
 COMBINE_TOKENS_BLOCK = (32, 32)   # _combine_tokens' (channels, positions) a program (untimed)
 CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None, "fwd_shared": None, "aswm_group": None,
                 "fwd_frames": None, "fwd_loop_stages": None, "fwd_unroll": None, "logit_partials": None,
@@ -664,9 +666,10 @@ def _forward_knobs(batch: int, channels: int = 0) -> dict:
     return knobs
 
 
-def _launch_forward(h, wpack, aw, ab, ks):
+def _launch_forward(h, wpack, aw, ab, ks, out_tokens: bool = False):
     """The forward launches: ([out] with ASWM, else one F per scale), and what the backward needs beyond (h, wpack):
-    (awc, alpha, *F) with ASWM, else nothing."""
+    (awc, alpha, *F) with ASWM, else nothing. ``out_tokens`` (with ASWM): out is [B, T, H, W, C], channels innermost
+    (_combine_tokens); the callers permute it to [B, C, T, H, W] indexing."""
     g = _Geom(h, ks)
     fs = [torch.empty_like(h) for _ in ks]
     aswm = aw is not None
@@ -705,8 +708,8 @@ def _launch_forward(h, wpack, aw, ab, ks):
         if ab is not None:   # an nn.Conv3d(bias=False) passes None
             logits += ab.detach().to(logits.dtype).view(1, -1, 1, 1, 1)
         alpha = torch.softmax(logits, dim=1).contiguous()
-    if CONFIG.get("out_tokens"):   # [B, C, T, H, W] indexing over [B, T, H, W, C] memory
-        out = torch.empty_like(h, memory_format=torch.channels_last_3d)
+    if out_tokens:   # [B, T, H, W, C]: _combine_tokens writes [B, THW, C] memory
+        out = h.new_empty((g.B, g.T, g.H, g.W, g.C))
         cb, p = COMBINE_TOKENS_BLOCK
         _combine_tokens[(g.B, triton.cdiv(g.THW, p), triton.cdiv(g.C, cb))](*f3, alpha, out, g.C, g.THW, NS=g.NS,
                                                                              CB=cb, P=p, ACC=g.ACC, num_warps=4)
@@ -719,18 +722,26 @@ def _launch_forward(h, wpack, aw, ab, ks):
 
 @torch.library.custom_op("msf_scale::triton_fusion_forward", mutates_args=())
 def _forward_op(h: torch.Tensor, wpack: torch.Tensor, aw: Optional[torch.Tensor], ab: Optional[torch.Tensor],
-                ks: list[int]) -> list[torch.Tensor]:
+                ks: list[int], out_tokens: bool = False) -> list[torch.Tensor]:
     """The forward launches as one opaque op, for inference: torch.compile traces a model through it whole (no
-    graph break) and Inductor's freezing folds the kernel packing in front of it. No autograd (see _needs_grad)."""
-    return _launch_forward(h, wpack, aw, ab, tuple(ks))[0]
+    graph break) and Inductor's freezing folds the kernel packing in front of it. No autograd (see _needs_grad).
+    The output's layout is an argument, not CONFIG read inside: a compiled graph (and Inductor's on-disk cache of
+    it) then holds the layout it was traced with (session 21: a CONFIG-dependent fake reused a cached graph planned
+    for the other layout)."""
+    return _launch_forward(h, wpack, aw, ab, tuple(ks), out_tokens)[0]
 
 
 @_forward_op.register_fake
-def _(h, wpack, aw, ab, ks):
+def _(h, wpack, aw, ab, ks, out_tokens=False):
     if aw is not None:
-        return [torch.empty_like(h, memory_format=torch.channels_last_3d if CONFIG.get("out_tokens") else
-                                 torch.preserve_format)]
+        b, c, t, hh, ww = h.shape
+        return [h.new_empty((b, t, hh, ww, c)) if out_tokens else torch.empty_like(h)]
     return [torch.empty_like(h) for _ in ks]
+
+
+def _channels_first(out: torch.Tensor) -> torch.Tensor:
+    """[B, T, H, W, C] -> [B, C, T, H, W] indexing (a view: channels_last_3d strides)."""
+    return out.permute(0, 4, 1, 2, 3)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -748,13 +759,14 @@ class _FusedCFD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, wpack, aw, ab, ks):
-        outs, saved = _launch_forward(h, wpack, aw, ab, ks)
+        tokens = aw is not None and bool(CONFIG.get("out_tokens"))
+        outs, saved = _launch_forward(h, wpack, aw, ab, ks, tokens)
         ctx.ks = ks
         ctx.aswm = aw is not None
         ctx.save_for_backward(h, wpack, *saved)
         if ctx.aswm:
             ctx.aw_meta = (aw.shape, aw.dtype, None if ab is None else ab.dtype)
-            return outs[0]
+            return _channels_first(outs[0]) if tokens else outs[0]
         return tuple(outs)
 
     @staticmethod
@@ -831,7 +843,9 @@ def multiscale_fusion_triton(h: torch.Tensor, kernels, theta, aswm_weight: torch
     h = h.contiguous()
     if not _needs_grad(h, *kernels, theta, aswm_weight, aswm_bias):
         wpack = packed if packed is not None else _packed(h, kernels, theta)
-        return torch.ops.msf_scale.triton_fusion_forward(h, wpack, aswm_weight, aswm_bias, list(ks))[0]
+        tokens = bool(CONFIG.get("out_tokens"))
+        out = torch.ops.msf_scale.triton_fusion_forward(h, wpack, aswm_weight, aswm_bias, list(ks), tokens)[0]
+        return _channels_first(out) if tokens else out
     return _with_grad(h, _packed(h, kernels, theta), aswm_weight, aswm_bias, ks)
 
 

@@ -129,12 +129,18 @@ def test_fast_modes_give_the_eager_logits_on_gpu(mode, variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["videomamba", "msf_mamba_plus"])
-def test_frozen_compile_gives_the_eager_logits_on_gpu(variant):
+@pytest.mark.parametrize("variant, out_tokens", [("videomamba", False), ("msf_mamba_plus", False),
+                                                 ("msf_mamba_plus", True)])
+def test_frozen_compile_gives_the_eager_logits_on_gpu(variant, out_tokens, monkeypatch):
+    """Frozen compile against eager; msf_mamba_plus also with the fused fusion's output token-major (its CONFIG
+    "out_tokens", set before compiling; eager runs channel-major)."""
     torch.manual_seed(0)
     model = create_model(variant, size="tiny", fusion_init="uniform", **TINY).cuda().eval()
     x = torch.randn(1, 3, 4, 32, 32, device="cuda")
     eager = build_runner(model, x, "eager", torch.bfloat16)(x).float()
+    if out_tokens:
+        from msf_scale.ops import _fusion_triton
+        monkeypatch.setitem(_fusion_triton.CONFIG, "out_tokens", True)
     run = build_runner(model, x, "compile", torch.bfloat16, freeze=True)
     torch.testing.assert_close(run(x).float(), eager, rtol=3e-2, atol=3e-2)
 

@@ -327,9 +327,11 @@ def test_the_forward_only_op_compiles_into_one_graph():
 def test_interpreter_token_major_output(monkeypatch):
     """CONFIG "out_tokens" (opt-in): the ASWM output written token-major by _combine_tokens (channels_last_3d strides,
     channels innermost), the same values as ref in float64, through the forward-only op (eager and compiled with
-    Inductor; the op's fake gives the real output's strides, as Inductor plans its consumers by them) and through
-    autograd (gradients as with the channel-major output); blocks of 4 channels and 8 positions, both ending partway
-    (C = 6, THW = 35)."""
+    Inductor; the op's fake gives the real output's shape and strides, as Inductor plans its consumers by them) and
+    through autograd (gradients as with the channel-major output); blocks of 4 channels and 8 positions, both ending
+    partway (C = 6, THW = 35). Compiled once channel-major, then token-major in the same process: the second compile
+    must not reuse the first's graph (Inductor's on-disk cache keys on the graph, not on CONFIG; session 21's GPU
+    run failed so when the op read the layout from CONFIG)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from msf_scale.ops import _fusion_triton as ft
@@ -342,18 +344,26 @@ def test_interpreter_token_major_output(monkeypatch):
     torch.nn.init.normal_(fusion.aswm.weight, std=0.3)
     h = torch.randn(1, 6, 5, 1, 7, dtype=torch.float64)
     want = aswm_ref(state_fusion_ref(h, list(fusion.kernels), fusion.theta), fusion.aswm.weight, fusion.aswm.bias)
+    def compiled_call(tokens):
+        monkeypatch.setitem(ft.CONFIG, "out_tokens", tokens)
+        torch._dynamo.reset()
+        try:
+            return torch.compile(lambda x: 2 * fusion(x), fullgraph=True)(h) / 2   # a consumer Inductor plans
+        finally:
+            torch._dynamo.reset()
+
     with torch.no_grad():
         out = fusion(h)
-        torch._dynamo.reset()
-        compiled = torch.compile(fusion, fullgraph=True)(h)
-    torch._dynamo.reset()
+        channel_major = compiled_call(False)
+        compiled = compiled_call(True)
     assert out.stride(1) == 1 and out.is_contiguous(memory_format=torch.channels_last_3d)
     args = (h, ft.pack_kernels(list(fusion.kernels), fusion.theta.detach(), 6, h.dtype), fusion.aswm.weight.detach(),
             fusion.aswm.bias.detach(), [3, 5])
     with FakeTensorMode(allow_non_fake_inputs=True):
-        fake = torch.ops.msf_scale.triton_fusion_forward(*args)[0]
-    assert fake.shape == out.shape and fake.stride() == out.stride()
-    assert rel(out, want) < 1e-12 and rel(compiled, want) < 1e-12
+        fake = torch.ops.msf_scale.triton_fusion_forward(*args, True)[0]
+    real = torch.ops.msf_scale.triton_fusion_forward(*args, True)[0]
+    assert fake.shape == real.shape == (1, 5, 1, 7, 6) and fake.stride() == real.stride()
+    assert rel(out, want) < 1e-12 and rel(compiled, want) < 1e-12 and rel(channel_major, want) < 1e-12
     g = torch.randn_like(h)
     grads = {}
     for tokens in (True, False):
