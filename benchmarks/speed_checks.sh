@@ -138,10 +138,7 @@ part tokens 240 bash -c tokens
 fusionout() {
   local on rc=0
   for on in 0 1; do
-    "$PY" -c "import runpy, sys
-from msf_scale.ops import _fusion_triton as ft
-ft.CONFIG['out_tokens'] = bool($on)
-sys.argv[0] = 'benchmarks/bench_latency.py'; runpy.run_path(sys.argv[0], run_name='__main__')" --out "$OUT/fusionout_$on" \
+    "$PY" benchmarks/bench_latency.py --out "$OUT/fusionout_$on" --fusion-config "out_tokens=$on" \
       --models msf_mamba_plus_tiny,msf_mamba_plus_base --modes compile --measures clip --compile-measures clip \
       --budget-s 140 --compile-cap-s 70 || rc=1
   done
