@@ -187,11 +187,18 @@ def inference_kernels(shape, ks, dtype: str, arch: int, width: int = 384) -> dic
     warps, stages = g.launch("fwd", True, rows=g.fwd_BT * g.BH,
                              cfg=knob["fwd"] if ft.CONFIG.get("fwd") or not g.fp32 else None).values()
     form = "stacked" if knob["fwd_stack"] else "shared" if knob["fwd_shared"] else "loop"
-    out[f"fusion forward ({form}) C={g.C}"] = _compile(
-        ft._fwd, fwd, dict(g.scale_kw(), CG=ft._channel_group(g.C, g.B), BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=True,
-                           SHARE=bool(knob["fwd_shared"]), ACC=g.ACC, PREC=g.PREC, STAGES=knob["fwd_loop_stages"],
-                           UNROLL=knob["fwd_unroll"], PARTIALS=bool(knob["logit_partials"]),
-                           STACK=bool(knob["fwd_stack"]), NSP=ft._pow2(g.NS)), arch, warps, stages)
+    consts = dict(g.scale_kw(), CG=ft._channel_group(g.C, g.B), BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=True,
+                  SHARE=bool(knob["fwd_shared"]), ACC=g.ACC, PREC=g.PREC, STAGES=knob["fwd_loop_stages"],
+                  UNROLL=knob["fwd_unroll"], PARTIALS=bool(knob["logit_partials"]), STACK=bool(knob["fwd_stack"]),
+                  NSP=ft._pow2(g.NS))
+    out[f"fusion forward ({form}) C={g.C}"] = _compile(ft._fwd, fwd, consts, arch, warps, stages)
+    if form != "loop":   # CONFIG fwd_pad_input (and fwd_bands, stacked only): the padded input, the band table
+        padded = dict(consts, PADIN=True)
+        bands = form == "stacked"
+        if bands:
+            padded.update(BANDS=True, KTOT=ft._pow2(g.NS) * g.KM * g.KM * 2 * g.BW)
+        out[f"fusion forward ({form}, padded input{', band table' if bands else ''}) C={g.C}"] = _compile(
+            ft._fwd, dict(fwd, w_ptr=ptr) if bands else fwd, padded, arch, warps, stages)
     tile_g, tile_p = ft.CONFIG.get("alpha_tile") or (64, 16)
     out["fusion alpha"] = _compile(ft._alpha, {"logit_ptr": fp32, "bias_ptr": ptr, "alpha_ptr": fp32, "B": "i32",
                                                "THW": "i32"},

@@ -79,10 +79,19 @@ MAX_SCALES = 3
 # returns it so and the callers index it [B, C, T, H, W], channels_last_3d strides), so that the block's residual add
 # and the next pre-norm read it along rows instead of transposed (session 20's profile: those reductions 0.17 ms of
 # msf_mamba_plus tiny's 2.56 ms of kernels). Opt-in. Set it before compiling: a compiled graph keeps its layout.
+# "fwd_bands": where the stacked forward runs without autograd, its bands read from a table built once from the taps
+# (band_table; folded into a constant under Inductor's freezing) instead of gathered from the taps with tap arithmetic
+# and masks every window row: session 21's reading of the K-stacked form's timing is that the batch-1 forward is bound
+# by instructions, not by its serial steps. The table is [C, NSP, KM^2, 2 * BW] (2.4 MB at 192 channels in bf16).
+# "fwd_pad_input": without autograd, the stacked / shared forward reads a zero-padded copy of its input (pad_input:
+# halo frames and rows, rows padded to BW), made by the padding op that replaces the contiguous copy in front of the
+# op, so a row-shifted tile is one unmasked load of aligned rows (vector loads), not masked element loads (the
+# compiled loop body: 8 predicated 2-byte loads a thread and a step, with the tap loads most of its ~270 PTX lines).
 COMBINE_TOKENS_BLOCK = (32, 32)   # _combine_tokens' (channels, positions) a program (untimed)
 CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None, "fwd_shared": None, "aswm_group": None,
                 "fwd_frames": None, "fwd_loop_stages": None, "fwd_unroll": None, "logit_partials": None,
-                "fwd_stack": None, "alpha_kernel": None, "alpha_tile": None, "out_tokens": None}
+                "fwd_stack": None, "alpha_kernel": None, "alpha_tile": None, "out_tokens": None,
+                "fwd_bands": None, "fwd_pad_input": None}
 
 
 def _pow2(n: int) -> int:
@@ -136,27 +145,35 @@ def _shared_tap(acc, a, wc, ot, oy, xi, xj, K: tl.constexpr, KM: tl.constexpr, P
 
 
 @triton.jit
-def _row_tile(h_ptr, base, t, y, x, d, T, H, W, KM: tl.constexpr):
+def _row_tile(h_ptr, base, t, y, x, d, T, H, W, KM: tl.constexpr, PADIN: tl.constexpr = False,
+              BH: tl.constexpr = 1, BW: tl.constexpr = 1):
     """Row d of the largest window's KM x KM (frame, row) offsets: (o_t, o_y) and the row-shifted tile
-    h[(t + o_t, y + o_y), x] (zero outside the grid), as the shared and stacked forwards walk them."""
+    h[(t + o_t, y + o_y), x] (zero outside the grid), as the shared and stacked forwards walk them. PADIN: h is the
+    zero-padded input (pad_input: [.., T', BH + KM - 1, BW] a channel, KM // 2 halo frames and rows), so the tile is
+    one unmasked load of whole aligned rows (vector loads) instead of masked element loads."""
     ot = d // KM - KM // 2
     oy = d % KM - KM // 2
-    tt = t + ot
-    yy = y + oy
-    m = (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H)
-    a = tl.load(h_ptr + base + (tt * (H * W) + yy * W)[:, None] + x[None, :], mask=m[:, None] & (x < W)[None, :],
-                other=0.0)
+    if PADIN:
+        row = (t + ot + KM // 2) * (BH + KM - 1) + y + oy + KM // 2
+        a = tl.load(h_ptr + base + row[:, None] * BW + x[None, :])
+    else:
+        tt = t + ot
+        yy = y + oy
+        m = (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H)
+        a = tl.load(h_ptr + base + (tt * (H * W) + yy * W)[:, None] + x[None, :], mask=m[:, None] & (x < W)[None, :],
+                    other=0.0)
     return ot, oy, a
 
 
 @triton.jit
 def _fwd_shared(h_ptr, base, wc, t, y, x, xi, xj, T, H, W, acc0, acc1, acc2, NS: tl.constexpr, K0: tl.constexpr,
                 K1: tl.constexpr, K2: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KM: tl.constexpr,
-                PREC: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr = None, UNROLL: tl.constexpr = None):
+                PREC: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr = None, UNROLL: tl.constexpr = None,
+                PADIN: tl.constexpr = False, BH: tl.constexpr = 1, BW: tl.constexpr = 1):
     """Every scale from one loaded neighbourhood: the KM^2 row-shifted tiles of the largest window are loaded once
     and each feeds the band of every scale whose window holds that row (the other variant reloads per scale)."""
     for d in tl.range(KM * KM, num_stages=STAGES, loop_unroll_factor=UNROLL):
-        ot, oy, a = _row_tile(h_ptr, base, t, y, x, d, T, H, W, KM)
+        ot, oy, a = _row_tile(h_ptr, base, t, y, x, d, T, H, W, KM, PADIN, BH, BW)
         acc0 = _shared_tap(acc0, a, wc, ot, oy, xi, xj, K0, KM, PREC, ACC)
         if NS >= 2:
             acc1 = _shared_tap(acc1, a, wc + OFF1, ot, oy, xi, xj, K1, KM, PREC, ACC)
@@ -169,20 +186,30 @@ def _fwd_shared(h_ptr, base, wc, t, y, x, xi, xj, T, H, W, acc0, acc1, acc2, NS:
 def _fwd_stacked(h_ptr, base, wc, t, y, x, xi, T, H, W, acc, NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
                  K2: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KM: tl.constexpr, BW: tl.constexpr,
                  NSP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr = None,
-                 UNROLL: tl.constexpr = None):
+                 UNROLL: tl.constexpr = None, BANDS: tl.constexpr = False, PADIN: tl.constexpr = False,
+                 BH: tl.constexpr = 1):
     """Every scale in one product per window row: the bands of the scales side by side, [BW, NSP * BW] (column
     m * BW + x: scale m's output column x; zero where the row is outside scale m's window, and for m >= NS), so a
-    row costs one tl.dot where the shared form issues one per scale. acc: [rows, NSP * BW]."""
+    row costs one tl.dot where the shared form issues one per scale. acc: [rows, NSP * BW]. BANDS: wc points at the
+    channel's band table (band_table: [NSP, KM^2, 2 * BW], zeros where a tap is outside its window), so a row's band
+    is one unmasked load at a fixed offset pattern, no tap arithmetic or masks."""
     col = tl.arange(0, NSP * BW)
     m = col // BW
     xc = col % BW
+    if BANDS:
+        inv = (m * (KM * KM * 2 * BW) + BW - 1 - xc)[None, :] + xi[:, None]   # [BW, NSP * BW]: x' - x + BW - 1
+        for d in tl.range(KM * KM, num_stages=STAGES, loop_unroll_factor=UNROLL):
+            ot, oy, a = _row_tile(h_ptr, base, t, y, x, d, T, H, W, KM, PADIN, BH, BW)
+            bd = tl.load(wc + d * (2 * BW) + inv).to(a.dtype)
+            acc += tl.dot(a, bd, input_precision=PREC, out_dtype=ACC)
+        return acc
     k = tl.where(m == 0, K0, tl.where(m == 1, K1, K2))
     r = k // 2
     off = tl.where(m == 0, 0, tl.where(m == 1, OFF1, OFF2))
     e = xi[:, None] - xc[None, :] + r[None, :]
     em = (e >= 0) & (e < k[None, :]) & (m < NS)[None, :]
     for d in tl.range(KM * KM, num_stages=STAGES, loop_unroll_factor=UNROLL):
-        ot, oy, a = _row_tile(h_ptr, base, t, y, x, d, T, H, W, KM)
+        ot, oy, a = _row_tile(h_ptr, base, t, y, x, d, T, H, W, KM, PADIN, BH, BW)
         inwin = (ot >= -r) & (ot <= r) & (oy >= -r) & (oy <= r)   # [NSP * BW]: this row in scale m's window
         tap = off + ((ot + r) * k + oy + r) * k
         bd = tl.load(wc + tap[None, :] + e, mask=em & inwin[None, :], other=0.0).to(a.dtype)
@@ -244,7 +271,7 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
          CG: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
          ASWM: tl.constexpr, SHARE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
          STAGES: tl.constexpr, UNROLL: tl.constexpr, PARTIALS: tl.constexpr, STACK: tl.constexpr = False,
-         NSP: tl.constexpr = 1):
+         NSP: tl.constexpr = 1, BANDS: tl.constexpr = False, PADIN: tl.constexpr = False):
     """F_m for every scale of the CG channels of one group, one frame block; with ASWM the group's partial logits
     (registers), atomically added across groups (PARTIALS: stored per group instead, [n_cg, B, NS, T, H, W], for
     torch to sum). Program = (b * n_cg + group, frame block). STACK: every scale's band side by side in one product
@@ -268,10 +295,13 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
     for ci in range(CG):
         c = cg * CG + ci
         base = (b * C + c).to(tl.int64) * thw
+        hbase = base
+        if PADIN:   # the padded input's channel: (frame blocks x BT + 2 halo) frames of BH + KM - 1 rows of BW
+            hbase = (b * C + c).to(tl.int64) * ((tl.num_programs(1) * BT + KM - 1) * (BH + KM - 1) * BW)
         wc = w_ptr + c * KTOT
         if STACK:
-            acc = _fwd_stacked(h_ptr, base, wc, t, y, x, xi, T, H, W, tl.zeros((BT * BH, NSP * BW), dtype=ACC),
-                               NS, K0, K1, K2, OFF1, OFF2, KM, BW, NSP, PREC, ACC, STAGES, UNROLL)
+            acc = _fwd_stacked(h_ptr, hbase, wc, t, y, x, xi, T, H, W, tl.zeros((BT * BH, NSP * BW), dtype=ACC),
+                               NS, K0, K1, K2, OFF1, OFF2, KM, BW, NSP, PREC, ACC, STAGES, UNROLL, BANDS, PADIN, BH)
             tl.store(f0_ptr + base + own_s, acc.to(f0_ptr.dtype.element_ty), mask=own_sm & (sm == 0)[None, :])
             if NS >= 2:
                 tl.store(f1_ptr + base + own_s, acc.to(f1_ptr.dtype.element_ty), mask=own_sm & (sm == 1)[None, :])
@@ -281,10 +311,10 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
                 lg0, lg1, lg2 = _add_stacked_logits(lg0, lg1, lg2, acc, aw_ptr + sm * C + c, sm < NS, NS * C, NS,
                                                     BT * BH, NSP, BW, ACC)
         elif SHARE:
-            acc0, acc1, acc2 = _fwd_shared(h_ptr, base, wc, t, y, x, xi, xj, T, H, W,
+            acc0, acc1, acc2 = _fwd_shared(h_ptr, hbase, wc, t, y, x, xi, xj, T, H, W,
                                            tl.zeros((BT * BH, BW), dtype=ACC), tl.zeros((BT * BH, BW), dtype=ACC),
                                            tl.zeros((BT * BH, BW), dtype=ACC), NS, K0, K1, K2, OFF1, OFF2, KM,
-                                           PREC, ACC, STAGES, UNROLL)
+                                           PREC, ACC, STAGES, UNROLL, PADIN, BH, BW)
             tl.store(f0_ptr + base + own, acc0.to(f0_ptr.dtype.element_ty), mask=own_m)
             if ASWM:
                 lg0, lg1, lg2 = _add_logits(lg0, lg1, lg2, acc0, aw_ptr + c, NS * C, NS, ACC)
@@ -666,12 +696,44 @@ def _forward_knobs(batch: int, channels: int = 0) -> dict:
     return knobs
 
 
-def _launch_forward(h, wpack, aw, ab, ks, out_tokens: bool = False):
+def band_table(wpack: torch.Tensor, ks, bw: int, dtype: torch.dtype) -> torch.Tensor:
+    """The stacked forward's bands as a table (CONFIG "fwd_bands"): [C, NSP, KM^2, 2 * bw] in ``dtype``, entry
+    (m, (o_t, o_y), j) = scale m's tap (o_t, o_y, j - bw + 1 + k_m // 2), zero outside its window and for the padding
+    scales (NSP = len(ks) rounded up to a power of two). The band of window row d is then table[:, :, d, x' - x +
+    bw - 1]: read with one fixed offset pattern, no tap arithmetic or masks in the kernel. Built by padding only, so
+    Inductor's freezing folds it into a constant (a tensor constructor upstream would stop that)."""
+    km = max(ks)
+    tables, col = [], 0
+    for k in ks:
+        w = wpack[:, col:col + k ** 3].reshape(-1, k, k, k)
+        col += k ** 3
+        p, xl = km // 2 - k // 2, bw - 1 - k // 2
+        tables.append(F.pad(w, (xl, 2 * bw - xl - k, p, p, p, p)).reshape(w.shape[0], 1, km * km, 2 * bw))
+    table = torch.cat(tables, dim=1)
+    return F.pad(table, (0, 0, 0, 0, 0, _pow2(len(ks)) - len(ks))).to(dtype).contiguous()
+
+
+def pad_input(h: torch.Tensor, ks) -> torch.Tensor:
+    """h [B, C, T, H, W] -> the zero-padded input of the batch-1 forward (CONFIG "fwd_pad_input"): [B, C, n_tb * BT +
+    KM - 1, BH + KM - 1, BW], the grid at offset (KM // 2, KM // 2, 0): every row-shifted tile the forward reads is
+    inside it, rows start 16-element aligned. One padding op (replacing the forward's own contiguous copy; under
+    torch.compile one kernel with the transposition in front of it)."""
+    g = _Geom(h, tuple(ks))
+    r = g.KM // 2
+    return F.pad(h, (0, g.BW - g.W, r, g.BH - g.H + r, r, g.fwd_n_tb * g.fwd_BT - g.T + r))
+
+
+def _launch_forward(h, wpack, aw, ab, ks, out_tokens: bool = False, bands: bool = False,
+                    grid: Optional[list[int]] = None):
     """The forward launches: ([out] with ASWM, else one F per scale), and what the backward needs beyond (h, wpack):
     (awc, alpha, *F) with ASWM, else nothing. ``out_tokens`` (with ASWM): out is [B, T, H, W, C], channels innermost
-    (_combine_tokens); the callers permute it to [B, C, T, H, W] indexing."""
-    g = _Geom(h, ks)
-    fs = [torch.empty_like(h) for _ in ks]
+    (_combine_tokens); the callers permute it to [B, C, T, H, W] indexing. ``bands``: wpack is band_table's table
+    (the stacked form only). ``grid`` [T, H, W]: h is pad_input's padded input of that grid (the stacked and shared
+    forms)."""
+    padin = grid is not None
+    g = _Geom(h if not padin else h.new_empty((*h.shape[:2], *grid), device="meta"), ks)
+    shape = (g.B, g.C, g.T, g.H, g.W)
+    fs = [h.new_empty(shape) for _ in ks]
     aswm = aw is not None
     awc = aw.detach().reshape(g.NS, g.NS * g.C).contiguous() if aswm else wpack
     knob = _forward_knobs(g.B, g.C)
@@ -686,11 +748,20 @@ def _launch_forward(h, wpack, aw, ab, ks, out_tokens: bool = False):
     else:
         logits = torch.zeros((g.B, g.NS, g.T, g.H, g.W), device=h.device, dtype=g.acc_dtype) if aswm else fs[0]
     f3 = _three(fs)
-    _fwd[(g.B * n_cg, g.fwd_n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **g.scale_kw(),
+    kw = g.scale_kw()
+    if padin and (not (knob["fwd_stack"] or knob["fwd_shared"]) or
+                  tuple(h.shape) != (g.B, g.C, g.fwd_n_tb * g.fwd_BT + g.KM - 1, g.BH + g.KM - 1, g.BW)):
+        raise ValueError("a padded input feeds the stacked or shared forward only, as pad_input pads it for this grid")
+    if bands:
+        if not knob["fwd_stack"] or wpack.shape[1:] != (_pow2(g.NS), g.KM * g.KM, 2 * g.BW):
+            raise ValueError("band tables feed the stacked forward only, as band_table builds them for this grid")
+        kw["KTOT"] = wpack[0].numel()   # the table's channel stride
+    _fwd[(g.B * n_cg, g.fwd_n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **kw,
                                    CG=cg, BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=aswm,
                                    SHARE=bool(knob["fwd_shared"]), ACC=g.ACC, PREC=g.PREC,
                                    STAGES=knob["fwd_loop_stages"], UNROLL=knob["fwd_unroll"],
-                                   PARTIALS=partials, STACK=bool(knob["fwd_stack"]), NSP=_pow2(g.NS),
+                                   PARTIALS=partials, STACK=bool(knob["fwd_stack"]), NSP=_pow2(g.NS), BANDS=bands,
+                                   PADIN=padin,
                                    **g.launch("fwd", aswm, rows=g.fwd_BT * g.BH,   # batch 1's warps: timed in bf16
                                               cfg=knob["fwd"] if CONFIG.get("fwd") or not g.fp32 else None))
     if not aswm:
@@ -714,7 +785,7 @@ def _launch_forward(h, wpack, aw, ab, ks, out_tokens: bool = False):
         _combine_tokens[(g.B, triton.cdiv(g.THW, p), triton.cdiv(g.C, cb))](*f3, alpha, out, g.C, g.THW, NS=g.NS,
                                                                              CB=cb, P=p, ACC=g.ACC, num_warps=4)
     else:
-        out = torch.empty_like(h)
+        out = h.new_empty(shape)
         blk = _pos_block(g.THW)
         _combine[(g.B * g.C, triton.cdiv(g.THW, blk))](*f3, alpha, out, g.C, g.THW, NS=g.NS, BLOCK=blk, ACC=g.ACC)
     return [out], (awc, alpha, *fs)
@@ -722,21 +793,22 @@ def _launch_forward(h, wpack, aw, ab, ks, out_tokens: bool = False):
 
 @torch.library.custom_op("msf_scale::triton_fusion_forward", mutates_args=())
 def _forward_op(h: torch.Tensor, wpack: torch.Tensor, aw: Optional[torch.Tensor], ab: Optional[torch.Tensor],
-                ks: list[int], out_tokens: bool = False) -> list[torch.Tensor]:
+                ks: list[int], out_tokens: bool = False, bands: bool = False,
+                grid: Optional[list[int]] = None) -> list[torch.Tensor]:
     """The forward launches as one opaque op, for inference: torch.compile traces a model through it whole (no
     graph break) and Inductor's freezing folds the kernel packing in front of it. No autograd (see _needs_grad).
     The output's layout is an argument, not CONFIG read inside: a compiled graph (and Inductor's on-disk cache of
     it) then holds the layout it was traced with (session 21: a CONFIG-dependent fake reused a cached graph planned
     for the other layout)."""
-    return _launch_forward(h, wpack, aw, ab, tuple(ks), out_tokens)[0]
+    return _launch_forward(h, wpack, aw, ab, tuple(ks), out_tokens, bands, grid)[0]
 
 
 @_forward_op.register_fake
-def _(h, wpack, aw, ab, ks, out_tokens=False):
+def _(h, wpack, aw, ab, ks, out_tokens=False, bands=False, grid=None):
+    b, c, t, hh, ww = h.shape[:2] + tuple(grid) if grid is not None else h.shape
     if aw is not None:
-        b, c, t, hh, ww = h.shape
-        return [h.new_empty((b, t, hh, ww, c)) if out_tokens else torch.empty_like(h)]
-    return [torch.empty_like(h) for _ in ks]
+        return [h.new_empty((b, t, hh, ww, c)) if out_tokens else h.new_empty((b, c, t, hh, ww))]
+    return [h.new_empty((b, c, t, hh, ww)) for _ in ks]
 
 
 def _channels_first(out: torch.Tensor) -> torch.Tensor:
@@ -840,12 +912,22 @@ def multiscale_fusion_triton(h: torch.Tensor, kernels, theta, aswm_weight: torch
     if len(ks) < 2 or not supported(h, kernels):
         raise ValueError(f"the fused ASWM op takes 2..{MAX_SCALES} scales on an H x W grid up to 128 x 64, "
                          f"got scales {ks} on {tuple(h.shape)}")
-    h = h.contiguous()
     if not _needs_grad(h, *kernels, theta, aswm_weight, aswm_bias):
         wpack = packed if packed is not None else _packed(h, kernels, theta)
         tokens = bool(CONFIG.get("out_tokens"))
-        out = torch.ops.msf_scale.triton_fusion_forward(h, wpack, aswm_weight, aswm_bias, list(ks), tokens)[0]
+        knob = _forward_knobs(h.shape[0], h.shape[1])
+        bands = bool(CONFIG.get("fwd_bands")) and bool(knob["fwd_stack"])
+        if bands:
+            wpack = band_table(wpack, ks, max(16, _pow2(h.shape[4])), h.dtype)
+        grid = None
+        if CONFIG.get("fwd_pad_input") and (knob["fwd_stack"] or knob["fwd_shared"]):
+            grid, h = list(h.shape[2:]), pad_input(h, ks)   # contiguous: the padding op replaces the copy
+        else:
+            h = h.contiguous()
+        out = torch.ops.msf_scale.triton_fusion_forward(h, wpack, aswm_weight, aswm_bias, list(ks), tokens,
+                                                        bands, grid)[0]
         return _channels_first(out) if tokens else out
+    h = h.contiguous()
     return _with_grad(h, _packed(h, kernels, theta), aswm_weight, aswm_bias, ks)
 
 

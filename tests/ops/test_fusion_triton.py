@@ -207,7 +207,11 @@ class _Spy:
                                                                      "fwd_loop_stages": 2}),
                                                      ((5, 3), 2, {"fwd_stack": True, "logit_partials": False}),
                                                      ((3, 5, 7), 1, {"alpha_kernel": True, "alpha_tile": (2, 8)}),
-                                                     ((3, 5, 7), None, {"fwd_stack": False})])   # wide models' form
+                                                     ((3, 5, 7), None, {"fwd_stack": False}),   # wide models' form
+                                                     ((3, 5, 7), 2, {"fwd_pad_input": True}),
+                                                     ((5, 3), None, {"fwd_pad_input": True, "fwd_bands": True}),
+                                                     ((3, 5, 7), None, {"fwd_pad_input": True, "fwd_stack": False}),
+                                                     ((3, 5, 7), 1, {"fwd_bands": True, "out_tokens": True})])
 def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fwd_frames, loop):
     """Without autograd (inference) the launches run as one custom op (msf_scale::triton_fusion_forward), one
     channel per ASWM program at batch 1, and frame blocks of ``fwd_frames``: the same values as ref, with ASWM
@@ -225,7 +229,7 @@ def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fw
     monkeypatch.setattr(ft, "_fwd", _Spy(ft._fwd, "_fwd", kernels_run))
     calls = []
     launch = ft._launch_forward
-    monkeypatch.setattr(ft, "_launch_forward", lambda *a: calls.append(a[0].shape) or launch(*a))
+    monkeypatch.setattr(ft, "_launch_forward", lambda *a: calls.append(a) or launch(*a))
     monkeypatch.setattr(ft, "_with_grad", lambda *a: pytest.fail("the autograd path ran without autograd"))
     assert ft._channel_group(6, 1) == 1 and ft._channel_group(384, 32) == 16   # batch 1: one channel a program
     assert ft._channel_group(192, 32) == 16 and ft._channel_group(6, 2) == 6
@@ -248,6 +252,12 @@ def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fw
             outs.append(fusion(h))                        # packed once, then reused
     assert len(calls) == (4 if cache else 2), "every no-grad call runs the forward-only op"
     assert set(kernels_run) == {"_fwd"}, kernels_run
+    aswm_calls = [a for a in calls if a[2] is not None]   # (the per-scale call has no ASWM: no table, no padding)
+    padded = (1, c, ft._Geom(h, scales).fwd_n_tb * ft._Geom(h, scales).fwd_BT + max(scales) - 1,
+              8 + max(scales) - 1, 16)   # H = 5 -> 8-row blocks, W = 6 -> 16 columns
+    for a in aswm_calls:   # the padded input / band table reached the launches where asked for
+        assert (tuple(a[0].shape) == padded) == bool(loop.get("fwd_pad_input")), a[0].shape
+        assert (a[1].dim() == 4) == bool(loop.get("fwd_bands")), a[1].shape
     if cache:
         assert fusion.__dict__["_inference_packed"][1] is packed
     for a, b in zip(got_f, want_f):
@@ -569,12 +579,15 @@ def test_gpu_the_model_runs_on_triton(triton_on_gpu):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("channels", [192, 576])
-@pytest.mark.parametrize("knobs", [{}, {"fwd_stack": True}, {"fwd_stack": True, "alpha_kernel": True}])
+@pytest.mark.parametrize("knobs", [{}, {"fwd_stack": True}, {"fwd_stack": True, "alpha_kernel": True},
+                                   {"fwd_pad_input": True}, {"fwd_pad_input": True, "fwd_bands": True},
+                                   {"fwd_pad_input": True, "fwd_bands": True, "out_tokens": True}])
 def test_gpu_batch_one_inference_path_matches_float64(triton_on_gpu, monkeypatch, channels, knobs):
     """What `auto` runs for msf_mamba_plus at batch 1 without gradients (the fused forward-only op, one channel per
     program) against the float64 ref, bf16, at the tiny and base widths; and `auto` does pick it there. With
-    CONFIG's fwd_stack / alpha_kernel set, the stacked-band form and the one-launch ASWM weights (unset:
-    BATCH1_FORWARD's choice)."""
+    CONFIG's fwd_stack / alpha_kernel / fwd_pad_input / fwd_bands / out_tokens set, the stacked-band form, the
+    one-launch ASWM weights, the padded input, the band table and the token-major output (unset: BATCH1_FORWARD's
+    choice)."""
     from msf_scale.ops import _fusion_triton as ft
 
     for key, value in knobs.items():
