@@ -191,14 +191,12 @@ def inference_kernels(shape, ks, dtype: str, arch: int, width: int = 384) -> dic
                   SHARE=bool(knob["fwd_shared"]), ACC=g.ACC, PREC=g.PREC, STAGES=knob["fwd_loop_stages"],
                   UNROLL=knob["fwd_unroll"], PARTIALS=bool(knob["logit_partials"]), STACK=bool(knob["fwd_stack"]),
                   NSP=ft._pow2(g.NS))
+    if form != "loop":   # with and without the padded input (_forward_knobs' fwd_pad_input: batch 1's default)
+        pad = bool(knob["fwd_pad_input"])
+        out[f"fusion forward ({form}, {'unpadded' if pad else 'padded'} input) C={g.C}"] = _compile(
+            ft._fwd, fwd, dict(consts, PADIN=not pad), arch, warps, stages)
+        consts["PADIN"] = pad
     out[f"fusion forward ({form}) C={g.C}"] = _compile(ft._fwd, fwd, consts, arch, warps, stages)
-    if form != "loop":   # CONFIG fwd_pad_input (and fwd_bands, stacked only): the padded input, the band table
-        padded = dict(consts, PADIN=True)
-        bands = form == "stacked"
-        if bands:
-            padded.update(BANDS=True, KTOT=ft._pow2(g.NS) * g.KM * g.KM * 2 * g.BW)
-        out[f"fusion forward ({form}, padded input{', band table' if bands else ''}) C={g.C}"] = _compile(
-            ft._fwd, dict(fwd, w_ptr=ptr) if bands else fwd, padded, arch, warps, stages)
     tile_g, tile_p = ft.CONFIG.get("alpha_tile") or (64, 16)
     out["fusion alpha"] = _compile(ft._alpha, {"logit_ptr": fp32, "bias_ptr": ptr, "alpha_ptr": fp32, "B": "i32",
                                                "THW": "i32"},

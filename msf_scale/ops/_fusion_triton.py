@@ -75,23 +75,21 @@ MAX_SCALES = 3
 # form at batch 1 (docs/BENCHMARKS.md), removed. So was session 21's K-stacked forward (every window row of a frame
 # offset along the product's K axis: 7 products a channel at 3/5/7 instead of 49): 0.84 / 0.75 / 0.74x this form at
 # 192 / 384 / 576 channels (its best setting 0.87 / 0.87 / 0.84x): the forward is not bound by its serial steps.
-# "out_tokens": with ASWM, the output written token-major ([B, T, H, W, C] memory; the _combine_tokens kernel; the op
-# returns it so and the callers index it [B, C, T, H, W], channels_last_3d strides), so that the block's residual add
-# and the next pre-norm read it along rows instead of transposed (session 20's profile: those reductions 0.17 ms of
-# msf_mamba_plus tiny's 2.56 ms of kernels). Opt-in. Set it before compiling: a compiled graph keeps its layout.
-# "fwd_bands": where the stacked forward runs without autograd, its bands read from a table built once from the taps
-# (band_table; folded into a constant under Inductor's freezing) instead of gathered from the taps with tap arithmetic
-# and masks every window row: session 21's reading of the K-stacked form's timing is that the batch-1 forward is bound
-# by instructions, not by its serial steps. The table is [C, NSP, KM^2, 2 * BW] (2.4 MB at 192 channels in bf16).
+# "out_tokens": with ASWM and no autograd, the output written token-major ([B, T, H, W, C] memory; the _combine_tokens
+# kernel; the op returns it so and the callers index it [B, C, T, H, W], channels_last_3d strides), so that the
+# block's residual add and the next pre-norm read it along rows instead of transposed. A layout the compiled graph
+# holds: set it before compiling. (The autograd path reads CONFIG's value; None there: channel-major.)
 # "fwd_pad_input": without autograd, the stacked / shared forward reads a zero-padded copy of its input (pad_input:
 # halo frames and rows, rows padded to BW), made by the padding op that replaces the contiguous copy in front of the
-# op, so a row-shifted tile is one unmasked load of aligned rows (vector loads), not masked element loads (the
-# compiled loop body: 8 predicated 2-byte loads a thread and a step, with the tap loads most of its ~270 PTX lines).
+# op, so a row-shifted tile is one unmasked load of aligned rows (a vector load), not masked element loads (the
+# compiled window-row loop: 193 -> 119 PTX instructions a thread and step, sm_90).
+# Both are BATCH1_FORWARD's defaults since session 21 (timed there); a band table read at a fixed offset pattern
+# instead of the taps' gather (83 instructions) timed 0.79x at 192 channels and no faster in the model: removed.
 COMBINE_TOKENS_BLOCK = (32, 32)   # _combine_tokens' (channels, positions) a program (untimed)
 CONFIG: dict = {"fwd": None, "bwd": None, "bwd_batch": None, "fwd_shared": None, "aswm_group": None,
                 "fwd_frames": None, "fwd_loop_stages": None, "fwd_unroll": None, "logit_partials": None,
                 "fwd_stack": None, "alpha_kernel": None, "alpha_tile": None, "out_tokens": None,
-                "fwd_bands": None, "fwd_pad_input": None}
+                "fwd_pad_input": None}
 
 
 def _pow2(n: int) -> int:
@@ -186,23 +184,13 @@ def _fwd_shared(h_ptr, base, wc, t, y, x, xi, xj, T, H, W, acc0, acc1, acc2, NS:
 def _fwd_stacked(h_ptr, base, wc, t, y, x, xi, T, H, W, acc, NS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
                  K2: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KM: tl.constexpr, BW: tl.constexpr,
                  NSP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr = None,
-                 UNROLL: tl.constexpr = None, BANDS: tl.constexpr = False, PADIN: tl.constexpr = False,
-                 BH: tl.constexpr = 1):
+                 UNROLL: tl.constexpr = None, PADIN: tl.constexpr = False, BH: tl.constexpr = 1):
     """Every scale in one product per window row: the bands of the scales side by side, [BW, NSP * BW] (column
     m * BW + x: scale m's output column x; zero where the row is outside scale m's window, and for m >= NS), so a
-    row costs one tl.dot where the shared form issues one per scale. acc: [rows, NSP * BW]. BANDS: wc points at the
-    channel's band table (band_table: [NSP, KM^2, 2 * BW], zeros where a tap is outside its window), so a row's band
-    is one unmasked load at a fixed offset pattern, no tap arithmetic or masks."""
+    row costs one tl.dot where the shared form issues one per scale. acc: [rows, NSP * BW]."""
     col = tl.arange(0, NSP * BW)
     m = col // BW
     xc = col % BW
-    if BANDS:
-        inv = (m * (KM * KM * 2 * BW) + BW - 1 - xc)[None, :] + xi[:, None]   # [BW, NSP * BW]: x' - x + BW - 1
-        for d in tl.range(KM * KM, num_stages=STAGES, loop_unroll_factor=UNROLL):
-            ot, oy, a = _row_tile(h_ptr, base, t, y, x, d, T, H, W, KM, PADIN, BH, BW)
-            bd = tl.load(wc + d * (2 * BW) + inv).to(a.dtype)
-            acc += tl.dot(a, bd, input_precision=PREC, out_dtype=ACC)
-        return acc
     k = tl.where(m == 0, K0, tl.where(m == 1, K1, K2))
     r = k // 2
     off = tl.where(m == 0, 0, tl.where(m == 1, OFF1, OFF2))
@@ -271,7 +259,7 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
          CG: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
          ASWM: tl.constexpr, SHARE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
          STAGES: tl.constexpr, UNROLL: tl.constexpr, PARTIALS: tl.constexpr, STACK: tl.constexpr = False,
-         NSP: tl.constexpr = 1, BANDS: tl.constexpr = False, PADIN: tl.constexpr = False):
+         NSP: tl.constexpr = 1, PADIN: tl.constexpr = False):
     """F_m for every scale of the CG channels of one group, one frame block; with ASWM the group's partial logits
     (registers), atomically added across groups (PARTIALS: stored per group instead, [n_cg, B, NS, T, H, W], for
     torch to sum). Program = (b * n_cg + group, frame block). STACK: every scale's band side by side in one product
@@ -301,7 +289,7 @@ def _fwd(h_ptr, w_ptr, f0_ptr, f1_ptr, f2_ptr, aw_ptr, logit_ptr, C, T, H, W, n_
         wc = w_ptr + c * KTOT
         if STACK:
             acc = _fwd_stacked(h_ptr, hbase, wc, t, y, x, xi, T, H, W, tl.zeros((BT * BH, NSP * BW), dtype=ACC),
-                               NS, K0, K1, K2, OFF1, OFF2, KM, BW, NSP, PREC, ACC, STAGES, UNROLL, BANDS, PADIN, BH)
+                               NS, K0, K1, K2, OFF1, OFF2, KM, BW, NSP, PREC, ACC, STAGES, UNROLL, PADIN, BH)
             tl.store(f0_ptr + base + own_s, acc.to(f0_ptr.dtype.element_ty), mask=own_sm & (sm == 0)[None, :])
             if NS >= 2:
                 tl.store(f1_ptr + base + own_s, acc.to(f1_ptr.dtype.element_ty), mask=own_sm & (sm == 1)[None, :])
@@ -680,37 +668,24 @@ def _pos_block(thw: int) -> int:
 # channel) 1.05 / 1.03x on top at 192 / 576 (384 not timed); the stacked bands on those 1.03x at 192 channels
 # (msf_mamba_plus tiny 3.29 -> 3.09 ms with both) but 0.92x at 576 (and 0.80x at 384 with 8 warps): stacked up to
 # STACK_MAX_CHANNELS. All timed in bf16; fp32 / fp64 keep _Geom's warps (the rest is tested there, not timed).
+# Session 21 (compiled models, one H100): the padded input and the token-major output, msf_mamba_plus base 7.44 ->
+# 6.89 ms, small 3.70 -> 3.47, tiny 2.58 -> 2.56 (token-major output alone; the padded input with a band table 2.59).
 # Larger batches keep the training settings (not timed with these).
 BATCH1_FORWARD = {"logit_partials": True, "fwd_shared": True, "fwd_loop_stages": 1, "fwd_unroll": None,
-                  "fwd_stack": None, "alpha_kernel": True, "fwd": (4, 1), "fwd_frames": 4}
+                  "fwd_stack": None, "alpha_kernel": True, "fwd": (4, 1), "fwd_frames": 4, "fwd_pad_input": True,
+                  "out_tokens": True}
 STACK_MAX_CHANNELS = 256   # batch 1: the stacked form where C is at most this (faster at 192, slower at 384 and 576)
 
 
 def _forward_knobs(batch: int, channels: int = 0) -> dict:
     """CONFIG's forward settings, with BATCH1_FORWARD filling the ones CONFIG leaves None at batch 1 (fwd_stack: for
     up to STACK_MAX_CHANNELS channels)."""
-    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_stack", "alpha_kernel", "fwd")
+    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_stack", "alpha_kernel", "fwd",
+            "fwd_pad_input", "out_tokens")
     knobs = {k: CONFIG.get(k) if CONFIG.get(k) is not None or batch != 1 else BATCH1_FORWARD[k] for k in keys}
     if batch == 1 and CONFIG.get("fwd_stack") is None:
         knobs["fwd_stack"] = channels <= STACK_MAX_CHANNELS
     return knobs
-
-
-def band_table(wpack: torch.Tensor, ks, bw: int, dtype: torch.dtype) -> torch.Tensor:
-    """The stacked forward's bands as a table (CONFIG "fwd_bands"): [C, NSP, KM^2, 2 * bw] in ``dtype``, entry
-    (m, (o_t, o_y), j) = scale m's tap (o_t, o_y, j - bw + 1 + k_m // 2), zero outside its window and for the padding
-    scales (NSP = len(ks) rounded up to a power of two). The band of window row d is then table[:, :, d, x' - x +
-    bw - 1]: read with one fixed offset pattern, no tap arithmetic or masks in the kernel. Built by padding only, so
-    Inductor's freezing folds it into a constant (a tensor constructor upstream would stop that)."""
-    km = max(ks)
-    tables, col = [], 0
-    for k in ks:
-        w = wpack[:, col:col + k ** 3].reshape(-1, k, k, k)
-        col += k ** 3
-        p, xl = km // 2 - k // 2, bw - 1 - k // 2
-        tables.append(F.pad(w, (xl, 2 * bw - xl - k, p, p, p, p)).reshape(w.shape[0], 1, km * km, 2 * bw))
-    table = torch.cat(tables, dim=1)
-    return F.pad(table, (0, 0, 0, 0, 0, _pow2(len(ks)) - len(ks))).to(dtype).contiguous()
 
 
 def pad_input(h: torch.Tensor, ks) -> torch.Tensor:
@@ -723,12 +698,10 @@ def pad_input(h: torch.Tensor, ks) -> torch.Tensor:
     return F.pad(h, (0, g.BW - g.W, r, g.BH - g.H + r, r, g.fwd_n_tb * g.fwd_BT - g.T + r))
 
 
-def _launch_forward(h, wpack, aw, ab, ks, out_tokens: bool = False, bands: bool = False,
-                    grid: Optional[list[int]] = None):
+def _launch_forward(h, wpack, aw, ab, ks, out_tokens: bool = False, grid: Optional[list[int]] = None):
     """The forward launches: ([out] with ASWM, else one F per scale), and what the backward needs beyond (h, wpack):
     (awc, alpha, *F) with ASWM, else nothing. ``out_tokens`` (with ASWM): out is [B, T, H, W, C], channels innermost
-    (_combine_tokens); the callers permute it to [B, C, T, H, W] indexing. ``bands``: wpack is band_table's table
-    (the stacked form only). ``grid`` [T, H, W]: h is pad_input's padded input of that grid (the stacked and shared
+    (_combine_tokens); the callers permute it to [B, C, T, H, W] indexing. ``grid`` [T, H, W]: h is pad_input's padded input of that grid (the stacked and shared
     forms)."""
     padin = grid is not None
     g = _Geom(h if not padin else h.new_empty((*h.shape[:2], *grid), device="meta"), ks)
@@ -752,16 +725,11 @@ def _launch_forward(h, wpack, aw, ab, ks, out_tokens: bool = False, bands: bool 
     if padin and (not (knob["fwd_stack"] or knob["fwd_shared"]) or
                   tuple(h.shape) != (g.B, g.C, g.fwd_n_tb * g.fwd_BT + g.KM - 1, g.BH + g.KM - 1, g.BW)):
         raise ValueError("a padded input feeds the stacked or shared forward only, as pad_input pads it for this grid")
-    if bands:
-        if not knob["fwd_stack"] or wpack.shape[1:] != (_pow2(g.NS), g.KM * g.KM, 2 * g.BW):
-            raise ValueError("band tables feed the stacked forward only, as band_table builds them for this grid")
-        kw["KTOT"] = wpack[0].numel()   # the table's channel stride
     _fwd[(g.B * n_cg, g.fwd_n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **kw,
                                    CG=cg, BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=aswm,
                                    SHARE=bool(knob["fwd_shared"]), ACC=g.ACC, PREC=g.PREC,
                                    STAGES=knob["fwd_loop_stages"], UNROLL=knob["fwd_unroll"],
-                                   PARTIALS=partials, STACK=bool(knob["fwd_stack"]), NSP=_pow2(g.NS), BANDS=bands,
-                                   PADIN=padin,
+                                   PARTIALS=partials, STACK=bool(knob["fwd_stack"]), NSP=_pow2(g.NS), PADIN=padin,
                                    **g.launch("fwd", aswm, rows=g.fwd_BT * g.BH,   # batch 1's warps: timed in bf16
                                               cfg=knob["fwd"] if CONFIG.get("fwd") or not g.fp32 else None))
     if not aswm:
@@ -793,18 +761,17 @@ def _launch_forward(h, wpack, aw, ab, ks, out_tokens: bool = False, bands: bool 
 
 @torch.library.custom_op("msf_scale::triton_fusion_forward", mutates_args=())
 def _forward_op(h: torch.Tensor, wpack: torch.Tensor, aw: Optional[torch.Tensor], ab: Optional[torch.Tensor],
-                ks: list[int], out_tokens: bool = False, bands: bool = False,
-                grid: Optional[list[int]] = None) -> list[torch.Tensor]:
+                ks: list[int], out_tokens: bool = False, grid: Optional[list[int]] = None) -> list[torch.Tensor]:
     """The forward launches as one opaque op, for inference: torch.compile traces a model through it whole (no
     graph break) and Inductor's freezing folds the kernel packing in front of it. No autograd (see _needs_grad).
     The output's layout is an argument, not CONFIG read inside: a compiled graph (and Inductor's on-disk cache of
     it) then holds the layout it was traced with (session 21: a CONFIG-dependent fake reused a cached graph planned
     for the other layout)."""
-    return _launch_forward(h, wpack, aw, ab, tuple(ks), out_tokens, bands, grid)[0]
+    return _launch_forward(h, wpack, aw, ab, tuple(ks), out_tokens, grid)[0]
 
 
 @_forward_op.register_fake
-def _(h, wpack, aw, ab, ks, out_tokens=False, bands=False, grid=None):
+def _(h, wpack, aw, ab, ks, out_tokens=False, grid=None):
     b, c, t, hh, ww = h.shape[:2] + tuple(grid) if grid is not None else h.shape
     if aw is not None:
         return [h.new_empty((b, t, hh, ww, c)) if out_tokens else h.new_empty((b, c, t, hh, ww))]
@@ -914,18 +881,14 @@ def multiscale_fusion_triton(h: torch.Tensor, kernels, theta, aswm_weight: torch
                          f"got scales {ks} on {tuple(h.shape)}")
     if not _needs_grad(h, *kernels, theta, aswm_weight, aswm_bias):
         wpack = packed if packed is not None else _packed(h, kernels, theta)
-        tokens = bool(CONFIG.get("out_tokens"))
         knob = _forward_knobs(h.shape[0], h.shape[1])
-        bands = bool(CONFIG.get("fwd_bands")) and bool(knob["fwd_stack"])
-        if bands:
-            wpack = band_table(wpack, ks, max(16, _pow2(h.shape[4])), h.dtype)
+        tokens = bool(knob["out_tokens"])
         grid = None
-        if CONFIG.get("fwd_pad_input") and (knob["fwd_stack"] or knob["fwd_shared"]):
+        if knob["fwd_pad_input"] and (knob["fwd_stack"] or knob["fwd_shared"]):
             grid, h = list(h.shape[2:]), pad_input(h, ks)   # contiguous: the padding op replaces the copy
         else:
             h = h.contiguous()
-        out = torch.ops.msf_scale.triton_fusion_forward(h, wpack, aswm_weight, aswm_bias, list(ks), tokens,
-                                                        bands, grid)[0]
+        out = torch.ops.msf_scale.triton_fusion_forward(h, wpack, aswm_weight, aswm_bias, list(ks), tokens, grid)[0]
         return _channels_first(out) if tokens else out
     h = h.contiguous()
     return _with_grad(h, _packed(h, kernels, theta), aswm_weight, aswm_bias, ks)

@@ -208,10 +208,9 @@ class _Spy:
                                                      ((5, 3), 2, {"fwd_stack": True, "logit_partials": False}),
                                                      ((3, 5, 7), 1, {"alpha_kernel": True, "alpha_tile": (2, 8)}),
                                                      ((3, 5, 7), None, {"fwd_stack": False}),   # wide models' form
-                                                     ((3, 5, 7), 2, {"fwd_pad_input": True}),
-                                                     ((5, 3), None, {"fwd_pad_input": True, "fwd_bands": True}),
-                                                     ((3, 5, 7), None, {"fwd_pad_input": True, "fwd_stack": False}),
-                                                     ((3, 5, 7), 1, {"fwd_bands": True, "out_tokens": True})])
+                                                     ((3, 5, 7), 2, {"fwd_pad_input": False, "out_tokens": False}),
+                                                     ((5, 3), None, {"fwd_pad_input": True, "out_tokens": False}),
+                                                     ((3, 5, 7), None, {"fwd_pad_input": True, "fwd_stack": False})])
 def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fwd_frames, loop):
     """Without autograd (inference) the launches run as one custom op (msf_scale::triton_fusion_forward), one
     channel per ASWM program at batch 1, and frame blocks of ``fwd_frames``: the same values as ref, with ASWM
@@ -252,12 +251,15 @@ def test_interpreter_forward_only_op_matches_ref_float64(monkeypatch, scales, fw
             outs.append(fusion(h))                        # packed once, then reused
     assert len(calls) == (4 if cache else 2), "every no-grad call runs the forward-only op"
     assert set(kernels_run) == {"_fwd"}, kernels_run
-    aswm_calls = [a for a in calls if a[2] is not None]   # (the per-scale call has no ASWM: no table, no padding)
+    aswm_calls = [a for a in calls if a[2] is not None]   # (the per-scale call has no ASWM: no padding)
     padded = (1, c, ft._Geom(h, scales).fwd_n_tb * ft._Geom(h, scales).fwd_BT + max(scales) - 1,
               8 + max(scales) - 1, 16)   # H = 5 -> 8-row blocks, W = 6 -> 16 columns
-    for a in aswm_calls:   # the padded input / band table reached the launches where asked for
-        assert (tuple(a[0].shape) == padded) == bool(loop.get("fwd_pad_input")), a[0].shape
-        assert (a[1].dim() == 4) == bool(loop.get("fwd_bands")), a[1].shape
+    knob = ft._forward_knobs(1, c)   # batch 1's defaults: padded input and token-major output where CONFIG is None
+    pads = knob["fwd_pad_input"] and (knob["fwd_stack"] or knob["fwd_shared"])
+    for a in aswm_calls:   # the padded input and the output layout reached the launches as the settings say
+        assert (tuple(a[0].shape) == padded) == bool(pads), a[0].shape
+        assert a[5] == bool(knob["out_tokens"]) and len(a) == 7
+    assert all(out.stride(1) == (1 if knob["out_tokens"] else 3 * 5 * 6) for out in outs)
     if cache:
         assert fusion.__dict__["_inference_packed"][1] is packed
     for a, b in zip(got_f, want_f):
@@ -276,7 +278,8 @@ def test_batch_one_forward_settings_fill_what_config_leaves_unset(monkeypatch):
     pytest.importorskip("triton")
     from msf_scale.ops import _fusion_triton as ft
 
-    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_stack", "alpha_kernel", "fwd")
+    keys = ("logit_partials", "fwd_shared", "fwd_loop_stages", "fwd_unroll", "fwd_stack", "alpha_kernel", "fwd",
+            "fwd_pad_input", "out_tokens")
     for key in keys + ("fwd_frames",):
         monkeypatch.setitem(ft.CONFIG, key, None)
     narrow, wide = ft.STACK_MAX_CHANNELS, ft.STACK_MAX_CHANNELS * 2
@@ -580,14 +583,13 @@ def test_gpu_the_model_runs_on_triton(triton_on_gpu):
 @pytest.mark.gpu
 @pytest.mark.parametrize("channels", [192, 576])
 @pytest.mark.parametrize("knobs", [{}, {"fwd_stack": True}, {"fwd_stack": True, "alpha_kernel": True},
-                                   {"fwd_pad_input": True}, {"fwd_pad_input": True, "fwd_bands": True},
-                                   {"fwd_pad_input": True, "fwd_bands": True, "out_tokens": True}])
+                                   {"fwd_pad_input": False, "out_tokens": False}, {"fwd_pad_input": False},
+                                   {"out_tokens": False}])
 def test_gpu_batch_one_inference_path_matches_float64(triton_on_gpu, monkeypatch, channels, knobs):
     """What `auto` runs for msf_mamba_plus at batch 1 without gradients (the fused forward-only op, one channel per
     program) against the float64 ref, bf16, at the tiny and base widths; and `auto` does pick it there. With
-    CONFIG's fwd_stack / alpha_kernel / fwd_pad_input / fwd_bands / out_tokens set, the stacked-band form, the
-    one-launch ASWM weights, the padded input, the band table and the token-major output (unset: BATCH1_FORWARD's
-    choice)."""
+    CONFIG's fwd_stack / alpha_kernel set, the stacked-band form and the one-launch ASWM weights; with fwd_pad_input
+    / out_tokens False, the unpadded input and the channel-major output (unset: BATCH1_FORWARD's choice)."""
     from msf_scale.ops import _fusion_triton as ft
 
     for key, value in knobs.items():
