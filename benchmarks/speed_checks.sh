@@ -24,7 +24,10 @@
 #   compiled at batch 1 with MSF_SCALE_MIXER_LAYOUT=channels, then =tokens (the default since session 20), ~5 minutes;
 #   "tokens", not in the default: the token-major path's conv1d kernel with a sweep of its blocks and the chunked scan
 #   on both layouts with a sweep of its step blocks, ~2 minutes; "fusionout", not in the default: msf_mamba_plus tiny
-#   and base compiled at batch 1 with the fused fusion's output channel-major, then token-major, ~5 minutes),
+#   and base compiled at batch 1 with the fused fusion's output channel-major, then token-major, ~5 minutes; "plusbar",
+#   not in the default: msf_mamba_plus tiny compiled at batch 1 three times (one process each: the tiny bar's spread on
+#   one machine), small and base with the defaults, then with the stacked bands at their widths (fwd_stack=1, on the
+#   padded input since session 21), ~5 minutes),
 #   SIZES="tiny,small" (bench_model), SCAN_LAT_BACKENDS="cuda auto" (scaninfer's latency runs), SWEEP_S=90 (igemm
 #   tile sweep budget), SCAN_TILES (triton scan CONFIGs BT,BD,warps,bwd_BD,bwd_warps,partials
 #   tried by bench_biscan after the default; the default list: the untimed 4-warp backward tiles, 125-128 registers),
@@ -146,6 +149,23 @@ fusionout() {
 }
 export -f fusionout
 part fusionout 320 bash -c fusionout
+# msf_mamba_plus at batch 1 after session 21 (padded input, token-major output): the tiny bar three times, then small
+# and base with the defaults and with the stacked bands (STACK_MAX_CHANNELS was timed on the unpadded input)
+plusbar() {
+  local i rc=0
+  for i in 1 2 3; do
+    "$PY" benchmarks/bench_latency.py --out "$OUT/plusbar_tiny_$i" --models msf_mamba_plus_tiny --modes compile \
+      --measures clip --compile-measures clip --budget-s 60 --compile-cap-s 50 || rc=1
+  done
+  "$PY" benchmarks/bench_latency.py --out "$OUT/plusbar_default" --models msf_mamba_plus_small,msf_mamba_plus_base \
+    --modes compile --measures clip --compile-measures clip --budget-s 120 --compile-cap-s 60 || rc=1
+  "$PY" benchmarks/bench_latency.py --out "$OUT/plusbar_stack" --models msf_mamba_plus_small,msf_mamba_plus_base \
+    --fusion-config fwd_stack=1 --modes compile --measures clip --compile-measures clip --budget-s 120 \
+    --compile-cap-s 60 || rc=1
+  return $rc
+}
+export -f plusbar
+part plusbar 460 bash -c plusbar
 NINE=videomamba_tiny,videomamba_small,msf_mamba_tiny,msf_mamba_small,msf_mamba_plus_tiny,msf_mamba_plus_small
 NINE=$NINE,videomamba_base,msf_mamba_base,msf_mamba_plus_base
 part table 480 "$PY" benchmarks/bench_latency.py --out "$OUT/table" --models "$NINE" --modes compile --measures clip \
