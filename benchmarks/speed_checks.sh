@@ -136,8 +136,8 @@ tokens() {   # exit code: nonzero if either benchmark failed (each runs whatever
 }
 export -f tokens
 part tokens 240 bash -c tokens
-# the fused fusion's ASWM output token-major (_fusion_triton.CONFIG["out_tokens"], opt-in since session 20, untimed):
-# msf_mamba_plus tiny and base compiled at batch 1 without, then with it
+# the fused fusion's ASWM output token-major (_fusion_triton.CONFIG["out_tokens"]; batch 1's default since session
+# 21, on the padded input): msf_mamba_plus tiny and base compiled at batch 1 without, then with it
 fusionout() {
   local on rc=0
   for on in 0 1; do

@@ -669,7 +669,8 @@ def _pos_block(thw: int) -> int:
 # (msf_mamba_plus tiny 3.29 -> 3.09 ms with both) but 0.92x at 576 (and 0.80x at 384 with 8 warps): stacked up to
 # STACK_MAX_CHANNELS. All timed in bf16; fp32 / fp64 keep _Geom's warps (the rest is tested there, not timed).
 # Session 21 (compiled models, one H100): the padded input and the token-major output, msf_mamba_plus base 7.44 ->
-# 6.89 ms, small 3.70 -> 3.47, tiny 2.58 -> 2.56 (token-major output alone; the padded input with a band table 2.59).
+# 6.89 ms, small 3.70 -> 3.47, tiny 2.58 -> 2.56 (token-major output alone; the padded input with a band table 2.59);
+# tiny 2.42 with both in a later call on a fresh machine (no same-call baseline).
 # Larger batches keep the training settings (not timed with these).
 BATCH1_FORWARD = {"logit_partials": True, "fwd_shared": True, "fwd_loop_stages": 1, "fwd_unroll": None,
                   "fwd_stack": None, "alpha_kernel": True, "fwd": (4, 1), "fwd_frames": 4, "fwd_pad_input": True,
@@ -695,14 +696,15 @@ def pad_input(h: torch.Tensor, ks) -> torch.Tensor:
     torch.compile one kernel with the transposition in front of it)."""
     g = _Geom(h, tuple(ks))
     r = g.KM // 2
-    return F.pad(h, (0, g.BW - g.W, r, g.BH - g.H + r, r, g.fwd_n_tb * g.fwd_BT - g.T + r))
+    # F.pad keeps a channels-last input channels-last: the kernel reads the padded tensor as contiguous
+    return F.pad(h, (0, g.BW - g.W, r, g.BH - g.H + r, r, g.fwd_n_tb * g.fwd_BT - g.T + r)).contiguous()
 
 
 def _launch_forward(h, wpack, aw, ab, ks, out_tokens: bool = False, grid: Optional[list[int]] = None):
     """The forward launches: ([out] with ASWM, else one F per scale), and what the backward needs beyond (h, wpack):
     (awc, alpha, *F) with ASWM, else nothing. ``out_tokens`` (with ASWM): out is [B, T, H, W, C], channels innermost
-    (_combine_tokens); the callers permute it to [B, C, T, H, W] indexing. ``grid`` [T, H, W]: h is pad_input's padded input of that grid (the stacked and shared
-    forms)."""
+    (_combine_tokens); the callers permute it to [B, C, T, H, W] indexing. ``grid`` [T, H, W]: h is pad_input's
+    padded input of that grid (the stacked and shared forms)."""
     padin = grid is not None
     g = _Geom(h if not padin else h.new_empty((*h.shape[:2], *grid), device="meta"), ks)
     shape = (g.B, g.C, g.T, g.H, g.W)
@@ -722,9 +724,10 @@ def _launch_forward(h, wpack, aw, ab, ks, out_tokens: bool = False, grid: Option
         logits = torch.zeros((g.B, g.NS, g.T, g.H, g.W), device=h.device, dtype=g.acc_dtype) if aswm else fs[0]
     f3 = _three(fs)
     kw = g.scale_kw()
-    if padin and (not (knob["fwd_stack"] or knob["fwd_shared"]) or
+    if padin and (not (knob["fwd_stack"] or knob["fwd_shared"]) or not h.is_contiguous() or
                   tuple(h.shape) != (g.B, g.C, g.fwd_n_tb * g.fwd_BT + g.KM - 1, g.BH + g.KM - 1, g.BW)):
-        raise ValueError("a padded input feeds the stacked or shared forward only, as pad_input pads it for this grid")
+        raise ValueError("a padded input feeds the stacked or shared forward only, contiguous, as pad_input pads it "
+                         "for this grid")
     _fwd[(g.B * n_cg, g.fwd_n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **kw,
                                    CG=cg, BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=aswm,
                                    SHARE=bool(knob["fwd_shared"]), ACC=g.ACC, PREC=g.PREC,

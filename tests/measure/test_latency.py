@@ -129,18 +129,24 @@ def test_fast_modes_give_the_eager_logits_on_gpu(mode, variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant, out_tokens", [("videomamba", False), ("msf_mamba_plus", False),
-                                                 ("msf_mamba_plus", True)])
-def test_frozen_compile_gives_the_eager_logits_on_gpu(variant, out_tokens, monkeypatch):
-    """Frozen compile against eager; msf_mamba_plus also with the fused fusion's output token-major (its CONFIG
-    "out_tokens", set before compiling; eager runs channel-major)."""
+@pytest.mark.parametrize("variant, fusion_forms", [("videomamba", "defaults"), ("msf_mamba_plus", "defaults"),
+                                                   ("msf_mamba_plus", "plain")])
+def test_frozen_compile_gives_the_eager_logits_on_gpu(variant, fusion_forms, monkeypatch):
+    """Frozen compile against eager. The eager reference runs the fused fusion op channel-major on the unpadded input
+    (CONFIG out_tokens / fwd_pad_input False); the compiled model with batch 1's defaults (token-major output, padded
+    input; session 21) or with both off ("plain"), set before compiling."""
+    from msf_scale.ops import _fusion_triton
+
     torch.manual_seed(0)
     model = create_model(variant, size="tiny", fusion_init="uniform", **TINY).cuda().eval()
     x = torch.randn(1, 3, 4, 32, 32, device="cuda")
-    eager = build_runner(model, x, "eager", torch.bfloat16)(x).float()
-    if out_tokens:
-        from msf_scale.ops import _fusion_triton
-        monkeypatch.setitem(_fusion_triton.CONFIG, "out_tokens", True)
+    with monkeypatch.context() as plain:
+        plain.setitem(_fusion_triton.CONFIG, "out_tokens", False)
+        plain.setitem(_fusion_triton.CONFIG, "fwd_pad_input", False)
+        eager = build_runner(model, x, "eager", torch.bfloat16)(x).float()
+    if fusion_forms == "plain":
+        monkeypatch.setitem(_fusion_triton.CONFIG, "out_tokens", False)
+        monkeypatch.setitem(_fusion_triton.CONFIG, "fwd_pad_input", False)
     run = build_runner(model, x, "compile", torch.bfloat16, freeze=True)
     torch.testing.assert_close(run(x).float(), eager, rtol=3e-2, atol=3e-2)
 

@@ -336,6 +336,57 @@ def test_the_forward_only_op_compiles_into_one_graph():
     assert torch.allclose(aot, eager, rtol=1e-6, atol=1e-6) and torch.allclose(out, eager, rtol=1e-6, atol=1e-6)
 
 
+# (T, H, W) grids for the padded input: H and W not powers of two and W < 16, several frame blocks with a partial last
+# one, W >= 16, H a power of two, 32-row blocks (H = 17)
+PADDED_GRIDS = [((1, 3, 5, 7, 20), None, "stacked"), ((1, 3, 5, 7, 20), None, "shared"),
+                ((1, 2, 9, 17, 3), 1, "shared"), ((1, 2, 6, 8, 16), 4, "stacked")]
+
+
+@interp
+@pytest.mark.parametrize("shape, fwd_frames, form", PADDED_GRIDS,
+                         ids=["5x7x20-stacked", "5x7x20-shared", "9x17x3-f1-shared", "6x8x16-f4-stacked"])
+def test_interpreter_padded_input_grids(monkeypatch, shape, fwd_frames, form):
+    """The forward-only op on pad_input's padded input (batch 1's default) against the float64 ref over grids that
+    exercise every padding amount; also from a channels-last input (F.pad keeps that layout: the kernel must get a
+    contiguous copy) and at batch 2 with the padded input asked for by CONFIG (the states as Block.forward builds
+    them, a transposed view). The fake's shapes with a grid given, with and without ASWM, match the real op's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from msf_scale.ops import _fusion_triton as ft
+
+    monkeypatch.setitem(ft.CONFIG, "fwd_stack", form == "stacked")
+    monkeypatch.setitem(ft.CONFIG, "fwd_shared", form == "shared")   # (batch 2 has no BATCH1_FORWARD defaults)
+    monkeypatch.setitem(ft.CONFIG, "fwd_frames", fwd_frames)
+    monkeypatch.setitem(ft.CONFIG, "fwd_pad_input", True)
+    torch.manual_seed(0)
+    c = shape[1]
+    fusion = StateFusion(c, (3, 5, 7), theta=0.7, theta_learnable=True, use_aswm=True, backend="triton",
+                         init="uniform").double().eval()
+    torch.nn.init.normal_(fusion.aswm.weight, std=1.0)
+    seen = []
+    launch = ft._launch_forward
+    monkeypatch.setattr(ft, "_launch_forward", lambda *a: seen.append(a[-1]) or launch(*a))
+    tokens = torch.randn(2, shape[2] * shape[3] * shape[4], c, dtype=torch.float64)   # [B, L, C], as the mixer's
+    for h in (torch.randn(shape, dtype=torch.float64),
+              torch.randn(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d),
+              tokens.transpose(1, 2).reshape(2, c, *shape[2:])):
+        want = aswm_ref(state_fusion_ref(h, list(fusion.kernels), fusion.theta), fusion.aswm.weight, fusion.aswm.bias)
+        with torch.no_grad():
+            got = ft.multiscale_fusion_triton(h, list(fusion.kernels), fusion.theta, fusion.aswm.weight,
+                                              fusion.aswm.bias)
+        assert rel(got, want) < 1e-12, f"rel err {rel(got, want):.2e} (input strides {h.stride()})"
+    assert seen == [list(shape[2:])] * 3, "each call ran on the padded input"
+    hp = ft.pad_input(torch.randn(shape, dtype=torch.float64), (3, 5, 7))
+    wpack = ft.pack_kernels(list(fusion.kernels), fusion.theta.detach(), c, hp.dtype)
+    for aw, ab in ((fusion.aswm.weight.detach(), fusion.aswm.bias.detach()), (None, None)):
+        for out_tokens in (False, True):
+            args = (hp, wpack, aw, ab, [3, 5, 7], out_tokens and aw is not None, list(shape[2:]))
+            real = torch.ops.msf_scale.triton_fusion_forward(*args)
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                fake = torch.ops.msf_scale.triton_fusion_forward(*args)
+            assert [(f.shape, f.stride()) for f in fake] == [(r.shape, r.stride()) for r in real]
+
+
 @interp
 def test_interpreter_token_major_output(monkeypatch):
     """CONFIG "out_tokens" (opt-in): the ASWM output written token-major by _combine_tokens (channels_last_3d strides,
@@ -345,6 +396,7 @@ def test_interpreter_token_major_output(monkeypatch):
     partway (C = 6, THW = 35). Compiled once channel-major, then token-major in the same process: the second compile
     must not reuse the first's graph (Inductor's on-disk cache keys on the graph, not on CONFIG; session 21's GPU
     run failed so when the op read the layout from CONFIG)."""
+    from torch._inductor import config as inductor_config
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from msf_scale.ops import _fusion_triton as ft
@@ -360,8 +412,9 @@ def test_interpreter_token_major_output(monkeypatch):
     def compiled_call(tokens):
         monkeypatch.setitem(ft.CONFIG, "out_tokens", tokens)
         torch._dynamo.reset()
-        try:
-            return torch.compile(lambda x: 2 * fusion(x), fullgraph=True)(h) / 2   # a consumer Inductor plans
+        try:   # Inductor's caches off: a cache hit from an earlier run would skip the fake this test checks
+            with inductor_config.patch(force_disable_caches=True):
+                return torch.compile(lambda x: 2 * fusion(x), fullgraph=True)(h) / 2   # a consumer Inductor plans
         finally:
             torch._dynamo.reset()
 
