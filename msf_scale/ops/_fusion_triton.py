@@ -712,6 +712,10 @@ def _launch_forward(h, wpack, aw, ab, ks, out_tokens: bool = False, grid: Option
     aswm = aw is not None
     awc = aw.detach().reshape(g.NS, g.NS * g.C).contiguous() if aswm else wpack
     knob = _forward_knobs(g.B, g.C)
+    if padin and (not (knob["fwd_stack"] or knob["fwd_shared"]) or not h.is_contiguous() or
+                  tuple(h.shape) != (g.B, g.C, g.fwd_n_tb * g.fwd_BT + g.KM - 1, g.BH + g.KM - 1, g.BW)):
+        raise ValueError("a padded input feeds the stacked or shared forward only, contiguous, as pad_input pads it "
+                         "for this grid")
     if (knob["fwd_shared"] or knob["fwd_stack"]) and knob["fwd_unroll"]:   # the stacked loop: not tried unrolled
         raise ValueError("CONFIG fwd_unroll with fwd_shared or fwd_stack (batch 1's defaults) does not compile in "
                          "Triton 3.6 (PassManager::run failed); set both False to unroll")
@@ -723,12 +727,7 @@ def _launch_forward(h, wpack, aw, ab, ks, out_tokens: bool = False, grid: Option
     else:
         logits = torch.zeros((g.B, g.NS, g.T, g.H, g.W), device=h.device, dtype=g.acc_dtype) if aswm else fs[0]
     f3 = _three(fs)
-    kw = g.scale_kw()
-    if padin and (not (knob["fwd_stack"] or knob["fwd_shared"]) or not h.is_contiguous() or
-                  tuple(h.shape) != (g.B, g.C, g.fwd_n_tb * g.fwd_BT + g.KM - 1, g.BH + g.KM - 1, g.BW)):
-        raise ValueError("a padded input feeds the stacked or shared forward only, contiguous, as pad_input pads it "
-                         "for this grid")
-    _fwd[(g.B * n_cg, g.fwd_n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **kw,
+    _fwd[(g.B * n_cg, g.fwd_n_tb)](h, wpack, *f3, awc, logits, g.C, g.T, g.H, g.W, n_cg, **g.scale_kw(),
                                    CG=cg, BT=g.fwd_BT, BH=g.BH, BW=g.BW, ASWM=aswm,
                                    SHARE=bool(knob["fwd_shared"]), ACC=g.ACC, PREC=g.PREC,
                                    STAGES=knob["fwd_loop_stages"], UNROLL=knob["fwd_unroll"],

@@ -385,6 +385,9 @@ def test_interpreter_padded_input_grids(monkeypatch, shape, fwd_frames, form):
             with FakeTensorMode(allow_non_fake_inputs=True):
                 fake = torch.ops.msf_scale.triton_fusion_forward(*args)
             assert [(f.shape, f.stride()) for f in fake] == [(r.shape, r.stride()) for r in real]
+    with pytest.raises(ValueError, match="padded input"):   # the kernel reads it as contiguous: refused otherwise
+        torch.ops.msf_scale.triton_fusion_forward(hp.contiguous(memory_format=torch.channels_last_3d), wpack, None,
+                                                  None, [3, 5, 7], False, list(shape[2:]))
 
 
 @interp
