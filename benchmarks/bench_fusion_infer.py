@@ -7,6 +7,8 @@ captured in one CUDA graph (as msf_scale.inference replays the model) and the gr
     conv            StateFusion(backend="conv"): a depthwise conv3d per scale, the ASWM in torch (`auto` at batch 1
                     before session 12; still for 3x3x3 alone)
     gemm            StateFusion(backend="gemm"): block-Toeplitz bands as batched GEMMs, the ASWM in that layout
+    fft             StateFusion(backend="fft"): products in the frequency domain (cuFFT), the ASWM on their output;
+                    fft[spectra]: the same with the kernels' spectra computed once, as a cached inference would
     triton+torch    the triton backend's scales in one launch (its forward-only op), the ASWM in torch
     triton[...]     ops/_fusion_triton.multiscale_fusion_triton (scales and ASWM fused) at launch settings from its
                     CONFIG: g = aswm_group (channels per program), f = fwd_frames (frames per program), s = fwd_shared,
@@ -143,6 +145,13 @@ def main(argv=None) -> dict:
                 def fn():
                     return ft.multiscale_fusion_triton(h, list(fusion.kernels), fusion.theta, fusion.aswm.weight,
                                                        fusion.aswm.bias)
+            elif name == "fft[spectra]":   # the fft backend with the kernels' spectra computed once (inference)
+                from msf_scale.ops._fusion_fft import grid_sizes, kernel_spectra, multiscale_fusion_fft
+                spectra = kernel_spectra(list(fusion.kernels), fusion.theta, grid_sizes(h.shape, scales), torch.float32)
+
+                def fn():
+                    return multiscale_fusion_fft(h, list(fusion.kernels), fusion.theta, fusion.aswm.weight,
+                                                 fusion.aswm.bias, spectra=spectra)
             elif name == "triton+torch":   # the scales by the triton backend, the ASWM in torch (not the fused op)
                 def fn():
                     fused = state_fusion(h, list(fusion.kernels), fusion.theta, backend="triton")
@@ -153,7 +162,8 @@ def main(argv=None) -> dict:
                     return fusion(h)
             return fn
 
-        cands = [("conv", None), ("gemm", None), ("triton+torch", None)]
+        cands = [("conv", None), ("gemm", None), ("triton+torch", None)] + [("fft", None)]
+        cands += [("fft[spectra]", None)] if aswm else []
         # the fused op's settings apply to the fused rows; one window (no ASWM): to the triton backend's own launch
         cands += [("triton", {})] + [("triton", p) for p in points] if aswm else [("triton+torch", p) for p in points]
         for name, point in cands:

@@ -15,6 +15,7 @@ from msf_scale.ops._choice import env_choice
 from msf_scale.ops.scan import chunked_requested, inference_backend
 from msf_scale.ops.scan import reverses_in_kernel as scan_reverses_in_kernel
 from msf_scale.ops._cfd import cfd_kernel
+from msf_scale.ops._fusion_fft import multiscale_fusion_fft
 from msf_scale.ops._fusion_gemm import multiscale_fusion_gemm
 from msf_scale.ops.state_fusion import resolve_backend
 
@@ -331,6 +332,8 @@ class StateFusion(nn.Module):
                                      h.shape[3] * h.shape[4], channels=h.shape[1])
             if chosen == "gemm":
                 return multiscale_fusion_gemm(h, kernels, theta, self.aswm.weight, self.aswm.bias)
+            if chosen == "fft":
+                return multiscale_fusion_fft(h, kernels, theta, self.aswm.weight, self.aswm.bias)
             if chosen == "triton" and not torch.is_grad_enabled():   # scales + ASWM in one forward-only op
                 from msf_scale.ops._fusion_triton import multiscale_fusion_triton, pack_kernels, supported
                 if not supported(h, kernels):   # more than three windows, a grid too wide: state_fusion's fallback

@@ -22,6 +22,8 @@ convolution with an adjusted kernel: exact, and theta's gradient comes from auto
     ``gemm``  every scale as batched tensor-core GEMMs on block-Toeplitz bands (``_fusion_gemm.py``; any device).
     ``igemm`` the same products as row-band implicit GEMMs in Triton over padded states (``_fusion_igemm.py``;
               CUDA; by name only: measured 1.5x slower than gemm on the H100, docs/BENCHMARKS.md session 9).
+    ``fft``   every scale as a product in the frequency domain, one transform of the states for all of them
+              (``_fusion_fft.py``; any device; by name only).
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ import torch.nn.functional as F
 
 from msf_scale.ops._cfd import cfd_kernel
 from msf_scale.ops._choice import requested_backend
+from msf_scale.ops._fusion_fft import state_fusion_fft
 
-BACKENDS = ("auto", "conv", "shift", "ref", "triton", "gemm", "igemm")   # the last three: own modules
+BACKENDS = ("auto", "conv", "shift", "ref", "triton", "gemm", "igemm", "fft")   # the last four: own modules
 ENV_VAR = "MSF_SCALE_FUSION_BACKEND"
 _HAS_TRITON = importlib.util.find_spec("triton") is not None   # PyTorch's CUDA wheels ship it; optional on CPU
 log = logging.getLogger(__name__)
@@ -118,6 +121,8 @@ def _dispatch(h: torch.Tensor, kernels: Sequence[torch.Tensor], theta, backend: 
     if chosen == "igemm":
         from msf_scale.ops._fusion_igemm import state_fusion_igemm   # lazy: triton is optional
         return state_fusion_igemm(h, kernels, theta)
+    if chosen == "fft":
+        return state_fusion_fft(h, kernels, theta)
     out = []
     for w in kernels:
         name = resolve_backend(backend, h.device, w.shape[-1], rows, grid)

@@ -1,0 +1,88 @@
+"""The ``fft`` fusion backend (ops/_fusion_fft.py: products in the frequency domain) against ``ref``.
+
+CPU, float64, to 1e-12 relative: the forward and every gradient (input, each kernel, theta; with ASWM its 1x1 conv's
+weight and bias), several scale sets, theta 0 and not, one frame, frames and grids smaller than the window (the
+circular wrap must land in zeros). bf16 on CPU (16 channels) and on the GPU (the bench's 384, marked gpu): within the
+fixed bounds of float64 the other fused backends meet.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from fusion_cases import (SHAPES, aswm_ref, bf16_errors, check_compiled_matches_eager, check_matches_ref,
+                          check_module_matches_conv, check_unused_outputs_get_no_gradient, make, over_bounds, rel)
+
+from msf_scale.ops import state_fusion_ref
+from msf_scale.ops._fusion_fft import fft_size, grid_sizes, multiscale_fusion_fft
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(1, 2, 8, 14, 14)])
+@pytest.mark.parametrize("scales", [(3,), (5,), (3, 5, 7), (7, 3)])
+@pytest.mark.parametrize("theta", [0.0, 0.7])
+def test_matches_ref_float64(shape, scales, theta):
+    check_matches_ref("fft", shape, scales, theta)
+
+
+def test_unused_outputs_get_no_gradient():
+    check_unused_outputs_get_no_gradient("fft")
+
+
+def test_grid_sizes_leave_room_for_the_largest_window():
+    """N >= n + r on every axis (the wrap of a shift by up to r lands in zeros), with factors 2, 3, 5, 7 only."""
+    assert [fft_size(n) for n in (1, 11, 13, 17, 22, 121)] == [1, 12, 14, 18, 24, 125]
+    assert grid_sizes((1, 1, 8, 14, 14), (3, 5, 7)) == (12, 18, 18)
+    assert grid_sizes((1, 1, 8, 14, 14), (3,)) == (9, 15, 15)
+
+
+@pytest.mark.parametrize("scales", [(3, 5), (3, 5, 7)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_aswm_matches_ref_float64(scales, bias):
+    shape = (2, 4, 3, 5, 6)
+    h, ks = make(shape, scales)
+    m, c = len(scales), shape[1]
+    th = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    aw = (torch.randn(m, m * c, 1, 1, 1, dtype=torch.float64) / c ** 0.5).requires_grad_()
+    ab = torch.randn(m, dtype=torch.float64).requires_grad_() if bias else None
+    got = multiscale_fusion_fft(h, ks, th, aw, ab)
+    want = aswm_ref(state_fusion_ref(h, ks, th), aw, ab)
+    assert rel(got, want) < 1e-12
+    inputs = [h, *ks, th, aw] + ([ab] if bias else [])
+    gout = torch.randn_like(want)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(got, inputs, gout), torch.autograd.grad(want, inputs, gout))):
+        assert b.abs().max() > 0
+        assert rel(a, b) < 1e-12, f"gradient of input {i}: rel err {rel(a, b):.2e}"
+
+
+def test_state_fusion_module_takes_the_fft_path():
+    check_module_matches_conv("fft", 8)
+
+
+def _fft(h, ks, th, aw, ab):
+    return multiscale_fusion_fft(h, ks, th, aw, ab)
+
+
+@pytest.mark.parametrize("kernels_fp32", [False, True])
+def test_bf16_within_fixed_bounds(kernels_fp32):
+    """CPU, 16 channels: bf16 in, the output and every gradient within fixed bounds of float64 (the transforms run
+    in float32; one rounding of each output)."""
+    errs = bf16_errors(_fft, "cpu", 16, kernels_fp32)
+    bad = over_bounds(errs)
+    assert not bad, f"(index, rel err) over the bound: {bad}; all: {[f'{e:.1e}' for e in errs]}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels_fp32", [False, True])
+def test_gpu_bf16_within_fixed_bounds(kernels_fp32):
+    """CUDA (cuFFT), the bench width (384 channels): as the CPU test; prints the errors."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    errs = bf16_errors(_fft, "cuda", 384, kernels_fp32)
+    print(f"rel err vs float64 (out, h, k3, k5, k7, theta (conditioned), aswm w, b): {[f'{e:.1e}' for e in errs]}")
+    bad = over_bounds(errs)
+    assert not bad, f"(index, rel err) over the bound: {bad}"
+
+
+def test_compiles_with_fullgraph():
+    """The fft path traces whole under torch.compile(fullgraph=True) (the transforms stay library calls): compiled
+    output and gradients equal eager's."""
+    check_compiled_matches_eager("fft", 8, (3, 5, 7))
