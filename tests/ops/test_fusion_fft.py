@@ -86,3 +86,36 @@ def test_compiles_with_fullgraph():
     """The fft path traces whole under torch.compile(fullgraph=True) (the transforms stay library calls): compiled
     output and gradients equal eager's."""
     check_compiled_matches_eager("fft", 8, (3, 5, 7))
+
+
+def test_kernel_spectra_are_a_constant_under_inductor_freezing():
+    """Frozen compiled inference (msf_scale.inference's default on CUDA) folds the work done on parameters alone: the
+    kernels' spectra (CFD fold, placement, transform) must be such work, not three transforms in every forward.
+    torch.roll's index constructor stopped the folding (the placement is written with slices for that)."""
+    import re
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from msf_scale.ops._fusion_fft import kernel_spectra
+
+    class Spectra(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(6, 1, 5, 5, 5))
+            self.register_buffer("theta", torch.tensor(0.7), persistent=False)
+
+        def forward(self, x):
+            spectra = torch.view_as_real(kernel_spectra([self.w], self.theta, (8, 9, 10), torch.float32))
+            return x * spectra.reshape(6, -1)[:, :125]
+
+    torch._dynamo.reset()
+    module, x = Spectra().eval(), torch.randn(6, 125)
+    with torch.no_grad(), inductor_config.patch(freezing=True):   # (pytest's monkeypatch would delete the setting)
+        out, (code, *_) = run_and_get_code(torch.compile(module), x)
+        want = module(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, want)
+    assert "_fft_r2c" not in code, "the kernels' transform runs in every frozen forward"
+    kernels = set(re.findall(r"\b(cpp_fused_\w+|triton_\w+_fused_\w+)\(", code))
+    assert kernels and all(re.fullmatch(r"(cpp|triton_\w+)_fused_mul_\d+", k) for k in kernels), kernels
