@@ -64,7 +64,8 @@ def kernel_spectra(kernels, theta, sizes, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack(spectra)
 
 
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+def fft_dtype(h: torch.Tensor) -> torch.dtype:
+    """The transforms' dtype for states h: float64 for float64, else float32."""
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
@@ -73,7 +74,7 @@ def fused_states_fft(h: torch.Tensor, kernels, theta, spectra: torch.Tensor | No
     kernel_spectra (inference: the kernels do not change between calls)."""
     ks = [int(w.shape[-1]) for w in kernels]
     sizes = grid_sizes(h.shape, ks)
-    acc = _compute_dtype(h)
+    acc = fft_dtype(h)
     if spectra is None:
         spectra = kernel_spectra(kernels, theta, sizes, acc)
     states = torch.fft.rfftn(h.to(acc), s=sizes, dim=_DIMS)                    # [B, C, N_t, N_h, N_w // 2 + 1]

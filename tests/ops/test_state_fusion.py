@@ -117,7 +117,7 @@ def test_zero_init_starts_as_the_backbone_and_still_learns():
     assert fusion.aswm.weight.grad.abs().max() > 0
 
 
-@pytest.mark.parametrize("backend", ["conv", "shift", "ref", "gemm"])
+@pytest.mark.parametrize("backend", ["conv", "shift", "ref", "gemm", "fft"])
 @pytest.mark.parametrize("use_aswm", [False, True])
 def test_inference_reuses_the_folded_kernels_and_follows_them(backend, use_aswm):
     """With inference_cache on and without autograd StateFusion folds the CFD term into its kernels once per dtype
