@@ -38,6 +38,7 @@ NUMERICS = "tests/train/test_numerics.py"
 SCAN_TRITON = "tests/ops/test_scan_triton.py"
 IGEMM = "tests/ops/test_fusion_igemm.py"
 FUSION_TRITON = "tests/ops/test_fusion_triton.py"
+FFT = "tests/ops/test_fusion_fft.py"
 
 
 @dataclass
@@ -252,6 +253,16 @@ MUTANTS = [
     M("igemm_tap_diagonal_off_by_one", "ops", "msf_scale/ops/_fusion_igemm.py",
       "sel = (nx[None, :] == x[:, None] + (e + D)) & (x < W)[:, None]",
       "sel = (nx[None, :] == x[:, None] + (e + D + 1)) & (x < W)[:, None]", [IGEMM, "-k", "float64"]),
+    M("fft_grid_one_short", "ops", "msf_scale/ops/_fusion_fft.py",
+      "    r = max(ks) // 2\n", "    r = max(ks) // 2 - 1\n", [FFT, "-k", "float64"]),
+    M("fft_kernel_placed_the_wrong_way", "ops", "msf_scale/ops/_fusion_fft.py",
+      "[placed.narrow(dim, r, placed.shape[dim] - r), placed.narrow(dim, 0, r)]",
+      "[placed.narrow(dim, placed.shape[dim] - r, r), placed.narrow(dim, 0, placed.shape[dim] - r)]",
+      [FFT, "-k", "float64"]),
+    M("fft_spectra_cache_ignores_the_kernels", "ops", "msf_scale/models/blocks.py",
+      'cached_for_inference(self, "_inference_spectra", own + [self.theta],',
+      'cached_for_inference(self, "_inference_spectra", [],',
+      ["tests/ops/test_state_fusion.py", "-k", "inference_reuses and fft"]),
     M("scan_triton_reversed_time_off_by_one", "ops", "msf_scale/ops/_scan_triton.py",
       "t = tl.where(rev, L - 1 - j, j)", "t = tl.where(rev, L - j, j)", [SCAN_TRITON, "-k", "matches_ref"]),
     M("scan_triton_state_carried_from_wrong_step", "ops", "msf_scale/ops/_scan_triton.py",
