@@ -147,7 +147,9 @@ def main(argv=None) -> dict:
                                                        fusion.aswm.bias)
             elif name == "fft[spectra]":   # the fft backend with the kernels' spectra computed once (inference)
                 from msf_scale.ops._fusion_fft import grid_sizes, kernel_spectra, multiscale_fusion_fft
-                spectra = kernel_spectra(list(fusion.kernels), fusion.theta, grid_sizes(h.shape, scales), torch.float32)
+                with torch.no_grad():
+                    spectra = kernel_spectra(list(fusion.kernels), fusion.theta, grid_sizes(h.shape, scales),
+                                             torch.float32)
 
                 def fn():
                     return multiscale_fusion_fft(h, list(fusion.kernels), fusion.theta, fusion.aswm.weight,

@@ -259,6 +259,8 @@ MUTANTS = [
       "[placed.narrow(dim, r, placed.shape[dim] - r), placed.narrow(dim, 0, r)]",
       "[placed.narrow(dim, placed.shape[dim] - r, r), placed.narrow(dim, 0, placed.shape[dim] - r)]",
       [FFT, "-k", "float64"]),
+    M("fft_kernel_spectrum_not_conjugated", "ops", "msf_scale/ops/_fusion_fft.py",
+      "torch.fft.rfftn(placed, dim=_DIMS).conj()", "torch.fft.rfftn(placed, dim=_DIMS)", [FFT, "-k", "float64"]),
     M("fft_spectra_cache_ignores_the_kernels", "ops", "msf_scale/models/blocks.py",
       'cached_for_inference(self, "_inference_spectra", own + [self.theta],',
       'cached_for_inference(self, "_inference_spectra", [],',

@@ -15,7 +15,7 @@ from msf_scale.ops._choice import env_choice
 from msf_scale.ops.scan import chunked_requested, inference_backend
 from msf_scale.ops.scan import reverses_in_kernel as scan_reverses_in_kernel
 from msf_scale.ops._cfd import cfd_kernel
-from msf_scale.ops._fusion_fft import fft_dtype, grid_sizes, kernel_spectra, multiscale_fusion_fft
+from msf_scale.ops._fusion_fft import fft_dtype, fused_states_fft, grid_sizes, kernel_spectra, multiscale_fusion_fft
 from msf_scale.ops._fusion_gemm import multiscale_fusion_gemm
 from msf_scale.ops.state_fusion import resolve_backend
 
@@ -327,17 +327,19 @@ class StateFusion(nn.Module):
         kernels, theta = own, self.theta
         if inference_cache_applies(self):
             kernels, theta = self.folded_kernels(h.dtype), 0.0   # theta 0.0: the backends fold nothing more
-        if self.aswm is not None and not torch.jit.is_tracing():   # tracing (FLOP counting) takes the named op
-            chosen = resolve_backend(self.backend, h.device, max(self.scales), h.shape[0] * h.shape[2],
-                                     h.shape[3] * h.shape[4], channels=h.shape[1])
+        chosen = None if torch.jit.is_tracing() else resolve_backend(   # tracing (FLOP counting): the named op
+            self.backend, h.device, max(self.scales), h.shape[0] * h.shape[2], h.shape[3] * h.shape[4],
+            channels=h.shape[1])
+        if chosen == "fft":   # the kernels' spectra from the unrounded kernels, cached for inference (per grid size)
+            sizes = grid_sizes(h.shape, self.scales)
+            spectra = cached_for_inference(self, "_inference_spectra", own + [self.theta],
+                                           lambda: kernel_spectra(own, self.theta, sizes, fft_dtype(h)), h.dtype, sizes)
+            if self.aswm is None:
+                return fused_states_fft(h, own, self.theta, spectra)[0].to(h.dtype)
+            return multiscale_fusion_fft(h, own, self.theta, self.aswm.weight, self.aswm.bias, spectra=spectra)
+        if self.aswm is not None and chosen is not None:
             if chosen == "gemm":
                 return multiscale_fusion_gemm(h, kernels, theta, self.aswm.weight, self.aswm.bias)
-            if chosen == "fft":   # the kernels' spectra cached for inference (per grid: they depend on its size)
-                sizes = grid_sizes(h.shape, self.scales)
-                spectra = cached_for_inference(self, "_inference_spectra", own + [self.theta],
-                                               lambda: kernel_spectra(own, self.theta, sizes, fft_dtype(h)), h.dtype,
-                                               sizes)
-                return multiscale_fusion_fft(h, kernels, theta, self.aswm.weight, self.aswm.bias, spectra=spectra)
             if chosen == "triton" and not torch.is_grad_enabled():   # scales + ASWM in one forward-only op
                 from msf_scale.ops._fusion_triton import multiscale_fusion_triton, pack_kernels, supported
                 if not supported(h, kernels):   # more than three windows, a grid too wide: state_fusion's fallback

@@ -95,10 +95,11 @@ def multiscale_fusion_fft(h: torch.Tensor, kernels, theta, aswm_weight: torch.Te
     dtype once."""
     fs = fused_states_fft(h, kernels, theta, spectra)                           # [M, B, C, T, H, W]
     m, c = fs.shape[0], fs.shape[2]
-    wa = aswm_weight.reshape(m, m, c).to(fs.dtype)                              # [out scale, in scale, C]
-    logits = torch.einsum("omc,mbcthw->bothw", wa, fs)
-    if aswm_bias is not None:
-        logits = logits + aswm_bias.to(fs.dtype).view(1, m, 1, 1, 1)
-    alpha = torch.softmax(logits, dim=1)                                        # [B, M, T, H, W]
-    out = torch.einsum("bmthw,mbcthw->bcthw", alpha, fs)
+    with torch.autocast(h.device.type, enabled=False):   # autocast would run both einsums as bf16 matmuls
+        wa = aswm_weight.reshape(m, m, c).to(fs.dtype)                          # [out scale, in scale, C]
+        logits = torch.einsum("omc,mbcthw->bothw", wa, fs)
+        if aswm_bias is not None:
+            logits = logits + aswm_bias.to(fs.dtype).view(1, m, 1, 1, 1)
+        alpha = torch.softmax(logits, dim=1)                                    # [B, M, T, H, W]
+        out = torch.einsum("bmthw,mbcthw->bcthw", alpha, fs)
     return out.to(h.dtype)

@@ -53,8 +53,62 @@ def test_aswm_matches_ref_float64(scales, bias):
         assert rel(a, b) < 1e-12, f"gradient of input {i}: rel err {rel(a, b):.2e}"
 
 
-def test_state_fusion_module_takes_the_fft_path():
+def test_state_fusion_module_takes_the_fft_path(monkeypatch):
+    """StateFusion(backend="fft") runs the fused path (the ASWM on the transforms' float32 output), not state_fusion's
+    per-scale fallback, and equals the conv backend's module (output and every gradient)."""
+    import msf_scale.models.blocks as blocks
+
+    calls = []
+    real = blocks.multiscale_fusion_fft
+    monkeypatch.setattr(blocks, "multiscale_fusion_fft", lambda *a, **k: calls.append(1) or real(*a, **k))
     check_module_matches_conv("fft", 8)
+    assert len(calls) == 1   # the fft module's one forward (conv's module takes its own path)
+
+
+@pytest.mark.parametrize("use_aswm", [False, True])
+def test_inference_spectra_are_reused_and_follow_grid_and_dtype(use_aswm):
+    """With the inference cache on, StateFusion computes the kernels' spectra once per (dtype, grid) and reuses them;
+    a new grid or dtype gets its own, and every output equals the conv backend's (a key without the grid size fails on
+    the shapes, one without the dtype mixes complex64 into float64)."""
+    from msf_scale.models.blocks import StateFusion
+
+    torch.manual_seed(0)
+    scales = (3, 5, 7) if use_aswm else (3,)
+    mods = [StateFusion(4, scales, 0.7, True, use_aswm=use_aswm, backend=b, init="uniform") for b in ("fft", "conv")]
+    mods[1].load_state_dict(mods[0].state_dict())
+    mods[0].inference_cache = True
+    for shape, dtype in (((2, 4, 3, 5, 6), torch.float32), ((2, 4, 3, 5, 6), torch.float32),
+                         ((1, 4, 4, 6, 5), torch.float32), ((1, 4, 4, 6, 5), torch.float64)):
+        x = torch.randn(shape, dtype=dtype)
+        for mod in mods:
+            mod.to(dtype)
+        with torch.no_grad():
+            before = mods[0].__dict__.get("_inference_spectra")
+            got, want = mods[0](x), mods[1](x)
+            after = mods[0].__dict__["_inference_spectra"]
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert got.dtype == dtype and rel(got, want) < tol, (shape, dtype, rel(got, want))
+        assert after[1].dtype == (torch.complex128 if dtype == torch.float64 else torch.complex64)
+        assert after[1].shape[-3:-1] == grid_sizes(shape, scales)[:2]
+        if before is not None and before[0] == after[0]:
+            assert before[1] is after[1]   # reused, not rebuilt
+    assert before is not None and before[1] is not after[1]   # the last call (float64) built its own
+
+
+def test_aswm_stays_float32_under_autocast():
+    """Under bf16 autocast (how the model trains and infers) the ASWM's products must not drop to bf16 matmuls: the
+    output equals the same call without autocast to float32 rounding before the final cast (bf16 matmuls in the ASWM
+    move it by ~1e-2 of its largest value)."""
+    torch.manual_seed(0)
+    h, ks = make((2, 16, 4, 6, 6), (3, 5, 7), dtype=torch.float32)
+    th = torch.tensor(0.7)
+    aw, ab = torch.randn(3, 48, 1, 1, 1) * 0.5, torch.randn(3)
+    with torch.no_grad():
+        plain = multiscale_fusion_fft(h, ks, th, aw, ab)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = multiscale_fusion_fft(h, ks, th, aw, ab)
+    assert auto.dtype == torch.float32
+    assert rel(auto, plain) < 1e-5, rel(auto, plain)
 
 
 def _fft(h, ks, th, aw, ab):
