@@ -1,4 +1,4 @@
-"""Cases and measures shared by the fused fusion backends' tests (gemm, igemm): inputs, the ASWM in torch, and the
+"""Cases and measures shared by the fused fusion backends' tests (gemm, igemm, fft): inputs, the ASWM in torch, and the
 bf16-against-float64 error of a backend's MCFM + ASWM (output and every gradient)."""
 from __future__ import annotations
 
@@ -146,3 +146,33 @@ def bf16_errors(fused, device, c, kernels_fp32, seed=0):
 def over_bounds(errs):
     """(index, rel err) of each error at or over BF16_BOUNDS."""
     return [(i, f"{e:.1e}") for i, (e, b) in enumerate(zip(errs, BF16_BOUNDS)) if e >= b]
+
+
+def check_bf16_within_bounds(fused, device, c, kernels_fp32, seed=0, label=None):
+    """bf16_errors of ``fused`` within BF16_BOUNDS; with ``label`` the errors are printed (GPU runs keep them)."""
+    errs = bf16_errors(fused, device, c, kernels_fp32, seed)
+    if label:
+        print(f"{label} rel err vs float64 (out, h, k3, k5, k7, theta (conditioned), aswm w, b): "
+              f"{[f'{e:.1e}' for e in errs]}")
+    bad = over_bounds(errs)
+    assert not bad, f"(index, rel err) over the bound: {bad}; all: {[f'{e:.1e}' for e in errs]}"
+
+
+def check_aswm_matches_ref(fused, scales, bias):
+    """``fused(h, kernels, theta, aswm_weight, aswm_bias)`` (MCFM + ASWM) against ref + the ASWM in torch, float64 to
+    1e-12 relative: the output and every gradient (each non-zero in the reference)."""
+    shape = (2, 4, 3, 5, 6)
+    h, ks = make(shape, scales)
+    m, c = len(scales), shape[1]
+    th = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(1)
+    aw = (torch.randn(m, m * c, 1, 1, 1, generator=g, dtype=torch.float64) / c ** 0.5).requires_grad_()
+    ab = torch.randn(m, generator=g, dtype=torch.float64).requires_grad_() if bias else None
+    got = fused(h, ks, th, aw, ab)
+    want = aswm_ref(state_fusion_ref(h, ks, th), aw, ab)
+    assert rel(got, want) < 1e-12
+    inputs = [h, *ks, th, aw] + ([ab] if bias else [])
+    gout = torch.randn(want.shape, generator=g, dtype=want.dtype)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(got, inputs, gout), torch.autograd.grad(want, inputs, gout))):
+        assert b.abs().max() > 0
+        assert rel(a, b) < 1e-12, f"gradient of input {i}: rel err {rel(a, b):.2e}"

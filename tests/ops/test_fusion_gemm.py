@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fusion_cases import (SHAPES, aswm_ref, bf16_errors, check_compiled_matches_eager, check_matches_ref,
-                          check_module_matches_conv, check_unused_outputs_get_no_gradient, make, over_bounds, rel)
+from fusion_cases import (SHAPES, check_aswm_matches_ref, check_bf16_within_bounds, check_compiled_matches_eager,
+                          check_matches_ref, check_module_matches_conv, check_unused_outputs_get_no_gradient)
 
-from msf_scale.ops import state_fusion_ref
 from msf_scale.ops._fusion_gemm import multiscale_fusion_gemm
 
 
@@ -31,19 +30,7 @@ def test_unused_outputs_get_no_gradient():
 @pytest.mark.parametrize("scales", [(3, 5), (3, 5, 7)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_aswm_matches_ref_float64(scales, bias):
-    shape = (2, 4, 3, 5, 6)
-    h, ks = make(shape, scales)
-    m, c = len(scales), shape[1]
-    th = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
-    aw = (torch.randn(m, m * c, 1, 1, 1, dtype=torch.float64) / c ** 0.5).requires_grad_()
-    ab = torch.randn(m, dtype=torch.float64).requires_grad_() if bias else None
-    got = multiscale_fusion_gemm(h, ks, th, aw, ab)
-    want = aswm_ref(state_fusion_ref(h, ks, th), aw, ab)
-    assert rel(got, want) < 1e-12
-    inputs = [h, *ks, th, aw] + ([ab] if bias else [])
-    gout = torch.randn_like(want)
-    for i, (a, b) in enumerate(zip(torch.autograd.grad(got, inputs, gout), torch.autograd.grad(want, inputs, gout))):
-        assert rel(a, b) < 1e-12, f"gradient of input {i}: rel err {rel(a, b):.2e}"
+    check_aswm_matches_ref(multiscale_fusion_gemm, scales, bias)
 
 
 def test_state_fusion_module_takes_the_gemm_path():
@@ -59,9 +46,7 @@ def _gemm(h, ks, th, aw, ab):
 def test_bf16_within_fixed_bounds(kernels_fp32, seed):
     """CPU, 16 channels: bf16 in, the output and every gradient within fixed bounds of float64 (the GEMMs accumulate in
     fp32; one rounding of each output)."""
-    errs = bf16_errors(_gemm, "cpu", 16, kernels_fp32, seed)
-    bad = over_bounds(errs)
-    assert not bad, f"(index, rel err) over the bound: {bad}; all: {[f'{e:.1e}' for e in errs]}"
+    check_bf16_within_bounds(_gemm, "cpu", 16, kernels_fp32, seed)
 
 
 @pytest.mark.gpu
@@ -70,10 +55,7 @@ def test_gpu_bf16_within_fixed_bounds(kernels_fp32):
     """CUDA, the bench width (384 channels): as the CPU test; prints the errors."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    errs = bf16_errors(_gemm, "cuda", 384, kernels_fp32)
-    print(f"rel err vs float64 (out, h, k3, k5, k7, theta (conditioned), aswm w, b): {[f'{e:.1e}' for e in errs]}")
-    bad = over_bounds(errs)
-    assert not bad, f"(index, rel err) over the bound: {bad}"
+    check_bf16_within_bounds(_gemm, "cuda", 384, kernels_fp32, label="gemm")
 
 
 def test_compiles_with_fullgraph():
