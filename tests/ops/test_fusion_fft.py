@@ -82,17 +82,20 @@ def test_inference_spectra_are_reused_and_follow_grid_and_dtype(use_aswm):
     assert before is not None and before[1] is not after[1]   # the last call (float64) built its own
 
 
-def test_aswm_stays_float32_under_autocast():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_aswm_stays_float32_under_autocast(device):
     """Under bf16 autocast (how the model trains and infers) the ASWM's products must not drop to bf16 matmuls: the
     output equals the same call without autocast to float32 rounding before the final cast (bf16 matmuls in the ASWM
     move it by ~1e-2 of its largest value)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     torch.manual_seed(0)
-    h, ks = make((2, 16, 4, 6, 6), (3, 5, 7), dtype=torch.float32)
-    th = torch.tensor(0.7)
-    aw, ab = torch.randn(3, 48, 1, 1, 1) * 0.5, torch.randn(3)
+    h, ks = make((2, 16, 4, 6, 6), (3, 5, 7), dtype=torch.float32, device=device)
+    th = torch.tensor(0.7, device=device)
+    aw, ab = torch.randn(3, 48, 1, 1, 1, device=device) * 0.5, torch.randn(3, device=device)
     with torch.no_grad():
         plain = multiscale_fusion_fft(h, ks, th, aw, ab)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             auto = multiscale_fusion_fft(h, ks, th, aw, ab)
     assert auto.dtype == torch.float32
     assert rel(auto, plain) < 1e-5, rel(auto, plain)
