@@ -324,9 +324,6 @@ class StateFusion(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:      # h [B, C, T, H, W] -> fused [B, C, T, H, W]
         # list(): dynamo in torch 2.11 cannot unpack a ParameterList with * (NotImplementedError under compile)
         own = list(self.kernels)
-        kernels, theta = own, self.theta
-        if inference_cache_applies(self):
-            kernels, theta = self.folded_kernels(h.dtype), 0.0   # theta 0.0: the backends fold nothing more
         chosen = None if torch.jit.is_tracing() else resolve_backend(   # tracing (FLOP counting): the named op
             self.backend, h.device, max(self.scales), h.shape[0] * h.shape[2], h.shape[3] * h.shape[4],
             channels=h.shape[1])
@@ -337,6 +334,9 @@ class StateFusion(nn.Module):
             if self.aswm is None:
                 return fused_states_fft(h, own, self.theta, spectra)[0].to(h.dtype)
             return multiscale_fusion_fft(h, own, self.theta, self.aswm.weight, self.aswm.bias, spectra=spectra)
+        kernels, theta = own, self.theta   # the other backends take the kernels folded (cached for inference)
+        if inference_cache_applies(self):
+            kernels, theta = self.folded_kernels(h.dtype), 0.0   # theta 0.0: the backends fold nothing more
         if self.aswm is not None and chosen is not None:
             if chosen == "gemm":
                 return multiscale_fusion_gemm(h, kernels, theta, self.aswm.weight, self.aswm.bias)
