@@ -10,11 +10,15 @@ CPU). Prints a markdown table; --out writes JSON.
 
 Setups compare execution choices on the same models in the same run (issue 19): ``--setup NAME:key=value,...``
 (repeatable) takes model options (``grouped_scan=true``, ``fusion_backend=triton``, ...) and ``compile=true``
-(torch.compile of the model); the first setup is the reference, and every row's ``x_videomamba`` is its clips/s
+(torch.compile of the model) or ``compile=regional`` (accelerate's compile_regions: each block compiled on its own,
+one compilation shared by all, as ``accelerate launch --dynamo_use_regional_compilation`` does); the first setup is the reference, and every row's ``x_videomamba`` is its clips/s
 over the reference setup's videomamba of the same size:
 
     python benchmarks/bench_model.py --sizes small --setup eager: --setup grouped:grouped_scan=true \
         --setup grouped_compiled:grouped_scan=true,compile=true --out /tmp/bench_model.json
+
+Each row also gives ``first_step_s``, the first warm-up step's wall time (with a compiled setup: mostly compiling).
+``--latency-reps 0`` leaves batch-1 latency out (a compiled model would compile again for eval).
 """
 from __future__ import annotations
 
@@ -51,7 +55,9 @@ def parse_setup(text: str) -> tuple[str, dict, bool]:
                 except ValueError:
                     pass
         options[key] = value
-    compiled = bool(options.pop("compile", False))
+    compiled = options.pop("compile", False)
+    if compiled not in (True, False, "regional"):
+        raise SystemExit(f"--setup {text!r}: compile is true, false or regional")
     return name or "eager", options, compiled
 
 
@@ -65,7 +71,11 @@ def bench_one(variant, size, args, batch, options=None, compiled=False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     if compiled:
         torch._dynamo.reset()   # a fresh cache per model: otherwise dynamo's recompile limit sends later ones to eager
-        model = torch.compile(model)
+        if compiled == "regional":
+            from accelerate.utils import compile_regions
+            model = compile_regions(model)
+        else:
+            model = torch.compile(model)
     amp = (torch.autocast(device, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext())
     x = torch.randn(batch, 3, args.frames, args.img, args.img, device=device)
     y = torch.randint(0, 32, (batch,), device=device)
@@ -79,8 +89,12 @@ def bench_one(variant, size, args, batch, options=None, compiled=False):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
         step()
+        if i == 0:
+            sync(device)
+            first_step_s = time.perf_counter() - t0
     sync(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -89,6 +103,21 @@ def bench_one(variant, size, args, batch, options=None, compiled=False):
     step_s = (time.perf_counter() - t0) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     del opt   # its state would share the GPU with the latency runner
+    row = {"variant": variant, "size": size, "batch": batch, "params_M": round(params / 1e6, 2),
+           "step_ms": round(1e3 * step_s, 1), "clips_per_s": round(batch / step_s, 1),
+           "peak_mem_GiB": round(peak, 2), "first_step_s": round(first_step_s, 1), "latency_b1_ms": None,
+           "latency_mode": args.latency_mode}
+    if args.latency_reps > 0:
+        row["latency_b1_ms"] = _latency(model, x, args)
+    del model   # and the runner held its graph's memory pool
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _latency(model, x, args) -> float:
+    """Median batch-1 latency (ms) of msf_scale.inference's runner in --latency-mode."""
+    device = args.device
     lat = []
     # batch-1 inference as the latency harness runs it (msf_scale.inference): eager, or a CUDA graph's replay. Not
     # caught: a failed capture can leave torch's allocator mid-capture, and every later row would be wrong.
@@ -101,14 +130,7 @@ def bench_one(variant, size, args, batch, options=None, compiled=False):
         sync(device)
         if i >= 3:
             lat.append(time.perf_counter() - t0)
-    latency = round(1e3 * sorted(lat)[len(lat) // 2], 2)
-    row = {"variant": variant, "size": size, "batch": batch, "params_M": round(params / 1e6, 2),
-           "step_ms": round(1e3 * step_s, 1), "clips_per_s": round(batch / step_s, 1),
-           "peak_mem_GiB": round(peak, 2), "latency_b1_ms": latency, "latency_mode": args.latency_mode}
-    del model, run   # the runner holds the model and its graph's memory pool
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return row
+    return round(1e3 * sorted(lat)[len(lat) // 2], 2)
 
 
 def main(argv=None):
@@ -122,15 +144,18 @@ def main(argv=None):
     ap.add_argument("--base-batch", type=int, default=16)
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--scan-backend", default="auto")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 1)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--latency-reps", type=int, default=20)
     ap.add_argument("--latency-mode", choices=("eager", "graph"), default=None,
                     help="batch-1 latency as msf_scale.inference runs it (default: graph on cuda, eager on cpu)")
     ap.add_argument("--setup", action="append", default=None,
-                    help="NAME:key=value,... model options (and compile=true) of one setup; repeatable (doc above)")
+                    help="NAME:key=value,... model options (and compile=true|regional) of one setup; repeatable "
+                         "(doc above)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.warmup < 1:
+        ap.error("--warmup must be >= 1 (the first step is timed apart: compiling, allocating)")
     setups = [parse_setup(t) for t in (args.setup or ["eager:"])]
     args.latency_mode = args.latency_mode or ("graph" if args.device == "cuda" else "eager")
     if args.device == "cuda":
@@ -138,8 +163,8 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     rows = []
     print("| setup | variant | size | batch | params (M) | step (ms) | clips/s | x videomamba | peak mem (GiB) | "
-          f"batch-1 latency, {args.latency_mode} (ms) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"first step (s) | batch-1 latency, {args.latency_mode} (ms) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     reference: dict[str, float] = {}   # size -> the first setup's videomamba clips/s
     for size in args.sizes.split(","):
         for name, options, compiled in setups:
@@ -152,7 +177,8 @@ def main(argv=None):
                 r["x_videomamba"] = round(r["clips_per_s"] / reference[size], 3) if size in reference else None
                 rows.append(r)
                 print(f"| {name} | {variant} | {size} | {batch} | {r['params_M']} | {r['step_ms']} | "
-                      f"{r['clips_per_s']} | {r['x_videomamba']} | {r['peak_mem_GiB']} | {r['latency_b1_ms']} |",
+                      f"{r['clips_per_s']} | {r['x_videomamba']} | {r['peak_mem_GiB']} | {r['first_step_s']} | "
+                      f"{r['latency_b1_ms']} |",
                       flush=True)
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

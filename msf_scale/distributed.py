@@ -193,6 +193,20 @@ def engine_name(model) -> str:
     return type(model).__name__
 
 
+def compiled_form(model) -> str:
+    """How Accelerate's `prepare` compiled the model: "whole" (`--dynamo_backend`: torch.compile of the model, or a
+    DeepSpeed engine's compile), "regional (N modules)" (`--dynamo_use_regional_compilation`: each repeated block
+    compiled on its own, one compilation shared by all) or "no". Logged with the run: a run that was meant to be
+    compiled and was not is otherwise only slower."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(model, OptimizedModule) or getattr(model, "is_compiled", False) is True:
+        return "whole"
+    regions = sum(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+                  for m in model.modules())
+    return f"regional ({regions} modules)" if regions else "no"
+
+
 def all_ranks_true(accelerator, flag: torch.Tensor) -> torch.Tensor:
     """Logical AND of a 0-d bool tensor across ranks (one tiny all-reduce), so every rank takes the same branch."""
     if accelerator.num_processes == 1:

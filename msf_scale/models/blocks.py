@@ -65,7 +65,15 @@ class DropPath(nn.Module):
         # compiled resume function (p first hit dynamo's recompile limit on the lent GPU and fell back to eager)
         if not self.training or self.p == 0.0:
             return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
+        shape = (x.shape[0], *([1] * (x.dim() - 1)))
+        if torch.compiler.is_compiling():
+            # The rate as a comparison operand, which dynamo keeps symbolic: bernoulli_(1 - p) makes it guard on p's
+            # value, so a regionally compiled model (one compiled block for all: accelerate's
+            # --dynamo_use_regional_compilation) recompiled per block until its limit (8) sent the rest to eager.
+            # Compiled code draws from its own generator anyway; eager keeps bernoulli_'s stream (golden losses).
+            keep = torch.rand(shape, device=x.device) >= self.p
+        else:
+            keep = x.new_empty(shape).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)
 
     def extra_repr(self) -> str:
