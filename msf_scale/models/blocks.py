@@ -54,27 +54,40 @@ def cached_for_inference(module: nn.Module, slot: str, params, build, *extra_key
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample, rescaling the kept ones."""
+    """Stochastic depth: drop the whole residual branch per sample, rescaling the kept ones.
+
+    Under torch.compile the rate is read from a tensor (``rate``, a non-persistent buffer) and the branch from a
+    bool (``active``): dynamo guards on a Python float's value, so with every block at its own rate a block compiled
+    once for all of them (Accelerate's regional compilation) recompiled per block until dynamo's limit (8) sent the
+    rest to eager; a tensor's value is never a guard, with or without dynamic shapes. Eager draws with
+    ``bernoulli_(1 - p)`` (the random stream the golden losses record); compiled code with ``rand >= rate``, the op
+    that takes a tensor rate, so the two streams differ."""
 
     def __init__(self, p: float = 0.0):
         super().__init__()
+        self.register_buffer("rate", torch.zeros(()), persistent=False)
         self.p = p
 
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        self._p = float(value)
+        self.active = self._p > 0.0
+        with torch.no_grad():
+            self.rate.fill_(self._p)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # `training` first: in eval torch.compile then guards on no p, so blocks with different rates share one
-        # compiled resume function (p first hit dynamo's recompile limit on the lent GPU and fell back to eager)
-        if not self.training or self.p == 0.0:
+        # `training` first: in eval torch.compile then guards on nothing else here
+        if not self.training or not self.active:
             return x
         shape = (x.shape[0], *([1] * (x.dim() - 1)))
         if torch.compiler.is_compiling():
-            # The rate as a comparison operand, which dynamo keeps symbolic: bernoulli_(1 - p) makes it guard on p's
-            # value, so a regionally compiled model (one compiled block for all: accelerate's
-            # --dynamo_use_regional_compilation) recompiled per block until its limit (8) sent the rest to eager.
-            # Compiled code draws from its own generator anyway; eager keeps bernoulli_'s stream (golden losses).
-            keep = torch.rand(shape, device=x.device) >= self.p
-        else:
-            keep = x.new_empty(shape).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+            rate = self.rate.float()   # the arithmetic in fp32 whatever dtype the model was cast to
+            return x * (torch.rand(shape, device=x.device) >= rate) / (1 - rate)
+        return x * x.new_empty(shape).bernoulli_(1 - self._p) / (1 - self._p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -35,10 +35,11 @@ def test_eval_compile_does_not_recompile_per_block(monkeypatch, variant):
     torch.testing.assert_close(out, expected)
 
 
-def _regional_frames(variant: str, depth: int) -> int:
-    """Frames dynamo compiles for one training forward + backward of a regionally compiled model (accelerate's
-    compile_regions: each block compiled on its own, dynamo's cache shared by all of them)."""
-    from accelerate.utils import compile_regions
+def _regional_frames(variant: str, depth: int, in_place: bool = False, dynamic: bool | None = None) -> int:
+    """Frames dynamo compiles for one training forward + backward of a regionally compiled model: Accelerate's
+    compile_regions (in_place: compile_regions_deepspeed, its DeepSpeed form), each block compiled on its own,
+    dynamo's cache shared by all of them. Over dynamo's recompile limit the test fails (not a silent eager fallback)."""
+    from accelerate.utils import compile_regions, compile_regions_deepspeed
     from torch._dynamo.testing import CompileCounter
 
     torch.manual_seed(0)
@@ -47,18 +48,27 @@ def _regional_frames(variant: str, depth: int) -> int:
     assert len({blk.drop_path.p for blk in model.blocks}) == depth   # every block its own rate
     torch._dynamo.reset()
     counter = CompileCounter()   # dynamo's frames only: no inductor, fast on CPU
-    compiled = compile_regions(model, backend=counter)
-    compiled(torch.randn(2, 3, 2, 32, 32)).sum().backward()
+    if in_place:
+        compile_regions_deepspeed(model, backend=counter, dynamic=dynamic)
+        compiled = model
+    else:
+        compiled = compile_regions(model, backend=counter, dynamic=dynamic)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        compiled(torch.randn(2, 3, 2, 32, 32)).sum().backward()
     torch._dynamo.reset()
     return counter.frame_count
 
 
-@pytest.mark.parametrize("variant", ["videomamba", "msf_mamba_plus"])
-def test_regional_training_compile_does_not_recompile_per_block(variant):
-    # accelerate launch --dynamo_use_regional_compilation: one compiled block serves every block only if no
-    # per-block value (DropPath's rate) is a guard; the rate 0 of the first block may add one variant, not more.
-    # DropPath's eager bernoulli_(1 - p) under compile (planted) gave 8 frames at depth 4 and 12 at depth 12.
-    assert _regional_frames(variant, 12) == _regional_frames(variant, 4)
+@pytest.mark.parametrize("variant,in_place,dynamic", [("videomamba", False, None), ("msf_mamba_plus", False, None),
+                                                      ("msf_mamba_plus", True, None), ("videomamba", False, False)])
+def test_regional_training_compile_does_not_recompile_per_block(variant, in_place, dynamic):
+    # --dynamo_use_regional_compilation: one compiled block serves every block only if no per-block value (DropPath's
+    # rate) is a guard; the first block (rate 0, its branch skipped) adds one variant, not more. dynamic=False is what
+    # an accelerate config with `dynamo_use_dynamic: false` passes. Planted: bernoulli_(1 - p) under compile hit the
+    # recompile limit at depth 12 (every case); the rate or the branch read from the Python float, the dynamic=False case.
+    frames = _regional_frames(variant, 4, in_place, dynamic)
+    assert frames > 0
+    assert _regional_frames(variant, 12, in_place, dynamic) == frames
 
 
 def test_compiled_drop_path_drops_at_its_rate():
@@ -72,3 +82,23 @@ def test_compiled_drop_path_drops_at_its_rate():
     kept = out[:, 0, 0] != 0
     assert abs(kept.float().mean().item() - 0.8) < 0.01   # binomial sd 0.003
     assert torch.all(out[kept] == 1 / 0.8) and torch.all(out[~kept] == 0)   # whole samples dropped, the rest rescaled
+
+
+def test_compiled_drop_path_is_the_documented_draw():
+    # aot_eager runs the traced ops eagerly from the global generator: the same seed gives the same mask as
+    # x * (rand >= p) / (1 - p) computed by hand, with the rate changed after compiling (no recompile, no stale rate).
+    from msf_scale.models.blocks import DropPath
+
+    drop = DropPath(0.3).train()
+    x = torch.randn(64, 5, 3)
+    torch._dynamo.reset()
+    compiled = torch.compile(drop, backend="aot_eager", fullgraph=True)
+    for p in (0.3, 0.6):
+        drop.p = p
+        torch.manual_seed(1)
+        with torch._dynamo.config.patch(error_on_recompile=True) if p != 0.3 else torch._dynamo.config.patch():
+            got = compiled(x)
+        torch.manual_seed(1)
+        want = x * (torch.rand(64, 1, 1) >= p) / (1 - p)
+        torch.testing.assert_close(got, want)
+    torch._dynamo.reset()
