@@ -39,8 +39,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def parse_setup(text: str) -> tuple[str, dict, bool]:
-    """``NAME:key=value,...`` -> (name, model options, compile?); values parse as bool/int/float where they can."""
+def parse_setup(text: str) -> tuple[str, dict, bool | str]:
+    """``NAME:key=value,...`` -> (name, model options, compile: False / True / "regional"); values parse as
+    bool/int/float where they can."""
     name, _, spec = text.partition(":")
     options = {}
     for item in filter(None, spec.split(",")):
@@ -56,7 +57,8 @@ def parse_setup(text: str) -> tuple[str, dict, bool]:
                     pass
         options[key] = value
     compiled = options.pop("compile", False)
-    if compiled not in (True, False, "regional"):
+    compiled = compiled.lower() if isinstance(compiled, str) else compiled
+    if not (compiled is True or compiled is False or compiled == "regional"):
         raise SystemExit(f"--setup {text!r}: compile is true, false or regional")
     return name or "eager", options, compiled
 
@@ -105,11 +107,11 @@ def bench_one(variant, size, args, batch, options=None, compiled=False):
     del opt   # its state would share the GPU with the latency runner
     row = {"variant": variant, "size": size, "batch": batch, "params_M": round(params / 1e6, 2),
            "step_ms": round(1e3 * step_s, 1), "clips_per_s": round(batch / step_s, 1),
-           "peak_mem_GiB": round(peak, 2), "first_step_s": round(first_step_s, 1), "latency_b1_ms": None,
+           "peak_mem_GiB": round(peak, 2), "first_step_s": round(first_step_s, 2), "latency_b1_ms": None,
            "latency_mode": args.latency_mode}
     if args.latency_reps > 0:
         row["latency_b1_ms"] = _latency(model, x, args)
-    del model   # and the runner held its graph's memory pool
+    del model
     if device == "cuda":
         torch.cuda.empty_cache()
     return row

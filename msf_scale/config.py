@@ -149,6 +149,9 @@ class TrainConfig:
     output_dir: str | None = None       # the run directory; None = runs/<variant>_<size>
     resume: str | None = None           # None | auto | PATH to a checkpoint or run dir
     mem_check: bool = True              # on CPU, refuse a run whose estimated memory exceeds the free RAM (false: warn only)
+    compile: str | None = None          # None: the launcher's (accelerate launch --dynamo_backend ...); no | whole | regional
+    #                                     override it (DeepSpeed's launcher drops Accelerate's dynamo flags: use this there)
+    compile_backend: str = "inductor"   # torch.compile backend of train.compile (one of Accelerate's DynamoBackend names)
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -162,6 +165,8 @@ class TrainConfig:
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1)")
         _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+        _check(self.compile in (None, "no", "whole", "regional"), "train.compile",
+               f"{self.compile!r} is not one of none (the launcher's setting), no, whole, regional")
 
 
 @dataclass

@@ -162,6 +162,7 @@ def build_accelerator(cfg: RunConfig):
         plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
     return Accelerator(
         cpu=cpu and ds is None,  # CPU DDP needs it (MULTI_CPU, gloo); with DeepSpeed it would turn DeepSpeed off
+        dynamo_plugin=dynamo_plugin(cfg),   # None: the launcher's compile settings
         mixed_precision="bf16" if precision == "bf16" and ds is None else "no",  # DeepSpeed: torch_autocast above
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(cfg.run_dir()), logging_dir=str(cfg.run_dir() / "tb")),
@@ -170,6 +171,21 @@ def build_accelerator(cfg: RunConfig):
         step_scheduler_with_optimizer=False,  # train.py steps the schedule once per real optimizer update
         kwargs_handlers=[pg] if world_size_from_env() > 1 or ds is not None else [],
     )
+
+
+def dynamo_plugin(cfg: RunConfig):
+    """Accelerate's compile settings from train.compile, or None for the launcher's (ACCELERATE_DYNAMO_*, which
+    `accelerate launch --dynamo_backend ...` sets for one process and multi-GPU runs but, as of accelerate 1.16,
+    not for DeepSpeed runs). Mode, fullgraph and dynamic still come from the launcher's environment."""
+    tc = cfg.train
+    if tc.compile is None:
+        return None
+    from accelerate.utils import DynamoBackend, TorchDynamoPlugin
+    backend = "no" if tc.compile == "no" else tc.compile_backend
+    if backend.upper() not in DynamoBackend.__members__:
+        raise ConfigError(f"train.compile_backend: {backend!r} is not one of "
+                          f"{', '.join(b.lower() for b in DynamoBackend.__members__)}")
+    return TorchDynamoPlugin(backend=backend, use_regional_compilation=tc.compile == "regional")
 
 
 def build_eval_accelerator():
@@ -203,7 +219,7 @@ def compiled_form(model) -> str:
     if isinstance(model, OptimizedModule) or getattr(model, "is_compiled", False) is True:
         return "whole"
     regions = sum(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
-                  for m in model.modules())
+                  for name, m in model.named_modules() if not name.endswith("_orig_mod"))   # a wrapper's own module
     return f"regional ({regions} modules)" if regions else "no"
 
 

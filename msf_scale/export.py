@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from msf_scale.config import UserPathError
+from msf_scale.distributed import uses_deepspeed
 
 
 def model_meta(model: nn.Module, variant: str, size: str) -> dict[str, Any]:
@@ -50,6 +51,10 @@ def export_model(accelerator, model: nn.Module, run_dir: Path, meta: dict[str, A
     """Consolidated `model.safetensors` + `model_config.json` (collective: ZeRO-3 gathers the shards)."""
     from safetensors.torch import save_file
 
+    # torch.compile's wrappers rename parameters (`_orig_mod.*` whole, `blocks.0._orig_mod.*` regional): unwrap them,
+    # except from DeepSpeed's engine, which ZeRO-3 gathers through (its compiles keep the module's own names)
+    if not uses_deepspeed(accelerator):
+        model = accelerator.unwrap_model(model, keep_torch_compile=False)
     state = accelerator.get_state_dict(model)
     out = Path(run_dir) / "model.safetensors"
     if accelerator.is_main_process:

@@ -66,7 +66,7 @@ class StepWindow:
         if updated:
             run.scheduler.step()
             if run.ema is not None:
-                run.ema.update(acc.unwrap_model(run.model))
+                run.ema.update(acc.unwrap_model(run.model, keep_torch_compile=False))   # plain parameter names
         return updated
 
     def _count_bad(self, ok_all: bool, updated: bool) -> None:

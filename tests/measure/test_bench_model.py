@@ -13,8 +13,11 @@ def test_setup_options_parse_to_typed_model_options():
         "g", {"grouped_scan": True, "fusion_backend": "triton"}, True)
     assert BM.parse_setup("x:grouped_scan=false,depth=2,fusion_theta=0.5") == (
         "x", {"grouped_scan": False, "depth": 2, "fusion_theta": 0.5}, False)
+    assert BM.parse_setup("r:compile=regional") == ("r", {}, "regional")
     with pytest.raises(SystemExit):
         BM.parse_setup("bad:grouped_scan")
+    with pytest.raises(SystemExit):
+        BM.parse_setup("bad:compile=everything")
 
 
 def test_each_setup_reaches_the_model(monkeypatch):
@@ -22,8 +25,12 @@ def test_each_setup_reaches_the_model(monkeypatch):
     real = BM.create_model
     monkeypatch.setattr(BM, "create_model", lambda *a, **k: built.append(k) or real(*a, **k))
     rows = BM.main(["--device", "cpu", "--sizes", "tiny", "--variants", "msf_mamba", "--frames", "2", "--img", "32",
-                    "--batch", "1", "--precision", "fp32", "--steps", "1", "--warmup", "0", "--latency-reps", "1",
+                    "--batch", "1", "--precision", "fp32", "--steps", "1", "--warmup", "1", "--latency-reps", "1",
                     "--setup", "plain:", "--setup", "grouped:grouped_scan=true"])
     assert [r["setup"] for r in rows] == ["plain", "grouped"]
     assert built[0].get("grouped_scan") is None and built[1]["grouped_scan"] is True
     assert all(r["clips_per_s"] > 0 and r["latency_b1_ms"] > 0 and r["latency_mode"] == "eager" for r in rows)
+    assert all(r["first_step_s"] > 0 for r in rows)
+    no_latency = BM.main(["--device", "cpu", "--sizes", "tiny", "--variants", "videomamba", "--frames", "2", "--img",
+                          "32", "--batch", "1", "--precision", "fp32", "--steps", "1", "--latency-reps", "0"])
+    assert no_latency[0]["latency_b1_ms"] is None

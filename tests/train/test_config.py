@@ -82,6 +82,7 @@ def test_types_come_from_annotations(argv, typed):
     (["--train.ema", "maybe"], r"train.ema: expected true/false"),
     (["--schedule.warmup_epochs", "80"], r"schedule.warmup_epochs"),
     (["--dist.zero_stage", "4"], r"dist.zero_stage"),
+    (["--train.compile", "yes"], r"train.compile: 'yes' is not one of none"),
     (["--model.arch.num_classes", "3"], r"model.arch"),
     (["--config", "nope"], r"unknown config 'nope'.*default"),
     (["--optim.lr"], r"needs a value"),
@@ -118,3 +119,17 @@ def test_every_field_is_overridable():
         text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
         cfg = build({section: {name: text}})
         assert getattr(getattr(cfg, section), name) == value, key
+
+
+def test_compile_settings_become_accelerates_plugin(monkeypatch):
+    from msf_scale.distributed import dynamo_plugin
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")   # the launcher's, which train.compile overrides
+    assert dynamo_plugin(load_config([])) is None                    # none: Accelerate reads the launcher's
+    plugin = dynamo_plugin(load_config(["--train.compile", "regional", "--train.compile_backend", "aot_eager"]))
+    assert (plugin.backend.value, plugin.use_regional_compilation) == ("AOT_EAGER", True)
+    plugin = dynamo_plugin(load_config(["--train.compile", "no"]))
+    assert (plugin.backend.value, plugin.use_regional_compilation) == ("NO", False)
+    assert dynamo_plugin(load_config(["--train.compile", "whole"])).backend.value == "INDUCTOR"
+    with pytest.raises(ValueError, match=r"train.compile_backend: 'inductr' is not one of no, eager, aot_eager"):
+        dynamo_plugin(load_config(["--train.compile", "whole", "--train.compile_backend", "inductr"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from msf_scale.config import load_config
 from msf_scale.distributed import deepspeed_dict, resolve_grad_accum
@@ -65,3 +66,26 @@ def test_global_batch_must_divide():
     assert resolve_grad_accum(load_config(["--train.batch_size", "8", "--train.global_batch", "64"]), 2) == 4
     with pytest.raises(ValueError, match="not a multiple"):
         resolve_grad_accum(load_config(["--train.batch_size", "8", "--train.global_batch", "60"]), 2)
+
+
+def test_compiled_form_names_how_prepare_compiled_the_model():
+    # what the run's start line and run_meta.json record; wrapping compiles nothing until a call (no compile here)
+    from accelerate.utils import compile_regions, compile_regions_deepspeed
+
+    from msf_scale.distributed import compiled_form
+    from msf_scale.models import create_model
+
+    def model():
+        return create_model("videomamba", size="tiny", num_frames=2, img_size=32, num_classes=4, depth=3,
+                            embed_dim=32)
+
+    class Engine(torch.nn.Module):   # DeepSpeedEngine after engine.compile(): the flag is a property
+        is_compiled = property(lambda self: True)
+
+    assert compiled_form(model()) == "no"
+    assert compiled_form(torch.compile(model())) == "whole"
+    assert compiled_form(Engine()) == "whole"
+    regional = compiled_form(compile_regions(model()))
+    in_place = model()
+    compile_regions_deepspeed(in_place)
+    assert regional == compiled_form(in_place) == "regional (7 modules)"   # 3 blocks, the stem, norm, dropout, head
