@@ -122,7 +122,8 @@ class Run:
         if resume is not None and acc.is_main_process:
             recover_best(run_dir)
         acc.wait_for_everyone()
-        run_info = {"engine": dist.engine_name(model), "compiled": dist.compiled_form(model), "zero_stage": dist.zero_stage(acc), "world_size": world,
+        run_info = {"engine": dist.engine_name(model), "compiled": dist.compiled_form(model),
+                    "zero_stage": dist.zero_stage(acc), "world_size": world,
                     "batch_size": tc.batch_size, "grad_accum": accum, "global_batch": global_batch,
                     "steps_per_epoch": steps_per_epoch, "total_steps": total, "stop_at": stop_at,
                     "precision": tc.precision, "device": str(acc.device), "data": root,
@@ -132,7 +133,8 @@ class Run:
                     "best_selected_on": "val_top1" if val is not None else "test_top1"}
         _start_run_dir(cfg, acc, run_dir, run_info, state.step)
         acc.print(f"{m.variant}_{m.size}: global batch {global_batch} = {tc.batch_size}/device x {world} devices x "
-                  f"{accum} accumulation; {steps_per_epoch} steps/epoch, {stop_at} steps; engine {run_info['engine']}, compiled: {run_info['compiled']}")
+                  f"{accum} accumulation; {steps_per_epoch} steps/epoch, {stop_at} steps; engine {run_info['engine']}, "
+                  f"compiled: {run_info['compiled']}")
         acc.print(_val_line(val, tc.final_test))
         logger = MetricLogger(run_dir, acc.is_main_process, acc)
         views = (cfg.data.num_clips * cfg.data.num_crops, 3, m.num_frames, m.img_size, m.img_size)
