@@ -1,0 +1,14 @@
+#!/bin/bash
+# Session 23, call 1: compiled (regional) training against eager at every size, then the GPU tests of session 22's fixes.
+OUT=${1:?out dir}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a "$OUT/gpu.txt"
+for spec in small:215 tiny:140 base:165; do
+  size=${spec%%:*}; lim=${spec##*:}
+  timeout $lim python benchmarks/bench_model.py --sizes $size --setup eager: \
+      --setup regional:compile=regional,grouped_scan=true --latency-reps 0 --steps 10 \
+      --out "$OUT/train_$size.json" > "$OUT/train_$size.log" 2>&1
+  echo "$size rc=$?"; grep -E "^\||device" "$OUT/train_$size.log"
+done
+timeout 60 python -m pytest -m gpu -q tests/ops/test_fusion_fft.py tests/ops/test_state_fusion.py > "$OUT/gpu_tests.txt" 2>&1
+echo "tests rc=$?"; tail -2 "$OUT/gpu_tests.txt"
