@@ -149,8 +149,8 @@ class TrainConfig:
     output_dir: str | None = None       # the run directory; None = runs/<variant>_<size>
     resume: str | None = None           # None | auto | PATH to a checkpoint or run dir
     mem_check: bool = True              # on CPU, refuse a run whose estimated memory exceeds the free RAM (false: warn only)
-    compile: str | None = None          # None: the launcher's (accelerate launch --dynamo_backend ...); no | whole | regional
-    #                                     override it (DeepSpeed's launcher drops Accelerate's dynamo flags: use this there)
+    compile: str | None = None          # none | no | whole | regional (none: the launcher's; DeepSpeed's drops its flags)
+    #                                     torch.compile through Accelerate's TorchDynamoPlugin; not with ZeRO-3
     compile_backend: str = "inductor"   # torch.compile backend of train.compile (one of Accelerate's DynamoBackend names)
 
     def __post_init__(self) -> None:
@@ -165,6 +165,8 @@ class TrainConfig:
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1)")
         _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+        # YAML reads an unquoted `no` / `off` as false and `yes` / `on` as true (the loader keeps them as those words)
+        self.compile = {"false": "no", "true": "whole"}.get(self.compile, self.compile)
         _check(self.compile in (None, "no", "whole", "regional"), "train.compile",
                f"{self.compile!r} is not one of none (the launcher's setting), no, whole, regional")
 
@@ -260,6 +262,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 raise ConfigError(f"{path}: expected an integer, got {value!r}") from None
     if tp is str:
         _check(isinstance(value, (str, int, float)), path, f"expected a string, got {value!r}")
+        if isinstance(value, bool):   # YAML 1.1 reads unquoted yes/no/on/off/true/false as a bool
+            return "true" if value else "false"
         return str(value)
     raise TypeError(f"{path}: unsupported annotation {tp!r}")  # invariant: every field type is handled above
 

@@ -160,9 +160,11 @@ def build_accelerator(cfg: RunConfig):
                               MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
                               MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
         plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
+    dynamo = dynamo_plugin(cfg)
+    check_compile_with_zero(dynamo, ds)
     return Accelerator(
         cpu=cpu and ds is None,  # CPU DDP needs it (MULTI_CPU, gloo); with DeepSpeed it would turn DeepSpeed off
-        dynamo_plugin=dynamo_plugin(cfg),   # None: the launcher's compile settings
+        dynamo_plugin=dynamo,   # None: the launcher's compile settings
         mixed_precision="bf16" if precision == "bf16" and ds is None else "no",  # DeepSpeed: torch_autocast above
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(cfg.run_dir()), logging_dir=str(cfg.run_dir() / "tb")),
@@ -182,10 +184,22 @@ def dynamo_plugin(cfg: RunConfig):
         return None
     from accelerate.utils import DynamoBackend, TorchDynamoPlugin
     backend = "no" if tc.compile == "no" else tc.compile_backend
-    if backend.upper() not in DynamoBackend.__members__:
+    if backend.upper() not in DynamoBackend.__members__ or (tc.compile != "no" and backend.upper() == "NO"):
         raise ConfigError(f"train.compile_backend: {backend!r} is not one of "
-                          f"{', '.join(b.lower() for b in DynamoBackend.__members__)}")
+                          f"{', '.join(b.lower() for b in DynamoBackend.__members__ if b != 'NO')}")
     return TorchDynamoPlugin(backend=backend, use_regional_compilation=tc.compile == "regional")
+
+
+def check_compile_with_zero(dynamo, ds: dict | None) -> None:
+    """Refuse torch.compile under ZeRO-3: dynamo traces the partitioned (1-d placeholder) parameters that the mixer
+    reads directly (the conv1d weight), and the first forward fails deep in the model (seen on CPU, aot_eager).
+    ``dynamo``: train.compile's plugin, or None for the launcher's settings (read here from its environment)."""
+    from accelerate.utils import DynamoBackend, TorchDynamoPlugin
+    if ds is None or int(ds.get("zero_optimization", {}).get("stage", 0)) != 3:
+        return
+    if (dynamo or TorchDynamoPlugin()).backend != DynamoBackend.NO:
+        raise ConfigError("train.compile: torch.compile does not run under ZeRO-3 here (dynamo traces its partitioned "
+                          "parameters); use dist.zero_stage 2 or --train.compile no")
 
 
 def build_eval_accelerator():

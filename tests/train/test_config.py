@@ -121,15 +121,35 @@ def test_every_field_is_overridable():
         assert getattr(getattr(cfg, section), name) == value, key
 
 
-def test_compile_settings_become_accelerates_plugin(monkeypatch):
-    from msf_scale.distributed import dynamo_plugin
+def test_compile_settings_become_accelerates_plugin(monkeypatch, tmp_path):
+    from msf_scale.distributed import check_compile_with_zero, dynamo_plugin
 
-    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")   # the launcher's, which train.compile overrides
+    # the launcher's settings, which train.compile overrides
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "AOT_EAGER")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
     assert dynamo_plugin(load_config([])) is None                    # none: Accelerate reads the launcher's
+    plugin = dynamo_plugin(load_config(["--train.compile", "whole"]))
+    assert (plugin.backend.value, plugin.use_regional_compilation) == ("INDUCTOR", False)
     plugin = dynamo_plugin(load_config(["--train.compile", "regional", "--train.compile_backend", "aot_eager"]))
     assert (plugin.backend.value, plugin.use_regional_compilation) == ("AOT_EAGER", True)
     plugin = dynamo_plugin(load_config(["--train.compile", "no"]))
     assert (plugin.backend.value, plugin.use_regional_compilation) == ("NO", False)
-    assert dynamo_plugin(load_config(["--train.compile", "whole"])).backend.value == "INDUCTOR"
-    with pytest.raises(ValueError, match=r"train.compile_backend: 'inductr' is not one of no, eager, aot_eager"):
-        dynamo_plugin(load_config(["--train.compile", "whole", "--train.compile_backend", "inductr"]))
+    for backend in ("inductr", "no"):   # a typo, or a compile that would compile nothing
+        with pytest.raises(ValueError, match=r"train.compile_backend: '.*' is not one of eager, aot_eager"):
+            dynamo_plugin(load_config(["--train.compile", "whole", "--train.compile_backend", backend]))
+    yaml = tmp_path / "c.yaml"
+    for text, want in (("no", "no"), ("off", "no"), ("yes", "whole"), ("regional", "regional")):
+        yaml.write_text(f"train: {{compile: {text}}}\n")   # YAML reads an unquoted no / off / yes as a bool
+        assert load_config(["--config", str(yaml)]).train.compile == want
+
+    # ZeRO-3: compile refused, whether train.compile or the launcher asks for it
+    zero3, zero2 = {"zero_optimization": {"stage": 3}}, {"zero_optimization": {"stage": 2}}
+    with pytest.raises(ValueError, match=r"ZeRO-3"):
+        check_compile_with_zero(dynamo_plugin(load_config(["--train.compile", "regional"])), zero3)
+    with pytest.raises(ValueError, match=r"ZeRO-3"):
+        check_compile_with_zero(None, zero3)                          # the launcher's AOT_EAGER
+    check_compile_with_zero(dynamo_plugin(load_config(["--train.compile", "no"])), zero3)
+    check_compile_with_zero(dynamo_plugin(load_config(["--train.compile", "regional"])), zero2)
+    check_compile_with_zero(dynamo_plugin(load_config(["--train.compile", "whole"])), None)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    check_compile_with_zero(None, zero3)
