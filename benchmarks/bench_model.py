@@ -11,8 +11,8 @@ CPU). Prints a markdown table; --out writes JSON.
 Setups compare execution choices on the same models in the same run (issue 19): ``--setup NAME:key=value,...``
 (repeatable) takes model options (``grouped_scan=true``, ``fusion_backend=triton``, ...) and ``compile=true``
 (torch.compile of the model) or ``compile=regional`` (accelerate's compile_regions: each block compiled on its own,
-one compilation shared by all, as ``accelerate launch --dynamo_use_regional_compilation`` does); the first setup is the reference, and every row's ``x_videomamba`` is its clips/s
-over the reference setup's videomamba of the same size:
+one compilation shared by all, as ``--train.compile regional`` does); the first setup is the reference, and every
+row's ``x_videomamba`` is its clips/s over the reference setup's videomamba of the same size:
 
     python benchmarks/bench_model.py --sizes small --setup eager: --setup grouped:grouped_scan=true \
         --setup grouped_compiled:grouped_scan=true,compile=true --out /tmp/bench_model.json

@@ -224,10 +224,10 @@ def engine_name(model) -> str:
 
 
 def compiled_form(model) -> str:
-    """How Accelerate's `prepare` compiled the model: "whole" (`--dynamo_backend`: torch.compile of the model, or a
-    DeepSpeed engine's compile), "regional (N modules)" (`--dynamo_use_regional_compilation`: each repeated block
-    compiled on its own, one compilation shared by all) or "no". Logged with the run: a run that was meant to be
-    compiled and was not is otherwise only slower."""
+    """How Accelerate's `prepare` compiled the model: "whole" (torch.compile of the model, or a DeepSpeed engine's
+    compile), "regional (N modules)" (each repeated block compiled on its own, one compilation shared by all; the
+    other top-level modules each on their own) or "no". Logged with the run: a run that was meant to be compiled and
+    was not is otherwise only slower (DeepSpeed's launcher drops Accelerate's --dynamo_* flags)."""
     from torch._dynamo.eval_frame import OptimizedModule
 
     if isinstance(model, OptimizedModule) or getattr(model, "is_compiled", False) is True:
