@@ -79,13 +79,21 @@ class DropPath(nn.Module):
         with torch.no_grad():
             self.rate.fill_(self._p)
 
+    def _apply(self, fn, recurse=True):
+        # `.half()` / `.to(torch.bfloat16)` (DeepSpeed's bf16 casts the model) would round the rate (0.1 -> 0.0999 in
+        # fp16): the buffer follows the module's device, but keeps fp32 and the exact rate eager uses.
+        super()._apply(fn, recurse)
+        if self.rate.dtype != torch.float32:
+            self.rate = self.rate.float().fill_(self._p)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # `training` first: in eval torch.compile then guards on nothing else here
         if not self.training or not self.active:
             return x
         shape = (x.shape[0], *([1] * (x.dim() - 1)))
         if torch.compiler.is_compiling():
-            rate = self.rate.float()   # the arithmetic in fp32 whatever dtype the model was cast to
+            rate = self.rate   # fp32 whatever dtype the model was cast to (_apply)
             return x * (torch.rand(shape, device=x.device) >= rate) / (1 - rate)
         return x * x.new_empty(shape).bernoulli_(1 - self._p) / (1 - self._p)
 
