@@ -81,10 +81,13 @@ class DropPath(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # `.half()` / `.to(torch.bfloat16)` (DeepSpeed's bf16 casts the model) would round the rate (0.1 -> 0.0999 in
-        # fp16): the buffer follows the module's device, but keeps fp32 and the exact rate eager uses.
+        # fp16) and `to_empty()` leave it unset: the buffer follows the module's device, but keeps fp32 and the exact
+        # rate eager uses.
         super()._apply(fn, recurse)
         if self.rate.dtype != torch.float32:
-            self.rate = self.rate.float().fill_(self._p)
+            self.rate = self.rate.float()
+        with torch.no_grad():
+            self.rate.fill_(self._p)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -104,13 +104,19 @@ def test_compiled_drop_path_is_the_documented_draw():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("cast", ["half", "bfloat16", "to_double"])
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "to_double", "to_empty"])
 def test_drop_path_rate_survives_a_model_cast(cast):
-    # DeepSpeed's bf16 casts the whole model; a rate buffer cast with it read 0.0999 for 0.1 (fp16) under compile.
+    # DeepSpeed's bf16 casts the whole model; a rate buffer cast with it read 0.0999 for 0.1 (fp16) under compile;
+    # to_empty (meta-device builds materialised) left it uninitialised.
     from msf_scale.models.blocks import DropPath
 
     drop = DropPath(0.1)
-    drop = drop.to(torch.float64) if cast == "to_double" else getattr(drop, cast)()
+    if cast == "to_empty":
+        with torch.device("meta"):
+            drop = DropPath(0.1)
+        drop = drop.to_empty(device="cpu")
+    else:
+        drop = drop.to(torch.float64) if cast == "to_double" else getattr(drop, cast)()
     assert drop.rate.dtype == torch.float32 and drop.rate.item() == torch.tensor(0.1).item()
     drop.p = 0.3   # and a later change still reaches it
     assert drop.rate.item() == torch.tensor(0.3).item()
