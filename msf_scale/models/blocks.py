@@ -76,18 +76,24 @@ class DropPath(nn.Module):
     def p(self, value: float) -> None:
         self._p = float(value)
         self.active = self._p > 0.0
-        with torch.no_grad():
-            self.rate.fill_(self._p)
+        self._set_rate()
+
+    def _set_rate(self) -> None:
+        """`rate` = fp32(p) in place (a compiled forward keeps reading the same buffer); a new tensor where that cannot
+        be done: after a cast to another dtype, or for an inference tensor (a build under inference_mode) outside it."""
+        rate = self.rate
+        if rate.dtype != torch.float32 or (rate.is_inference() and not torch.is_inference_mode_enabled()):
+            self.rate = torch.full((), self._p, dtype=torch.float32, device=rate.device)
+        else:
+            with torch.no_grad():
+                rate.fill_(self._p)
 
     def _apply(self, fn, recurse=True):
-        # `.half()` / `.to(torch.bfloat16)` (DeepSpeed's bf16 casts the model) would round the rate (0.1 -> 0.0999 in
-        # fp16) and `to_empty()` leave it unset: the buffer follows the module's device, but keeps fp32 and the exact
-        # rate eager uses.
+        # A model cast with `.half()` / `.bfloat16()` would round the rate (0.1 -> 0.0999 in fp16; msf_scale's own
+        # training casts nothing: autocast, DeepSpeed's included) and `to_empty()` leave it unset: the buffer follows
+        # the module's device, but holds fp32(p).
         super()._apply(fn, recurse)
-        if self.rate.dtype != torch.float32:
-            self.rate = self.rate.float()
-        with torch.no_grad():
-            self.rate.fill_(self._p)
+        self._set_rate()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

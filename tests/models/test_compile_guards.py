@@ -106,8 +106,8 @@ def test_compiled_drop_path_is_the_documented_draw():
 
 @pytest.mark.parametrize("cast", ["half", "bfloat16", "to_double", "to_empty"])
 def test_drop_path_rate_survives_a_model_cast(cast):
-    # DeepSpeed's bf16 casts the whole model; a rate buffer cast with it read 0.0999 for 0.1 (fp16) under compile;
-    # to_empty (meta-device builds materialised) left it uninitialised.
+    # A rate buffer cast with the model read 0.0999 for 0.1 (fp16) under compile; to_empty (meta-device builds
+    # materialised) left it uninitialised.
     from msf_scale.models.blocks import DropPath
 
     drop = DropPath(0.1)
@@ -120,3 +120,17 @@ def test_drop_path_rate_survives_a_model_cast(cast):
     assert drop.rate.dtype == torch.float32 and drop.rate.item() == torch.tensor(0.1).item()
     drop.p = 0.3   # and a later change still reaches it
     assert drop.rate.item() == torch.tensor(0.3).item()
+
+
+def test_drop_path_built_under_inference_mode_casts_and_sets_outside_it():
+    # An in-place write to an inference tensor outside inference_mode raises: a model built under it must still move,
+    # cast and take a new rate afterwards.
+    from msf_scale.models.blocks import DropPath
+
+    with torch.inference_mode():
+        drop = DropPath(0.1)
+        half = DropPath(0.2).half()
+    drop = drop.float().to("cpu")
+    drop.p = 0.3
+    half.float().p = 0.4
+    assert drop.rate.item() == torch.tensor(0.3).item() and half.rate.item() == torch.tensor(0.4).item()
