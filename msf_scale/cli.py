@@ -106,5 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def entry() -> None:
+    """The `msf-scale` console script: `main`, ended by `exit_rank` (a rank of a launch skips the interpreter's
+    finalization, where a process group's worker thread can abort the process)."""
+    from msf_scale.distributed import exit_rank
+    sys.exit(exit_rank(main()))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

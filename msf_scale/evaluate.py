@@ -25,7 +25,7 @@ from torch import nn
 
 from msf_scale.config import ConfigError, UserError, UserPathError
 from msf_scale.data.builders import data_root, split_loader
-from msf_scale.distributed import any_rank, build_eval_accelerator
+from msf_scale.distributed import any_rank, build_eval_accelerator, exit_rank, shutdown
 from msf_scale.metrics import topk_correct
 
 
@@ -164,8 +164,10 @@ def _main(args: argparse.Namespace) -> int:
         out.write_text(json.dumps(res, indent=1))
         print(f"{args.split}: top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
               f"({res['num_samples']} videos x {res['views']} views) -> {out}", flush=True)
+    del model, loader
+    shutdown(acc)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_rank(main()))

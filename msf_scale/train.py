@@ -92,8 +92,9 @@ def train(cfg: RunConfig, callbacks: Iterable[Any] = ()) -> TrainResult:
     dist.reset_state()
     run = Run.build(cfg, dist.build_accelerator(cfg))
     result = _loop(run, Callbacks(run.acc, callbacks))
-    run.acc.wait_for_everyone()  # no rank tears down its process group while a peer still talks to it
-    run.acc.end_training()
+    acc = run.acc
+    del run   # the model, engine, optimizer and loaders: `shutdown` frees them before the process groups
+    dist.shutdown(acc)
     dist.reset_state()
     return result
 
@@ -165,4 +166,4 @@ def _report(out: dict, evaluate: Evaluator, meter: LogWindow, state: TrainState)
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli())
+    raise SystemExit(dist.exit_rank(cli()))
