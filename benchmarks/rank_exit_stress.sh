@@ -3,10 +3,13 @@
 # run N times in each of P parallel loops, so that the ranks compete for the cores as they do under CI's
 # `pytest -n 2`. Prints one line per run and a total, and the runs whose log shows the exit abort
 # ("terminate called without an active exception"; docs/TRAINING.md). Core dumps (ulimit -c) land in OUT.
+# Each run is two launches: the module's ZeRO-2 reference run, then the ZeRO-3 run. To compare two checkouts side by
+# side, start this script of each with P=1 at the same time.
 #   bash benchmarks/rank_exit_stress.sh [N=15] [P=2] [OUT=/tmp/rank_exit_stress]
 set -u
 N=${1:-15}; P=${2:-2}; OUT=${3:-/tmp/rank_exit_stress}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's msf_scale, whatever is installed
 rm -rf "$OUT" && mkdir -p "$OUT"
 rm -f ~/.cache/torch_extensions/py3*_cpu/deepspeed_shm_comm/lock   # a build killed earlier leaves it: runs would wait
 ulimit -c unlimited 2>/dev/null || true

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -106,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
-def entry() -> None:
-    """The `msf-scale` console script: `main`, ended by `exit_rank` (a rank of a launch skips the interpreter's
-    finalization, where a process group's worker thread can abort the process)."""
-    from msf_scale.distributed import exit_rank
-    sys.exit(exit_rank(main()))
+def entry() -> NoReturn:
+    """The `msf-scale` console script: `main`, ended by `distributed.run_rank` (a rank of a launch skips the
+    interpreter's finalization, where a process group's worker thread can abort the process)."""
+    from msf_scale.distributed import run_rank
+    sys.exit(run_rank(main))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ import gc
 import json
 import os
 import sys
+import threading
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -255,12 +257,18 @@ def any_rank(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
+_had_process_group = False   # set by `shutdown`: `exit_rank` must skip finalization after the groups are destroyed
+
+
 def shutdown(accelerator) -> None:
     """End a run's distributed state once every rank is done and the caller holds none of the run's models,
     optimizers or loaders: Accelerate's references to them and the DeepSpeed engine go (`free_memory`, which calls
     `DeepSpeedEngine.destroy`), then the process groups (through `deepspeed.comm` when DeepSpeed ran, which also drops
-    the groups DeepSpeed caches), the trackers, and a garbage collection frees what is left. A caller of `train()`
-    that goes on in the same process keeps neither the engine nor the world group's threads."""
+    the groups DeepSpeed caches), the trackers, and a garbage collection frees what is left. After DDP or ZeRO-1/2
+    nothing of the run is left; after ZeRO-3, DeepSpeed 0.19 itself keeps the engine (its hooks' closures), and with
+    it a gloo group and its threads, for the life of the process: see `exit_rank`."""
+    global _had_process_group
+    _had_process_group = _had_process_group or torch.distributed.is_initialized()
     accelerator.wait_for_everyone()   # no rank tears down a group while a peer still talks to it
     with_deepspeed = uses_deepspeed(accelerator)
     accelerator.free_memory()
@@ -272,23 +280,37 @@ def shutdown(accelerator) -> None:
 
 
 def exit_rank(status: int) -> int:
-    """How a script that may run as one rank of a launch ends: `raise SystemExit(exit_rank(cli()))`.
+    """How a process that may hold a process group ends: `raise SystemExit(exit_rank(status))`.
 
-    One process: returns `status` for the usual exit. A rank of a multi-process launch (WORLD_SIZE > 1) runs the
-    atexit handlers and leaves with `os._exit(status)`, without the interpreter's finalization, as Python's own
-    multiprocessing children do. Why: a gloo process group stays alive in objects that outlive the run (ZeRO-3 keeps
-    one on every parameter, and its engine is held by DeepSpeed's module-level state), and so do its worker
-    threads; one still releasing a finished collective's tensors once finalization has begun dies taking the GIL,
-    and the rank aborts ("terminate called without an active exception", SIGABRT) after a complete run. Seen as a
-    rare CI failure of the ZeRO-3 launch test under load (a core dump: `AsyncAllgatherWork::~AsyncAllgatherWork`
-    -> `THPVariable_dealloc` -> `take_gil` -> `pthread_exit` -> `std::terminate`); tests/test_distributed.py
-    reproduces it deterministically."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    A plain process returns `status` for the usual exit. A rank of a launch (WORLD_SIZE > 1), or a process that
+    created a process group (single-process DeepSpeed), takes the interpreter's own first steps of exiting (waits
+    for its non-daemon threads, runs the atexit handlers: logging's flush, torch's compile-worker shutdown) and then
+    leaves with `os._exit(status)`, without finalization: a gloo group that something still holds (ZeRO-3) keeps
+    worker threads, and one still releasing a collective's tensors once finalization has begun dies taking the GIL
+    and aborts the process after a complete run (docs/TRAINING.md, "A rank that finishes")."""
+    if not (world_size_from_env() > 1 or _had_process_group or torch.distributed.is_initialized()):
         return status
-    atexit._run_exitfuncs()           # logging's flush, torch's compile-worker shutdown, ...
+    threading._shutdown()             # what Py_FinalizeEx does first, in this order
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def run_rank(main: Callable[[], int | None]) -> int:
+    """`raise SystemExit(run_rank(cli))`: `main()`'s exit status, also when it raises (SystemExit's code; 1 with the
+    traceback printed for an error, 130 for Ctrl-C), handed to `exit_rank`, so that a failing rank of a launch
+    reports its own error rather than an abort at exit."""
+    try:
+        status = main()
+    except SystemExit as e:
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr, flush=True)
+        status = e.code if isinstance(e.code, int) or e.code is None else 1
+    except BaseException as e:
+        traceback.print_exc()
+        status = 130 if isinstance(e, KeyboardInterrupt) else 1
+    return exit_rank(0 if status is None else status)
 
 
 def reset_state() -> None:

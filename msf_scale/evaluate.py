@@ -25,7 +25,7 @@ from torch import nn
 
 from msf_scale.config import ConfigError, UserError, UserPathError
 from msf_scale.data.builders import data_root, split_loader
-from msf_scale.distributed import any_rank, build_eval_accelerator, exit_rank, shutdown
+from msf_scale.distributed import any_rank, build_eval_accelerator, run_rank, shutdown
 from msf_scale.metrics import topk_correct
 
 
@@ -170,4 +170,4 @@ def _main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_rank(main()))
+    raise SystemExit(run_rank(main))

@@ -166,4 +166,4 @@ def _report(out: dict, evaluate: Evaluator, meter: LogWindow, state: TrainState)
 
 
 if __name__ == "__main__":
-    raise SystemExit(dist.exit_rank(cli()))
+    raise SystemExit(dist.run_rank(cli))

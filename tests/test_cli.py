@@ -72,3 +72,10 @@ def test_a_bad_form_variable_is_one_line_exit_2():
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == ("msf-scale latency: error: MSF_SCALE_MIXER_LAYOUT must be tokens or channels, "
                                    "got 'rows'")
+
+
+def test_console_script_ends_through_run_rank():
+    """`msf-scale` (pyproject's console script) is `cli.entry`, which ends a rank of a launch through `run_rank`."""
+    from importlib.metadata import entry_points
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "msf-scale"]
+    assert script.load() is cli.entry
