@@ -279,38 +279,57 @@ def shutdown(accelerator) -> None:
     gc.collect()
 
 
-def exit_rank(status: int) -> int:
-    """How a process that may hold a process group ends: `raise SystemExit(exit_rank(status))`.
+def exit_rank(status: Any) -> Any:
+    """How a process that may hold a process group ends: `raise SystemExit(exit_rank(status))`, from the main thread.
 
     A plain process returns `status` for the usual exit. A rank of a launch (WORLD_SIZE > 1), or a process that
     created a process group (single-process DeepSpeed), takes the interpreter's own first steps of exiting (waits
-    for its non-daemon threads, runs the atexit handlers: logging's flush, torch's compile-worker shutdown) and then
-    leaves with `os._exit(status)`, without finalization: a gloo group that something still holds (ZeRO-3) keeps
-    worker threads, and one still releasing a collective's tensors once finalization has begun dies taking the GIL
-    and aborts the process after a complete run (docs/TRAINING.md, "A rank that finishes")."""
+    for its non-daemon threads, then runs the atexit handlers: logging's flush, torch's compile-worker shutdown;
+    an error in either is printed, as the interpreter does) and leaves with `os._exit`, without finalization: a gloo
+    group that something still holds (ZeRO-3) keeps worker threads, and one still releasing a collective's tensors
+    once finalization has begun dies taking the GIL and aborts the process after a complete run (docs/TRAINING.md,
+    "A rank that finishes"). `status` means what SystemExit's code does: None is 0, an int is its low byte,
+    anything else is printed and exits 1."""
     if not (world_size_from_env() > 1 or _had_process_group or torch.distributed.is_initialized()):
         return status
-    threading._shutdown()             # what Py_FinalizeEx does first, in this order
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
-def run_rank(main: Callable[[], int | None]) -> int:
-    """`raise SystemExit(run_rank(cli))`: `main()`'s exit status, also when it raises (SystemExit's code; 1 with the
-    traceback printed for an error, 130 for Ctrl-C), handed to `exit_rank`, so that a failing rank of a launch
-    reports its own error rather than an abort at exit."""
+    code = _exit_code(status)
     try:
-        status = main()
+        try:
+            threading._shutdown()     # what Py_FinalizeEx does first, in this order
+            atexit._run_exitfuncs()
+        except BaseException:
+            traceback.print_exc()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+    finally:
+        os._exit(code)
+
+
+def _exit_code(status: Any) -> int:
+    """SystemExit's reading of an exit status, as an int `os._exit` takes."""
+    if status is None:
+        return 0
+    if isinstance(status, int):
+        return status & 0xFF
+    print(status, file=sys.stderr, flush=True)
+    return 1
+
+
+def run_rank(main: Callable[[], Any]) -> Any:
+    """`raise SystemExit(run_rank(cli))`: `main()`'s exit status, also when it raises (SystemExit's code; 1 after the
+    traceback, printed by `sys.excepthook`, for an error; 130 for Ctrl-C, where Python would die of SIGINT), handed
+    to `exit_rank`, so that a failing rank of a launch reports its own error rather than an abort at exit."""
+    try:
+        raise SystemExit(main())
     except SystemExit as e:
-        if e.code is not None and not isinstance(e.code, int):
-            print(e.code, file=sys.stderr, flush=True)
-        status = e.code if isinstance(e.code, int) or e.code is None else 1
+        status = e.code
     except BaseException as e:
-        traceback.print_exc()
+        sys.excepthook(type(e), e, e.__traceback__)
         status = 130 if isinstance(e, KeyboardInterrupt) else 1
-    return exit_rank(0 if status is None else status)
+    return exit_rank(status)
 
 
 def reset_state() -> None:

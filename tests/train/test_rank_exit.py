@@ -67,6 +67,7 @@ def test_exit_rank_waits_for_non_daemon_threads():
                      "raise SystemExit(exit_rank(0))\n")
     out = _python(code, "2")
     assert out.returncode == 0 and "thread done" in out.stdout, (out.stdout, out.stderr[-2000:])
+    assert out.stdout.index("thread done") < out.stdout.index("atexit ran")   # the interpreter's order
 
 
 @pytest.mark.parametrize("shut_down", [False, True])
@@ -89,6 +90,11 @@ def test_exit_rank_after_a_process_group_without_a_launcher(shut_down):
     ("raise SystemExit('bad flag')", 1, "bad flag"),
     ("raise SystemExit(None)", 0, ""),
     ("return 4", 4, ""),
+    ("return 'oops'", 1, "oops"),              # SystemExit's reading of a status, as Python exits
+    ("raise SystemExit(2.5)", 1, "2.5"),
+    ("raise SystemExit(True)", 1, ""),
+    ("raise SystemExit(2 ** 40)", 0, ""),        # the low byte, as the C exit() Python calls
+    ("raise KeyboardInterrupt", 130, "KeyboardInterrupt"),
 ])
 def test_run_rank_keeps_a_failing_ranks_status_and_error(body, status, message):
     code = _PROBE + f"from msf_scale.distributed import run_rank\ndef main():\n    {body}\nraise SystemExit(run_rank(main))\n"
@@ -115,3 +121,11 @@ def test_shutdown_releases_the_prepared_model():
     shutdown(acc)
     assert watch() is None
     reset_state()
+
+
+def test_exit_rank_exits_when_an_atexit_handler_fails():
+    code = _PROBE + ("from msf_scale.distributed import exit_rank\natexit.register(lambda: 1 / 0)\n"
+                     "raise SystemExit(exit_rank(5))\n")
+    out = _python(code, "2")
+    assert out.returncode == 5 and "ZeroDivisionError" in out.stderr, out.stderr[-2000:]
+    assert "atexit ran" in out.stdout and "finalized" not in out.stdout, out.stdout
