@@ -1,5 +1,6 @@
-"""Build the `Accelerator` (and the DeepSpeed plugin) from the run config, and the few cross-rank agreements the
-loops need (`all_ranks_true`, `any_rank`); the only module that creates an Accelerator or touches DeepSpeed.
+"""Build the `Accelerator` (and the DeepSpeed plugin) from the run config, the few cross-rank agreements the loops
+need (`all_ranks_true`, `any_rank`), and the end of a run and of a rank's process (`shutdown`, `run_rank`); the only
+module that creates an Accelerator or touches DeepSpeed.
 
 DeepSpeed is engaged when `dist.zero_stage > 0`, when `dist.deepspeed_config` names a JSON, or when the
 launcher's accelerate config enables it (`accelerate launch --config_file cluster/accelerate_*.yaml`).
